@@ -1,0 +1,150 @@
+"""Backend registry: which implementation (triton | cuda | torch) runs an op.
+
+The choice comes from, in order: `use_backend(...)` / `set_backend(...)`, then the environment
+variable FUSETUNE_BACKEND, then "auto".
+
+auto: CUDA tensors use Triton, else the CUDA extension when it has the op, else torch; CPU tensors
+use torch, except under TRITON_INTERPRET=1, where Triton runs (that is how CI tests the kernels).
+Only auto falls back, and it logs once per (op, device type) which backend it picked. A backend
+asked for by name that cannot run raises BackendUnavailableError naming what is missing.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import logging
+import os
+import threading
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "torch")
+
+logger = logging.getLogger("fusetune")
+_state = threading.local()
+_announced: set[tuple[str, str, str]] = set()
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run an op here."""
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown fusetune backend {name!r}; choose one of {', '.join(BACKENDS)} "
+                         f"(argument or FUSETUNE_BACKEND)")
+    return name
+
+
+def get_backend() -> str:
+    """The backend requested now: the innermost use_backend/set_backend, else FUSETUNE_BACKEND."""
+    name = getattr(_state, "name", None)
+    if name is None:
+        name = os.environ.get("FUSETUNE_BACKEND", "auto").strip().lower() or "auto"
+    return _check_name(name)
+
+
+def set_backend(name: str | None) -> None:
+    """Request a backend for this thread; None returns to FUSETUNE_BACKEND / auto."""
+    _state.name = None if name is None else _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager: `with use_backend("torch"): ...`."""
+    previous = getattr(_state, "name", None)
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _state.name = previous
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def cuda_extension():
+    """The compiled `fusetune._C` module, or None when it was not built."""
+    try:
+        from fusetune import _C  # noqa: F401  (registers torch.ops.fusetune.*)
+    except ImportError:
+        return None
+    return _C
+
+
+def cuda_extension_ops() -> frozenset[str]:
+    if cuda_extension() is None:
+        return frozenset()
+    return frozenset(name for name in dir(torch.ops.fusetune) if not name.startswith("_"))
+
+
+def _why_not(backend: str, device: torch.device, cuda_ops: tuple[str, ...]) -> str | None:
+    """None when `backend` can run here, else the reason (with the fix) why not."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if not triton_available():
+            return "triton is not installed (pip install triton)"
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
+            return None
+        return (f"Triton needs CUDA tensors (got {device.type}); on CPU it runs only under "
+                f"TRITON_INTERPRET=1, set before fusetune is imported")
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the CUDA extension needs CUDA tensors (got {device.type})"
+        if cuda_extension() is None:
+            return ("the CUDA extension fusetune._C is not built (reinstall with a CUDA toolkit "
+                    "and a CUDA build of torch: FUSETUNE_BUILD_CUDA=1 pip install -e .)")
+        if not cuda_ops:
+            return "this op has no CUDA C++ implementation yet"
+        missing = [name for name in cuda_ops if name not in cuda_extension_ops()]
+        if missing:
+            return f"fusetune._C lacks {', '.join(missing)} (rebuild the extension)"
+        return None
+    raise AssertionError(backend)
+
+
+def resolve(op: str, device: torch.device, cuda_ops: tuple[str, ...] = ()) -> str:
+    """The backend that runs `op` on tensors of `device`.
+
+    cuda_ops names the torch.ops.fusetune operators the op's CUDA path needs (empty: none).
+    """
+    requested = get_backend()
+    if requested != "auto":
+        reason = _why_not(requested, device, cuda_ops)
+        if reason is not None:
+            raise BackendUnavailableError(f"fusetune backend {requested!r} cannot run {op}: {reason}. "
+                                          f"Use FUSETUNE_BACKEND=auto to pick what can run.")
+        return requested
+    if device.type == "cuda":
+        order = ("triton", "cuda", "torch")
+    else:
+        order = ("triton", "torch") if triton_interpreting() else ("torch",)
+    chosen = next(b for b in order if _why_not(b, device, cuda_ops) is None)
+    key = (op, device.type, chosen)
+    if key not in _announced:
+        _announced.add(key)
+        logger.info("fusetune: %s on %s uses the %s backend", op, device.type, chosen)
+    return chosen
+
+
+def report(device: torch.device | str) -> dict[str, str]:
+    """Which backend each op would use on `device` (or why it cannot run) under the current request."""
+    from fusetune.ops import OPS
+
+    device = torch.device(device)
+    out = {}
+    for op, cuda_ops in OPS.items():
+        try:
+            out[op] = resolve(op, device, cuda_ops)
+        except BackendUnavailableError as err:
+            out[op] = f"unavailable ({err})"
+    return out

@@ -1,0 +1,1 @@
+"""Plain-PyTorch versions of every op: the truth in tests and the CPU path. Imports only torch."""

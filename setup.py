@@ -1,0 +1,56 @@
+"""Build of fusetune: the Python package, the Triton kernels and, where torch has CUDA, `fusetune._C`.
+
+A CPU-only install never needs nvcc: the CUDA extension is added only when torch was built with
+CUDA and a CUDA toolkit is found (FUSETUNE_BUILD_CUDA=0 skips it, =1 insists on it).
+"""
+import os
+
+from setuptools import setup
+
+package_dir = {"fusetune": "python/fusetune", "fusetune.triton_kernels": "triton_kernels"}
+packages = ["fusetune", "fusetune.triton_kernels", "fusetune.reference", "fusetune.ops",
+            "fusetune.patching"]
+
+
+def _cuda_extension():
+    wanted = os.environ.get("FUSETUNE_BUILD_CUDA", "auto")
+    if wanted == "0":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        if wanted == "1":
+            raise
+        return [], {}
+    if torch.version.cuda is None or CUDA_HOME is None:
+        if wanted == "1":
+            raise RuntimeError("FUSETUNE_BUILD_CUDA=1 but torch has no CUDA or no CUDA toolkit was found")
+        return [], {}
+    from glob import glob
+    sources = sorted(glob("csrc/*.cu")) + ["csrc/ops.cpp"]
+    ext = CUDAExtension("fusetune._C", sources, extra_compile_args={
+        "cxx": ["-O3", "-std=c++17"],
+        "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-gencode=arch=compute_80,code=sm_80",
+                 "-gencode=arch=compute_90,code=sm_90"]})
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _cuda_extension()
+
+setup(
+    name="fusetune",
+    version="0.1.0",
+    description="Fast, lean fine-tuning of Hugging Face LLMs with fused Triton kernels",
+    package_dir=package_dir,
+    packages=packages,
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "triton>=3.2", "transformers>=4.56", "safetensors", "pyyaml"],
+    extras_require={
+        "peft": ["peft>=0.17"],
+        "test": ["pytest", "pytest-benchmark", "peft>=0.17", "accelerate"],
+    },
+    entry_points={"console_scripts": ["fusetune=fusetune.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

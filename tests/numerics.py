@@ -1,0 +1,42 @@
+"""The numerics contract of the tests: tolerances per dtype and how errors are measured.
+
+Every op is compared against its reference evaluated in float64 on the same (rounded) inputs.
+The error is the relative norm ||out - ref|| / ||ref||, per output and per gradient.
+"""
+import torch
+
+# relative-norm tolerance per input dtype: fp32 kernels land near 1e-7, bf16 near 4e-3
+# (one rounding of the output); a wrong kernel lands at 1e-1 or more.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str, scale: float = 1.0):
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    err = rel_err(out, ref)
+    tol = TOLERANCE[dtype] * scale
+    assert err <= tol, f"{what}: relative error {err:.3e} > tolerance {tol:.1e} ({dtype})"
+
+
+def poisoned(t: torch.Tensor) -> torch.Tensor:
+    if t.is_floating_point():
+        return t.fill_(float("nan"))
+    if t.dtype == torch.bool:
+        return t
+    return t.fill_(torch.iinfo(t.dtype).max)
+
+
+def leaf(t: torch.Tensor, grad: bool = True) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(grad)
+
+
+def backends(device: torch.device):
+    """The backends a test runs on this device: Triton (interpreter on CPU) and the torch path."""
+    return ["triton", "torch"]
