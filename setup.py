@@ -9,7 +9,7 @@ from setuptools import setup
 
 package_dir = {"fusetune": "python/fusetune", "fusetune.triton_kernels": "triton_kernels"}
 packages = ["fusetune", "fusetune.triton_kernels", "fusetune.reference", "fusetune.ops",
-            "fusetune.patching"]
+            "fusetune.patching", "fusetune.training", "fusetune.data"]
 
 
 def _cuda_extension():
@@ -45,11 +45,10 @@ setup(
     package_dir=package_dir,
     packages=packages,
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.2", "transformers>=4.56", "safetensors", "pyyaml"],
-    extras_require={
-        "peft": ["peft>=0.17"],
-        "test": ["pytest", "pytest-benchmark", "peft>=0.17", "accelerate"],
-    },
+    package_data={"fusetune.data": ["*.txt"]},
+    install_requires=["torch>=2.4", "triton>=3.2", "transformers>=5.0", "peft>=0.17", "accelerate",
+                      "safetensors", "pyyaml"],
+    extras_require={"test": ["pytest", "pytest-benchmark"]},
     entry_points={"console_scripts": ["fusetune=fusetune.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -3,10 +3,15 @@
 OPS maps each op name to the torch.ops.fusetune operators its CUDA C++ path needs (empty: none yet).
 """
 from fusetune.ops import rms_norm as _rms_norm_module
+from fusetune.ops.glu import geglu, swiglu
 from fusetune.ops.rms_norm import rms_norm
+from fusetune.ops.rope import rope
 
 OPS = {
     "rms_norm": _rms_norm_module.CUDA_OPS,
+    "swiglu": (),
+    "geglu": (),
+    "rope": (),
 }
 
-__all__ = ["OPS", "rms_norm"]
+__all__ = ["OPS", "geglu", "swiglu", "rms_norm", "rope"]

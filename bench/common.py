@@ -1,0 +1,83 @@
+"""Shared by the benchmarks: device ceilings, timing, and the results file."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def do_bench(fn, grad_to_none=None) -> float:
+    """Median milliseconds of fn over ~100 ms of repeats (CUDA events, L2 flushed between runs)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none,
+                                   return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Measured device-to-device copy bandwidth in bytes/s (bytes read + bytes written)."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src))
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def matmul_flops() -> float:
+    """Measured bf16 dense matmul rate in FLOP/s (median of 8192^3 torch.matmul on random data)."""
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ b)
+    return 2 * n**3 / (ms * 1e-3)
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=Path(__file__).parent).stdout
+        return rev + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("FUSETUNE_GIT_REVISION", "unknown")
+
+
+def environment() -> dict:
+    import transformers
+    import triton
+
+    info = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "git": git_revision(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    try:
+        import peft
+
+        info["peft"] = peft.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def write_results(kind: str, payload: dict, out_dir: Path | None = None) -> Path:
+    """Write results atomically to bench/results/<kind>-<gpu>-<date>.json (and $OUT when set)."""
+    env = payload["environment"]
+    gpu = env["gpu"].replace(" ", "-").replace("/", "-")
+    name = f"{kind}-{gpu}-{env['date'][:10]}.json"
+    paths = [(out_dir or RESULTS) / name]
+    if os.environ.get("OUT"):
+        paths.append(Path(os.environ["OUT"]) / name)
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        os.replace(tmp, path)
+    return paths[0]

@@ -1,0 +1,38 @@
+// Launchers of the CUDA kernels, shared by ops.cpp (the torch bindings) and the .cu files.
+//
+// Nothing here includes torch: the kernels take raw device pointers, sizes and a stream, so the
+// .cu files build with plain nvcc (CI compiles them where no CUDA build of torch exists).
+// Tensors are row-major and contiguous. Each launcher returns the launch's cudaError_t, or
+// cudaErrorInvalidValue for a dtype pair or size it does not support (ops.cpp checks those first,
+// with messages that name the problem).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace fusetune {
+
+enum class DType : int { kFloat32, kFloat16, kBFloat16 };
+
+// RMSNorm over the last dim of x (rows, n); w' = weight + offset.
+//   rstd = 1 / sqrt(mean(x^2) + eps), xhat = x * rstd, y = xhat * w'
+// cast_before_weight rounds xhat to x's dtype before the product (Llama); else fp32 (Gemma).
+// y has x's dtype; rstd is (rows,) fp32. weight is x's dtype or float32.
+cudaError_t rms_norm_fwd(const void* x, const void* weight, void* y, float* rstd, int64_t rows,
+                         int64_t n, float eps, float offset, bool cast_before_weight,
+                         DType x_dtype, DType weight_dtype, cudaStream_t stream);
+
+// Rows of the fp32 dw partial buffer (blocks, n) that rms_norm_bwd fills: one per block of the
+// backward's persistent grid (two per SM). The caller sums it over dim 0 to get dw.
+int64_t rms_norm_bwd_blocks(int64_t rows, int sm_count);
+
+// Backward, with g = dy * w':  dx = rstd * (g - xhat * mean(g * xhat)),
+//   dw_partial[b] = sum over block b's rows of dy * xhat (xhat rounded to x's dtype when
+//   cast_before_weight). dy, x and dx share x's dtype; every row of dw_partial is written.
+cudaError_t rms_norm_bwd(const void* dy, const void* x, const void* weight, const float* rstd,
+                         void* dx, float* dw_partial, int64_t rows, int64_t n, int64_t blocks,
+                         float offset, bool cast_before_weight, DType x_dtype,
+                         DType weight_dtype, cudaStream_t stream);
+
+}  // namespace fusetune

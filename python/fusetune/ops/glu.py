@@ -1,0 +1,75 @@
+"""SwiGLU and GeGLU: autograd Function over the Triton kernels, and `swiglu` / `geglu`."""
+import math
+
+import torch
+
+from fusetune.backend import resolve
+from fusetune.reference import glu as reference
+
+GELU_APPROXIMATIONS = {"tanh": "gelu_tanh", "none": "gelu_erf"}  # approximate -> kernel activation
+
+
+def _check(op: str, gate: torch.Tensor, up: torch.Tensor):
+    if gate.shape != up.shape:
+        raise ValueError(f"{op}: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the "
+                         f"same shape")
+    if gate.device != up.device:
+        raise ValueError(f"{op}: gate is on {gate.device} but up on {up.device}; move both to one "
+                         f"device")
+    if gate.dtype != up.dtype:
+        raise TypeError(f"{op}: gate is {gate.dtype} but up is {up.dtype}; cast both to one dtype")
+    if not gate.is_floating_point():
+        raise TypeError(f"{op}: gate and up must be floating tensors, got {gate.dtype}")
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A (rows, n) view with unit column stride; copies only when no such view exists."""
+    n = t.shape[-1] if t.dim() else 1
+    t2d = t.reshape(math.prod(t.shape[:-1]), n)
+    return t2d if t2d.stride(-1) == 1 else t2d.contiguous()
+
+
+class GLUFunction(torch.autograd.Function):
+    """act(gate) * up; saves gate and up, the backward recomputes act (see triton_kernels/glu.py)."""
+
+    @staticmethod
+    def forward(ctx, gate, up, activation):
+        from fusetune.triton_kernels.glu import glu_fwd
+
+        y = glu_fwd(_rows(gate), _rows(up), activation)
+        ctx.save_for_backward(gate, up)
+        ctx.activation = activation
+        return y.view(gate.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from fusetune.triton_kernels.glu import glu_bwd
+
+        gate, up = ctx.saved_tensors
+        dg, du = glu_bwd(_rows(dy), _rows(gate), _rows(up), ctx.activation)
+        return dg.view(gate.shape), du.view(up.shape), None
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (Llama, Mistral, Qwen, Phi-3 MLPs), computed in fp32, in gate's dtype.
+
+    gate and up: same shape (any leading dims), dtype and device; they may be strided views, e.g.
+    the halves of a fused gate_up projection (gate_up.chunk(2, dim=-1)), read without a copy.
+    Differentiable in gate and up.
+    """
+    _check("swiglu", gate, up)
+    if resolve("swiglu", gate.device) == "triton":
+        return GLUFunction.apply(gate, up, "silu")
+    return reference.swiglu(gate, up)
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """gelu(gate, approximate) * up (Gemma MLPs); approximate "tanh" or "none" (exact erf, as
+    torch.nn.functional.gelu). Otherwise as `swiglu`."""
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"geglu: approximate must be 'tanh' or 'none' (as in "
+                         f"torch.nn.functional.gelu), got {approximate!r}")
+    _check("geglu", gate, up)
+    if resolve("geglu", gate.device) == "triton":
+        return GLUFunction.apply(gate, up, GELU_APPROXIMATIONS[approximate])
+    return reference.geglu(gate, up, approximate)

@@ -1,0 +1,1 @@
+"""Training helpers: hardware probe, memory reporting, the quick-start fine-tune."""

@@ -1,0 +1,120 @@
+import pytest
+import torch
+
+from fusetune import use_backend
+from fusetune.ops import geglu, swiglu
+from fusetune.reference import glu as reference
+from tests.numerics import assert_close, leaf
+
+# the interpreter's numpy exp overflows to inf for very negative gates; the result (0) is right
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+SHAPES = [(17, 1000), (2, 17, 333), (3, 5, 7)]
+ACTIVATIONS = {
+    "silu": (swiglu, reference.swiglu, {}),
+    "gelu_tanh": (geglu, reference.geglu, {"approximate": "tanh"}),
+    "gelu_erf": (geglu, reference.geglu, {"approximate": "none"}),
+}
+
+
+def _check_against_float64(activation, gate, up, backend, dtype):
+    """Run op on (gate, up) leaves or views of leaves; compare y, dgate, dup with float64."""
+    op, ref, kwargs = ACTIVATIONS[activation]
+    with use_backend(backend):
+        y = op(gate, up, **kwargs)
+    dy = torch.randn_like(y) * 0.5  # grad_output != 1
+    dgate, dup = torch.autograd.grad(y, (gate, up), dy)
+    gate64, up64 = leaf(gate.double()), leaf(up.double())
+    y64 = ref(gate64, up64, **kwargs)
+    dgate64, dup64 = torch.autograd.grad(y64, (gate64, up64), dy.double())
+    assert y.dtype == dtype and y.shape == gate.shape
+    assert_close(y, y64, dtype, "y")
+    assert_close(dgate, dgate64, dtype, "dgate")
+    assert_close(dup, dup64, dtype, "dup")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_float64_reference(backend, activation, dtype, shape, device, poison):
+    # gate spans the activation's curved region and both tails
+    gate = leaf((torch.randn(shape, device=device) * 3).to(dtype))
+    up = leaf(torch.randn(shape, device=device, dtype=dtype))
+    _check_against_float64(activation, gate, up, backend, dtype)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_gate_up_views(backend, activation, dtype, device, poison):
+    """Phi-3: gate, up = gate_up.chunk(2, -1), views with row stride 2 * I; grads reach gate_up."""
+    gate_up = leaf((torch.randn(2, 17, 2 * 333, device=device) * 2).to(dtype))
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert not gate.is_contiguous() and gate.stride(-2) == 2 * 333
+    _check_against_float64(activation, gate, up, backend, dtype)
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+def test_transposed_inputs_and_expanded_grad(activation, device):
+    """Views with no unit-stride rows are copied; a broadcast grad_output (stride 0) works."""
+    op, ref, kwargs = ACTIVATIONS[activation]
+    gate = leaf(torch.randn(40, 24, device=device))
+    up = leaf(torch.randn(24, 40, device=device))
+    with use_backend("triton"):
+        y = op(gate.t(), up, **kwargs)
+    y.sum().backward()
+    gate64, up64 = leaf(gate.double()), leaf(up.double())
+    ref(gate64.t(), up64, **kwargs).sum().backward()
+    assert_close(y, ref(gate64.t(), up64, **kwargs), torch.float32, "y")
+    assert_close(gate.grad, gate64.grad, torch.float32, "dgate")
+    assert_close(up.grad, up64.grad, torch.float32, "dup")
+
+
+def test_only_up_requires_grad(device):
+    gate = torch.randn(5, 64, device=device)
+    up = leaf(torch.randn(5, 64, device=device))
+    with use_backend("triton"):
+        swiglu(gate, up).sum().backward()
+    assert gate.grad is None
+    assert_close(up.grad, reference.swiglu(gate.double(), torch.ones(5, 64).double()),
+                 torch.float32, "dup")
+
+
+def test_empty_input(device):
+    gate = leaf(torch.randn(0, 64, device=device))
+    with use_backend("triton"):
+        y = swiglu(gate, torch.randn(0, 64, device=device))
+    y.sum().backward()
+    assert y.shape == (0, 64) and gate.grad.shape == (0, 64)
+
+
+@pytest.mark.parametrize("op", [swiglu, geglu])
+def test_mismatches_name_the_problem(op, device):
+    x = torch.randn(4, 8, device=device)
+    with pytest.raises(ValueError, match="same shape"):
+        op(x, torch.randn(4, 9, device=device))
+    with pytest.raises(TypeError, match="cast both"):
+        op(x, x.to(torch.bfloat16))
+    with pytest.raises(TypeError, match="floating"):
+        op(x.long(), x.long())
+    if device.type == "cpu" and torch.cuda.is_available():
+        with pytest.raises(ValueError, match="one device"):
+            op(x, x.cuda())
+
+
+def test_wrong_approximate(device):
+    x = torch.randn(4, 8, device=device)
+    with pytest.raises(ValueError, match="'tanh' or 'none'"):
+        geglu(x, x, approximate="erf")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+def test_real_shape_bf16_cuda(activation):
+    """The Llama-3-8B MLP at 4096 tokens: (4096, 14336) bf16, also as chunks of a fused gate_up."""
+    gate_up = leaf((torch.randn(4096, 2 * 14336, device="cuda") * 3).to(torch.bfloat16))
+    _check_against_float64(activation, *gate_up.chunk(2, dim=-1), "triton", torch.bfloat16)
+    gate = leaf((torch.randn(4096, 14336, device="cuda") * 3).to(torch.bfloat16))
+    up = leaf(torch.randn(4096, 14336, device="cuda", dtype=torch.bfloat16))
+    _check_against_float64(activation, gate, up, "triton", torch.bfloat16)
