@@ -24,9 +24,16 @@ from .utils import interpreting
 
 
 @triton.jit
+def _tanh(u):
+    # 1 - 2 / (exp(2u) + 1): one exp and one fast divide (the softcap path is bound by these
+    # special-function ops, not by memory); exp -> inf or 0 at large |u| gives +-1, never NaN
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
 def _cross_entropy_fwd_kernel(X, TARGETS, LOSS, LSE, x_row_stride, t_stride, n_cols, ignore_index,
-                              scale, cap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                              BLOCK: tl.constexpr):
+                              scale, cap, inv_cap, HAS_SCALE: tl.constexpr,
+                              HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * x_row_stride  # 64-bit: rows * V passes 2^31 at real shapes
     target = tl.load(TARGETS + row * t_stride).to(tl.int64)
@@ -41,18 +48,18 @@ def _cross_entropy_fwd_kernel(X, TARGETS, LOSS, LSE, x_row_stride, t_stride, n_c
         if HAS_SCALE:
             z = z * scale
         if HAS_SOFTCAP:
-            z = cap * (2.0 * tl.sigmoid(2.0 * z / cap) - 1.0)  # c * tanh(z / c)
+            z = cap * _tanh(z * inv_cap)
         z = tl.where(mask, z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         m = m_new
-    lse = m + tl.log(s)
+    lse = m + tl.log(tl.maximum(s, 1.0))  # s >= 1 (the max adds exp(0)); ignored rows: s = 0
     in_range = (target >= 0) & (target < n_cols)
     zt = tl.load(x_row + target, mask=in_range & ~ignored, other=0.0).to(tl.float32)
     if HAS_SCALE:
         zt = zt * scale
     if HAS_SOFTCAP:
-        zt = cap * (2.0 * tl.sigmoid(2.0 * zt / cap) - 1.0)
+        zt = cap * _tanh(zt * inv_cap)
     loss = tl.where(in_range, lse - zt, float("nan"))
     tl.store(LOSS + row, tl.where(ignored, 0.0, loss))
     tl.store(LSE + row, tl.where(ignored, 0.0, lse))
@@ -60,8 +67,9 @@ def _cross_entropy_fwd_kernel(X, TARGETS, LOSS, LSE, x_row_stride, t_stride, n_c
 
 @triton.jit
 def _cross_entropy_bwd_kernel(X, DX, TARGETS, LSE, GRAD, x_row_stride, dx_row_stride, t_stride,
-                              g_stride, n_cols, ignore_index, scale, cap, HAS_SCALE: tl.constexpr,
-                              HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+                              g_stride, n_cols, ignore_index, scale, cap, inv_cap,
+                              HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                              BLOCK: tl.constexpr):
     """dx = g * (exp(z - lse) - onehot(t)) * dz/dx; zero on ignored rows. DX may alias X."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -70,11 +78,12 @@ def _cross_entropy_bwd_kernel(X, DX, TARGETS, LSE, GRAD, x_row_stride, dx_row_st
     keep = target != ignore_index
     g = tl.load(GRAD + row * g_stride).to(tl.float32)
     lse = tl.load(LSE + row)
-    z = tl.load(X + row * x_row_stride + cols, mask=mask & keep, other=0.0).to(tl.float32)
+    read = cols < tl.where(keep, n_cols, 0)  # ignored rows are not read, only zeroed
+    z = tl.load(X + row * x_row_stride + cols, mask=read, other=0.0).to(tl.float32)
     if HAS_SCALE:
         z = z * scale
     if HAS_SOFTCAP:
-        th = 2.0 * tl.sigmoid(2.0 * z / cap) - 1.0
+        th = _tanh(z * inv_cap)
         z = cap * th
     dz = g * (tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0))
     if HAS_SOFTCAP:
@@ -87,12 +96,13 @@ def _cross_entropy_bwd_kernel(X, DX, TARGETS, LSE, GRAD, x_row_stride, dx_row_st
 
 def _block(n_cols: int, gpu_block: int) -> int:
     # GPU: wide chunks (16 KB of bf16) keep many bytes in flight per program
-    return min(1024 if interpreting() else gpu_block, triton.next_power_of_2(n_cols))
+    return min(4096 if interpreting() else gpu_block, triton.next_power_of_2(n_cols))
 
 
 def _flags(softcap, logit_scale):
     return dict(scale=1.0 if logit_scale is None else float(logit_scale),
                 cap=1.0 if softcap is None else float(softcap),
+                inv_cap=1.0 if softcap is None else 1.0 / softcap,
                 HAS_SCALE=logit_scale is not None, HAS_SOFTCAP=softcap is not None)
 
 
@@ -107,9 +117,10 @@ def cross_entropy_fwd(x2d: torch.Tensor, targets: torch.Tensor, ignore_index: in
     lse = torch.empty(rows, dtype=torch.float32, device=x2d.device)
     if rows:
         block = _block(n_cols, 8192)
-        _cross_entropy_fwd_kernel[(rows,)](x2d, targets, loss, lse, x2d.stride(0), targets.stride(0),
-                                           n_cols, ignore_index, **_flags(softcap, logit_scale),
-                                           BLOCK=block, num_warps=1 if interpreting() else 16)
+        _cross_entropy_fwd_kernel[(rows,)](x2d, targets, loss, lse, x2d.stride(0),
+                                           targets.stride(0), n_cols, ignore_index,
+                                           **_flags(softcap, logit_scale), BLOCK=block,
+                                           num_warps=1 if interpreting() else 8)
     return loss, lse
 
 

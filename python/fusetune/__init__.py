@@ -1,6 +1,6 @@
 """fusetune: fused Triton kernels for fine-tuning Hugging Face causal language models."""
 from fusetune.backend import BackendUnavailableError, get_backend, set_backend, use_backend
-from fusetune.ops import rms_norm
+from fusetune.ops import cross_entropy, geglu, rms_norm, rope, swiglu
 
 __version__ = "0.1.0"
 

@@ -3,6 +3,7 @@
 OPS maps each op name to the torch.ops.fusetune operators its CUDA C++ path needs (empty: none yet).
 """
 from fusetune.ops import rms_norm as _rms_norm_module
+from fusetune.ops.cross_entropy import cross_entropy
 from fusetune.ops.glu import geglu, swiglu
 from fusetune.ops.rms_norm import rms_norm
 from fusetune.ops.rope import rope
@@ -12,6 +13,7 @@ OPS = {
     "swiglu": (),
     "geglu": (),
     "rope": (),
+    "cross_entropy": (),
 }
 
-__all__ = ["OPS", "geglu", "swiglu", "rms_norm", "rope"]
+__all__ = ["OPS", "cross_entropy", "geglu", "swiglu", "rms_norm", "rope"]

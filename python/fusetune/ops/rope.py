@@ -20,12 +20,13 @@ def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         raise ValueError(f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, "
                          f"seq and head_dim (dims 0, 2, 3; only the head count may differ)")
     if cos.shape != sin.shape:
-        raise ValueError(f"rope: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have one shape")
+        raise ValueError(f"rope: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have one "
+                         f"shape")
     if (cos.dim() not in (2, 3) or cos.shape[-2] != seq
             or (cos.dim() == 3 and cos.shape[0] not in (1, batch))):
-        raise ValueError(f"rope: cos/sin of shape {tuple(cos.shape)} do not fit q {tuple(q.shape)}; "
-                         f"they must be ({batch}, {seq}, rd), (1, {seq}, rd) or ({seq}, rd), "
-                         f"gathered per token (position_ids already applied)")
+        raise ValueError(f"rope: cos/sin of shape {tuple(cos.shape)} do not fit q "
+                         f"{tuple(q.shape)}; they must be ({batch}, {seq}, rd), (1, {seq}, rd) or "
+                         f"({seq}, rd), gathered per token (position_ids already applied)")
     rd = cos.shape[-1]
     if rd % 2 or not 0 < rd <= head_dim:
         raise ValueError(f"rope: the rotary dim (last dim of cos/sin) is {rd}; it must be even and "
@@ -40,6 +41,12 @@ def _check_inplace(q: torch.Tensor, k: torch.Tensor):
     if q.data_ptr() == k.data_ptr():
         raise ValueError("rope: inplace=True with q and k sharing memory would rotate it twice; "
                          "pass distinct tensors or inplace=False")
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) and (
+            q._base is not None or k._base is not None):
+        # autograd lets a Function modify in place at most one view input, and only with one output
+        raise ValueError("rope: inplace=True needs q and k that are not views when they require "
+                         "grad (Hugging Face's transposed q/k are views); use inplace=False, which "
+                         "in training costs no lasting memory: nothing keeps the unrotated q/k")
     for name, t in (("q", q), ("k", k)):
         if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
             raise ValueError(f"rope: inplace=True on {name}, an expanded tensor (stride 0 of "
@@ -57,14 +64,13 @@ def _check_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
                          "no_grad) or use the 'torch' backend")
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """cos/sin as (B or 1, S, rd) with unit last stride (a small copy only if it is not)."""
-    t = t if t.dim() == 3 else t[None]
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """cos/sin as (B or 1, S, rd) with unit last stride (small: a copy only if it is not)."""
+    return _unit_last(t if t.dim() == 3 else t[None])
 
 
 class RoPEFunction(torch.autograd.Function):
@@ -98,12 +104,14 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
     q (B, Hq, S, D) and k (B, Hk, S, D), Hk <= Hq allowed (GQA); any strides with a unit last
     stride (Hugging Face's (B, S, H, D).transpose(1, 2) views need no copy). cos, sin: (B, S, rd),
-    (1, S, rd) or (S, rd), gathered per token, bf16 or fp32; rd even, <= D: the first rd dims of each
-    head rotate, the rest pass through (partial rotary, Phi-3 style). Computed in fp32; q_out in
-    q's dtype, k_out in k's. Differentiable in q and k; cos/sin get no gradient on the Triton path
-    (an error if they require grad), the torch path differentiates them.
-    inplace=True writes the results into q and k and returns them (q and k must not be leaves
-    that require grad); the backward still writes new gradient tensors.
+    (1, S, rd) or (S, rd), gathered per token, bf16 or fp32; rd even, <= D: the first rd dims of
+    each head rotate, the rest pass through (partial rotary, Phi-3 style). Computed in fp32; q_out
+    in q's dtype, k_out in k's. Differentiable in q and k; cos/sin get no gradient on the Triton
+    path (an error if they require grad), the torch path differentiates them.
+    inplace=True writes the results into q and k and returns them; when grad is needed, q and k
+    must be neither views nor leaves (autograd's rules for in-place Functions), so it suits
+    inference. The backward writes new gradient tensors: the incoming gradient may be shared with
+    other branches of the graph or expanded, so overwriting it is not safe.
     Returns (q_out, k_out).
     """
     _check(q, k, cos, sin)

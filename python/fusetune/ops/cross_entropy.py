@@ -1,0 +1,104 @@
+"""Large-vocabulary cross-entropy: autograd Function over the Triton kernels and `cross_entropy`."""
+import torch
+
+from fusetune.backend import resolve
+from fusetune.reference.cross_entropy import REDUCTIONS, mean_divisor
+from fusetune.reference.cross_entropy import cross_entropy as cross_entropy_reference
+
+
+def _check(logits, targets, reduction, num_items_in_batch, softcap):
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"cross_entropy: logits must be (N, V) or (B, S, V), got shape "
+                         f"{tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"cross_entropy: logits must be a floating tensor, got {logits.dtype}")
+    if logits.shape[-1] == 0:
+        raise ValueError("cross_entropy: logits have an empty vocabulary dim")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"cross_entropy: targets must hold integer class indices (torch.long), got "
+                        f"{targets.dtype}; convert with targets.long()")
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"cross_entropy: targets of shape {tuple(targets.shape)} do not match "
+                         f"logits {tuple(logits.shape)}; they must be {tuple(logits.shape[:-1])} "
+                         f"(shift labels before the call)")
+    if targets.device != logits.device:
+        raise ValueError(f"cross_entropy: logits are on {logits.device} but targets on "
+                         f"{targets.device}; move both to one device")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"cross_entropy: unknown reduction {reduction!r}; use one of {REDUCTIONS}")
+    if num_items_in_batch is not None:
+        if reduction != "mean":
+            raise ValueError(f"cross_entropy: num_items_in_batch divides the summed loss, so it "
+                             f"needs reduction='mean', got {reduction!r}")
+        if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.numel() != 1:
+            raise ValueError(f"cross_entropy: num_items_in_batch must be an int or a one-element "
+                             f"tensor, got shape {tuple(num_items_in_batch.shape)}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"cross_entropy: softcap must be > 0 (None for no softcap), got {softcap}")
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """divisor: None for "none"/"sum", else what the summed loss is divided by (number/tensor)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index, reduction, divisor, softcap, logit_scale,
+                inplace_backward):
+        from fusetune.triton_kernels.cross_entropy import cross_entropy_fwd
+
+        x2d = logits.reshape(-1, logits.shape[-1])
+        if x2d.stride(-1) != 1:
+            x2d = x2d.contiguous()
+        t = targets.reshape(-1)
+        losses, lse = cross_entropy_fwd(x2d, t, ignore_index, softcap, logit_scale)
+        ctx.save_for_backward(x2d, t, lse)
+        ctx.args = (ignore_index, reduction, divisor, softcap, logit_scale, inplace_backward)
+        ctx.shape = logits.shape
+        if reduction == "none":
+            return losses.view(targets.shape)
+        total = losses.sum()
+        return total if divisor is None else total / divisor
+
+    @staticmethod
+    def backward(ctx, grad):
+        from fusetune.triton_kernels.cross_entropy import cross_entropy_bwd
+
+        x2d, t, lse = ctx.saved_tensors
+        ignore_index, reduction, divisor, softcap, logit_scale, inplace = ctx.args
+        # the per-row gradient scale stays on the device: the kernel reads it, nothing syncs
+        g = grad.reshape(-1) if reduction == "none" else grad.reshape(1)
+        if divisor is not None:
+            g = g / divisor
+        if reduction != "none":
+            g = g.expand(t.shape[0])  # stride 0: every row reads the one value
+        dx = cross_entropy_bwd(g, x2d, t, lse, ignore_index, softcap, logit_scale, inplace)
+        return dx.view(ctx.shape), None, None, None, None, None, None, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                  reduction: str = "mean", num_items_in_batch=None, softcap: float | None = None,
+                  logit_scale: float | None = None, inplace_backward: bool = False):
+    """Cross-entropy of logits (N, V) or (B, S, V), any float dtype, against targets (N,) / (B, S).
+
+    Targets are class indices already shifted by the caller; rows whose target equals
+    ignore_index (any value) contribute nothing. Per row, z = softcap * tanh(logit_scale * x /
+    softcap) (each step only when given), loss = logsumexp(z) - z[target], accumulated in fp32.
+    reduction: "mean" (sum over non-ignored rows / their count, or / num_items_in_batch when given:
+    an int or a one-element tensor on any device, as Hugging Face passes for gradient
+    accumulation; all rows ignored gives 0, not NaN), "sum", or "none" (per-row losses shaped like
+    targets, 0 on ignored rows). The loss is fp32 (float64 for float64 logits on the torch path);
+    the gradient has the logits' dtype. No host sync.
+
+    inplace_backward=True (Triton path): the backward writes d logits into the logits tensor's own
+    memory, so the caller's logits are OVERWRITTEN by backward; use it only when nothing reads
+    the logits after the loss (as in a causal-LM head). It saves one logits-sized buffer.
+    A target outside [0, V) that is not ignore_index gives a NaN loss on the Triton path.
+    """
+    _check(logits, targets, reduction, num_items_in_batch, softcap)
+    if resolve("cross_entropy", logits.device) != "triton":
+        return cross_entropy_reference(logits, targets, ignore_index, reduction, num_items_in_batch,
+                                       softcap, logit_scale)
+    divisor = None
+    if reduction == "mean":
+        divisor = mean_divisor(targets != ignore_index, num_items_in_batch, torch.float32)
+    return CrossEntropyFunction.apply(logits, targets, ignore_index, reduction, divisor, softcap,
+                                      logit_scale, inplace_backward)
