@@ -23,9 +23,11 @@ cudaError_t rms_norm_fwd(const void* x, const void* weight, void* y, float* rstd
                          int64_t n, float eps, float offset, bool cast_before_weight,
                          DType x_dtype, DType weight_dtype, cudaStream_t stream);
 
-// Rows of the fp32 dw partial buffer (blocks, n) that rms_norm_bwd fills: one per block of the
-// backward's persistent grid (two per SM). The caller sums it over dim 0 to get dw.
-int64_t rms_norm_bwd_blocks(int64_t rows, int sm_count);
+// Blocks of the backward's persistent grid (as many as fit on the current device at once, at most
+// one per row): the rows of the fp32 dw partial buffer (blocks, n) that rms_norm_bwd fills. The
+// caller sums that buffer over dim 0 to get dw.
+int64_t rms_norm_bwd_blocks(int64_t rows, int64_t n, DType x_dtype, DType weight_dtype,
+                            int sm_count);
 
 // Backward, with g = dy * w':  dx = rstd * (g - xhat * mean(g * xhat)),
 //   dw_partial[b] = sum over block b's rows of dy * xhat (xhat rounded to x's dtype when

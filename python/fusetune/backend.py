@@ -80,12 +80,6 @@ def cuda_extension():
     return _C
 
 
-def cuda_extension_ops() -> frozenset[str]:
-    if cuda_extension() is None:
-        return frozenset()
-    return frozenset(name for name in dir(torch.ops.fusetune) if not name.startswith("_"))
-
-
 def _why_not(backend: str, device: torch.device, cuda_ops: tuple[str, ...]) -> str | None:
     """None when `backend` can run here, else the reason (with the fix) why not."""
     if backend == "torch":
@@ -105,7 +99,8 @@ def _why_not(backend: str, device: torch.device, cuda_ops: tuple[str, ...]) -> s
                     "and a CUDA build of torch: FUSETUNE_BUILD_CUDA=1 pip install -e .)")
         if not cuda_ops:
             return "this op has no CUDA C++ implementation yet"
-        missing = [name for name in cuda_ops if name not in cuda_extension_ops()]
+        # torch.ops namespaces resolve their ops lazily: ask for each one by name
+        missing = [name for name in cuda_ops if not hasattr(torch.ops.fusetune, name)]
         if missing:
             return f"fusetune._C lacks {', '.join(missing)} (rebuild the extension)"
         return None

@@ -1,0 +1,155 @@
+// Torch bindings of the CUDA kernels: the torch.ops.fusetune.* schemas (TORCH_LIBRARY, the one
+// place that defines them), their CUDA implementations, shape-only Meta implementations (so
+// torch.compile and fake tensors can trace through the ops), and, when built as the Python
+// extension fusetune._C, an empty module whose import loads all of it.
+//
+// The kernels (csrc/*.cu, declared in kernels.h) see raw pointers; this file checks what they
+// assume (device, dtype, shape, contiguity), with messages that name the problem and the fix.
+#include <tuple>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // c10::cuda::getCurrentCUDAStream (at::cuda's is the same)
+#include <torch/library.h>
+
+#include "kernels.h"
+
+namespace {
+
+fusetune::DType kernel_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf:
+      return fusetune::DType::kFloat16;
+    case at::kBFloat16:
+      return fusetune::DType::kBFloat16;
+    default:
+      return fusetune::DType::kFloat32;
+  }
+}
+
+void check_on_gpu(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x on ",
+              x.device(), "; move both to one device");
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (call .contiguous())");
+}
+
+// x: (rows, n) contiguous float32/float16/bfloat16 with 0 < n < 2^30
+void check_x(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (rows, n), got shape ", x.sizes(),
+              "; reshape it to (-1, n)");
+  check_on_gpu(x, x, op, "x");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": x must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(x.size(1) > 0 && x.size(1) <= (int64_t{1} << 30), op,
+              ": rows of x must have 1 to 2^30 elements, got ", x.size(1));
+}
+
+// weight: (n,), of x's dtype or float32
+void check_weight(const at::Tensor& weight, const at::Tensor& x, const char* op) {
+  check_on_gpu(weight, x, op, "weight");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1), op, ": weight of shape ",
+              weight.sizes(), " does not match x of shape ", x.sizes(), "; it must be (",
+              x.size(1), ",)");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat, op,
+              ": weight must have x's dtype (", x.scalar_type(), ") or float32, got ",
+              weight.scalar_type(), "; cast it with weight.to(x.dtype)");
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+int sm_count(const at::Tensor& x) {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, x.get_device()));
+  return count;
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                double eps, double offset,
+                                                bool cast_before_weight) {
+  const char* op = "fusetune::rms_norm_fwd";
+  check_x(x, op);
+  check_weight(weight, x, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = x.size(0), n = x.size(1);
+  at::Tensor y = at::empty_like(x);
+  at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
+  check_launch(fusetune::rms_norm_fwd(x.data_ptr(), weight.data_ptr(), y.data_ptr(),
+                                      rstd.data_ptr<float>(), rows, n, static_cast<float>(eps),
+                                      static_cast<float>(offset), cast_before_weight,
+                                      kernel_dtype(x), kernel_dtype(weight),
+                                      c10::cuda::getCurrentCUDAStream()),
+               op);
+  return {y, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x,
+                                                const at::Tensor& weight,
+                                                const at::Tensor& rstd, double offset,
+                                                bool cast_before_weight) {
+  const char* op = "fusetune::rms_norm_bwd";
+  check_x(x, op);
+  check_weight(weight, x, op);
+  check_on_gpu(dy, x, op, "dy");
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), op,
+              ": dy must match x (shape ", x.sizes(), ", ", x.scalar_type(), "), got shape ",
+              dy.sizes(), ", ", dy.scalar_type());
+  check_on_gpu(rstd, x, op, "rstd");
+  TORCH_CHECK(rstd.dim() == 1 && rstd.size(0) == x.size(0) && rstd.scalar_type() == at::kFloat,
+              op, ": rstd must be the float32 (", x.size(0), ",) tensor from rms_norm_fwd, got ",
+              rstd.scalar_type(), " of shape ", rstd.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = x.size(0), n = x.size(1);
+  const auto x_dtype = kernel_dtype(x), w_dtype = kernel_dtype(weight);
+  const int64_t blocks = fusetune::rms_norm_bwd_blocks(rows, n, x_dtype, w_dtype, sm_count(x));
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor dw_partial = at::empty({blocks, n}, x.options().dtype(at::kFloat));
+  check_launch(fusetune::rms_norm_bwd(dy.data_ptr(), x.data_ptr(), weight.data_ptr(),
+                                      rstd.data_ptr<float>(), dx.data_ptr(),
+                                      dw_partial.data_ptr<float>(), rows, n, blocks,
+                                      static_cast<float>(offset), cast_before_weight, x_dtype,
+                                      w_dtype, c10::cuda::getCurrentCUDAStream()),
+               op);
+  return {dx, dw_partial.sum(0)};  // (0, n) sums to zeros when there are no rows
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_meta(const at::Tensor& x, const at::Tensor&,
+                                                     double, double, bool) {
+  return {at::empty_like(x), at::empty({x.size(0)}, x.options().dtype(at::kFloat))};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_meta(const at::Tensor&, const at::Tensor& x,
+                                                     const at::Tensor&, const at::Tensor&,
+                                                     double, bool) {
+  return {at::empty_like(x), at::empty({x.size(1)}, x.options().dtype(at::kFloat))};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fusetune, m) {
+  m.def("rms_norm_fwd(Tensor x, Tensor weight, float eps, float offset, "
+        "bool cast_before_weight) -> (Tensor, Tensor)");
+  m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor rstd, float offset, "
+        "bool cast_before_weight) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fusetune, CUDA, m) {
+  m.impl("rms_norm_fwd", &rms_norm_fwd);
+  m.impl("rms_norm_bwd", &rms_norm_bwd);
+}
+
+TORCH_LIBRARY_IMPL(fusetune, Meta, m) {
+  m.impl("rms_norm_fwd", &rms_norm_fwd_meta);
+  m.impl("rms_norm_bwd", &rms_norm_bwd_meta);
+}
+
+#ifdef TORCH_EXTENSION_NAME  // defined by torch's extension builders, not by CMakeLists.txt
+#include <pybind11/pybind11.h>
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fusetune CUDA kernels; importing this module registers torch.ops.fusetune.*";
+}
+#endif
