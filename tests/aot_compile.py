@@ -81,6 +81,8 @@ def drive_ops():
             gate = torch.randn(3, inter, dtype=dtype, requires_grad=True)
             up = torch.randn(3, inter, dtype=dtype, requires_grad=True)
             ops.swiglu(gate, up).sum().backward()
+            # Phi-3's fused gate_up_proj: strided halves take the tiled kernels
+            ops.swiglu(*torch.randn(3, 2 * inter, dtype=dtype, requires_grad=True).chunk(2, -1)).sum().backward()
             for approximate in ("tanh", "none"):
                 ops.geglu(gate, up, approximate=approximate).sum().backward()
             logits = torch.randn(3, vocab, dtype=dtype, requires_grad=True)

@@ -30,7 +30,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 class GLUFunction(torch.autograd.Function):
-    """act(gate) * up; saves gate and up, the backward recomputes act (see triton_kernels/glu.py)."""
+    """act(gate) * up; saves gate and up only: the backward recomputes act from gate."""
 
     @staticmethod
     def forward(ctx, gate, up, activation):

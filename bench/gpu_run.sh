@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One full call on a lent GPU machine: build fusetune._C, run the GPU test tier, time the kernels
+# and (when workloads are named) the end-to-end training steps. Logs and JSON go to $OUT.
+#   bash bench/gpu_run.sh [W1,W2]
+# The machine has no network, so nothing is pip-installed: the extension is built in place with
+# the system compiler (the image's own g++ gives a .so that crashes on TORCH_CHECK messages).
+set -uo pipefail
+export PYTHONUNBUFFERED=1 CXX=/usr/bin/g++ CC=/usr/bin/gcc
+out=${OUT:-/tmp/fusetune-out}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+if FUSETUNE_BUILD_CUDA=1 python3 setup.py build_ext --inplace >"$out/build.log" 2>&1; then
+  echo "built fusetune._C"
+else
+  echo "building fusetune._C failed:"; tail -30 "$out/build.log"
+fi
+ln -sfn ../../triton_kernels python/fusetune/triton_kernels
+export PYTHONPATH=$PWD/python:$PWD:${PYTHONPATH:-}
+python3 -m fusetune.cli env
+python3 -m pytest -m gpu -q -rfs 2>&1 | tee "$out/gpu-tests.log" | tail -25
+python3 bench/kernels.py 2>&1 | tee "$out/kernels.log" | tail -40
+if [ -n "${1:-}" ]; then
+  python3 bench/e2e.py --workloads "$1" 2>&1 | tee "$out/e2e.log" | tail -25
+fi
