@@ -1,0 +1,202 @@
+"""patch_model / unpatch_model: find the family, swap module classes in place, hook the loss, report.
+
+A module is patched by giving it a class `Fused<Original>` made from a mixin of modules.py and its
+own class (see fused_class); nothing in transformers is rewritten or reassigned. The causal-LM
+loss is replaced per instance through the model's `loss_function` (transformers stores it as the
+instance attribute `_loss_function`).
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import importlib
+import logging
+
+from fusetune.patching import gemma, gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3
+from fusetune.patching.modules import ACTIVATIONS, FusedAttention, FusedCausalLMLoss, FusedGatedMLP, FusedRMSNorm
+
+logger = logging.getLogger("fusetune")
+
+SPECS = {spec.model_type: spec for spec in (llama.SPEC, mistral.SPEC, qwen2.SPEC, qwen3.SPEC, gemma.SPEC,
+                                            gemma2.SPEC, gemma3.SPEC, phi3.SPEC)}
+SUPPORTED = "Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3 (text: Gemma3ForCausalLM), Phi3"
+
+
+class UnsupportedModelError(ValueError):
+    """patch_model got a model of a family it has no spec for."""
+
+
+@functools.lru_cache(maxsize=None)
+def fused_class(original: type, mixin: type, options: tuple) -> type:
+    """The subclass `Fused<original>` of (mixin, original) with `options` ((name, value) pairs) as
+    class attributes; functions among them become staticmethods. One class per combination, so
+    every module patched alike shares it."""
+    attrs = {name: staticmethod(value) if callable(value) else value for name, value in options}
+    attrs.update(_fusetune_original=original, __module__=mixin.__module__,
+                 __qualname__=f"Fused{original.__qualname__}")
+    return type(f"Fused{original.__name__}", (mixin, original), attrs)
+
+
+def _hf_model(model):
+    """The transformers model inside `model` (itself, or the base model of a PEFT wrapper)."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        return model
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else None
+    if isinstance(base, PreTrainedModel):
+        return base
+    raise TypeError(f"fusetune.patch_model expects a Hugging Face PreTrainedModel or a PEFT model wrapping "
+                    f"one, got {type(model).__name__}")
+
+
+def family_spec(hf_model):
+    model_type = getattr(hf_model.config, "model_type", None)
+    spec = SPECS.get(model_type)
+    if spec is None:
+        raise UnsupportedModelError(
+            f"fusetune.patch_model does not support {type(hf_model).__name__} (model_type {model_type!r}); "
+            f"supported families: {SUPPORTED}")
+    return spec
+
+
+def _swap(model, original, mixin, options_for):
+    """Give every module of exactly class `original` the fused class.
+
+    options_for(module) returns the class options, or a string saying why the module stays as is.
+    Returns (newly patched, already patched, Counter of reasons for those left alone).
+    """
+    new, already, left = 0, 0, collections.Counter()
+    for module in model.modules():
+        cls = type(module)
+        if cls.__dict__.get("_fusetune_original") is original:
+            already += 1
+        elif cls is original:
+            options = options_for(module)
+            if isinstance(options, str):
+                left[options] += 1
+            else:
+                module.__class__ = fused_class(original, mixin, options)
+                new += 1
+    return new, already, left
+
+
+def _norm_options(spec, hf_model):
+    options = (("_fusetune_variant", spec.norm_variant), ("_fusetune_eps_attr", spec.norm_eps))
+    return lambda module: options
+
+
+def _mlp_options(spec, hf_model):
+    def options_for(module):
+        name = getattr(getattr(module, "config", hf_model.config), spec.act_key, None)
+        act = ACTIVATIONS.get(name)
+        if act is None:
+            return f"{spec.act_key} {name!r} has no fused kernel"
+        return (("_fusetune_act", act), ("_fusetune_gate_up", spec.gate_up))
+    return options_for
+
+
+def _attention_options(spec, hf_model):
+    eager = importlib.import_module(spec.modeling).eager_attention_forward
+    options = (("_fusetune_qkv", spec.qkv), ("_fusetune_qk_norm", spec.qk_norm),
+               ("_fusetune_sliding_window", spec.sliding_window), ("_fusetune_softcap", spec.attn_softcap),
+               ("_fusetune_eager", eager))
+    return lambda module: options
+
+
+# kind -> (spec field naming the class, mixin, options factory)
+_MODULE_KINDS = {
+    "rms_norm": ("norm", FusedRMSNorm, _norm_options),
+    "rope": ("attention", FusedAttention, _attention_options),
+    "mlp": ("mlp", FusedGatedMLP, _mlp_options),
+}
+
+
+def _patch_loss(hf_model):
+    """Install the fused loss; returns (newly patched, already patched, reason left alone or None)."""
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    current = hf_model.__dict__.get("_loss_function")
+    if isinstance(current, FusedCausalLMLoss):
+        return 0, 1, None
+    if current is not None and current is not LOSS_MAPPING["ForCausalLM"]:
+        return 0, 0, f"{type(hf_model).__name__} has a custom loss_function {current!r}"
+    if getattr(hf_model, "loss_type", None) != "ForCausalLM":
+        return 0, 0, f"{type(hf_model).__name__} computes no causal-LM loss"
+    hf_model.loss_function = FusedCausalLMLoss(previous=current)
+    return 1, 0, None
+
+
+def patch_model(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, cross_entropy: bool = True):
+    """Swap fused kernels into a supported Hugging Face causal LM, in place; returns the model.
+
+    model: a transformers model of a supported family (Llama, Mistral, Qwen2, Qwen3, Gemma,
+    Gemma2, Gemma3 text, Phi3), plain or wrapped by PEFT (get_peft_model may come before or
+    after patching). Switches turn each kind off:
+      rms_norm       every RMSNorm (decoder, final, q/k head norms) -> fusetune rms_norm
+      rope           every attention module -> one generic forward with the fused RoPE; the
+                     attention itself stays the one HF picks (config._attn_implementation)
+      mlp            gated MLPs -> fused SwiGLU / GeGLU between the projections
+      cross_entropy  the model's causal-LM loss -> fused cross-entropy with inplace_backward:
+                     when labels are given, backward overwrites outputs.logits with d(loss)/d(logits)
+    Gemma2/3's final_logit_softcapping stays in HF's forward, which applies it once before the
+    loss. Prints one line: what was patched, per kind, and why anything was left alone. Patching again
+    patches only what is not yet patched. unpatch_model restores the model exactly; state_dict
+    keys never change. Raises UnsupportedModelError for other families.
+    """
+    hf_model = _hf_model(model)
+    spec = family_spec(hf_model)
+    modeling = importlib.import_module(spec.modeling)
+    switches = {"rms_norm": rms_norm, "rope": rope, "mlp": mlp, "cross_entropy": cross_entropy}
+
+    done, left = [], []
+    for kind, enabled in switches.items():
+        if not enabled:
+            left.append(f"{kind}: switched off")
+            continue
+        if kind == "cross_entropy":
+            new, already, reason = _patch_loss(hf_model)
+            reasons = collections.Counter([reason] if reason else [])
+        else:
+            field, mixin, options_factory = _MODULE_KINDS[kind]
+            what = getattr(spec, field)
+            original = getattr(modeling, what, None)
+            if original is None:
+                left.append(f"{kind}: {spec.modeling} has no class {what}")
+                continue
+            new, already, reasons = _swap(model, original, mixin, options_factory(spec, hf_model))
+        if new or already:
+            detail = [f"{already} already"] if already else []
+            if kind == "mlp":
+                detail += sorted({type(m)._fusetune_act[0] for m in model.modules() if isinstance(m, FusedGatedMLP)})
+            done.append(f"{kind} {new + already}" + (f" ({', '.join(detail)})" if detail else ""))
+        for reason, count in reasons.items():
+            left.append(f"{kind}: {reason}" + (f" ({count} modules)" if count > 1 else ""))
+        if not (new or already or reasons):
+            left.append(f"{kind}: no {what} in the model")
+
+    name = type(hf_model).__name__ if hf_model is model else f"{type(model).__name__}({type(hf_model).__name__})"
+    print(f"fusetune: patched {name} [{spec.name}]: {', '.join(done) or 'nothing'}; "
+          f"left alone: {'; '.join(left) or 'nothing'}")
+    return model
+
+
+def unpatch_model(model):
+    """Undo patch_model in place (every fused module gets its class back, the loss is restored);
+    returns the model. A model that was never patched is returned unchanged."""
+    restored = 0
+    for module in model.modules():
+        original = type(module).__dict__.get("_fusetune_original")
+        if original is not None:
+            module.__class__ = original
+            restored += 1
+    hf_model = _hf_model(model)
+    loss = hf_model.__dict__.get("_loss_function")
+    if isinstance(loss, FusedCausalLMLoss):
+        if loss.previous is None:
+            del hf_model._loss_function
+        else:
+            hf_model._loss_function = loss.previous
+        restored += 1
+    logger.info("fusetune: unpatched %s (%d modules and hooks restored)", type(hf_model).__name__, restored)
+    return model

@@ -1,0 +1,148 @@
+"""Fused forwards, written once for every family, and the fused causal-LM loss.
+
+Each mixin is combined with the original Hugging Face class into a subclass
+(`Fused<Original>`, see core.fused_class) whose class attributes carry the family's options; a
+module is patched by assigning that subclass to its `__class__`. Parameters, buffers, children
+(PEFT LoRA layers, bitsandbytes linears), hooks and state_dict keys stay what they were, and
+`_fusetune_original` names the class that unpatching puts back.
+
+The forwards call the child modules (q_proj, q_norm, gate_proj, ...) rather than their weights,
+so LoRA adapters, quantised linears and a separately patched or unpatched q/k norm all work.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from fusetune.ops.cross_entropy import cross_entropy
+from fusetune.ops.glu import geglu, swiglu
+from fusetune.ops.rms_norm import rms_norm
+from fusetune.ops.rope import rope
+
+# MLP activation name (as in transformers' ACT2FN) -> (fused op, its approximate argument)
+ACTIVATIONS = {
+    "silu": ("swiglu", None),
+    "swish": ("swiglu", None),
+    "gelu_pytorch_tanh": ("geglu", "tanh"),
+    "gelu_python_tanh": ("geglu", "tanh"),
+    "gelu_new": ("geglu", "tanh"),
+    "gelu_fast": ("geglu", "tanh"),
+    "gelu": ("geglu", "none"),
+    "gelu_python": ("geglu", "none"),
+}
+
+
+class FusedRMSNorm:
+    """RMSNorm over the last dim through fusetune.ops.rms_norm (class options: variant, eps attribute)."""
+
+    _fusetune_variant = "llama"
+    _fusetune_eps_attr = "variance_epsilon"
+
+    def forward(self, hidden_states):
+        return rms_norm(hidden_states, self.weight, getattr(self, self._fusetune_eps_attr), self._fusetune_variant)
+
+
+class FusedGatedMLP:
+    """down_proj(act(gate) * up) with the activation and product in one fused op.
+
+    Class options: the op ("swiglu" | "geglu") and its approximate argument; the fused gate/up
+    projection name when the family has one (its output is [gate | up] along the last dim; the two
+    halves go to the op as views, no copy).
+    """
+
+    _fusetune_act = ("swiglu", None)
+    _fusetune_gate_up = None
+
+    def forward(self, hidden_states):
+        if self._fusetune_gate_up is not None:
+            gate, up = getattr(self, self._fusetune_gate_up)(hidden_states).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(hidden_states), self.up_proj(hidden_states)
+        op, approximate = self._fusetune_act
+        act = swiglu(gate, up) if op == "swiglu" else geglu(gate, up, approximate=approximate)
+        return self.down_proj(act)
+
+
+class FusedAttention:
+    """The attention forward of every supported family, with the fused RoPE.
+
+    Same steps and arguments as the Hugging Face forwards: projections (or one fused qkv
+    projection split in three), the per-head q/k norms where the family has them, RoPE (partial
+    when cos/sin are narrower than head_dim), the KV-cache update, then the attention function HF
+    would call for config._attn_implementation (the family's own eager function for "eager"),
+    with the module's scaling and dropout and, where the family passes them, sliding_window and
+    softcap; finally o_proj.
+    """
+
+    _fusetune_qkv = None
+    _fusetune_qk_norm = False
+    _fusetune_sliding_window = None
+    _fusetune_softcap = False
+    _fusetune_eager = None  # staticmethod: the modeling module's eager_attention_forward
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                **kwargs):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        if self._fusetune_qkv is not None:
+            q_size = self.config.num_attention_heads * self.head_dim
+            kv_size = self.config.num_key_value_heads * self.head_dim
+            qkv = getattr(self, self._fusetune_qkv)(hidden_states)
+            query, key, value = qkv[..., :q_size], qkv[..., q_size:q_size + kv_size], qkv[..., q_size + kv_size:]
+        else:
+            query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        query, key, value = query.view(hidden_shape), key.view(hidden_shape), value.view(hidden_shape)
+        if self._fusetune_qk_norm:
+            # normalise before the transpose: rows of head_dim are contiguous there
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query, key = rope(query, key, cos, sin)
+
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                                   self._fusetune_eager)
+        if self._fusetune_sliding_window == "module":
+            kwargs["sliding_window"] = self.sliding_window
+        elif self._fusetune_sliding_window == "config":
+            kwargs["sliding_window"] = getattr(self.config, "sliding_window", None)
+        if self._fusetune_softcap:
+            kwargs["softcap"] = self.attn_logit_softcapping
+        attn_output, attn_weights = attention_interface(
+            self, query, key, value, attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs)
+
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class FusedCausalLMLoss:
+    """Drop-in for transformers' ForCausalLMLoss, installed as the model's `loss_function`.
+
+    Labels are shifted the HF way (padded with ignore_index, then [..., 1:]) unless HF passes
+    shift_labels; the mean honours ignore_index and num_items_in_batch. The loss runs with
+    inplace_backward=True: the backward writes d(loss)/d(logits) into the logits' memory, so
+    outputs.logits of a forward given labels hold gradients, not logits, once backward has run.
+    Logits arrive after any final softcap HF applies in its forward (Gemma2/3), so no softcap here.
+
+    `previous` is the model's own `_loss_function` before patching (None: it had none); unpatching
+    puts it back.
+    """
+
+    def __init__(self, previous=None):
+        self.previous = previous
+
+    def __call__(self, logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100,
+                 shift_labels=None, **kwargs):
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        targets = shift_labels.reshape(-1).to(logits.device)
+        return cross_entropy(logits.reshape(-1, vocab_size), targets, ignore_index=ignore_index,
+                             reduction="mean", num_items_in_batch=num_items_in_batch, inplace_backward=True)
+
+    def __repr__(self):
+        return "FusedCausalLMLoss()"
