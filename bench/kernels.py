@@ -3,7 +3,8 @@
 
     python bench/kernels.py [--ops rms_norm,rope,swiglu,cross_entropy] [--no-compile]
 
-Times are medians of triton.testing.do_bench; GB/s counts the fewest bytes the op must move (each
+Times are medians of triton.testing.do_bench, as called from Python (what a training step pays),
+and, in the graph column, replayed from a CUDA graph (the GPU time alone); GB/s counts the fewest bytes the op must move (each
 input read once, each output written once) over the measured device-to-device copy bandwidth.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import copy_bandwidth, do_bench, environment, write_results  # noqa: E402
 from fusetune import use_backend  # noqa: E402
-from fusetune.ops import cross_entropy, rms_norm, rope, swiglu  # noqa: E402
+from fusetune.ops import cross_entropy, linear_cross_entropy, rms_norm, rope, swiglu  # noqa: E402
 from fusetune.reference import glu as glu_ref  # noqa: E402
 from fusetune.reference import rms_norm as rms_ref  # noqa: E402
 from fusetune.reference import rope as rope_ref  # noqa: E402
@@ -87,6 +88,17 @@ def make_cases():
         inputs=ce_inputs, bytes_fwd=unit, bytes_fwdbwd=3 * unit,
         impls={"eager": hf_cross_entropy,
                "fusetune": _fused(lambda x, t: cross_entropy(x, t, inplace_backward=True))})
+
+    def head_inputs():
+        hidden = torch.randn(TOKENS, HIDDEN, **bf16, requires_grad=True)
+        weight = (torch.randn(VOCAB, HIDDEN, **bf16) / HIDDEN**0.5)
+        targets = torch.randint(0, VOCAB, (TOKENS,), device="cuda")
+        return (hidden, weight, targets)
+    # lm_head matmuls + loss: compute-bound, so no bandwidth figure; the point is time and memory
+    cases["lm_head+loss"] = dict(
+        inputs=head_inputs, bytes_fwd=None, bytes_fwdbwd=None,
+        impls={"eager": lambda h, w, t: hf_cross_entropy(h @ w.t(), t),
+               "fusetune": _fused(linear_cross_entropy)})
     return cases
 
 
@@ -114,7 +126,27 @@ def measure(fn, inputs, mode: str):
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     ms = do_bench(step, grad_to_none=leaves)
-    return ms, peak
+    return ms, peak, graph_ms(step, leaves)
+
+
+def graph_ms(step, leaves):
+    """Median ms of the same step replayed from a CUDA graph: the GPU time without the Python and
+    launch overhead (None where the step cannot be captured)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        for t in leaves:
+            t.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return do_bench(graph.replay)
+    except Exception:  # noqa: BLE001  (a step that syncs or allocates on the host cannot be captured)
+        torch.cuda.synchronize()
+        return None
 
 
 def main(argv=None):
@@ -144,14 +176,14 @@ def main(argv=None):
                 torch.manual_seed(0)
                 inputs = case["inputs"]()
                 try:
-                    ms, peak = measure(fn, inputs, mode)
+                    ms, peak, gpu_ms = measure(fn, inputs, mode)
                 except Exception as err:  # a failing baseline is reported, not fatal
                     print(f"{op} {mode} {impl}: failed: {type(err).__name__}: {err}")
                     continue
-                gbs = nbytes / (ms * 1e-3) / 1e9
-                rows.append(dict(op=op, mode=mode, impl=impl, ms=ms, gb_per_s=gbs,
-                                 fraction_of_copy=gbs * 1e9 / bandwidth, min_bytes=nbytes,
-                                 peak_extra_bytes=peak))
+                gbs = nbytes / (ms * 1e-3) / 1e9 if nbytes else None
+                rows.append(dict(op=op, mode=mode, impl=impl, ms=ms, graph_ms=gpu_ms, gb_per_s=gbs,
+                                 fraction_of_copy=gbs * 1e9 / bandwidth if nbytes else None,
+                                 min_bytes=nbytes, peak_extra_bytes=peak))
                 del inputs
                 torch.cuda.empty_cache()
     payload = {"environment": environment(), "copy_bandwidth_bytes_per_s": bandwidth,
@@ -159,10 +191,16 @@ def main(argv=None):
                               q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype="bfloat16"),
                "rows": rows}
     path = write_results("kernels", payload)
-    print(f"\n{'op':<14}{'mode':<9}{'impl':<15}{'ms':>8}{'GB/s':>8}{'%copy':>7}{'peak MB':>9}")
+    print(f"\n{'op':<14}{'mode':<9}{'impl':<15}{'ms':>8}{'GB/s':>8}{'%copy':>7}{'peak MB':>9}"
+          f"{'graph ms':>9}{'%copy':>7}")
     for r in rows:
-        print(f"{r['op']:<14}{r['mode']:<9}{r['impl']:<15}{r['ms']:8.3f}{r['gb_per_s']:8.0f}"
-              f"{100 * r['fraction_of_copy']:6.0f}%{r['peak_extra_bytes'] / 2**20:9.0f}")
+        rate = (f"{r['gb_per_s']:8.0f}{100 * r['fraction_of_copy']:6.0f}%" if r["min_bytes"]
+                else f"{'-':>8}{'-':>7}")
+        graph = (f"{r['graph_ms']:9.3f}" if r["graph_ms"] is not None else f"{'-':>9}")
+        graph += (f"{100 * r['min_bytes'] / (r['graph_ms'] * 1e-3) / bandwidth:6.0f}%"
+                  if r["graph_ms"] and r["min_bytes"] else f"{'-':>7}")
+        print(f"{r['op']:<14}{r['mode']:<9}{r['impl']:<15}{r['ms']:8.3f}{rate}"
+              f"{r['peak_extra_bytes'] / 2**20:9.0f}{graph}")
     print(f"wrote {path}")
 
 

@@ -43,8 +43,9 @@ def _patched(model):
 def _loss_and_grads(model, ids, labels, backend=None):
     model.zero_grad(set_to_none=True)
     with _backend(backend):
+        with torch.no_grad():  # given labels, the patched model returns no logits
+            logits = model(input_ids=ids).logits
         out = model(input_ids=ids, labels=labels)
-        logits = out.logits.detach().clone()  # the fused loss's backward overwrites out.logits
         out.loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert all(g is not None for g in grads.values())
@@ -213,10 +214,10 @@ def test_loss_honours_num_items_in_batch_shift_labels_and_ignore_index(device):
 def test_summary_line(capsys):
     patch_model(tiny_model("llama"))
     assert capsys.readouterr().out.strip() == (
-        "fusetune: patched LlamaForCausalLM [Llama]: rms_norm 5, rope 2, mlp 2 (swiglu), cross_entropy 1; "
-        "left alone: nothing")
-    patch_model(tiny_model("gemma3"))
-    assert "rms_norm 13, rope 2, mlp 2 (geglu), cross_entropy 1;" in capsys.readouterr().out
+        "fusetune: patched LlamaForCausalLM [Llama]: rms_norm 5, rope 2, mlp 2 (swiglu), "
+        "cross_entropy 1 (fused linear, no logits); left alone: nothing")
+    patch_model(tiny_model("gemma3"), fused_linear_cross_entropy=False)
+    assert "rms_norm 13, rope 2, mlp 2 (geglu), cross_entropy 1 (on logits);" in capsys.readouterr().out
 
 
 def test_summary_names_what_was_left_alone_and_why(capsys):
@@ -224,7 +225,7 @@ def test_summary_names_what_was_left_alone_and_why(capsys):
     patch_model(model, rope=False)
     out = capsys.readouterr().out
     assert out.count("\n") == 1
-    assert "rms_norm 5, cross_entropy 1;" in out
+    assert "rms_norm 5, cross_entropy 1 (fused linear, no logits);" in out
     assert "rope: switched off" in out and "mlp: hidden_act 'relu' has no fused kernel (2 modules)" in out
     patch_model(model, rope=False, mlp=False, rms_norm=False, cross_entropy=False)
     assert "patched LlamaForCausalLM [Llama]: nothing; left alone: rms_norm: switched off" in capsys.readouterr().out
@@ -257,3 +258,35 @@ def test_unsupported_family_names_the_supported_ones():
         patch_model(model)
     with pytest.raises(TypeError, match="PreTrainedModel"):
         patch_model(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_loss_on_logits_path_matches(family, device):
+    """fused_linear_cross_entropy=False: HF makes the logits (Gemma2 softcaps them), the fused
+    loss runs on them, and backward overwrites outputs.logits."""
+    ref = tiny_model(family).to(device)
+    fused = tiny_model(family).to(device)
+    patch_model(fused, fused_linear_cross_entropy=False)
+    ids, labels = random_batch(device=device)
+    with _backend("triton"):
+        out = fused(input_ids=ids, labels=labels)
+    assert out.logits is not None
+    want = ref(input_ids=ids, labels=labels)
+    assert_close(out.logits.detach(), want.logits.detach(), torch.float32, "logits")
+    assert_close(out.loss.detach(), want.loss.detach(), torch.float32, "loss")
+    with _backend("triton"):
+        out.loss.backward()
+    want.loss.backward()
+    grads = {n: p.grad for n, p in fused.named_parameters()}
+    _assert_grads(grads, {n: p.grad for n, p in ref.named_parameters()}, torch.float32)
+
+
+def test_fused_linear_loss_returns_no_logits_and_keeps_the_class_name(device, tmp_path):
+    model = _patched(tiny_model("llama").to(device))
+    ids, labels = random_batch(device=device)
+    with _backend("triton"), torch.no_grad():
+        assert model(input_ids=ids, labels=labels).logits is None
+        assert model(input_ids=ids).logits.shape == (*ids.shape, model.config.vocab_size)
+    assert type(model).__name__ == "LlamaForCausalLM"  # save_pretrained writes it into config.json
+    model.save_pretrained(tmp_path)
+    assert '"LlamaForCausalLM"' in (tmp_path / "config.json").read_text()

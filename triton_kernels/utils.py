@@ -3,7 +3,6 @@ import functools
 import os
 
 import torch
-import triton
 
 
 def interpreting() -> bool:
@@ -24,8 +23,9 @@ def program_count(device: torch.device, per_sm: int = 4) -> int:
 
 
 def row_block(n: int) -> int:
-    """The power-of-two block that holds a whole row of n elements."""
-    return triton.next_power_of_2(n)
+    """The power-of-two block that holds a whole row of n elements (plain int math: Triton's
+    next_power_of_2 is a slow constexpr function on the launch path)."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def elementwise_warps(block: int) -> int:

@@ -1,6 +1,6 @@
 """fusetune: fused Triton kernels for fine-tuning Hugging Face causal language models."""
 from fusetune.backend import BackendUnavailableError, get_backend, set_backend, use_backend
-from fusetune.ops import cross_entropy, geglu, rms_norm, rope, swiglu
+from fusetune.ops import cross_entropy, geglu, linear_cross_entropy, rms_norm, rope, swiglu
 
 __version__ = "0.1.0"
 
@@ -19,5 +19,5 @@ def unpatch_model(model):
     return _unpatch_model(model)
 
 
-__all__ = ["BackendUnavailableError", "cross_entropy", "geglu", "get_backend", "patch_model",
+__all__ = ["BackendUnavailableError", "cross_entropy", "geglu", "get_backend", "linear_cross_entropy", "patch_model",
            "rms_norm", "rope", "set_backend", "swiglu", "unpatch_model", "use_backend"]

@@ -5,6 +5,7 @@ OPS maps each op name to the torch.ops.fusetune operators its CUDA C++ path need
 from fusetune.ops import rms_norm as _rms_norm_module
 from fusetune.ops.cross_entropy import cross_entropy
 from fusetune.ops.glu import geglu, swiglu
+from fusetune.ops.linear_cross_entropy import linear_cross_entropy
 from fusetune.ops.rms_norm import rms_norm
 from fusetune.ops.rope import rope
 
@@ -14,6 +15,7 @@ OPS = {
     "geglu": (),
     "rope": (),
     "cross_entropy": (),
+    "linear_cross_entropy": (),
 }
 
-__all__ = ["OPS", "cross_entropy", "geglu", "swiglu", "rms_norm", "rope"]
+__all__ = ["OPS", "cross_entropy", "geglu", "linear_cross_entropy", "rms_norm", "rope", "swiglu"]

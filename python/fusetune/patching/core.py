@@ -13,7 +13,8 @@ import importlib
 import logging
 
 from fusetune.patching import gemma, gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3
-from fusetune.patching.modules import ACTIVATIONS, FusedAttention, FusedCausalLMLoss, FusedGatedMLP, FusedRMSNorm
+from fusetune.patching.modules import (ACTIVATIONS, FusedAttention, FusedCausalLM, FusedCausalLMLoss,
+                                       FusedGatedMLP, FusedRMSNorm)
 
 logger = logging.getLogger("fusetune")
 
@@ -27,14 +28,16 @@ class UnsupportedModelError(ValueError):
 
 
 @functools.lru_cache(maxsize=None)
-def fused_class(original: type, mixin: type, options: tuple) -> type:
+def fused_class(original: type, mixin: type, options: tuple, keep_name: bool = False) -> type:
     """The subclass `Fused<original>` of (mixin, original) with `options` ((name, value) pairs) as
     class attributes; functions among them become staticmethods. One class per combination, so
-    every module patched alike shares it."""
+    every module patched alike shares it. keep_name: the subclass keeps the original's name (the
+    top-level model, whose class name save_pretrained writes into config.json's architectures)."""
     attrs = {name: staticmethod(value) if callable(value) else value for name, value in options}
+    name = original.__name__ if keep_name else f"Fused{original.__name__}"
     attrs.update(_fusetune_original=original, __module__=mixin.__module__,
-                 __qualname__=f"Fused{original.__qualname__}")
-    return type(f"Fused{original.__name__}", (mixin, original), attrs)
+                 __qualname__=original.__qualname__ if keep_name else f"Fused{original.__qualname__}")
+    return type(name, (mixin, original), attrs)
 
 
 def _hf_model(model):
@@ -112,11 +115,17 @@ _MODULE_KINDS = {
 }
 
 
-def _patch_loss(hf_model):
-    """Install the fused loss; returns (newly patched, already patched, reason left alone or None)."""
+def _patch_loss(hf_model, fused_linear: bool):
+    """Install the fused loss (and, with fused_linear, the causal-LM forward that computes it from
+    the hidden states without logits); returns (newly patched, already patched, reason left alone
+    or None)."""
     from transformers.loss.loss_utils import LOSS_MAPPING
 
     current = hf_model.__dict__.get("_loss_function")
+    if fused_linear and "_fusetune_original" not in type(hf_model).__dict__ and (
+            current is None or isinstance(current, FusedCausalLMLoss)) and \
+            getattr(hf_model, "loss_type", None) == "ForCausalLM":
+        hf_model.__class__ = fused_class(type(hf_model), FusedCausalLM, (), keep_name=True)
     if isinstance(current, FusedCausalLMLoss):
         return 0, 1, None
     if current is not None and current is not LOSS_MAPPING["ForCausalLM"]:
@@ -127,7 +136,8 @@ def _patch_loss(hf_model):
     return 1, 0, None
 
 
-def patch_model(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, cross_entropy: bool = True):
+def patch_model(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, cross_entropy: bool = True,
+                fused_linear_cross_entropy: bool = True):
     """Swap fused kernels into a supported Hugging Face causal LM, in place; returns the model.
 
     model: a transformers model of a supported family (Llama, Mistral, Qwen2, Qwen3, Gemma,
@@ -137,10 +147,13 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = 
       rope           every attention module -> one generic forward with the fused RoPE; the
                      attention itself stays the one HF picks (config._attn_implementation)
       mlp            gated MLPs -> fused SwiGLU / GeGLU between the projections
-      cross_entropy  the model's causal-LM loss -> fused cross-entropy with inplace_backward:
-                     when labels are given, backward overwrites outputs.logits with d(loss)/d(logits)
-    Gemma2/3's final_logit_softcapping stays in HF's forward, which applies it once before the
-    loss. Prints one line: what was patched, per kind, and why anything was left alone. Patching again
+      cross_entropy  the model's causal-LM loss -> fused cross-entropy. With
+                     fused_linear_cross_entropy (default), a forward given labels computes the loss
+                     from the last hidden states and the lm_head weight in chunks: no
+                     (tokens x vocab) logits are held and outputs.logits is None (Gemma2/3's
+                     final_logit_softcapping is applied inside). Without it, or where the lm_head
+                     carries adapters, HF's forward makes the logits (softcapped once there) and
+                     the fused loss's backward overwrites outputs.logits with d(loss)/d(logits). Prints one line: what was patched, per kind, and why anything was left alone. Patching again
     patches only what is not yet patched. unpatch_model restores the model exactly; state_dict
     keys never change. Raises UnsupportedModelError for other families.
     """
@@ -155,7 +168,7 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = 
             left.append(f"{kind}: switched off")
             continue
         if kind == "cross_entropy":
-            new, already, reason = _patch_loss(hf_model)
+            new, already, reason = _patch_loss(hf_model, fused_linear_cross_entropy)
             reasons = collections.Counter([reason] if reason else [])
         else:
             field, mixin, options_factory = _MODULE_KINDS[kind]
@@ -169,6 +182,8 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = 
             detail = [f"{already} already"] if already else []
             if kind == "mlp":
                 detail += sorted({type(m)._fusetune_act[0] for m in model.modules() if isinstance(m, FusedGatedMLP)})
+            if kind == "cross_entropy":
+                detail.append("fused linear, no logits" if isinstance(hf_model, FusedCausalLM) else "on logits")
             done.append(f"{kind} {new + already}" + (f" ({', '.join(detail)})" if detail else ""))
         for reason, count in reasons.items():
             left.append(f"{kind}: {reason}" + (f" ({count} modules)" if count > 1 else ""))

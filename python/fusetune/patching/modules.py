@@ -12,9 +12,11 @@ so LoRA adapters, quantised linears and a separately patched or unpatched q/k no
 from __future__ import annotations
 
 import torch.nn.functional as F
+from torch import nn
 
 from fusetune.ops.cross_entropy import cross_entropy
 from fusetune.ops.glu import geglu, swiglu
+from fusetune.ops.linear_cross_entropy import linear_cross_entropy
 from fusetune.ops.rms_norm import rms_norm
 from fusetune.ops.rope import rope
 
@@ -139,10 +141,54 @@ class FusedCausalLMLoss:
     def __call__(self, logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100,
                  shift_labels=None, **kwargs):
         if shift_labels is None:
-            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+            shift_labels = _shift(labels, ignore_index)
         targets = shift_labels.reshape(-1).to(logits.device)
         return cross_entropy(logits.reshape(-1, vocab_size), targets, ignore_index=ignore_index,
                              reduction="mean", num_items_in_batch=num_items_in_batch, inplace_backward=True)
 
     def __repr__(self):
         return "FusedCausalLMLoss()"
+
+
+
+class FusedCausalLM:
+    """The causal-LM forward with the fused linear cross-entropy.
+
+    Given labels, the loss comes straight from the decoder's last hidden states and the lm_head
+    weight (fusetune.linear_cross_entropy): the (tokens x vocab) logits are never held, and
+    outputs.logits is None. Gemma2/3's final_logit_softcapping is applied inside the loss.
+    Without labels, or when the lm_head is not a plain nn.Linear (PEFT adapters or
+    modules_to_save on it), Hugging Face's own forward runs (its loss then goes through
+    FusedCausalLMLoss).
+    """
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        head = self.get_output_embeddings()
+        if labels is None or type(head) is not nn.Linear:
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids, past_key_values=past_key_values,
+                                   inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                   logits_to_keep=logits_to_keep, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        ignore_index = kwargs.pop("ignore_index", -100)
+        shift_labels = kwargs.pop("shift_labels", None)
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids, past_key_values=past_key_values,
+                             inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        hidden = outputs.last_hidden_state
+        if shift_labels is None:
+            shift_labels = _shift(labels, ignore_index)
+        loss = linear_cross_entropy(hidden, head.weight.to(hidden.dtype), shift_labels.to(hidden.device),
+                                    head.bias, ignore_index=ignore_index,
+                                    num_items_in_batch=num_items_in_batch,
+                                    softcap=getattr(self.config, "final_logit_softcapping", None))
+        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+def _shift(labels, ignore_index):
+    """Hugging Face's label shift: pad with ignore_index and drop the first (the logits stay put)."""
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
