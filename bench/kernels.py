@@ -151,7 +151,7 @@ def graph_ms(step, leaves):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ops", default="rms_norm,rope,swiglu,cross_entropy")
+    parser.add_argument("--ops", default="rms_norm,rope,swiglu,cross_entropy,lm_head+loss")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
