@@ -53,7 +53,7 @@ def flops_per_token(model, cfg: dict, seq: int) -> float:
     return 6 * n_dec + 4 * n_head + 8 * n_lora + attn
 
 
-def worker(stack: str, workload: str) -> dict:
+def worker(stack: str, workload: str, profile: bool = False) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -87,21 +87,42 @@ def worker(stack: str, workload: str) -> dict:
         losses.append(loss.item())  # syncs
         times.append(time.perf_counter() - start)
     step = statistics.median(times[WARMUP:])
+    if profile:
+        _profile_one_step(model, optimizer, ids, stack, workload)
     return dict(stack=stack, workload=workload, model=name, batch=batch, seq=seq,
                 step_s=step, tokens_per_s=batch * seq / step,
                 peak_bytes=torch.cuda.max_memory_allocated(), first_loss=losses[0],
                 last_loss=losses[-1], flops_per_token=flops_per_token(model, cfg, seq))
 
 
+def _profile_one_step(model, optimizer, ids, stack, workload):
+    """Print where one training step spends its time: GPU kernels by total time, and the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    gpu = sum(e.self_device_time_total for e in events) / 1e3
+    print(f"PROFILE {stack} {workload}: wall {wall * 1e3:.1f} ms (profiled), GPU busy {gpu:.1f} ms, "
+          f"{sum(e.count for e in events if 'LaunchKernel' in e.key)} kernel launches", file=sys.stderr)
+    print(events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60), file=sys.stderr)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default="W1")
     parser.add_argument("--stacks", default="hf,fusetune")
+    parser.add_argument("--profile", action="store_true", help="also profile one step per stack")
     parser.add_argument("--worker", nargs=2, metavar=("STACK", "WORKLOAD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         try:
-            result = worker(*args.worker)
+            result = worker(*args.worker, profile=args.profile)
         except torch.cuda.OutOfMemoryError as err:
             result = dict(stack=args.worker[0], workload=args.worker[1], error=f"OOM: {err}"[:300])
         print("RESULT " + json.dumps(result))
@@ -113,8 +134,10 @@ def main(argv=None):
     rows = []
     for workload in args.workloads.split(","):
         for stack in args.stacks.split(","):
-            proc = subprocess.run([sys.executable, __file__, "--worker", stack, workload],
-                                  capture_output=True, text=True)
+            proc = subprocess.run([sys.executable, __file__, "--worker", stack, workload]
+                                  + (["--profile"] if args.profile else []), capture_output=True, text=True)
+            if args.profile:
+                print(proc.stderr[proc.stderr.find("PROFILE"):])
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if not lines:
                 print(f"{workload} {stack}: worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
