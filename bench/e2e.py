@@ -118,6 +118,8 @@ def main(argv=None):
     parser.add_argument("--workloads", default="W1")
     parser.add_argument("--stacks", default="hf,fusetune")
     parser.add_argument("--profile", action="store_true", help="also profile one step per stack")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the stacks this many times, alternating (timings on a shared host vary)")
     parser.add_argument("--worker", nargs=2, metavar=("STACK", "WORKLOAD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -132,7 +134,8 @@ def main(argv=None):
     rate = matmul_flops()
     print(f"bf16 matmul 8192^3: {rate / 1e12:.0f} TFLOP/s")
     rows = []
-    for workload in args.workloads.split(","):
+    runs = [(w, r) for w in args.workloads.split(",") for r in range(args.repeat)]
+    for workload, repeat in runs:
         for stack in args.stacks.split(","):
             proc = subprocess.run([sys.executable, __file__, "--worker", stack, workload]
                                   + (["--profile"] if args.profile else []), capture_output=True, text=True)
@@ -144,6 +147,7 @@ def main(argv=None):
                 rows.append(dict(stack=stack, workload=workload, error=proc.stderr[-500:]))
                 continue
             row = json.loads(lines[-1][7:])
+            row["repeat"] = repeat
             if "error" not in row:
                 row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / rate
             rows.append(row)
@@ -151,14 +155,15 @@ def main(argv=None):
     payload = {"environment": environment(), "matmul_flops_per_s": rate, "warmup": WARMUP,
                "timed": TIMED, "rows": rows}
     path = write_results("e2e", payload)
-    base = {r["workload"]: r for r in rows if r["stack"] == "hf" and "error" not in r}
+    base = {(r["workload"], r["repeat"]): r for r in rows if r["stack"] == "hf" and "error" not in r}
     print(f"\n{'wl':<4}{'stack':<10}{'step s':>8}{'tok/s':>9}{'x hf':>6}{'peak GB':>9}{'MFU':>6}"
           f"{'loss first->last':>20}")
     for r in rows:
         if "error" in r:
-            print(f"{r['workload']:<4}{r['stack']:<10}  {r['error'][:60]}")
+            print(f"{r['workload']:<4}{r['stack']:<10}  {r.get('error', '')[:60]}")
             continue
-        ratio = r["tokens_per_s"] / base[r["workload"]]["tokens_per_s"] if r["workload"] in base else float("nan")
+        key = (r["workload"], r["repeat"])
+        ratio = r["tokens_per_s"] / base[key]["tokens_per_s"] if key in base else float("nan")
         print(f"{r['workload']:<4}{r['stack']:<10}{r['step_s']:8.3f}{r['tokens_per_s']:9.0f}{ratio:6.2f}"
               f"{r['peak_bytes'] / 1e9:9.2f}{100 * r['mfu']:5.0f}%"
               f"{r['first_loss']:10.3f} -> {r['last_loss']:.3f}")

@@ -62,15 +62,16 @@ def kernel_section(path, data, plt) -> list[str]:
 
 def e2e_section(path, data, plt) -> list[str]:
     rows = [r for r in data["rows"] if "error" not in r]
-    base = {r["workload"]: r for r in rows if r["stack"] == "hf"}
+    base = {(r["workload"], r.get("repeat", 0)): r for r in rows if r["stack"] == "hf"}
     lines = [f"## End to end ({path.name})", "", env_line(data["environment"]), "",
              f"bf16 matmul rate measured in the same run: {data['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s; "
              f"{data['warmup']} warm-up + {data['timed']} timed steps, median.", "",
-             "| workload | stack | batch x seq | step s | tokens/s | x HF | peak GB | MFU | loss first -> last |",
+             "| workload, run | stack | batch x seq | step s | tokens/s | x HF | peak GB | MFU | loss first -> last |",
              "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        ratio = r["tokens_per_s"] / base[r["workload"]]["tokens_per_s"] if r["workload"] in base else float("nan")
-        lines.append(f"| {r['workload']} ({r['model']}) | {r['stack']} | {r['batch']} x {r['seq']} | "
+        key = (r["workload"], r.get("repeat", 0))
+        ratio = r["tokens_per_s"] / base[key]["tokens_per_s"] if key in base else float("nan")
+        lines.append(f"| {r['workload']} ({r['model']}) #{key[1] + 1} | {r['stack']} | {r['batch']} x {r['seq']} | "
                      f"{r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {ratio:.2f} | "
                      f"{r['peak_bytes'] / 1e9:.2f} | {100 * r['mfu']:.0f}% | "
                      f"{r['first_loss']:.3f} -> {r['last_loss']:.3f} |")
