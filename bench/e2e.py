@@ -154,7 +154,7 @@ def main(argv=None):
             print(f"{workload} {stack}: {row}")
     payload = {"environment": environment(), "matmul_flops_per_s": rate, "warmup": WARMUP,
                "timed": TIMED, "rows": rows}
-    path = write_results("e2e", payload)
+    path = write_results("e2e-" + "-".join(dict.fromkeys(args.workloads.split(","))), payload)
     base = {(r["workload"], r["repeat"]): r for r in rows if r["stack"] == "hf" and "error" not in r}
     print(f"\n{'wl':<4}{'stack':<10}{'step s':>8}{'tok/s':>9}{'x hf':>6}{'peak GB':>9}{'MFU':>6}"
           f"{'loss first->last':>20}")

@@ -20,5 +20,5 @@ python3 -m fusetune.cli env
 python3 -m pytest -m gpu -q -rfs 2>&1 | tee "$out/gpu-tests.log" | tail -25
 python3 bench/kernels.py 2>&1 | tee "$out/kernels.log" | tail -40
 if [ -n "${1:-}" ]; then
-  python3 bench/e2e.py --workloads "$1" 2>&1 | tee "$out/e2e.log" | tail -25
+  python3 bench/e2e.py --repeat 2 --workloads "$1" 2>&1 | tee "$out/e2e.log" | tail -25
 fi
