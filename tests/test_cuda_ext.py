@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import fusetune
 from fusetune import backend, rms_norm, use_backend
 from fusetune.ops.rms_norm import CUDA_OPS
 from fusetune.reference.rms_norm import rms_norm as reference
@@ -49,16 +48,8 @@ def test_kernels_stay_torch_free():
 
 @pytest.fixture(scope="module")
 def cuda_ext():
-    """fusetune._C, installed or (failing that) built from csrc/ and made importable as such."""
-    if backend.cuda_extension() is None:
-        from torch.utils.cpp_extension import load
-
-        sources = [str(p) for p in KERNELS] + [str(CSRC / "ops.cpp")]
-        module = load(name="fusetune_C_jit", sources=sources, extra_cflags=["-O3", "-std=c++17"],
-                      extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math"])
-        sys.modules["fusetune._C"] = fusetune._C = module
-        backend.cuda_extension.cache_clear()
-    assert backend.cuda_extension() is not None
+    """fusetune._C, installed or (failing that) built from csrc/ just in time."""
+    assert backend.build_cuda_extension() is not None
     assert all(hasattr(torch.ops.fusetune, op) for op in CUDA_OPS)
 
 

@@ -290,3 +290,30 @@ def test_fused_linear_loss_returns_no_logits_and_keeps_the_class_name(device, tm
     assert type(model).__name__ == "LlamaForCausalLM"  # save_pretrained writes it into config.json
     model.save_pretrained(tmp_path)
     assert '"LlamaForCausalLM"' in (tmp_path / "config.json").read_text()
+
+
+# real widths on the GPU: Llama-3.1-8B's hidden 4096, 32 q / 8 kv heads of 128, intermediate
+# 14336, vocab 128256, one decoder layer, 1 x 2048 tokens, bf16 (the float64 truth in between)
+REAL_WIDTHS = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                   head_dim=128, vocab_size=128256, num_hidden_layers=1, max_position_embeddings=4096,
+                   initializer_range=0.02)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "phi3_partial"])
+def test_real_widths_bf16_within_band_gpu(family):
+    overrides = dict(REAL_WIDTHS)
+    if family == "gemma2":
+        overrides.update(query_pre_attn_scalar=128, layer_types=["sliding_attention"], sliding_window=1024)
+    ref = tiny_model(family, dtype=torch.bfloat16, **overrides).cuda()
+    ids, labels = random_batch(batch=1, seq=2048, device="cuda")
+    truth = copy.deepcopy(ref).double()
+    true_loss, _, true_grads = _loss_and_grads(truth, ids, labels)
+    del truth
+    ref_loss, _, ref_grads = _loss_and_grads(ref, ids, labels)
+    fused = _patched(ref)  # in place: the same weights
+    loss, _, grads = _loss_and_grads(fused, ids, labels, "triton")
+    for name, out, hf, true in [("loss", loss, ref_loss, true_loss)] + [
+            (f"grad {n}", grads[n], ref_grads[n], true_grads[n]) for n in true_grads]:
+        err, hf_err = rel_err(out, true), rel_err(hf, true)
+        assert err <= BF16_BAND * hf_err + BF16_FLOOR, f"{family} {name}: {err:.2e} vs HF bf16 {hf_err:.2e}"

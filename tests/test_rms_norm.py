@@ -45,3 +45,20 @@ def test_bad_weight_shape_names_the_fix(device):
 def test_unknown_variant(device):
     with pytest.raises(ValueError, match="variant"):
         rms_norm(torch.randn(4, 8, device=device), torch.ones(8, device=device), variant="t5")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["llama", "gemma"])
+@pytest.mark.parametrize("shape", [(1, 2048, 4096), (1, 2048, 32, 128)], ids=["hidden", "head-norm"])
+def test_real_shape_bf16_gpu(variant, shape, poison):
+    x = leaf(torch.randn(shape, device="cuda", dtype=torch.bfloat16))
+    w = leaf((torch.randn(shape[-1], device="cuda") * 0.1 + 1).to(torch.bfloat16))
+    with use_backend("triton"):
+        y = rms_norm(x, w, 1e-5, variant)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64, w64 = leaf(x.double()), leaf(w.double())
+    reference(x64, w64, 1e-5, variant).backward(dy.double())
+    assert_close(y, reference(x.double(), w.double(), 1e-5, variant), torch.bfloat16, "y")
+    assert_close(x.grad, x64.grad, torch.bfloat16, "dx")
+    assert_close(w.grad, w64.grad, torch.bfloat16, "dw")

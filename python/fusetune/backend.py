@@ -80,6 +80,37 @@ def cuda_extension():
     return _C
 
 
+def build_cuda_extension(verbose: bool = False):
+    """Build csrc/ just in time (torch.utils.cpp_extension.load) and register it as fusetune._C.
+
+    For a source checkout whose install skipped the extension (no CUDA toolkit at install time);
+    needs a CUDA build of torch and nvcc. Takes about a minute the first time, then torch's
+    extension cache makes it quick. Returns the module.
+    """
+    import sys
+    from pathlib import Path
+
+    if cuda_extension() is not None:
+        return cuda_extension()
+    csrc = Path(__file__).resolve().parents[2] / "csrc"
+    if not (csrc / "ops.cpp").is_file():
+        raise BackendUnavailableError(f"no CUDA sources at {csrc}: build_cuda_extension needs a source "
+                                      f"checkout of fusetune (pip install -e .)")
+    if torch.version.cuda is None:
+        raise BackendUnavailableError("torch is a CPU build: install a CUDA build of torch to build "
+                                      "the CUDA extension")
+    from torch.utils.cpp_extension import load
+
+    sources = [str(p) for p in sorted(csrc.glob("*.cu"))] + [str(csrc / "ops.cpp")]
+    module = load(name="fusetune_C_jit", sources=sources, verbose=verbose,
+                  extra_cflags=["-O3", "-std=c++17"],
+                  extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math"])
+    sys.modules["fusetune._C"] = module
+    cuda_extension.cache_clear()
+    logger.info("fusetune: built the CUDA extension just in time from %s", csrc)
+    return module
+
+
 def _why_not(backend: str, device: torch.device, cuda_ops: tuple[str, ...]) -> str | None:
     """None when `backend` can run here, else the reason (with the fix) why not."""
     if backend == "torch":
