@@ -1,7 +1,9 @@
 """Build of fusetune: the Python package, the Triton kernels and, where torch has CUDA, `fusetune._C`.
 
 A CPU-only install never needs nvcc: the CUDA extension is added only when torch was built with
-CUDA and a CUDA toolkit is found (FUSETUNE_BUILD_CUDA=0 skips it, =1 insists on it).
+CUDA and a CUDA toolkit is found (FUSETUNE_BUILD_CUDA=0 skips it, =1 insists on it). The build
+imports torch, so build it with `pip install --no-build-isolation -e .` (pip's isolated build
+environment has no torch).
 """
 import os
 
@@ -19,9 +21,10 @@ def _cuda_extension():
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
-    except ImportError:
+    except ImportError as err:
         if wanted == "1":
-            raise
+            raise RuntimeError("FUSETUNE_BUILD_CUDA=1 but torch cannot be imported by the build: install "
+                               "torch first and run pip install --no-build-isolation -e .") from err
         return [], {}
     if torch.version.cuda is None or CUDA_HOME is None:
         if wanted == "1":
@@ -48,7 +51,7 @@ setup(
     package_data={"fusetune.data": ["*.txt"]},
     install_requires=["torch>=2.4", "triton>=3.2", "transformers>=5.0", "peft>=0.17", "accelerate",
                       "safetensors", "pyyaml"],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": ["fusetune=fusetune.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -35,8 +35,3 @@ def poisoned(t: torch.Tensor) -> torch.Tensor:
 
 def leaf(t: torch.Tensor, grad: bool = True) -> torch.Tensor:
     return t.detach().clone().requires_grad_(grad)
-
-
-def backends(device: torch.device):
-    """The backends a test runs on this device: Triton (interpreter on CPU) and the torch path."""
-    return ["triton", "torch"]

@@ -184,3 +184,16 @@ def test_real_shape_bf16_no_sync_and_inplace_saves_a_buffer():
     logits_bytes = logits.numel() * logits.element_size()
     assert peaks[False] >= logits_bytes  # the measurement sees a fresh gradient buffer...
     assert peaks[True] < logits_bytes // 16  # ...and in-place backward allocates none
+
+
+def test_inplace_backward_refuses_when_another_node_saved_the_logits(device):
+    """The in-place backward overwrites the logits: a node that saved them must raise, not read
+    gradients as logits (here a z-loss-like term made before the loss, so its backward runs after)."""
+    logits = torch.randn(6, 50, device=device, requires_grad=True)
+    x = logits * 1.0
+    penalty = (x ** 2).mean()
+    targets = torch.randint(0, 50, (6,), device=device)
+    with use_backend("triton"):
+        loss = penalty + cross_entropy(x, targets, inplace_backward=True)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()

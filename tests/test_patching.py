@@ -284,9 +284,10 @@ def test_loss_on_logits_path_matches(family, device):
 def test_fused_linear_loss_returns_no_logits_and_keeps_the_class_name(device, tmp_path):
     model = _patched(tiny_model("llama").to(device))
     ids, labels = random_batch(device=device)
-    with _backend("triton"), torch.no_grad():
-        assert model(input_ids=ids, labels=labels).logits is None
-        assert model(input_ids=ids).logits.shape == (*ids.shape, model.config.vocab_size)
+    with _backend("triton"):
+        assert model(input_ids=ids, labels=labels).logits is None  # training: no logits held
+        with torch.no_grad():
+            assert model(input_ids=ids).logits.shape == (*ids.shape, model.config.vocab_size)
     assert type(model).__name__ == "LlamaForCausalLM"  # save_pretrained writes it into config.json
     model.save_pretrained(tmp_path)
     assert '"LlamaForCausalLM"' in (tmp_path / "config.json").read_text()
@@ -317,3 +318,21 @@ def test_real_widths_bf16_within_band_gpu(family):
             (f"grad {n}", grads[n], ref_grads[n], true_grads[n]) for n in true_grads]:
         err, hf_err = rel_err(out, true), rel_err(hf, true)
         assert err <= BF16_BAND * hf_err + BF16_FLOOR, f"{family} {name}: {err:.2e} vs HF bf16 {hf_err:.2e}"
+
+
+def test_fused_linear_loss_under_autocast_tuples_and_eval(device):
+    """The Trainer set-ups: fp32 weights under bf16 autocast, return_dict=False, and evaluation
+    under no_grad, where callers read the logits (HF's forward then runs, with the fused loss)."""
+    ref, fused = tiny_model("llama").to(device), _patched(tiny_model("llama").to(device))
+    ids, labels = random_batch(device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        want = ref(input_ids=ids, labels=labels).loss
+        with _backend("triton"):
+            got = fused(input_ids=ids, labels=labels).loss
+    assert abs(got.item() - want.item()) <= 2e-2 * abs(want.item())
+    with _backend("triton"):
+        loss, *rest = fused(input_ids=ids, labels=labels, return_dict=False)
+        with torch.no_grad():
+            out = fused(input_ids=ids, labels=labels)
+    assert loss.dim() == 0 and out.logits is not None
+    assert_close(out.loss, ref(input_ids=ids, labels=labels).loss.detach(), torch.float32, "eval loss")

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import interpreting
+from .utils import interpreting, next_power_of_2
 
 
 @triton.jit
@@ -96,7 +96,7 @@ def _cross_entropy_bwd_kernel(X, DX, TARGETS, LSE, GRAD, x_row_stride, dx_row_st
 
 def _block(n_cols: int, gpu_block: int) -> int:
     # GPU: wide chunks (16 KB of bf16) keep many bytes in flight per program
-    return min(4096 if interpreting() else gpu_block, triton.next_power_of_2(n_cols))
+    return min(4096 if interpreting() else gpu_block, next_power_of_2(n_cols))
 
 
 def _flags(softcap, logit_scale):

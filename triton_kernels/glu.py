@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import interpreting
+from .utils import interpreting, next_power_of_2
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu_erf")
 _TILE = 4096  # elements per program, at 8 warps: 16 per thread; ~97% of copy bandwidth on H100
@@ -106,10 +106,6 @@ def _layout(*tensors: torch.Tensor):
     return rows, cols, [t.stride(0) for t in tensors]
 
 
-def _next_power_of_2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
 def _launch(kernel, tensors, activation: str):
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown GLU activation {activation!r}; use one of {ACTIVATIONS}")
@@ -117,9 +113,9 @@ def _launch(kernel, tensors, activation: str):
     if n_rows * n_cols == 0:
         return
     # 2-D tiles of 1024 columns: the common intermediate sizes (8192, 11008, 14336) waste little.
-    # Plain int math: triton.cdiv / next_power_of_2 are constexpr functions, slow to call from Python
-    block_c = min(_TILE if n_rows == 1 else 1024, _next_power_of_2(n_cols))
-    block_r = min(_TILE // block_c, _next_power_of_2(n_rows))
+    # plain int math: triton.cdiv is a constexpr function, slow to call from Python
+    block_c = min(_TILE if n_rows == 1 else 1024, next_power_of_2(n_cols))
+    block_r = min(_TILE // block_c, next_power_of_2(n_rows))
     col_blocks = -(-n_cols // block_c)
     grid = (-(-n_rows // block_r) * col_blocks,)
     kernel[grid](*tensors, *strides, n_rows, n_cols, col_blocks, ACTIVATION=activation,

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import elementwise_warps
+from .utils import elementwise_warps, next_power_of_2
 
 _MAX_TILE = 4096  # heads x half-dims rotated per loop step
 
@@ -69,7 +69,7 @@ def _rope_fwd_kernel(Q, K, COS, SIN, QO, KO,
 
 
 def _head_block(n_heads: int, block_half: int) -> int:
-    return max(1, min(triton.next_power_of_2(max(n_heads, 1)), _MAX_TILE // block_half))
+    return max(1, min(next_power_of_2(max(n_heads, 1)), _MAX_TILE // block_half))
 
 
 def _launch(q, k, cos, sin, q_out, k_out, inverse: bool):
@@ -79,7 +79,7 @@ def _launch(q, k, cos, sin, q_out, k_out, inverse: bool):
     half = cos.shape[-1] // 2
     if batch * seq == 0:
         return
-    block_half = triton.next_power_of_2(half)
+    block_half = next_power_of_2(half)
     block_hq = _head_block(n_q_heads, block_half)
     # broadcast cos/sin over the batch with a zero stride
     cos_b = cos.stride(0) if cos.shape[0] > 1 else 0
@@ -93,7 +93,7 @@ def _launch(q, k, cos, sin, q_out, k_out, inverse: bool):
         cos_b, cos.stride(1), sin_b, sin.stride(1), n_q_heads, n_k_heads, half, head_dim,
         INVERSE=inverse, COPY_PASS=copy_pass, BLOCK_HQ=block_hq,
         BLOCK_HK=_head_block(n_k_heads, block_half), BLOCK_HALF=block_half,
-        BLOCK_PASS=triton.next_power_of_2(max(head_dim - 2 * half, 1)),
+        BLOCK_PASS=next_power_of_2(max(head_dim - 2 * half, 1)),
         num_warps=elementwise_warps(block_hq * block_half))
 
 

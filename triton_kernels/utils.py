@@ -22,10 +22,15 @@ def program_count(device: torch.device, per_sm: int = 4) -> int:
     return per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def row_block(n: int) -> int:
-    """The power-of-two block that holds a whole row of n elements (plain int math: Triton's
-    next_power_of_2 is a slow constexpr function on the launch path)."""
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (plain int math: triton.next_power_of_2 is a constexpr
+    function, slow to call on the launch path)."""
     return 1 << max(n - 1, 0).bit_length()
+
+
+def row_block(n: int) -> int:
+    """The power-of-two block that holds a whole row of n elements."""
+    return next_power_of_2(n)
 
 
 def elementwise_warps(block: int) -> int:

@@ -160,17 +160,3 @@ def resolve(op: str, device: torch.device, cuda_ops: tuple[str, ...] = ()) -> st
         _announced.add(key)
         logger.info("fusetune: %s on %s uses the %s backend", op, device.type, chosen)
     return chosen
-
-
-def report(device: torch.device | str) -> dict[str, str]:
-    """Which backend each op would use on `device` (or why it cannot run) under the current request."""
-    from fusetune.ops import OPS
-
-    device = torch.device(device)
-    out = {}
-    for op, cuda_ops in OPS.items():
-        try:
-            out[op] = resolve(op, device, cuda_ops)
-        except BackendUnavailableError as err:
-            out[op] = f"unavailable ({err})"
-    return out

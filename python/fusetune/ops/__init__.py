@@ -1,8 +1,13 @@
 """Ops: one file each, an autograd Function over the kernels plus a functional API that picks a backend.
 
-OPS maps each op name to the torch.ops.fusetune operators its CUDA C++ path needs (empty: none yet).
+OPS maps each op name to the torch.ops.fusetune operators its CUDA C++ path needs (each module's
+CUDA_OPS; empty: none yet).
 """
-from fusetune.ops import rms_norm as _rms_norm_module
+from fusetune.ops import cross_entropy as _cross_entropy
+from fusetune.ops import glu as _glu
+from fusetune.ops import linear_cross_entropy as _linear_cross_entropy
+from fusetune.ops import rms_norm as _rms_norm
+from fusetune.ops import rope as _rope
 from fusetune.ops.cross_entropy import cross_entropy
 from fusetune.ops.glu import geglu, swiglu
 from fusetune.ops.linear_cross_entropy import linear_cross_entropy
@@ -10,12 +15,12 @@ from fusetune.ops.rms_norm import rms_norm
 from fusetune.ops.rope import rope
 
 OPS = {
-    "rms_norm": _rms_norm_module.CUDA_OPS,
-    "swiglu": (),
-    "geglu": (),
-    "rope": (),
-    "cross_entropy": (),
-    "linear_cross_entropy": (),
+    "rms_norm": _rms_norm.CUDA_OPS,
+    "rope": _rope.CUDA_OPS,
+    "swiglu": _glu.CUDA_OPS,
+    "geglu": _glu.CUDA_OPS,
+    "cross_entropy": _cross_entropy.CUDA_OPS,
+    "linear_cross_entropy": _linear_cross_entropy.CUDA_OPS,
 }
 
 __all__ = ["OPS", "cross_entropy", "geglu", "linear_cross_entropy", "rms_norm", "rope", "swiglu"]

@@ -5,6 +5,8 @@ from fusetune.backend import resolve
 from fusetune.reference.cross_entropy import REDUCTIONS, mean_divisor
 from fusetune.reference.cross_entropy import cross_entropy as cross_entropy_reference
 
+CUDA_OPS = ()  # no CUDA C++ implementation yet
+
 
 def _check(logits, targets, reduction, num_items_in_batch, softcap):
     if logits.dim() not in (2, 3):
@@ -71,6 +73,10 @@ class CrossEntropyFunction(torch.autograd.Function):
         if reduction != "none":
             g = g.expand(t.shape[0])  # stride 0: every row reads the one value
         dx = cross_entropy_bwd(g, x2d, t, lse, ignore_index, softcap, logit_scale, inplace)
+        if inplace:
+            # the kernel wrote through raw pointers: bump the version so that any other autograd
+            # node that saved these logits raises instead of reading gradients as logits
+            torch.autograd.graph.increment_version(x2d)
         return dx.view(ctx.shape), None, None, None, None, None, None, None
 
 
@@ -94,7 +100,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     A target outside [0, V) that is not ignore_index gives a NaN loss on the Triton path.
     """
     _check(logits, targets, reduction, num_items_in_batch, softcap)
-    if resolve("cross_entropy", logits.device) != "triton":
+    if resolve("cross_entropy", logits.device, CUDA_OPS) != "triton":
         return cross_entropy_reference(logits, targets, ignore_index, reduction, num_items_in_batch,
                                        softcap, logit_scale)
     divisor = None

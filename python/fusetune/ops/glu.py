@@ -8,6 +8,8 @@ from fusetune.reference import glu as reference
 
 GELU_APPROXIMATIONS = {"tanh": "gelu_tanh", "none": "gelu_erf"}  # approximate -> kernel activation
 
+CUDA_OPS = ()  # no CUDA C++ implementation yet
+
 
 def _check(op: str, gate: torch.Tensor, up: torch.Tensor):
     if gate.shape != up.shape:
@@ -58,7 +60,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     Differentiable in gate and up.
     """
     _check("swiglu", gate, up)
-    if resolve("swiglu", gate.device) == "triton":
+    if resolve("swiglu", gate.device, CUDA_OPS) == "triton":
         return GLUFunction.apply(gate, up, "silu")
     return reference.swiglu(gate, up)
 
@@ -70,6 +72,6 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> to
         raise ValueError(f"geglu: approximate must be 'tanh' or 'none' (as in "
                          f"torch.nn.functional.gelu), got {approximate!r}")
     _check("geglu", gate, up)
-    if resolve("geglu", gate.device) == "triton":
+    if resolve("geglu", gate.device, CUDA_OPS) == "triton":
         return GLUFunction.apply(gate, up, GELU_APPROXIMATIONS[approximate])
     return reference.geglu(gate, up, approximate)

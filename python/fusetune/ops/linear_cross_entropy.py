@@ -18,6 +18,8 @@ from fusetune.reference.linear_cross_entropy import linear_cross_entropy as refe
 
 CHUNK_BYTES = 1 << 28  # logits of one chunk: 256 MiB (1024 tokens at vocab 128256 in bf16)
 
+CUDA_OPS = ()  # no CUDA C++ implementation yet
+
 
 def _chunk_tokens(vocab: int, element_size: int) -> int:
     return max(1, CHUNK_BYTES // (vocab * element_size))
@@ -35,8 +37,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             divisor = mean_divisor(t != ignore_index, num_items_in_batch, torch.float32)
         else:
             divisor = torch.ones((), device=h2d.device)
-        # 1 / divisor as a device tensor: the kernels read it, nothing syncs
-        scale = torch.as_tensor(divisor, dtype=torch.float32, device=h2d.device).reciprocal().reshape(1)
+        # 1 / divisor as a device tensor that the kernels read; dividing a device tensor by an int
+        # or a CPU scalar tensor copies nothing and syncs nothing
+        scale = torch.ones(1, dtype=torch.float32, device=h2d.device) / divisor
         need_dh = track_grad and ctx.needs_input_grad[0]
         need_dw = track_grad and ctx.needs_input_grad[1]
         need_db = track_grad and bias is not None and ctx.needs_input_grad[2]
@@ -55,7 +58,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                                        softcap, logit_scale, inplace=True)
                 if need_dh:
                     torch.mm(dz, weight, out=dh[start:start + step])
-                if need_dw:
+                if need_dw:  # the chunk's product in the weight's dtype, summed over chunks in fp32
                     dw += (dz.t() @ h_c).float()
                 if need_db:
                     db += dz.float().sum(0)
@@ -82,7 +85,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     hidden (N, H) or (B, S, H); weight (V, H) (an lm_head's); targets (N,) / (B, S), already
     shifted. Same semantics as fusetune.cross_entropy (ignore_index, softcap, logit_scale,
     num_items_in_batch) with reduction "mean" or "sum"; the loss is fp32. Differentiable in
-    hidden, weight and bias (the weight gradient is accumulated in fp32).
+    hidden, weight and bias (each chunk's weight gradient is summed over chunks in fp32).
     """
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"linear_cross_entropy: weight of shape {tuple(weight.shape)} does not fit "
@@ -99,7 +102,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if targets.device != hidden.device:
         raise ValueError(f"linear_cross_entropy: hidden is on {hidden.device} but targets on "
                          f"{targets.device}; move both to one device")
-    if resolve("linear_cross_entropy", hidden.device) != "triton":
+    if resolve("linear_cross_entropy", hidden.device, CUDA_OPS) != "triton":
         return reference(hidden, weight, targets, bias, ignore_index, reduction, num_items_in_batch,
                          softcap, logit_scale)
     track = torch.is_grad_enabled() and any(

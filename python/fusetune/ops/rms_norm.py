@@ -5,6 +5,7 @@ from fusetune.backend import resolve
 from fusetune.reference.rms_norm import rms_norm as rms_norm_reference
 
 VARIANTS = {"llama": (0.0, True), "gemma": (1.0, False)}  # variant -> (weight offset, cast before w)
+CUDA_OPS = ("rms_norm_fwd", "rms_norm_bwd")  # the torch.ops.fusetune operators of the CUDA path
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, variant: str):
@@ -82,10 +83,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, variant: 
     _check(x, weight, variant)
     backend = resolve("rms_norm", x.device, CUDA_OPS)
     if backend == "triton":
-        return RMSNormFunction.apply(x, weight, eps, variant)
+        return RMSNormFunction.apply(x, weight.contiguous(), eps, variant)
     if backend == "cuda":
         return RMSNormCudaFunction.apply(x, weight, eps, variant)
     return rms_norm_reference(x, weight, eps, variant)
 
-
-CUDA_OPS = ("rms_norm_fwd", "rms_norm_bwd")

@@ -4,7 +4,7 @@ import torch
 from fusetune.backend import resolve
 from fusetune.reference.rope import rope as rope_reference
 
-CUDA_OPS = ()
+CUDA_OPS = ()  # no CUDA C++ implementation yet
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

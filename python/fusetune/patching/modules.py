@@ -11,6 +11,7 @@ so LoRA adapters, quantised linears and a separately patched or unpatched q/k no
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -154,18 +155,19 @@ class FusedCausalLMLoss:
 class FusedCausalLM:
     """The causal-LM forward with the fused linear cross-entropy.
 
-    Given labels, the loss comes straight from the decoder's last hidden states and the lm_head
-    weight (fusetune.linear_cross_entropy): the (tokens x vocab) logits are never held, and
-    outputs.logits is None. Gemma2/3's final_logit_softcapping is applied inside the loss.
-    Without labels, or when the lm_head is not a plain nn.Linear (PEFT adapters or
-    modules_to_save on it), Hugging Face's own forward runs (its loss then goes through
-    FusedCausalLMLoss).
+    When gradients are being recorded and labels are given, the loss comes straight from the
+    decoder's last hidden states and the lm_head weight (fusetune.linear_cross_entropy): the
+    (tokens x vocab) logits are never held, and outputs.logits is None. Gemma2/3's
+    final_logit_softcapping is applied inside the loss. Otherwise (no labels, evaluation under
+    no_grad, where callers want logits for metrics, or an lm_head that is not a plain nn.Linear:
+    PEFT adapters or modules_to_save on it), Hugging Face's own forward runs and its loss goes
+    through FusedCausalLMLoss.
     """
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
         head = self.get_output_embeddings()
-        if labels is None or type(head) is not nn.Linear:
+        if labels is None or not torch.is_grad_enabled() or type(head) is not nn.Linear:
             return super().forward(input_ids=input_ids, attention_mask=attention_mask,
                                    position_ids=position_ids, past_key_values=past_key_values,
                                    inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
@@ -175,18 +177,27 @@ class FusedCausalLM:
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         ignore_index = kwargs.pop("ignore_index", -100)
         shift_labels = kwargs.pop("shift_labels", None)
+        return_dict = kwargs.pop("return_dict", None)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
                              position_ids=position_ids, past_key_values=past_key_values,
-                             inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
-        hidden = outputs.last_hidden_state
+                             inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs)
+        hidden, weight, bias = outputs.last_hidden_state, head.weight, head.bias
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):  # the lm_head would run in the autocast dtype
+            dtype = torch.get_autocast_dtype(device_type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
         if shift_labels is None:
             shift_labels = _shift(labels, ignore_index)
-        loss = linear_cross_entropy(hidden, head.weight.to(hidden.dtype), shift_labels.to(hidden.device),
-                                    head.bias, ignore_index=ignore_index,
-                                    num_items_in_batch=num_items_in_batch,
-                                    softcap=getattr(self.config, "final_logit_softcapping", None))
-        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        with torch.autocast(device_type, enabled=False):
+            loss = linear_cross_entropy(hidden, weight.to(hidden.dtype), shift_labels.to(hidden.device),
+                                        None if bias is None else bias.to(hidden.dtype),
+                                        ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
+                                        softcap=getattr(self.config, "final_logit_softcapping", None))
+        out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                     hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        use_dict = return_dict if return_dict is not None else self.config.return_dict
+        return out if use_dict else out.to_tuple()
 
 
 def _shift(labels, ignore_index):

@@ -33,8 +33,23 @@ def gpus() -> list[dict]:
     return out
 
 
+def backend_report(device: torch.device | str) -> dict[str, str]:
+    """Which backend each op would use on `device` (or why it cannot run) under the current request."""
+    from fusetune.backend import BackendUnavailableError, resolve
+    from fusetune.ops import OPS
+
+    device = torch.device(device)
+    out = {}
+    for op, cuda_ops in OPS.items():
+        try:
+            out[op] = resolve(op, device, cuda_ops)
+        except BackendUnavailableError as err:
+            out[op] = f"unavailable ({err})"
+    return out
+
+
 def probe() -> dict:
-    from fusetune.backend import cuda_extension, get_backend, report
+    from fusetune.backend import cuda_extension, get_backend
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return {
@@ -45,7 +60,7 @@ def probe() -> dict:
         "packages": package_versions(),
         "cuda_extension": "built" if cuda_extension() is not None else "not built",
         "backend_requested": get_backend(),
-        "ops_on_" + device: report(device),
+        "ops_on_" + device: backend_report(device),
     }
 
 
