@@ -5,9 +5,11 @@ from fusetune import backend
 from fusetune.backend import BackendUnavailableError, resolve, use_backend
 
 
-def test_auto_on_cpu_uses_triton_under_the_interpreter():
-    assert backend.triton_interpreting()  # conftest turns it on for CPU runs
+def test_auto_on_cpu_uses_triton_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # what conftest sets on a machine without a GPU
     assert resolve("rms_norm", torch.device("cpu")) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert resolve("rms_norm", torch.device("cpu")) == "torch"
 
 
 def test_explicit_cuda_backend_on_cpu_names_what_is_missing():
