@@ -56,8 +56,11 @@ def run(steps: int = 60, seq_len: int = 128, batch_size: int = 8, lr: float = 3e
     fusetune.patch_model(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    from fusetune.training.env import backend_report
+
     log(f"tiny Llama: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable (LoRA r=16), "
-        f"{dev.type} {str(dtype).removeprefix('torch.')}, batch {batch_size} x {seq_len} bytes")
+        f"{dev.type} {str(dtype).removeprefix('torch.')}, batch {batch_size} x {seq_len} bytes, "
+        f"fused ops on the {backend_report(dev)['rms_norm']} backend")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     batches = byte_batches(bundled_text(), seq_len, batch_size,
                            torch.Generator().manual_seed(seed))
