@@ -43,7 +43,7 @@ def check_against_reference(backend, logits, targets, dtype, inplace_backward=Fa
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("ignore_index", [-100, 0])
 @pytest.mark.parametrize("shape,vocab", SHAPES)

@@ -35,7 +35,7 @@ def _check_against_float64(activation, gate, up, backend, dtype):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_float64_reference(backend, activation, dtype, shape, device, poison):
     # gate spans the activation's curved region and both tails

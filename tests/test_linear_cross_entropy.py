@@ -27,7 +27,7 @@ def _inputs(device, dtype, n=17, hidden=48, vocab=1003, bias=False, ignore_index
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kwargs", [{}, {"reduction": "sum"}, {"softcap": 3.0, "logit_scale": 0.7},
                                     {"num_items_in_batch": 40}, {"bias": True}, {"ignore_index": 0}],
                          ids=["mean", "sum", "softcap-scale", "num-items", "bias", "ignore-0"])

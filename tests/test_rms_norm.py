@@ -10,7 +10,7 @@ SHAPES = [(17, 1000), (2, 17, 64), (3, 5, 4, 128), (1, 1, 4096)]  # 4-D: (b, s, 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("variant", ["llama", "gemma"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_float64_reference(backend, variant, dtype, shape, device, poison):
     n = shape[-1]

@@ -63,7 +63,7 @@ def check_against_reference(qb, kb, cos, sin, outs, grads, transposed, dtype):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", CASES)
 def test_matches_float64_reference(backend, inplace, transposed, dtype, case, device, poison):
     batch, hq, hk, seq, d, rd, form = case
