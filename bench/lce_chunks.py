@@ -11,23 +11,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import do_bench  # noqa: E402
+from bench.kernels import measure  # noqa: E402
 from fusetune.ops import linear_cross_entropy as lce  # noqa: E402
 
 lce_module = sys.modules["fusetune.ops.linear_cross_entropy"]
 TOKENS, VOCAB = 4096, 128256
-
-
-def measure(fn, hidden):
-    def step():
-        fn().backward()
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return do_bench(step, grad_to_none=[hidden]), (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def main():
@@ -36,12 +24,13 @@ def main():
         hidden = torch.randn(TOKENS, hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         weight = torch.randn(VOCAB, hidden_size, device="cuda", dtype=torch.bfloat16) / hidden_size**0.5
         targets = torch.randint(0, VOCAB, (TOKENS,), device="cuda")
-        ms, mb = measure(lambda: F.cross_entropy((hidden @ weight.t()).float(), targets), hidden)
-        print(f"{hidden_size:7d}{'hf eager':>16}{ms:9.3f}{mb:9.0f}")
+        inputs = (hidden, weight, targets)
+        ms, peak, _ = measure(lambda h, w, t: F.cross_entropy((h @ w.t()).float(), t), inputs, "fwd+bwd")
+        print(f"{hidden_size:7d}{'hf eager':>16}{ms:9.3f}{peak / 2**20:9.0f}")
         for chunk_mib in (128, 256, 512, 1024, 2048):
             lce_module.CHUNK_BYTES = chunk_mib << 20
-            ms, mb = measure(lambda: lce(hidden, weight, targets), hidden)
-            print(f"{hidden_size:7d}{f'fusetune {chunk_mib}M':>16}{ms:9.3f}{mb:9.0f}")
+            ms, peak, _ = measure(lce, inputs, "fwd+bwd")
+            print(f"{hidden_size:7d}{f'fusetune {chunk_mib}M':>16}{ms:9.3f}{peak / 2**20:9.0f}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from fusetune import backend, rms_norm, use_backend
 from fusetune.ops.rms_norm import CUDA_OPS
 from fusetune.reference.rms_norm import rms_norm as reference
 from tests.numerics import assert_close, leaf
+from tests.test_rms_norm import check_against_float64
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 KERNELS = sorted(CSRC.glob("*.cu"))
@@ -76,20 +77,7 @@ SHAPES = [(4096, 4096), (17, 1000), (3, 5, 7, 128), (9, 1001), (2, 3, 8192), (4,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_rms_norm_matches_float64_reference(cuda_ext, variant, dtype, shape):
-    n = shape[-1]
-    x = leaf(torch.randn(shape, device="cuda", dtype=dtype) * 3)
-    w = leaf((torch.randn(n, device="cuda") * 0.2 + (0.0 if variant == "gemma" else 1.0)).to(dtype))
-    with use_backend("cuda"):
-        y = rms_norm(x, w, 1e-6, variant)
-    dy = torch.randn_like(y) * 0.5  # grad_output != 1
-    y.backward(dy)
-    x64, w64 = leaf(x.double()), leaf(w.double())
-    y64 = reference(x64, w64, 1e-6, variant)
-    y64.backward(dy.double())
-    assert y.dtype == dtype
-    assert_close(y, y64, dtype, "y")
-    assert_close(x.grad, x64.grad, dtype, "dx")
-    assert_close(w.grad, w64.grad, dtype, "dw")
+    check_against_float64("cuda", variant, dtype, shape, torch.device("cuda"))
 
 
 @pytest.mark.gpu

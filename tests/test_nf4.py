@@ -57,8 +57,9 @@ def test_dequant_bit_exact(backend, shape, blocksize, double_quant, out_dtype, p
 
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_safetensors_both_ways(tmp_path, double_quant):
-    w = torch.randn(40, 128, dtype=torch.bfloat16)  # even rows of a whole number of blocks: bitsandbytes 0.50 CPU dequantisation
-    # mis-blocks even-width rows that are not (compared with its own quantiser)
+    # rows of whole blocks: bitsandbytes 0.50's CPU dequantisation mis-blocks even-width rows
+    # that are not (it disagrees with its own quantiser there)
+    w = torch.randn(40, 128, dtype=torch.bfloat16)
     packed, state = quantize_nf4(w, 64, double_quant)
     # fusetune -> file -> bitsandbytes
     save_file({"weight": packed, **{f"weight.{k}": v for k, v in state_to_dict(state).items()}},
