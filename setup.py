@@ -11,7 +11,7 @@ from setuptools import setup
 
 package_dir = {"fusetune": "python/fusetune", "fusetune.triton_kernels": "triton_kernels"}
 packages = ["fusetune", "fusetune.triton_kernels", "fusetune.reference", "fusetune.ops",
-            "fusetune.patching", "fusetune.training", "fusetune.data"]
+            "fusetune.patching", "fusetune.training", "fusetune.data", "fusetune.quant"]
 
 
 def _cuda_extension():
@@ -51,7 +51,7 @@ setup(
     package_data={"fusetune.data": ["*.txt"]},
     install_requires=["torch>=2.4", "triton>=3.2", "transformers>=5.0", "peft>=0.17", "accelerate",
                       "safetensors", "pyyaml"],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "bitsandbytes>=0.50"]},
     entry_points={"console_scripts": ["fusetune=fusetune.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

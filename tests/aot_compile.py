@@ -89,6 +89,13 @@ def drive_ops():
             targets = torch.randint(0, vocab, (3,))
             for kwargs in ({}, {"softcap": 30.0, "logit_scale": 0.5}, {"reduction": "none"}):
                 ops.cross_entropy(logits, targets, **kwargs).sum().backward()
+            ops.linear_cross_entropy(x, torch.randn(vocab, hidden, dtype=dtype), targets[:1].expand(3)).backward()
+    from fusetune.quant import dequantize_nf4, quantize_nf4
+
+    for double_quant in (False, True):
+        packed, state = quantize_nf4(torch.randn(64, 256), blocksize=64, double_quant=double_quant)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            dequantize_nf4(packed, state, out_dtype=dtype)
 
 
 def main() -> int:

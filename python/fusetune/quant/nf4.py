@@ -1,0 +1,158 @@
+"""NF4 quantiser, state and dequantisation, byte-compatible with bitsandbytes (>= 0.50, CPU path).
+
+quantize_nf4 writes what bitsandbytes.functional.quantize_4bit(w, quant_type="nf4",
+compress_statistics=double_quant) writes on CPU: codes by nearest NF4 value (midpoint ties go
+down), absmax per block, and for double quantisation offset = mean(absmax) with absmax - offset
+quantised in blocks of 256 to the signed 8-bit dynamic map. State dicts use bitsandbytes' keys
+(absmax, quant_map, nested_absmax, nested_quant_map, quant_state.bitsandbytes__nf4, the last a
+uint8 tensor holding JSON), so checkpoints load either way; nothing is pickled.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from fusetune.backend import resolve
+from fusetune.reference import nf4 as _ref
+
+CUDA_OPS: tuple[str, ...] = ()
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+NESTED_BLOCKSIZE = 256
+_STATE_KEY = "quant_state.bitsandbytes__nf4"
+
+
+@dataclass
+class NF4State:
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+    absmax: torch.Tensor            # fp32 per block, or uint8 codes when nested
+    code: torch.Tensor              # the 16 NF4 values (fp32)
+    nested_absmax: torch.Tensor | None = None
+    nested_code: torch.Tensor | None = None
+    offset: torch.Tensor | None = None  # 0-dim fp32
+    nested_blocksize: int = NESTED_BLOCKSIZE
+
+    @property
+    def nested(self) -> bool:
+        return self.nested_absmax is not None
+
+
+def _dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (create_dynamic_map(signed=True)): for exponent i in
+    0..6, the midpoints of 2^i + 1 points evenly spaced over [0.1, 1], scaled by 10^(i - 6), both
+    signs; plus 0 and 1; sorted."""
+    data = []
+    for i in range(7):
+        b = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
+        means = (b[:-1] + b[1:]) / 2.0  # scaled in fp32, as bitsandbytes does
+        data += ((10 ** (i - 6)) * means).tolist() + ((-(10 ** (i - 6))) * means).tolist()
+    return torch.tensor(sorted(data + [0.0, 1.0]), dtype=torch.float32)
+
+
+def _block_scales(x: torch.Tensor, blocksize: int):
+    """bitsandbytes' block normalisation: full blocks multiply by 1/absmax, the short last block
+    divides; absmax of a zero block is 0 (1e-38 in a short last block)."""
+    n = x.numel()
+    full = n - n % blocksize
+    absmax = x[:full].view(-1, blocksize).abs().amax(1)
+    scaled = (x[:full].view(-1, blocksize) * (1.0 / absmax.clamp(min=1e-38))[:, None]).reshape(-1)
+    if n % blocksize:
+        rest = x[full:].abs().amax().clamp(min=1e-38)
+        absmax = torch.cat([absmax, rest[None]])
+        scaled = torch.cat([scaled, x[full:] / rest])
+    return scaled.clamp(-1, 1), absmax
+
+
+def _quantize_absmax(absmax: torch.Tensor):
+    """absmax - mean(absmax) -> uint8 codes into the dynamic map, as bitsandbytes' CPU library
+    does: the value in [-1, 1] picks one of 65536 evenly spaced buckets, trunc((v+1)/2*65535+0.5),
+    whose centre is rounded to the nearest code (ties to the lower one)."""
+    offset = absmax.mean()
+    centred = absmax - offset
+    n = centred.numel()
+    pad = -n % NESTED_BLOCKSIZE
+    blocks = torch.nn.functional.pad(centred, (0, pad)).view(-1, NESTED_BLOCKSIZE)
+    nested_absmax = blocks.abs().amax(1)
+    normed = (blocks / nested_absmax[:, None]).reshape(-1)[:n].clamp(-1, 1)
+    bucket = (((normed + 1) * 0.5) * 65535 + 0.5).to(torch.int64)
+    code = _dynamic_map().to(absmax.device)
+    centre = bucket.double() / 65535 * 2 - 1
+    bounds = (code.double()[:-1] + code.double()[1:]) / 2
+    q = torch.bucketize(centre, bounds).to(torch.uint8)
+    return q, nested_absmax, code, offset
+
+
+def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True):
+    """weight (fp32/bf16/fp16, any shape) -> (packed uint8 of shape (ceil(n/2), 1), NF4State)."""
+    if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"quantize_nf4 takes fp32/bf16/fp16 weights, got {weight.dtype}: cast first")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize {blocksize} is not one bitsandbytes reads; use one of {BLOCKSIZES}")
+    x = weight.detach().reshape(-1).float()
+    scaled, absmax = _block_scales(x, blocksize)
+    code = _ref.nf4_code(x.device)
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    q = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2).to(torch.uint8)
+    packed = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
+    state = NF4State(weight.shape, weight.dtype, blocksize, absmax, code)
+    if double_quant:
+        state.absmax, state.nested_absmax, state.nested_code, state.offset = _quantize_absmax(absmax)
+    return packed, state
+
+
+def dequantize_nf4(packed: torch.Tensor, state: NF4State, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """packed NF4 data -> tensor of state.shape in out_dtype (default state.dtype)."""
+    dtype = out_dtype or state.dtype
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed NF4 data must be uint8, got {packed.dtype} (view it as uint8)")
+    if resolve("nf4_dequant", packed.device, CUDA_OPS) == "triton":
+        from fusetune.triton_kernels.nf4 import nf4_dequant
+
+        out = nf4_dequant(packed.contiguous(), state.absmax, state.code.float(), state.blocksize,
+                          state.shape.numel(), dtype, state.nested_absmax,
+                          None if state.nested_code is None else state.nested_code.float(),
+                          state.offset, state.nested_blocksize)
+        return out.view(state.shape)
+    return _ref.dequantize_nf4(packed, state.absmax, state.blocksize, state.shape, dtype, state.code,
+                               state.nested_absmax, state.nested_code, state.offset,
+                               state.nested_blocksize)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def state_to_dict(state: NF4State) -> dict[str, torch.Tensor]:
+    """bitsandbytes' QuantState.as_dict(packed=True) layout (prefix the keys with "<param>.")."""
+    meta = {"quant_type": "nf4", "blocksize": state.blocksize, "dtype": _dtype_name(state.dtype),
+            "shape": list(state.shape)}
+    out = {"absmax": state.absmax, "quant_map": state.code}
+    if state.nested:
+        meta.update({"nested_blocksize": state.nested_blocksize, "nested_dtype": "float32",
+                     "nested_offset": float(state.offset)})
+        out.update({"nested_absmax": state.nested_absmax, "nested_quant_map": state.nested_code.clone()})
+    out[_STATE_KEY] = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+    return out
+
+
+def state_from_dict(tensors: dict[str, torch.Tensor], device=None) -> NF4State:
+    """Inverse of state_to_dict; keys may carry a "<param>." prefix."""
+    plain = {k.split(".")[-1] if "quant_state" not in k else _STATE_KEY: v for k, v in tensors.items()}
+    if _STATE_KEY not in plain:
+        raise ValueError(f"no {_STATE_KEY} entry: not an NF4 state saved by bitsandbytes or fusetune "
+                         f"(found {sorted(tensors)})")
+    meta = json.loads(bytes(plain[_STATE_KEY].cpu().tolist()).decode("utf-8"))
+    if meta.get("quant_type") != "nf4":
+        raise ValueError(f"quant_type {meta.get('quant_type')!r} is not supported; only nf4")
+    state = NF4State(torch.Size(meta["shape"]), getattr(torch, meta["dtype"]), meta["blocksize"],
+                     plain["absmax"].to(device), plain["quant_map"].to(device))
+    if "nested_absmax" in plain:
+        state.nested_absmax = plain["nested_absmax"].to(device)
+        state.nested_code = plain["nested_quant_map"].to(device)
+        state.offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=device)
+        state.nested_blocksize = meta["nested_blocksize"]
+    return state
