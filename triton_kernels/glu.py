@@ -129,9 +129,12 @@ def glu_fwd(gate2d: torch.Tensor, up2d: torch.Tensor, activation: str) -> torch.
     return y
 
 
-def glu_bwd(dy2d: torch.Tensor, gate2d: torch.Tensor, up2d: torch.Tensor, activation: str):
-    """-> (dgate, dup), contiguous (rows, n) in gate's and up's dtype."""
-    dg = torch.empty(gate2d.shape, dtype=gate2d.dtype, device=gate2d.device)
-    du = torch.empty(up2d.shape, dtype=up2d.dtype, device=up2d.device)
-    _launch(_glu_bwd_kernel, (dy2d, gate2d, up2d, dg, du), activation)
-    return dg, du
+def glu_bwd(dy2d: torch.Tensor, gate2d: torch.Tensor, up2d: torch.Tensor, activation: str,
+            out: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """-> (dgate, dup), contiguous (rows, n) in gate's and up's dtype; or written into `out`, which
+    may be (gate2d, up2d) themselves: each element is read before its own gradient is stored."""
+    if out is None:
+        out = (torch.empty(gate2d.shape, dtype=gate2d.dtype, device=gate2d.device),
+               torch.empty(up2d.shape, dtype=up2d.dtype, device=up2d.device))
+    _launch(_glu_bwd_kernel, (dy2d, gate2d, up2d, *out), activation)
+    return out

@@ -125,11 +125,9 @@ def _glu_forward(g, u, activation, use_triton):
 def _glu_backward_inplace(dh, g, u, activation, use_triton):
     """Writes dg over g and du over u."""
     if use_triton:
-        from fusetune.triton_kernels import glu as kernels
+        from fusetune.triton_kernels.glu import glu_bwd
 
-        # elementwise: each element of g and u is read before its gradient is stored there
-        # TODO(lead): a public out= on glu_bwd would avoid reaching into _launch
-        kernels._launch(kernels._glu_bwd_kernel, (dh, g, u, g, u), activation)
+        glu_bwd(dh, g, u, activation, out=(g, u))
         return
     with torch.enable_grad():
         g_, u_ = g.detach().requires_grad_(), u.detach().requires_grad_()
