@@ -122,10 +122,6 @@ def _patch_loss(hf_model, fused_linear: bool):
     from transformers.loss.loss_utils import LOSS_MAPPING
 
     current = hf_model.__dict__.get("_loss_function")
-    if fused_linear and "_fusetune_original" not in type(hf_model).__dict__ and (
-            current is None or isinstance(current, FusedCausalLMLoss)) and \
-            getattr(hf_model, "loss_type", None) == "ForCausalLM":
-        hf_model.__class__ = fused_class(type(hf_model), FusedCausalLM, (), keep_name=True)
     if isinstance(current, FusedCausalLMLoss):
         return 0, 1, None
     if current is not None and current is not LOSS_MAPPING["ForCausalLM"]:
@@ -133,6 +129,8 @@ def _patch_loss(hf_model, fused_linear: bool):
     if getattr(hf_model, "loss_type", None) != "ForCausalLM":
         return 0, 0, f"{type(hf_model).__name__} computes no causal-LM loss"
     hf_model.loss_function = FusedCausalLMLoss(previous=current)
+    if fused_linear:
+        hf_model.__class__ = fused_class(type(hf_model), FusedCausalLM, (), keep_name=True)
     return 1, 0, None
 
 

@@ -181,17 +181,15 @@ class FusedCausalLM:
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
                              position_ids=position_ids, past_key_values=past_key_values,
                              inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs)
-        hidden, weight, bias = outputs.last_hidden_state, head.weight, head.bias
+        hidden = outputs.last_hidden_state
         device_type = hidden.device.type
-        if torch.is_autocast_enabled(device_type):  # the lm_head would run in the autocast dtype
-            dtype = torch.get_autocast_dtype(device_type)
-            hidden, weight = hidden.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
+        # the lm_head would run in the autocast dtype when autocast is on, else in hidden's
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
         if shift_labels is None:
             shift_labels = _shift(labels, ignore_index)
         with torch.autocast(device_type, enabled=False):
-            loss = linear_cross_entropy(hidden, weight.to(hidden.dtype), shift_labels.to(hidden.device),
-                                        None if bias is None else bias.to(hidden.dtype),
+            loss = linear_cross_entropy(hidden.to(dtype), head.weight.to(dtype), shift_labels.to(hidden.device),
+                                        None if head.bias is None else head.bias.to(dtype),
                                         ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
                                         softcap=getattr(self.config, "final_logit_softcapping", None))
         out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
