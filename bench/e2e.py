@@ -1,12 +1,24 @@
 """End-to-end training benchmark (the protocol of DESIGN.md): the same LoRA loop for each stack,
 each stack in its own process, in one run.
 
-    python bench/e2e.py [--workloads W1,W2] [--stacks hf,fusetune]
+    python bench/e2e.py [--workloads W1,W2,W4,W7] [--stacks hf,fusetune] [--max-seq-cap 131072]
 
 Stacks: hf = Hugging Face + PEFT with SDPA attention; fusetune = the same model after
 fusetune.patch_model. Llama shapes with random bf16 weights built from the config (no downloads);
 LoRA r=16, alpha 16, dropout 0 on q,k,v,o,gate,up,down; random tokens, labels = input_ids;
 gradient checkpointing on; AdamW(fused=True, lr=1e-4); 3 warm-up + 10 timed steps.
+
+Workloads (batch x seq): W1 Llama-3.2-1B LoRA 2x2048; W2 Llama-3.1-8B LoRA 1x2048; W3 8B LoRA
+2x4096; W4 1B QLoRA 2x2048; W5 8B QLoRA 1x2048; W6 8B QLoRA 2x4096; W7 8B QLoRA at batch 1, the
+longest sequence that trains, per stack. QLoRA (W4-W7): the same bf16 model with every decoder
+nn.Linear replaced by a bitsandbytes NF4 Linear4bit (double quantisation, blocksize 64, bf16
+compute), as transformers' BitsAndBytesConfig loading gives; see bench/qlora.py, which also says
+why peft.prepare_model_for_kbit_training is not called. bitsandbytes is needed only there.
+
+W7 is a search, not repeated by --repeat: for each stack, sequence 4096, 8192, 16384, ... (up to
+--max-seq-cap) until a step fails (out of memory); each probe is its own process, 1 warm-up + 2
+timed steps (the second step is the first with the optimizer state, so the peak is reached). It
+costs several 8B set-ups and long steps (minutes at 64k-128k tokens).
 """
 from __future__ import annotations
 
@@ -22,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import environment, matmul_flops, write_results  # noqa: E402
+from bench.qlora import QLoRAUnavailable, weight_numel  # noqa: E402  (imports no bitsandbytes)
 
 MODELS = {
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -31,39 +44,58 @@ MODELS = {
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                          vocab_size=128256, tie_word_embeddings=False, rms_norm_eps=1e-5),
 }
-WORKLOADS = {"W1": ("llama-3.2-1b", 2, 2048), "W2": ("llama-3.1-8b", 1, 2048),
-             "W3": ("llama-3.1-8b", 2, 4096)}
+# name -> (model, batch, seq, QLoRA); W7's seq is searched (SEARCH_START, doubling)
+WORKLOADS = {"W1": ("llama-3.2-1b", 2, 2048, False), "W2": ("llama-3.1-8b", 1, 2048, False),
+             "W3": ("llama-3.1-8b", 2, 4096, False), "W4": ("llama-3.2-1b", 2, 2048, True),
+             "W5": ("llama-3.1-8b", 1, 2048, True), "W6": ("llama-3.1-8b", 2, 4096, True),
+             "W7": ("llama-3.1-8b", 1, None, True)}
+SEARCH = {"W7"}
+SEARCH_START, SEARCH_STEPS = 4096, (1, 2)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WARMUP, TIMED = 3, 10
 
 
 def flops_per_token(model, cfg: dict, seq: int) -> float:
-    """F = 6 N_dec + 4 N_head + 8 N_lora + 8 L S H d_h (see DESIGN.md, Benchmarks)."""
+    """F = 6 N_dec + 4 N_head + 8 N_lora + 8 L S H d_h (see DESIGN.md, Benchmarks).
+
+    N counts weight elements: an NF4 weight (QLoRA) counts as the matrix it stands for, so the same
+    shapes give the same F with and without quantisation."""
     n_dec = n_head = n_lora = 0
     for name, p in model.named_parameters():
         if "lora_" in name:
             n_lora += p.numel()
         elif "lm_head" in name:
-            n_head += p.numel()
+            n_head += weight_numel(p)
         elif ".layers." in name and p.dim() == 2:
-            n_dec += p.numel()
+            n_dec += weight_numel(p)
     if n_head == 0:  # tied embeddings: the head is the embedding matrix
         n_head = cfg["vocab_size"] * cfg["hidden_size"]
     attn = 8 * cfg["num_hidden_layers"] * seq * cfg["num_attention_heads"] * cfg["head_dim"]
     return 6 * n_dec + 4 * n_head + 8 * n_lora + attn
 
 
-def worker(stack: str, workload: str, profile: bool = False) -> dict:
+def worker(stack: str, workload: str, profile: bool = False, seq: int | None = None,
+           steps: tuple[int, int] = (WARMUP, TIMED)) -> dict:
+    name, batch, default_seq, qlora = WORKLOADS[workload]
+    seq = seq or default_seq
+    if seq is None:
+        raise ValueError(f"{workload} needs a sequence length (--seq)")
+    if qlora:
+        from bench.qlora import import_bnb, prepare_qlora
+
+        import_bnb()  # fail before building the model when bitsandbytes is missing
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    name, batch, seq = WORKLOADS[workload]
+    warmup, timed = steps
     cfg = MODELS[name]
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
         model = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="sdpa"))
     torch.set_default_dtype(torch.float32)
+    if qlora:
+        prepare_qlora(model)  # decoder linears -> bitsandbytes NF4 (see bench/qlora.py)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
                                              target_modules=TARGETS, task_type="CAUSAL_LM"))
@@ -74,9 +106,10 @@ def worker(stack: str, workload: str, profile: bool = False) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     gen = torch.Generator(device="cuda").manual_seed(1)
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
-    for _ in range(WARMUP + TIMED):
+    for _ in range(warmup + timed):
         ids = torch.randint(0, cfg["vocab_size"], (batch, seq), device="cuda", generator=gen)
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -86,11 +119,11 @@ def worker(stack: str, workload: str, profile: bool = False) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())  # syncs
         times.append(time.perf_counter() - start)
-    step = statistics.median(times[WARMUP:])
+    step = statistics.median(times[warmup:])
     if profile:
         _profile_one_step(model, optimizer, ids, stack, workload)
-    return dict(stack=stack, workload=workload, model=name, batch=batch, seq=seq,
-                step_s=step, tokens_per_s=batch * seq / step,
+    return dict(stack=stack, workload=workload, model=name, qlora=qlora, batch=batch, seq=seq,
+                warmup=warmup, timed=timed, step_s=step, tokens_per_s=batch * seq / step,
                 peak_bytes=torch.cuda.max_memory_allocated(), first_loss=losses[0],
                 last_loss=losses[-1], flops_per_token=flops_per_token(model, cfg, seq))
 
@@ -113,52 +146,92 @@ def _profile_one_step(model, optimizer, ids, stack, workload):
     print(events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60), file=sys.stderr)
 
 
+def run_worker(stack: str, workload: str, profile: bool = False, seq: int | None = None,
+               steps: tuple[int, int] | None = None) -> dict:
+    """One worker process; its RESULT row, or an error row with the end of its stderr."""
+    cmd = [sys.executable, __file__, "--worker", stack, workload] + (["--profile"] if profile else [])
+    if seq is not None:
+        cmd += ["--seq", str(seq)]
+    if steps is not None:
+        cmd += ["--steps", f"{steps[0]},{steps[1]}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if profile:
+        print(proc.stderr[proc.stderr.find("PROFILE"):])
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if not lines:
+        print(f"{workload} {stack}: worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        return dict(stack=stack, workload=workload, seq=seq, error=proc.stderr[-500:])
+    return json.loads(lines[-1][7:])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workloads", default="W1")
+    parser.add_argument("--workloads", default="W1", help=f"comma-separated, of {','.join(WORKLOADS)}")
     parser.add_argument("--stacks", default="hf,fusetune")
-    parser.add_argument("--profile", action="store_true", help="also profile one step per stack")
+    parser.add_argument("--profile", action="store_true", help="also profile one step per stack (not in W7's search)")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="run the stacks this many times, alternating (timings on a shared host vary)")
+                        help="run the stacks this many times, alternating (timings on a shared host vary); "
+                             "W7's search runs once")
+    parser.add_argument("--max-seq-cap", type=int, default=131072,
+                        help="W7: the longest sequence tried (default 131072, Llama-3.1's context)")
     parser.add_argument("--worker", nargs=2, metavar=("STACK", "WORKLOAD"), help=argparse.SUPPRESS)
+    parser.add_argument("--seq", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
+        stack, workload = args.worker
+        steps = tuple(int(n) for n in args.steps.split(",")) if args.steps else (WARMUP, TIMED)
+        failed = dict(stack=stack, workload=workload, seq=args.seq or WORKLOADS[workload][2])
         try:
-            result = worker(*args.worker, profile=args.profile)
+            result = worker(stack, workload, profile=args.profile, seq=args.seq, steps=steps)
         except torch.cuda.OutOfMemoryError as err:
-            result = dict(stack=args.worker[0], workload=args.worker[1], error=f"OOM: {err}"[:300])
+            result = dict(failed, error=f"OOM: {err}"[:300])
+        except QLoRAUnavailable as err:  # no bitsandbytes: say how to carry it
+            result = dict(failed, error=str(err))
         print("RESULT " + json.dumps(result))
         return
+    workloads = list(dict.fromkeys(args.workloads.split(",")))
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workloads {unknown}; known: {', '.join(WORKLOADS)}")
+    stacks = args.stacks.split(",")
     if not torch.cuda.is_available():
         sys.exit("bench/e2e.py needs a CUDA GPU")
     rate = matmul_flops()
     print(f"bf16 matmul 8192^3: {rate / 1e12:.0f} TFLOP/s")
     rows = []
-    runs = [(w, r) for w in args.workloads.split(",") for r in range(args.repeat)]
+    runs = [(w, r) for w in workloads if w not in SEARCH for r in range(args.repeat)]
     for workload, repeat in runs:
-        for stack in args.stacks.split(","):
-            proc = subprocess.run([sys.executable, __file__, "--worker", stack, workload]
-                                  + (["--profile"] if args.profile else []), capture_output=True, text=True)
-            if args.profile:
-                print(proc.stderr[proc.stderr.find("PROFILE"):])
-            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-            if not lines:
-                print(f"{workload} {stack}: worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-                rows.append(dict(stack=stack, workload=workload, error=proc.stderr[-500:]))
-                continue
-            row = json.loads(lines[-1][7:])
+        for stack in stacks:
+            row = run_worker(stack, workload, args.profile)
             row["repeat"] = repeat
             if "error" not in row:
                 row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / rate
             rows.append(row)
             print(f"{workload} {stack}: {row}")
+    for workload in (w for w in workloads if w in SEARCH):
+        for stack in stacks:
+            seq = SEARCH_START
+            while seq <= args.max_seq_cap:
+                row = run_worker(stack, workload, seq=seq, steps=SEARCH_STEPS)
+                row.update(repeat=0, search=True)
+                if "error" not in row:
+                    row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / rate
+                rows.append(row)
+                print(f"{workload} {stack} seq {seq}: {row}")
+                if "error" in row:
+                    break
+                seq *= 2
     payload = {"environment": environment(), "matmul_flops_per_s": rate, "warmup": WARMUP,
-               "timed": TIMED, "rows": rows}
-    path = write_results("e2e-" + "-".join(dict.fromkeys(args.workloads.split(","))), payload)
-    base = {(r["workload"], r["repeat"]): r for r in rows if r["stack"] == "hf" and "error" not in r}
-    print(f"\n{'wl':<4}{'stack':<10}{'step s':>8}{'tok/s':>9}{'x hf':>6}{'peak GB':>9}{'MFU':>6}"
-          f"{'loss first->last':>20}")
-    for r in rows:
+               "timed": TIMED, "search_start": SEARCH_START, "search_steps": list(SEARCH_STEPS),
+               "max_seq_cap": args.max_seq_cap, "rows": rows}
+    path = write_results("e2e-" + "-".join(workloads), payload)
+    table = [r for r in rows if not r.get("search")]
+    base = {(r["workload"], r["repeat"]): r for r in table if r["stack"] == "hf" and "error" not in r}
+    if table:
+        print(f"\n{'wl':<4}{'stack':<10}{'step s':>8}{'tok/s':>9}{'x hf':>6}{'peak GB':>9}{'MFU':>6}"
+              f"{'loss first->last':>20}")
+    for r in table:
         if "error" in r:
             print(f"{r['workload']:<4}{r['stack']:<10}  {r.get('error', '')[:60]}")
             continue
@@ -167,7 +240,24 @@ def main(argv=None):
         print(f"{r['workload']:<4}{r['stack']:<10}{r['step_s']:8.3f}{r['tokens_per_s']:9.0f}{ratio:6.2f}"
               f"{r['peak_bytes'] / 1e9:9.2f}{100 * r['mfu']:5.0f}%"
               f"{r['first_loss']:10.3f} -> {r['last_loss']:.3f}")
+    for workload, stack, best, failure in search_summary(rows):
+        trained = (f"longest seq {best['seq']}: {best['step_s']:.2f} s/step, {best['tokens_per_s']:.0f} tok/s, "
+                   f"peak {best['peak_bytes'] / 1e9:.2f} GB" if best else "nothing trained")
+        stop = (f"; seq {failure['seq']} failed: {failure['error'][:60]!r}" if failure
+                else f"; the cap {args.max_seq_cap} was reached")
+        print(f"{workload} {stack}: {trained}{stop}")
     print(f"wrote {path}")
+
+
+def search_summary(rows):
+    """(workload, stack, longest row that trained or None, the failed row or None) per searched stack."""
+    out = []
+    for workload, stack in dict.fromkeys((r["workload"], r["stack"]) for r in rows if r.get("search")):
+        mine = [r for r in rows if r.get("search") and r["workload"] == workload and r["stack"] == stack]
+        good = [r for r in mine if "error" not in r]
+        bad = [r for r in mine if "error" in r]
+        out.append((workload, stack, max(good, key=lambda r: r["seq"]) if good else None, bad[0] if bad else None))
+    return out
 
 
 if __name__ == "__main__":

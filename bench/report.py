@@ -63,7 +63,7 @@ def kernel_section(path, data, plt) -> list[str]:
 
 
 def e2e_section(path, data, plt, plot_name) -> list[str]:
-    rows = [r for r in data["rows"] if "error" not in r]
+    rows = [r for r in data["rows"] if "error" not in r and not r.get("search")]
     base = {(r["workload"], r.get("repeat", 0)): r for r in rows if r["stack"] == "hf"}
     lines = [f"## End to end ({path.name})", "", env_line(data["environment"]), "",
              f"bf16 matmul rate measured in the same run: {data['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s; "
@@ -73,15 +73,19 @@ def e2e_section(path, data, plt, plot_name) -> list[str]:
     for r in rows:
         key = (r["workload"], r.get("repeat", 0))
         ratio = r["tokens_per_s"] / base[key]["tokens_per_s"] if key in base else float("nan")
-        lines.append(f"| {r['workload']} ({r['model']}) #{key[1] + 1} | {r['stack']} | {r['batch']} x {r['seq']} | "
+        model = r["model"] + (", QLoRA NF4" if r.get("qlora") else "")
+        lines.append(f"| {r['workload']} ({model}) #{key[1] + 1} | {r['stack']} | {r['batch']} x {r['seq']} | "
                      f"{r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {ratio:.2f} | "
                      f"{r['peak_bytes'] / 1e9:.2f} | {100 * r['mfu']:.0f}% | "
                      f"{r['first_loss']:.3f} -> {r['last_loss']:.3f} |")
     for r in data["rows"]:
-        if "error" in r:
+        if "error" in r and not r.get("search"):
             lines.append(f"| {r['workload']} | {r['stack']} | failed: {r['error'][:80]} | | | | | | |")
+    lines += search_lines(data)
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
     stacks = list(dict.fromkeys(r["stack"] for r in rows))
+    if not rows:
+        return lines
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, label in ((axes[0], "tokens_per_s", "tokens/s (higher is better)"),
                            (axes[1], "peak_bytes", "peak memory, bytes (lower is better)")):
@@ -99,6 +103,31 @@ def e2e_section(path, data, plt, plot_name) -> list[str]:
     return lines
 
 
+def search_lines(data) -> list[str]:
+    """W7: per stack, the longest sequence that trained (batch 1) and what stopped the search."""
+    search = [r for r in data["rows"] if r.get("search")]
+    if not search:
+        return []
+    steps = data.get("search_steps", [1, 2])
+    lines = ["", f"Longest sequence that trains (sequence doubled from {data.get('search_start', 4096)} up to "
+             f"{data.get('max_seq_cap', '?')}; each probe {steps[0]} warm-up + {steps[1]} timed steps):", "",
+             "| workload | stack | longest seq | step s | tokens/s | peak GB | MFU | stopped by |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for key in dict.fromkeys((r["workload"], r["stack"]) for r in search):
+        mine = [r for r in search if (r["workload"], r["stack"]) == key]
+        good = [r for r in mine if "error" not in r]
+        bad = [r for r in mine if "error" in r]
+        stop = (f"seq {bad[0].get('seq')}: {bad[0]['error'].splitlines()[0][:60]}" if bad
+                else "the cap")
+        if good:
+            b = max(good, key=lambda r: r["seq"])
+            lines.append(f"| {key[0]} ({b['model']}, QLoRA NF4) | {key[1]} | {b['seq']:,} | {b['step_s']:.2f} | "
+                         f"{b['tokens_per_s']:,.0f} | {b['peak_bytes'] / 1e9:.2f} | {100 * b['mfu']:.0f}% | {stop} |")
+        else:
+            lines.append(f"| {key[0]} | {key[1]} | none | | | | | {stop} |")
+    return lines
+
+
 def main():
     try:
         import matplotlib
@@ -112,7 +141,7 @@ def main():
     if kernels:
         lines += kernel_section(*kernels[-1], plt)
     for path, data in by_date("e2e"):
-        workloads = dict.fromkeys(r["workload"] for r in data["rows"])
+        workloads = sorted(dict.fromkeys(r["workload"] for r in data["rows"]))
         lines += e2e_section(path, data, plt, f"e2e-{'-'.join(workloads)}.png")
     (HERE / "REPORT.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {HERE / 'REPORT.md'}")

@@ -175,7 +175,7 @@ def test_validation_errors(device):
         lora_mlp(x, gate, up, down, activation="relu")
     with pytest.raises(ValueError, match=r"gate.weight has shape"):
         lora_mlp(torch.randn(4, HIDDEN + 1, device=device), gate, up, down)
-    with pytest.raises(TypeError, match="cast the adapter"):
+    with pytest.raises(TypeError, match="cast the input"):
         lora_mlp(x.double(), gate, up, down)
     bad_b = LoRAProjection(gate.weight, gate.lora_A, gate.lora_B[:, :4], gate.scaling)
     with pytest.raises(ValueError, match="lora_B has shape"):

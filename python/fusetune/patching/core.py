@@ -12,6 +12,7 @@ import functools
 import importlib
 import logging
 
+from fusetune.lora.adapters import lora_report
 from fusetune.patching import gemma, gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3
 from fusetune.patching.modules import (ACTIVATIONS, FusedAttention, FusedCausalLM, FusedCausalLMLoss,
                                        FusedGatedMLP, FusedRMSNorm)
@@ -84,26 +85,26 @@ def _swap(model, original, mixin, options_for):
     return new, already, left
 
 
-def _norm_options(spec, hf_model):
+def _norm_options(spec, hf_model, lora):
     options = (("_fusetune_variant", spec.norm_variant), ("_fusetune_eps_attr", spec.norm_eps))
     return lambda module: options
 
 
-def _mlp_options(spec, hf_model):
+def _mlp_options(spec, hf_model, lora):
     def options_for(module):
         name = getattr(getattr(module, "config", hf_model.config), spec.act_key, None)
         act = ACTIVATIONS.get(name)
         if act is None:
             return f"{spec.act_key} {name!r} has no fused kernel"
-        return (("_fusetune_act", act), ("_fusetune_gate_up", spec.gate_up))
+        return (("_fusetune_act", act), ("_fusetune_gate_up", spec.gate_up), ("_fusetune_lora", lora))
     return options_for
 
 
-def _attention_options(spec, hf_model):
+def _attention_options(spec, hf_model, lora):
     eager = importlib.import_module(spec.modeling).eager_attention_forward
     options = (("_fusetune_qkv", spec.qkv), ("_fusetune_qk_norm", spec.qk_norm),
                ("_fusetune_sliding_window", spec.sliding_window), ("_fusetune_softcap", spec.attn_softcap),
-               ("_fusetune_eager", eager))
+               ("_fusetune_eager", eager), ("_fusetune_lora", lora))
     return lambda module: options
 
 
@@ -135,7 +136,7 @@ def _patch_loss(hf_model, fused_linear: bool):
 
 
 def patch_model(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, cross_entropy: bool = True,
-                fused_linear_cross_entropy: bool = True):
+                fused_linear_cross_entropy: bool = True, lora: bool = True):
     """Swap fused kernels into a supported Hugging Face causal LM, in place; returns the model.
 
     model: a transformers model of a supported family (Llama, Mistral, Qwen2, Qwen3, Gemma,
@@ -151,7 +152,16 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = 
                      (tokens x vocab) logits are held and outputs.logits is None (Gemma2/3's
                      final_logit_softcapping is applied inside). Without it, or where the lm_head
                      carries adapters, HF's forward makes the logits (softcapped once there) and
-                     the fused loss's backward overwrites outputs.logits with d(loss)/d(logits). Prints one line: what was patched, per kind, and why anything was left alone. Patching again
+                     the fused loss's backward overwrites outputs.logits with d(loss)/d(logits).
+      lora           in the patched attention (rope) and MLP (mlp) modules, PEFT LoRA adapters on
+                     nn.Linear or bitsandbytes NF4 Linear4bit run as fused blocks with a
+                     hand-written backward (fusetune.lora): q/k/v (or qkv) as one group, o alone,
+                     gate/up/down (or gate_up/down) with the GLU as one block. Checked at every
+                     forward: adapters added after patching fuse too; disabled or merged adapters,
+                     DoRA and other variants, several active adapters, lora_bias run PEFT's path
+                     (named in the summary line). The LoRA products run in the activations' dtype
+                     (fp32 adapters are cast for them; their gradients come back in fp32).
+    Prints one line: what was patched, per kind, and why anything was left alone. Patching again
     patches only what is not yet patched. unpatch_model restores the model exactly; state_dict
     keys never change. Raises UnsupportedModelError for other families.
     """
@@ -175,7 +185,7 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = 
             if original is None:
                 left.append(f"{kind}: {spec.modeling} has no class {what}")
                 continue
-            new, already, reasons = _swap(model, original, mixin, options_factory(spec, hf_model))
+            new, already, reasons = _swap(model, original, mixin, options_factory(spec, hf_model, lora))
         if new or already:
             detail = [f"{already} already"] if already else []
             if kind == "mlp":
@@ -188,6 +198,14 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = 
         if not (new or already or reasons):
             left.append(f"{kind}: no {what} in the model")
 
+    if lora:
+        fused, reasons = lora_report(model, (FusedAttention, FusedGatedMLP))
+        if fused:
+            done.append(f"lora {fused} projections")
+        for reason, count in reasons.items():
+            left.append(f"lora: {reason} ({count} projections)")
+    else:
+        left.append("lora: switched off")
     name = type(hf_model).__name__ if hf_model is model else f"{type(model).__name__}({type(hf_model).__name__})"
     print(f"fusetune: patched {name} [{spec.name}]: {', '.join(done) or 'nothing'}; "
           f"left alone: {'; '.join(left) or 'nothing'}")

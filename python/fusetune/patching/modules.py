@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fusetune.lora import lora_linear, lora_mlp
+from fusetune.lora.adapters import fused_projections
 from fusetune.ops.cross_entropy import cross_entropy
 from fusetune.ops.glu import geglu, swiglu
 from fusetune.ops.linear_cross_entropy import linear_cross_entropy
@@ -32,6 +34,18 @@ ACTIVATIONS = {
     "gelu": ("geglu", "none"),
     "gelu_python": ("geglu", "none"),
 }
+
+
+def _project(module, names, x):
+    """The outputs of module's projections `names` on x: one fused LoRA group when the module's
+    class option allows it and the projections fuse (fusetune.lora.adapters), else each called."""
+    projections = [getattr(module, name) for name in names]
+    fused = fused_projections(projections, x) if module._fusetune_lora else None
+    if fused is None:
+        return [p(x) for p in projections]
+    specs, dtype = fused
+    with torch.autocast(x.device.type, enabled=False):
+        return list(lora_linear(x.to(dtype), *specs))
 
 
 class FusedRMSNorm:
@@ -54,8 +68,13 @@ class FusedGatedMLP:
 
     _fusetune_act = ("swiglu", None)
     _fusetune_gate_up = None
+    _fusetune_lora = False
 
     def forward(self, hidden_states):
+        if self._fusetune_lora:
+            out = self._fused_lora_forward(hidden_states)
+            if out is not None:
+                return out
         if self._fusetune_gate_up is not None:
             gate, up = getattr(self, self._fusetune_gate_up)(hidden_states).chunk(2, dim=-1)
         else:
@@ -63,6 +82,22 @@ class FusedGatedMLP:
         op, approximate = self._fusetune_act
         act = swiglu(gate, up) if op == "swiglu" else geglu(gate, up, approximate=approximate)
         return self.down_proj(act)
+
+    def _fused_lora_forward(self, x):
+        """The whole block as one fused LoRA MLP (fusetune.lora.mlp), or None where it does not fuse."""
+        upper = (self._fusetune_gate_up,) if self._fusetune_gate_up else ("gate_proj", "up_proj")
+        fused = fused_projections([getattr(self, name) for name in (*upper, "down_proj")], x)
+        if fused is None:
+            return None
+        specs, dtype = fused
+        op, approximate = self._fusetune_act
+        activation = "silu" if op == "swiglu" else ("gelu_tanh" if approximate == "tanh" else "gelu_erf")
+        if len(upper) == 1:
+            upper_specs = dict(gate=None, up=None, gate_up=specs[0])
+        else:
+            upper_specs = dict(gate=specs[0], up=specs[1])
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_mlp(x.to(dtype), down=specs[-1], activation=activation, **upper_specs)
 
 
 class FusedAttention:
@@ -81,6 +116,7 @@ class FusedAttention:
     _fusetune_sliding_window = None
     _fusetune_softcap = False
     _fusetune_eager = None  # staticmethod: the modeling module's eager_attention_forward
+    _fusetune_lora = False
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
                 **kwargs):
@@ -91,10 +127,10 @@ class FusedAttention:
         if self._fusetune_qkv is not None:
             q_size = self.config.num_attention_heads * self.head_dim
             kv_size = self.config.num_key_value_heads * self.head_dim
-            qkv = getattr(self, self._fusetune_qkv)(hidden_states)
+            (qkv,) = _project(self, (self._fusetune_qkv,), hidden_states)
             query, key, value = qkv[..., :q_size], qkv[..., q_size:q_size + kv_size], qkv[..., q_size + kv_size:]
         else:
-            query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+            query, key, value = _project(self, ("q_proj", "k_proj", "v_proj"), hidden_states)
         query, key, value = query.view(hidden_shape), key.view(hidden_shape), value.view(hidden_shape)
         if self._fusetune_qk_norm:
             # normalise before the transpose: rows of head_dim are contiguous there
@@ -120,7 +156,8 @@ class FusedAttention:
             dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs)
 
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(attn_output), attn_weights
+        (out,) = _project(self, ("o_proj",), attn_output)
+        return out, attn_weights
 
 
 class FusedCausalLMLoss:
@@ -159,15 +196,15 @@ class FusedCausalLM:
     decoder's last hidden states and the lm_head weight (fusetune.linear_cross_entropy): the
     (tokens x vocab) logits are never held, and outputs.logits is None. Gemma2/3's
     final_logit_softcapping is applied inside the loss. Otherwise (no labels, evaluation under
-    no_grad, where callers want logits for metrics, or an lm_head that is not a plain nn.Linear:
-    PEFT adapters or modules_to_save on it), Hugging Face's own forward runs and its loss goes
-    through FusedCausalLMLoss.
+    no_grad, where callers want logits for metrics, or an lm_head with LoRA adapters),
+    Hugging Face's own forward runs and its loss goes through FusedCausalLMLoss. An lm_head that
+    PEFT trains in full (modules_to_save) gets its weight gradient from the fused loss.
     """
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-        head = self.get_output_embeddings()
-        if labels is None or not torch.is_grad_enabled() or type(head) is not nn.Linear:
+        head = _plain_head(self.get_output_embeddings())
+        if labels is None or not torch.is_grad_enabled() or head is None:
             return super().forward(input_ids=input_ids, attention_mask=attention_mask,
                                    position_ids=position_ids, past_key_values=past_key_values,
                                    inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
@@ -196,6 +233,18 @@ class FusedCausalLM:
                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
         use_dict = return_dict if return_dict is not None else self.config.return_dict
         return out if use_dict else out.to_tuple()
+
+
+def _plain_head(head):
+    """The nn.Linear that computes the logits: the head itself, or the active trainable copy of a
+    PEFT modules_to_save wrapper (lm_head trained in full); None for anything else (LoRA on it)."""
+    if type(head).__name__ == "ModulesToSaveWrapper":
+        active = [name for name in head.active_adapters if name in head.modules_to_save]
+        if head.disable_adapters or not active:
+            head = head.original_module
+        else:
+            head = head.modules_to_save[active[0]]
+    return head if type(head) is nn.Linear else None
 
 
 def _shift(labels, ignore_index):

@@ -39,6 +39,58 @@ class NF4State:
     def nested(self) -> bool:
         return self.nested_absmax is not None
 
+    @classmethod
+    def from_bitsandbytes(cls, quant_state) -> "NF4State":
+        """The same state, read from a bitsandbytes QuantState (no copies)."""
+        if quant_state.quant_type != "nf4":
+            raise ValueError(f"quant_type {quant_state.quant_type!r} is not supported; only nf4")
+        state = cls(quant_state.shape, quant_state.dtype, quant_state.blocksize, quant_state.absmax,
+                    quant_state.code)
+        if quant_state.nested:
+            nested = quant_state.state2
+            state.nested_absmax, state.nested_code = nested.absmax, nested.code
+            state.offset, state.nested_blocksize = quant_state.offset, nested.blocksize
+        return state
+
+
+@dataclass
+class NF4Weight:
+    """A frozen 4-bit weight of shape state.shape: packed NF4 bytes and their state.
+    dequantize() gives the dense weight; with workspace=True it lands in a buffer reused by every
+    NF4 weight on this device and stream, valid until the next such call (for an immediate matmul)."""
+    packed: torch.Tensor
+    state: NF4State
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.state.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def dequantize(self, dtype: torch.dtype | None = None, workspace: bool = False) -> torch.Tensor:
+        dtype = dtype or self.state.dtype
+        out = _workspace(self.packed.device, dtype, self.state.shape) if workspace else None
+        return dequantize_nf4(self.packed, self.state, dtype, out=out)
+
+
+_WORKSPACES: dict[tuple, torch.Tensor] = {}
+
+
+def _workspace(device: torch.device, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+    """A view of shape `shape` into the dequantisation buffer of (device, current stream, dtype),
+    grown to the largest weight seen. Work queued on one stream runs in order, so a weight
+    dequantised here is consumed by its matmul before the next dequantisation overwrites it."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (device, stream, dtype)
+    numel = shape.numel()
+    buffer = _WORKSPACES.get(key)
+    if buffer is None or buffer.numel() < numel:
+        _WORKSPACES.pop(key, None)
+        buffer = _WORKSPACES[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel].view(shape)
+
 
 def _dynamic_map() -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic map (create_dynamic_map(signed=True)): for exponent i in
@@ -104,22 +156,29 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     return packed, state
 
 
-def dequantize_nf4(packed: torch.Tensor, state: NF4State, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """packed NF4 data -> tensor of state.shape in out_dtype (default state.dtype)."""
+def dequantize_nf4(packed: torch.Tensor, state: NF4State, out_dtype: torch.dtype | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """packed NF4 data -> tensor of state.shape in out_dtype (default state.dtype), written into
+    `out` (contiguous, of that shape and dtype) when given."""
     dtype = out_dtype or state.dtype
     if packed.dtype != torch.uint8:
-        raise ValueError(f"packed NF4 data must be uint8, got {packed.dtype} (view it as uint8)")
+        packed = packed.view(torch.uint8)  # bitsandbytes' quant_storage may be another dtype
+    if out is not None and (out.shape != state.shape or out.dtype != dtype or not out.is_contiguous()):
+        raise ValueError(f"dequantize_nf4: out must be contiguous {tuple(state.shape)} {dtype}, got "
+                         f"{tuple(out.shape)} {out.dtype}")
     if resolve("nf4_dequant", packed.device, CUDA_OPS) == "triton":
         from fusetune.triton_kernels.nf4 import nf4_dequant
 
-        out = nf4_dequant(packed.contiguous(), state.absmax, state.code.float(), state.blocksize,
-                          state.shape.numel(), dtype, state.nested_absmax,
-                          None if state.nested_code is None else state.nested_code.float(),
-                          state.offset, state.nested_blocksize)
-        return out.view(state.shape)
-    return _ref.dequantize_nf4(packed, state.absmax, state.blocksize, state.shape, dtype, state.code,
-                               state.nested_absmax, state.nested_code, state.offset,
-                               state.nested_blocksize)
+        result = nf4_dequant(packed.contiguous(), state.absmax, state.code.float(), state.blocksize,
+                             state.shape.numel(), dtype, state.nested_absmax,
+                             None if state.nested_code is None else state.nested_code.float(),
+                             state.offset, state.nested_blocksize,
+                             out=None if out is None else out.view(-1))
+        return result.view(state.shape)
+    result = _ref.dequantize_nf4(packed, state.absmax, state.blocksize, state.shape, dtype, state.code,
+                                 state.nested_absmax, state.nested_code, state.offset,
+                                 state.nested_blocksize)
+    return result if out is None else out.copy_(result)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

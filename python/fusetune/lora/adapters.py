@@ -1,0 +1,110 @@
+"""Reading PEFT's LoRA layers (on nn.Linear or bitsandbytes Linear4bit) as fused projections.
+
+`projection_of(module)` turns one projection module into a LoRAProjection, or says in words why
+it cannot be fused; the patched attention and MLP forwards call `fused_projections` on every
+forward (adapters may be added, switched, disabled or merged at any time) and run PEFT's own
+path whenever it returns None. `lora_report` gives patch_model's summary of the same decisions.
+"""
+from __future__ import annotations
+
+import collections
+import sys
+
+import torch
+from torch import nn
+
+from fusetune.lora.projection import LoRAProjection
+from fusetune.quant.nf4 import NF4State, NF4Weight
+
+
+def _lora_layer_type():
+    peft = sys.modules.get("peft")  # a model can only hold PEFT layers if PEFT was imported
+    if peft is None:
+        return None
+    from peft.tuners.lora import LoraLayer
+
+    return LoraLayer
+
+
+def _base_weight(base: nn.Module):
+    """The frozen weight of a base layer (dense or NF4Weight), or why there is none."""
+    if type(base) is nn.Linear:
+        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return "a base weight trains (full fine-tuning)"
+        return base.weight
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is not None and isinstance(base, bnb.nn.Linear4bit):
+        state = getattr(base.weight, "quant_state", None)
+        if state is None or state.quant_type != "nf4":
+            return f"4-bit quant_type {getattr(state, 'quant_type', None)!r} (only nf4 is fused)"
+        return NF4Weight(base.weight.data, NF4State.from_bitsandbytes(state))
+    return f"base layer {type(base).__name__} (fused: nn.Linear, bitsandbytes Linear4bit nf4)"
+
+
+def projection_of(module: nn.Module) -> LoRAProjection | str:
+    """The projection `module` computes, with its active LoRA adapter if any, or why it runs unfused."""
+    lora_layer = _lora_layer_type()
+    if lora_layer is None or not isinstance(module, lora_layer):
+        weight = _base_weight(module)
+        if isinstance(weight, str):
+            return weight
+        return LoRAProjection(weight, bias=module.bias)
+    if module.disable_adapters or module.merged:
+        return "adapters disabled or merged"
+    active = [name for name in module.active_adapters if name in module.lora_A]
+    if len(active) > 1:
+        return "several active adapters"
+    weight = _base_weight(module.get_base_layer())
+    if isinstance(weight, str):
+        return weight
+    bias = module.get_base_layer().bias
+    if not active:
+        return LoRAProjection(weight, bias=bias)
+    name = active[0]
+    if name in module.lora_variant:
+        return f"{type(module.lora_variant[name]).__name__.removesuffix('LinearVariant') or 'variant'} adapters"
+    if getattr(module, "fan_in_fan_out", False):
+        return "fan_in_fan_out"
+    lora_a, lora_b = module.lora_A[name], module.lora_B[name]
+    if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_b.bias is not None:
+        return "lora_bias" if lora_b.bias is not None else f"lora_A of type {type(lora_a).__name__}"
+    dropout = module.lora_dropout[name]
+    if isinstance(dropout, nn.Dropout):
+        p = dropout.p if dropout.training else 0.0
+    elif isinstance(dropout, nn.Identity):
+        p = 0.0
+    else:
+        return f"lora_dropout of type {type(dropout).__name__}"
+    return LoRAProjection(weight, lora_a.weight, lora_b.weight, float(module.scaling[name]), bias, p)
+
+
+def fused_projections(modules, x: torch.Tensor):
+    """(projections, compute dtype) for modules that all fuse and of which one carries an adapter,
+    else None. Under autocast the block computes in the autocast dtype, as the linears would."""
+    projections = [projection_of(m) for m in modules]
+    if any(isinstance(p, str) for p in projections) or all(p.lora_A is None for p in projections):
+        return None
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    if any(isinstance(p.weight, torch.Tensor) and p.weight.dtype != dtype for p in projections):
+        return None
+    return projections, dtype
+
+
+def lora_report(model: nn.Module, fused_parents: tuple[type, ...]):
+    """(number of LoRA layers that fuse, Counter of reasons for those that do not)."""
+    lora_layer = _lora_layer_type()
+    fused, left = 0, collections.Counter()
+    if lora_layer is None:
+        return fused, left
+    for parent in model.modules():
+        inside = isinstance(parent, fused_parents)
+        for name, child in parent.named_children():
+            if not isinstance(child, lora_layer):
+                continue
+            p = projection_of(child) if inside else f"{name}: outside attention/MLP, PEFT's path"
+            if isinstance(p, str):
+                left[p] += 1
+            else:
+                fused += 1
+    return fused, left

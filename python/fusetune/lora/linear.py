@@ -1,0 +1,66 @@
+"""Fused LoRA linear group: projections that share one input (q, k, v; Phi-3's qkv_proj; o_proj
+alone), each `x W^T + b + s * (drop(x) A^T) B^T` (see fusetune.lora.projection for the formulas).
+
+Saved for backward: the input once, the (N, r) products drop(x) A^T and the dropout masks; PEFT
+saves the input once per adapter (and the dropped input per adapter when dropout is on). A 4-bit
+(NF4) base weight is dequantised into a shared per-device buffer for each matmul that needs it
+(forward, and the input gradient in backward), or, for at most 16 rows, multiplied by the fused
+dequantise-GEMV kernel without ever being written out in bf16.
+"""
+from __future__ import annotations
+
+import torch
+
+from fusetune.lora.projection import (Adapters, LoRAProjection, cast_lora, check_projection, draw_mask,
+                                      group_backward, group_forward, lora_grads_out, lora_params)
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """Inputs: the Adapters constants, x (N, in), then (lora_A, lora_B) of every projection (None
+    for a projection without adapter). Outputs: one (N, out_i) tensor per projection."""
+
+    @staticmethod
+    def forward(ctx, adapters, x, *params):
+        lora = cast_lora(params, x.dtype)
+        outs, xas = group_forward(x, adapters, lora)
+        ctx.save_for_backward(x, *[t for t in xas if t is not None], *[t for t in params if t is not None])
+        ctx.adapters = adapters
+        ctx.has_adapter = [a is not None for a in params[0::2]]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        saved = list(ctx.saved_tensors)
+        x = saved.pop(0)
+        n = sum(ctx.has_adapter)
+        xa_saved, param_saved = saved[:n], saved[n:]
+        xas, params = [], []
+        for has in ctx.has_adapter:
+            xas.append(xa_saved.pop(0) if has else None)
+            params += [param_saved.pop(0), param_saved.pop(0)] if has else [None, None]
+        dys = [torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device) if dy is None
+               else dy.contiguous() for dy, w in zip(dys, ctx.adapters.weights)]
+        needs = [ctx.needs_input_grad[2 + 2 * i:4 + 2 * i] for i in range(len(dys))]
+        dx, grads = group_backward(dys, x, xas, ctx.adapters, cast_lora(params, x.dtype), needs,
+                                   ctx.needs_input_grad[1])
+        return (None, dx, *lora_grads_out(grads, params))
+
+
+def lora_linear(x: torch.Tensor, *projections: LoRAProjection) -> tuple[torch.Tensor, ...]:
+    """Every projection of x (..., in) with its LoRA adapter, as PEFT computes it; returns one
+    tensor (..., out_i) per projection. Differentiable in x and every lora_A / lora_B; base weights
+    (dense in x's dtype, or NF4Weight) and biases must be frozen. Dropout (per projection, p < 1)
+    is active whenever p > 0: pass p = 0 in eval mode."""
+    if not projections:
+        raise ValueError("lora_linear: give at least one projection")
+    if not x.is_floating_point() or x.dim() < 1:
+        raise TypeError(f"lora_linear: x must be a floating tensor (..., in), got {x.dtype} with shape "
+                        f"{tuple(x.shape)}")
+    hidden = x.shape[-1]
+    for i, p in enumerate(projections):
+        check_projection(f"lora_linear: projection {i}", p, x, hidden)
+    x2d = x.reshape(-1, hidden).contiguous()
+    masks = [draw_mask(f"lora_linear: projection {i}", p, x2d.shape[0], hidden, x2d)
+             for i, p in enumerate(projections)]
+    outs = LoRALinearFunction.apply(Adapters(projections, masks), x2d, *lora_params(projections))
+    return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
