@@ -17,6 +17,9 @@ from fusetune.lora.projection import LoRAProjection
 from fusetune.quant.nf4 import NF4State, NF4Weight
 
 
+_VARIANT_NAMES = {"Dora": "DoRA", "ALora": "aLoRA"}  # PEFT's LoRA variant classes, as papers name them
+
+
 def _lora_layer_type():
     peft = sys.modules.get("peft")  # a model can only hold PEFT layers if PEFT was imported
     if peft is None:
@@ -62,7 +65,8 @@ def projection_of(module: nn.Module) -> LoRAProjection | str:
         return LoRAProjection(weight, bias=bias)
     name = active[0]
     if name in module.lora_variant:
-        return f"{type(module.lora_variant[name]).__name__.removesuffix('LinearVariant') or 'variant'} adapters"
+        variant = type(module.lora_variant[name]).__name__.removesuffix("LinearVariant")
+        return f"{_VARIANT_NAMES.get(variant, variant)} adapters"
     if getattr(module, "fan_in_fan_out", False):
         return "fan_in_fan_out"
     lora_a, lora_b = module.lora_A[name], module.lora_B[name]

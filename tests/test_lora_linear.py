@@ -1,0 +1,210 @@
+"""Fused LoRA projection groups (lora_linear) and the fused gate_up MLP, against PEFT's own layers;
+4-bit (NF4) base weights; adapters kept in fp32 under bf16 activations.
+
+The reference is PEFT's lora.Linear evaluated in float64 on the same (rounded or dequantised)
+weights, with the dropout masks the fused op was given (see tests/test_lora_mlp.py for why).
+"""
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from fusetune.lora import LoRAProjection, lora_linear, lora_mlp
+from fusetune.quant.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+from tests.numerics import assert_close, leaf
+from tests.test_lora_mlp import SCALE, _FixedMask
+
+IN, OUTS = 64, {"q": 48, "k": 16, "v": 16}
+CONFIGS = {
+    "plain": dict(lora=dict(r=8, lora_alpha=16, target_modules=["q", "k", "v"]), bias=False, dropout=0.0),
+    # per-module r / alpha, rsLoRA, biases, dropout, and k without an adapter (only q and v targeted)
+    "mixed": dict(lora=dict(r=8, lora_alpha=16, rank_pattern={"v": 4}, alpha_pattern={"q": 5}, use_rslora=True,
+                            target_modules=["q", "v"]), bias=True, dropout=0.25),
+}
+
+
+class Projections(nn.Module):
+    def __init__(self, bias):
+        super().__init__()
+        for name, out in OUTS.items():
+            setattr(self, name, nn.Linear(IN, out, bias=bias))
+
+
+def _peft(config):
+    return get_peft_model(Projections(config["bias"]), LoraConfig(
+        lora_dropout=config["dropout"], init_lora_weights=False, **config["lora"])).train()
+
+
+def _layer(model, name):
+    return getattr(model.base_model.model, name)
+
+
+def _spec(layer, dtype, mask, adapter_dtype=None, weight=None):
+    """LoRAProjection of a PEFT layer (or a plain Linear), weights in dtype, A/B as fresh leaves."""
+    base = getattr(layer, "base_layer", layer)
+    spec = LoRAProjection(weight if weight is not None else base.weight.detach().to(dtype),
+                          bias=None if base.bias is None else base.bias.detach().to(dtype))
+    if hasattr(layer, "lora_A"):
+        spec.lora_A = leaf(layer.lora_A["default"].weight.to(adapter_dtype or dtype))
+        spec.lora_B = leaf(layer.lora_B["default"].weight.to(adapter_dtype or dtype))
+        spec.scaling = layer.scaling["default"]
+        spec.dropout = getattr(layer.lora_dropout["default"], "p", 0.0)
+        spec.dropout_mask = mask if spec.dropout else None
+    return spec
+
+
+def _reference(layers, specs, x, dys):
+    """PEFT's layers in float64 on the specs' values: (outputs, dx, [dA, dB of every adapter])."""
+    x64 = leaf(x.double())
+    outs, params = [], []
+    for layer, spec in zip(layers, specs):
+        ref = copy.deepcopy(layer).double()
+        base = getattr(ref, "base_layer", ref)
+        base.weight.data.copy_(spec.weight if isinstance(spec.weight, torch.Tensor)
+                               else dequantize_nf4(spec.weight.packed, spec.weight.state, torch.float64))
+        if spec.bias is not None:
+            base.bias.data.copy_(spec.bias)
+        if spec.lora_A is not None:
+            ref.lora_A["default"].weight.data.copy_(spec.lora_A)
+            ref.lora_B["default"].weight.data.copy_(spec.lora_B)
+            params += [ref.lora_A["default"].weight, ref.lora_B["default"].weight]
+            if spec.dropout_mask is not None:
+                ref.lora_dropout["default"] = _FixedMask(spec.dropout_mask, spec.dropout)
+        outs.append(ref(x64))
+    grads = torch.autograd.grad(outs, [x64, *params], [dy.double() for dy in dys])
+    return outs, grads[0], grads[1:]
+
+
+def _check_group(config, dtype, device, adapter_dtype=None, nf4=False, scale=None):
+    model = _peft(CONFIGS[config]).to(device)
+    layers = [_layer(model, name) for name in OUTS]
+    x = leaf(torch.randn(2, 9, IN, device=device).to(dtype))
+    mask = torch.rand(x.shape, device=device) >= CONFIGS[config]["dropout"]
+    specs = []
+    for layer in layers:
+        weight = None
+        if nf4:
+            packed, state = quantize_nf4(getattr(layer, "base_layer", layer).weight.detach(), blocksize=64)
+            weight = NF4Weight(packed, state)
+        specs.append(_spec(layer, dtype, mask, adapter_dtype, weight))
+    outs = lora_linear(x, *specs)
+    dys = [torch.randn_like(y) * 0.5 for y in outs]
+    lora = [t for s in specs if s.lora_A is not None for t in (s.lora_A, s.lora_B)]
+    dx, *grads = torch.autograd.grad(outs, [x, *lora], dys)
+    ref_outs, ref_dx, ref_grads = _reference(layers, specs, x, dys)
+    scale = scale or SCALE[dtype]
+    for i, (y, want) in enumerate(zip(outs, ref_outs)):
+        assert y.dtype == dtype and y.shape == want.shape
+        assert_close(y, want, dtype, f"y{i}", scale)
+    assert_close(dx, ref_dx, dtype, "dx", scale)
+    for i, (got, want) in enumerate(zip(grads, ref_grads)):
+        assert got.dtype == (adapter_dtype or dtype)
+        assert_close(got, want, dtype, f"d lora {i}", scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_group_matches_peft(config, dtype, device):
+    _check_group(config, dtype, device)
+
+
+def test_fp32_adapters_under_bf16_activations(device):
+    """PEFT's default: fp32 A/B, bf16 base. The products run in bf16, the gradients come back fp32."""
+    _check_group("mixed", torch.bfloat16, device, adapter_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_on_nf4_weights(dtype, device):
+    """4-bit base weights: the same as PEFT on the dequantised weight."""
+    _check_group("mixed", dtype, device, nf4=True)
+
+
+def test_single_projection_and_unused_output(device):
+    """o_proj alone; a group whose second output gets no gradient."""
+    model = _peft(CONFIGS["plain"]).to(device)
+    q, k = (_spec(_layer(model, name), torch.float32, None) for name in ("q", "k"))
+    x = leaf(torch.randn(5, IN, device=device))
+    (y,) = lora_linear(x, q)
+    y2, _ = lora_linear(x, q, k)
+    dx1, = torch.autograd.grad(y.sum(), x)
+    dx2, = torch.autograd.grad(y2.sum(), x)
+    torch.testing.assert_close(dx1, dx2)
+
+
+def test_group_validation(device):
+    model = _peft(CONFIGS["plain"]).to(device)
+    q = _spec(_layer(model, "q"), torch.float32, None)
+    x = torch.randn(4, IN, device=device)
+    with pytest.raises(ValueError, match="at least one"):
+        lora_linear(x)
+    with pytest.raises(ValueError, match="weight has shape"):
+        lora_linear(torch.randn(4, IN + 1, device=device), q)
+    with pytest.raises(ValueError, match="both lora_A and lora_B"):
+        lora_linear(x, LoRAProjection(q.weight, q.lora_A))
+    with pytest.raises(TypeError, match="NF4Weight"):
+        lora_linear(x, LoRAProjection(q.weight.numpy()))
+
+
+# ---- the MLP block with a fused gate_up projection (Phi-3) and with NF4 weights ----------------
+
+HIDDEN, INTER = 64, 48
+
+
+class GateUpMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(HIDDEN, 2 * INTER, bias=False)
+        self.down_proj = nn.Linear(INTER, HIDDEN, bias=False)
+
+    def forward(self, x):
+        g, u = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(nn.functional.silu(g) * u)
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_up_mlp_matches_peft(dtype, nf4, device):
+    model = get_peft_model(GateUpMLP(), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, init_lora_weights=False,
+                                                   target_modules=["gate_up_proj", "down_proj"])).train()
+    model = model.to(device)
+    x = leaf(torch.randn(3, 7, HIDDEN, device=device).to(dtype))
+    masks = [torch.rand(x.shape, device=device) >= 0.1, torch.rand(3, 7, INTER, device=device) >= 0.1]
+    layers = [_layer(model, "gate_up_proj"), _layer(model, "down_proj")]
+    specs = []
+    for layer, mask in zip(layers, masks):
+        weight = NF4Weight(*quantize_nf4(layer.base_layer.weight.detach())) if nf4 else None
+        specs.append(_spec(layer, dtype, mask, weight=weight))
+    y = lora_mlp(x, None, None, specs[1], gate_up=specs[0])
+    dy = torch.randn_like(y)
+    lora = [t for s in specs for t in (s.lora_A, s.lora_B)]
+    dx, *grads = torch.autograd.grad(y, [x, *lora], dy)
+
+    ref = copy.deepcopy(model).double()
+    for layer, spec, mask in zip([_layer(ref, "gate_up_proj"), _layer(ref, "down_proj")], specs, masks):
+        w = spec.weight if not nf4 else dequantize_nf4(spec.weight.packed, spec.weight.state, torch.float64)
+        layer.base_layer.weight.data.copy_(w)
+        layer.lora_A["default"].weight.data.copy_(spec.lora_A)
+        layer.lora_B["default"].weight.data.copy_(spec.lora_B)
+        layer.lora_dropout["default"] = _FixedMask(mask, 0.1)
+    x64 = leaf(x.double())
+    y64 = ref(x64)
+    ref_params = [t for layer in (_layer(ref, "gate_up_proj"), _layer(ref, "down_proj"))
+                  for t in (layer.lora_A["default"].weight, layer.lora_B["default"].weight)]
+    dx64, *grads64 = torch.autograd.grad(y64, [x64, *ref_params], dy.double())
+    assert_close(y, y64, dtype, "y", SCALE[dtype])
+    assert_close(dx, dx64, dtype, "dx", SCALE[dtype])
+    for i, (got, want) in enumerate(zip(grads, grads64)):
+        assert_close(got, want, dtype, f"d lora {i}", SCALE[dtype])
+
+
+def test_mlp_argument_errors(device):
+    model = get_peft_model(GateUpMLP(), LoraConfig(r=4, target_modules=["gate_up_proj", "down_proj"]))
+    gate_up, down = (_spec(_layer(model, n), torch.float32, None) for n in ("gate_up_proj", "down_proj"))
+    x = torch.randn(2, HIDDEN)
+    with pytest.raises(ValueError, match="gate and up, or gate_up alone"):
+        lora_mlp(x, gate_up, None, down)
+    odd = LoRAProjection(gate_up.weight[:-1], gate_up.lora_A, gate_up.lora_B[:-1], 1.0)
+    with pytest.raises(ValueError, match="even number"):
+        lora_mlp(x, None, None, down, gate_up=odd)
