@@ -208,3 +208,80 @@ def test_mlp_argument_errors(device):
     odd = LoRAProjection(gate_up.weight[:-1], gate_up.lora_A, gate_up.lora_B[:-1], 1.0)
     with pytest.raises(ValueError, match="even number"):
         lora_mlp(x, None, None, down, gate_up=odd)
+
+
+# ---- GPU tier: Llama-3.1-8B shapes in bf16 ---------------------------------------------------
+
+def _truth(x, spec):
+    """float64 x W^T + b + s (x A^T) B^T (no dropout)."""
+    w = spec.weight if isinstance(spec.weight, torch.Tensor) else dequantize_nf4(
+        spec.weight.packed, spec.weight.state, torch.float32)
+    y = x.double() @ w.double().t()
+    if spec.lora_A is not None:
+        y += spec.scaling * (x.double() @ spec.lora_A.double().t()) @ spec.lora_B.double().t()
+    return y
+
+
+def _peft_like(x, spec):
+    """What PEFT computes in bf16 with bf16 adapters: base(x) + B(A(x)) * s."""
+    w = spec.weight if isinstance(spec.weight, torch.Tensor) else dequantize_nf4(
+        spec.weight.packed, spec.weight.state, x.dtype)
+    return nn.functional.linear(x, w) + nn.functional.linear(nn.functional.linear(x, spec.lora_A),
+                                                             spec.lora_B) * spec.scaling
+
+
+def _real_spec(out, inp, nf4, r=16):
+    w = torch.randn(out, inp, device="cuda", dtype=torch.bfloat16) / inp ** 0.5
+    weight = NF4Weight(*quantize_nf4(w)) if nf4 else w
+    return LoRAProjection(weight, leaf(torch.randn(r, inp, device="cuda") / inp ** 0.5),
+                          leaf(torch.randn(out, r, device="cuda") / r ** 0.5), scaling=1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nf4", [False, True], ids=["bf16", "nf4"])
+def test_llama8b_shapes_bf16_gpu(nf4):
+    """q/k/v group, o alone and the MLP block at hidden 4096, 32/8 heads of 128, intermediate
+    14336, 4096 tokens, r=16 with fp32 adapters (PEFT's default): forward and gradients within 2x
+    the error of PEFT's own bf16 computation (or the bf16 table entry) against float64."""
+    h, inter, kv = 4096, 14336, 1024
+    x = leaf(torch.randn(4096, h, device="cuda", dtype=torch.bfloat16))
+    q, k, v = _real_spec(h, h, nf4), _real_spec(kv, h, nf4), _real_spec(kv, h, nf4)
+    outs = lora_linear(x, q, k, v)
+    dys = [torch.randn_like(y) for y in outs]
+    dx, *grads = torch.autograd.grad(outs, [x, q.lora_A, q.lora_B, v.lora_A, v.lora_B], dys)
+    for y, spec in zip(outs, (q, k, v)):
+        truth = _truth(x, spec)
+        peft_err = (_peft_like(x, _bf16_adapters(spec)).double() - truth).norm() / truth.norm()
+        assert_close(y, truth, torch.bfloat16, "y", max(1.0, 2 * peft_err.item() / 1e-2))
+    x64 = leaf(x.detach().double())
+    specs64 = [_spec64(s) for s in (q, k, v)]
+    ref = [_truth(x64, s64) for s64 in specs64]
+    want = torch.autograd.grad(ref, [x64, specs64[0].lora_A, specs64[0].lora_B, specs64[2].lora_A,
+                                     specs64[2].lora_B], [dy.double() for dy in dys])
+    for got, w_, name in zip([dx, *grads], want, ["dx", "dA_q", "dB_q", "dA_v", "dB_v"]):
+        assert_close(got, w_, torch.bfloat16, name)
+
+    gate, up, down = _real_spec(inter, h, nf4), _real_spec(inter, h, nf4), _real_spec(h, inter, nf4)
+    y = lora_mlp(x, gate, up, down)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, gate.lora_A, up.lora_B, down.lora_A, down.lora_B], dy)
+    gate64, up64, down64 = _spec64(gate), _spec64(up), _spec64(down)
+    y64 = _truth(nn.functional.silu(_truth(x64, gate64)) * _truth(x64, up64), down64)
+    # five bf16 roundings in a row (g, u, h, the LoRA products, y): twice the one-rounding entry
+    assert_close(y, y64, torch.bfloat16, "mlp y", 2.0)
+    want = torch.autograd.grad(y64, [x64, gate64.lora_A, up64.lora_B, down64.lora_A, down64.lora_B], dy.double())
+    for g_, w_, name in zip(got, want, ["dx", "dA_gate", "dB_up", "dA_down", "dB_down"]):
+        assert_close(g_, w_, torch.bfloat16, f"mlp {name}", 2.0)
+
+
+def _spec64(spec):
+    """The same projection in float64 with leaf adapters (the base weight dequantised if 4-bit)."""
+    w = spec.weight if isinstance(spec.weight, torch.Tensor) else dequantize_nf4(
+        spec.weight.packed, spec.weight.state, torch.float32)
+    return LoRAProjection(w.double(), leaf(spec.lora_A.detach().double()), leaf(spec.lora_B.detach().double()),
+                          spec.scaling)
+
+
+def _bf16_adapters(spec):
+    return LoRAProjection(spec.weight, spec.lora_A.detach().bfloat16(), spec.lora_B.detach().bfloat16(),
+                          spec.scaling)
