@@ -1,6 +1,7 @@
 """NF4 dequantisation speed at a Llama-3.1-8B MLP weight (14336 x 4096 -> bf16), plain and
-double-quantised: median ms (do_bench) and bandwidth (4-bit data + absmax read, bf16 written)
-as a fraction of the measured copy bandwidth.
+double-quantised, fusetune's kernel beside bitsandbytes' dequantize_4bit (when importable) on the
+same data: median ms (do_bench) and bandwidth (4-bit data + absmax read, bf16 written) as a
+fraction of the measured copy bandwidth; then a sweep of the kernel's tile size and warps.
 
     python bench/nf4_dequant.py
 """
@@ -13,6 +14,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import copy_bandwidth, do_bench  # noqa: E402
 from fusetune import use_backend  # noqa: E402
 from fusetune.quant import dequantize_nf4, quantize_nf4  # noqa: E402
+from fusetune.triton_kernels import nf4 as kernels  # noqa: E402
+
+
+def _bnb_dequant(weight, double_quant):
+    try:
+        import bitsandbytes.functional as F
+    except ImportError:
+        return None
+    packed, state = F.quantize_4bit(weight, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+    return lambda: F.dequantize_4bit(packed, state)
 
 
 def main():
@@ -22,10 +33,23 @@ def main():
         packed, state = quantize_nf4(weight, 64, double_quant)
         stats = sum(t.nbytes for t in (state.absmax, state.nested_absmax) if t is not None)
         nbytes = packed.nbytes + stats + weight.nbytes
-        with use_backend("triton"):
-            ms = do_bench(lambda: dequantize_nf4(packed, state))
-        print(f"nf4 dequant 14336x4096 double_quant={double_quant}: {ms:.4f} ms, "
-              f"{nbytes / ms / 1e6:.0f} GB/s, {100 * nbytes / (ms * 1e-3) / bandwidth:.0f}% of copy")
+        out = torch.empty_like(weight)
+        cases = {"fusetune": lambda: dequantize_nf4(packed, state, out=out)}
+        bnb = _bnb_dequant(weight, double_quant)
+        if bnb is not None:
+            cases["bitsandbytes"] = bnb
+        for name, fn in cases.items():
+            with use_backend("triton"):
+                ms = do_bench(fn)
+            print(f"nf4 dequant 14336x4096 double_quant={double_quant} {name:>12}: {ms:.4f} ms, "
+                  f"{nbytes / ms / 1e6:.0f} GB/s, {100 * nbytes / (ms * 1e-3) / bandwidth:.0f}% of copy")
+        sweep = []
+        for block_bytes in (512, 1024, 2048, 4096):
+            for warps in (2, 4, 8):
+                kernels.BLOCK_BYTES, kernels.NUM_WARPS = block_bytes, warps
+                with use_backend("triton"):
+                    sweep.append((do_bench(lambda: dequantize_nf4(packed, state, out=out)), block_bytes, warps))
+        print("  sweep (ms, BLOCK_BYTES, warps), best first:", sorted(sweep)[:5])
 
 
 if __name__ == "__main__":

@@ -96,6 +96,17 @@ def drive_ops():
         packed, state = quantize_nf4(torch.randn(64, 256), blocksize=64, double_quant=double_quant)
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             dequantize_nf4(packed, state, out_dtype=dtype)
+    from fusetune.triton_kernels.nf4_gemv import nf4_gemv
+
+    # the fused NF4 matmul at the 8B MLP shapes, plain and double-quantised (uninitialised data is
+    # fine: nothing runs), with the configs the heuristic picks for an H100
+    for n, k in ((14336, 4096), (4096, 14336)):
+        packed, blocks = torch.empty(n * k // 2, dtype=torch.uint8), n * k // 64
+        nested = (torch.empty(-(-blocks // 256)), torch.empty(256), torch.empty(1))
+        for m, dtype in ((1, torch.bfloat16), (16, torch.bfloat16), (4, torch.float16), (4, torch.float32)):
+            x, code = torch.empty(m, k, dtype=dtype), torch.empty(16)
+            nf4_gemv(x, packed, torch.empty(blocks), code, 64, n, k)
+            nf4_gemv(x, packed, torch.empty(blocks, dtype=torch.uint8), code, 64, n, k, *nested)
 
 
 def main() -> int:

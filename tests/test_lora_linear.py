@@ -253,6 +253,10 @@ def test_llama8b_shapes_bf16_gpu(nf4):
         truth = _truth(x, spec)
         peft_err = (_peft_like(x, _bf16_adapters(spec)).double() - truth).norm() / truth.norm()
         assert_close(y, truth, torch.bfloat16, "y", max(1.0, 2 * peft_err.item() / 1e-2))
+    # a few rows (decoding): a 4-bit base weight goes through the fused dequantise-GEMV kernel
+    with torch.no_grad():
+        (few,) = lora_linear(x[:8], q)
+    assert_close(few, _truth(x[:8], q), torch.bfloat16, "y (8 rows)", 2.0)
     x64 = leaf(x.detach().double())
     specs64 = [_spec64(s) for s in (q, k, v)]
     ref = [_truth(x64, s64) for s64 in specs64]

@@ -4,36 +4,42 @@ out[2i] = code[byte_i >> 4] * absmax[2i // blocksize], out[2i + 1] = code[byte_i
 With double quantisation, absmax[b] = nested_code[q[b]] * nested_absmax[b // 256] + offset, the
 product rounded to fp32 before the add (fp fusion is switched off so the GPU does not contract it
 into an FMA: the result stays bit-exact with bitsandbytes).
-Each program reads a tile of bytes once and writes the 2x as many outputs contiguously.
+Each program reads a tile of bytes once (as rows that each lie in one block, so a scale is read
+once per row, not per byte) and writes the 2x as many outputs contiguously.
 """
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_BYTES = 1024  # 2048 outputs per program: each of 128 threads stores 2 x 16 bytes of bf16
+
+BLOCK_BYTES = 1024  # 2048 outputs per program
+NUM_WARPS = 4
 
 
 @triton.jit
 def _nf4_dequant_kernel(PACKED, ABSMAX, CODE, NESTED_ABSMAX, NESTED_CODE, OFFSET, OUT, n_elements,
                         BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-                        BF16_OUT: tl.constexpr, BLOCK_BYTES: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    byte = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
-    in_range = byte < (n_elements + 1) // 2
-    packed = tl.load(PACKED + byte, mask=in_range, other=0).to(tl.int32)
-    block = byte // (BLOCKSIZE // 2)  # both nibbles of a byte share a block: blocksize is even
+                        BF16_OUT: tl.constexpr, BLOCK_BYTES: tl.constexpr, ROW_BYTES: tl.constexpr):
+    # the tile is (rows, ROW_BYTES) bytes, each row inside one quantisation block: one scale per row
+    ROWS: tl.constexpr = BLOCK_BYTES // ROW_BYTES
+    n_bytes = (n_elements + 1) // 2
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    byte = row[:, None] * ROW_BYTES + tl.arange(0, ROW_BYTES)[None, :]
+    packed = tl.load(PACKED + byte, mask=byte < n_bytes, other=0).to(tl.int32)
+    row_ok = row * ROW_BYTES < n_bytes
+    block = row * ROW_BYTES // (BLOCKSIZE // 2)  # both nibbles of a byte share a block: blocksize is even
     if NESTED:
-        q = tl.load(ABSMAX + block, mask=in_range, other=0).to(tl.int32)
-        scale = tl.load(NESTED_CODE + q) * tl.load(NESTED_ABSMAX + block // NESTED_BLOCKSIZE,
-                                                   mask=in_range, other=0.0)
+        q = tl.load(ABSMAX + block, mask=row_ok, other=0).to(tl.int32)
+        scale = tl.load(NESTED_CODE + q) * tl.load(NESTED_ABSMAX + block // NESTED_BLOCKSIZE, mask=row_ok,
+                                                   other=0.0)
         scale = scale + tl.load(OFFSET)
     else:
-        scale = tl.load(ABSMAX + block, mask=in_range, other=0.0)
-    hi = tl.load(CODE + (packed >> 4)) * scale
-    lo = tl.load(CODE + (packed & 15)) * scale
-    # (BLOCK_BYTES, 2) row-major = hi0, lo0, hi1, lo1, ...: the element order in memory
+        scale = tl.load(ABSMAX + block, mask=row_ok, other=0.0)
+    hi = tl.load(CODE + (packed >> 4)) * scale[:, None]
+    lo = tl.load(CODE + (packed & 15)) * scale[:, None]
+    # (rows, ROW_BYTES, 2) row-major = hi0, lo0, hi1, lo1, ...: the element order in memory
     vals = tl.reshape(tl.join(hi, lo), (2 * BLOCK_BYTES,))
-    idx = pid * (2 * BLOCK_BYTES) + tl.arange(0, 2 * BLOCK_BYTES)
+    idx = tl.program_id(0).to(tl.int64) * (2 * BLOCK_BYTES) + tl.arange(0, 2 * BLOCK_BYTES)
     if BF16_OUT:
         # round to nearest even by hand: the interpreter's fp32 -> bf16 cast truncates
         bits = vals.to(tl.uint32, bitcast=True)
@@ -45,13 +51,15 @@ def _nf4_dequant_kernel(PACKED, ABSMAX, CODE, NESTED_ABSMAX, NESTED_CODE, OFFSET
 def nf4_dequant(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
                 n_elements: int, out_dtype: torch.dtype, nested_absmax: torch.Tensor | None = None,
                 nested_code: torch.Tensor | None = None, offset: torch.Tensor | None = None,
-                nested_blocksize: int = 256) -> torch.Tensor:
+                nested_blocksize: int = 256, out: torch.Tensor | None = None) -> torch.Tensor:
     """Flat (n_elements,) tensor of out_dtype from contiguous packed uint8 data.
 
     absmax: fp32 per block, or with nested_absmax given, uint8 codes into nested_code (fp32, 256),
     nested_absmax fp32 per nested_blocksize blocks, offset a 1-element fp32 tensor (no host sync).
+    out: an optional flat contiguous (n_elements,) buffer of out_dtype to write into.
     """
-    out = torch.empty(n_elements, dtype=out_dtype, device=packed.device)
+    if out is None:
+        out = torch.empty(n_elements, dtype=out_dtype, device=packed.device)
     if n_elements == 0:
         return out
     nested = nested_absmax is not None
@@ -61,5 +69,6 @@ def nf4_dequant(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, 
                               n_elements, BLOCKSIZE=blocksize, NESTED=nested,
                               NESTED_BLOCKSIZE=nested_blocksize,
                               BF16_OUT=out_dtype == torch.bfloat16, BLOCK_BYTES=BLOCK_BYTES,
-                              num_warps=4, enable_fp_fusion=False)
+                              ROW_BYTES=min(blocksize // 2, BLOCK_BYTES), num_warps=NUM_WARPS,
+                              enable_fp_fusion=False)
     return out

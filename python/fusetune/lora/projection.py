@@ -120,7 +120,7 @@ def dense_weight(weight: torch.Tensor | NF4Weight, dtype: torch.dtype) -> torch.
 def base_linear(x: torch.Tensor, weight, bias) -> torch.Tensor:
     """x W^T + b for (N, in) x; a 4-bit weight with few rows goes through the fused dequantise-GEMV."""
     if isinstance(weight, NF4Weight) and x.shape[0] <= GEMV_ROWS and x.is_cuda:
-        from fusetune.triton_kernels.nf4 import nf4_gemv
+        from fusetune.triton_kernels.nf4_gemv import nf4_gemv
 
         s = weight.state
         out = nf4_gemv(x, weight.packed.view(torch.uint8), s.absmax, s.code.float(), s.blocksize,
