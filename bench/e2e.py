@@ -144,6 +144,7 @@ def _profile_one_step(model, optimizer, ids, stack, workload):
     print(f"PROFILE {stack} {workload}: wall {wall * 1e3:.1f} ms (profiled), GPU busy {gpu:.1f} ms, "
           f"{sum(e.count for e in events if 'LaunchKernel' in e.key)} kernel launches", file=sys.stderr)
     print(events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60), file=sys.stderr)
+    print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60), file=sys.stderr)
 
 
 def run_worker(stack: str, workload: str, profile: bool = False, seq: int | None = None,
