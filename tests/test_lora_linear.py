@@ -144,7 +144,7 @@ def test_group_validation(device):
     with pytest.raises(ValueError, match="both lora_A and lora_B"):
         lora_linear(x, LoRAProjection(q.weight, q.lora_A))
     with pytest.raises(TypeError, match="NF4Weight"):
-        lora_linear(x, LoRAProjection(q.weight.numpy()))
+        lora_linear(x, LoRAProjection(q.weight.tolist()))
 
 
 # ---- the MLP block with a fused gate_up projection (Phi-3) and with NF4 weights ----------------

@@ -59,7 +59,7 @@ CONFIGS = [
     GemvConfig(block_n=16, block_k=64, split_k=2),
     GemvConfig(block_n=32, block_k=128, split_k=3, w_lhs=False),
     GemvConfig(block_n=16, block_k=32, split_k=64, num_warps=2),
-    GemvConfig(block_n=64, block_k=256, num_warps=8, num_stages=2),
+    GemvConfig(block_n=64, block_k=128, num_warps=8, num_stages=2),
     GemvConfig(block_n=16, block_k=256, split_k=2, use_dot=False),
     GemvConfig(block_n=8, block_k=32, split_k=5, use_dot=False),
 ]
