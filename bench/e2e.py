@@ -4,7 +4,8 @@ each stack in its own process, in one run.
     python bench/e2e.py [--workloads W1,W2,W4,W7] [--stacks hf,fusetune] [--max-seq-cap 131072]
 
 Stacks: hf = Hugging Face + PEFT with SDPA attention; fusetune = the same model after
-fusetune.patch_model. Llama shapes with random bf16 weights built from the config (no downloads);
+fusetune.patch_model, with fusetune's offloaded activation checkpointing (layer inputs kept in
+pinned host memory); fusetune-recompute = patched, with Hugging Face's checkpointing. Llama shapes with random bf16 weights built from the config (no downloads);
 LoRA r=16, alpha 16, dropout 0 on q,k,v,o,gate,up,down; random tokens, labels = input_ids;
 gradient checkpointing on; AdamW(fused=True, lr=1e-4); 3 warm-up + 10 timed steps.
 
@@ -99,10 +100,13 @@ def worker(stack: str, workload: str, profile: bool = False, seq: int | None = N
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
                                              target_modules=TARGETS, task_type="CAUSAL_LM"))
-    if stack == "fusetune":
+    if stack.startswith("fusetune"):
         import fusetune
+        from fusetune.training.checkpoint import enable_offloaded_checkpointing
 
         fusetune.patch_model(model)
+        if stack == "fusetune":  # its own checkpointing; "fusetune-recompute" keeps Hugging Face's
+            enable_offloaded_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     gen = torch.Generator(device="cuda").manual_seed(1)
