@@ -6,6 +6,7 @@ fraction of the measured copy bandwidth; then a sweep of the kernel's tile size 
     python bench/nf4_dequant.py
 """
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -34,14 +35,16 @@ def main():
         stats = sum(t.nbytes for t in (state.absmax, state.nested_absmax) if t is not None)
         nbytes = packed.nbytes + stats + weight.nbytes
         out = torch.empty_like(weight)
-        cases = {"fusetune": lambda: dequantize_nf4(packed, state, out=out)}
+        cases = {}
+        for backend in ("triton", "cuda"):
+            cases[f"fusetune-{backend}"] = (backend, lambda: dequantize_nf4(packed, state, out=out))
         bnb = _bnb_dequant(weight, double_quant)
         if bnb is not None:
-            cases["bitsandbytes"] = bnb
-        for name, fn in cases.items():
-            with use_backend("triton"):
+            cases["bitsandbytes"] = ("auto", bnb)
+        for name, (backend, fn) in cases.items():
+            with use_backend(backend):
                 ms = do_bench(fn)
-            print(f"nf4 dequant 14336x4096 double_quant={double_quant} {name:>12}: {ms:.4f} ms, "
+            print(f"nf4 dequant 14336x4096 double_quant={double_quant} {name:>16}: {ms:.4f} ms, "
                   f"{nbytes / ms / 1e6:.0f} GB/s, {100 * nbytes / (ms * 1e-3) / bandwidth:.0f}% of copy")
         sweep = []
         for block_bytes in (512, 1024, 2048, 4096):
@@ -50,6 +53,20 @@ def main():
                 with use_backend("triton"):
                     sweep.append((do_bench(lambda: dequantize_nf4(packed, state, out=out)), block_bytes, warps))
         print("  sweep (ms, BLOCK_BYTES, warps), best first:", sorted(sweep)[:5])
+    # host time per call (a small weight, so the GPU never limits): what hundreds of calls per
+    # training step cost on the CPU side
+    small_packed, small_state = quantize_nf4(torch.randn(256, 256, device="cuda"), 64, True)
+    small_out = torch.empty(256, 256, device="cuda")
+    for backend in ("triton", "cuda"):
+        with use_backend(backend):
+            for _ in range(50):
+                dequantize_nf4(small_packed, small_state, out=small_out)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(1000):
+                dequantize_nf4(small_packed, small_state, out=small_out)
+            torch.cuda.synchronize()
+        print(f"host time per dequantize_nf4 call, {backend}: {(time.perf_counter() - start) * 1e3:.1f} us")
 
 
 if __name__ == "__main__":

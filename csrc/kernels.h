@@ -37,4 +37,13 @@ cudaError_t rms_norm_bwd(const void* dy, const void* x, const void* weight, cons
                          float offset, bool cast_before_weight, DType x_dtype,
                          DType weight_dtype, cudaStream_t stream);
 
+// NF4 dequantisation of bitsandbytes' 4-bit format into out (n_elements of out_dtype): packed
+// holds two codes per byte (first element in the high nibble); absmax is fp32 per block of
+// blocksize elements, or, when nested_absmax is not null, uint8 codes into nested_code (256 fp32)
+// scaled by nested_absmax (fp32 per nested_blocksize blocks) plus *offset (device fp32).
+cudaError_t nf4_dequant(const uint8_t* packed, const void* absmax, const float* code,
+                        const float* nested_absmax, const float* nested_code, const float* offset,
+                        void* out, int64_t n_elements, int blocksize, int nested_blocksize,
+                        DType out_dtype, cudaStream_t stream);
+
 }  // namespace fusetune

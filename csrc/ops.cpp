@@ -5,6 +5,7 @@
 //
 // The kernels (csrc/*.cu, declared in kernels.h) see raw pointers; this file checks what they
 // assume (device, dtype, shape, contiguity), with messages that name the problem and the fix.
+#include <optional>
 #include <tuple>
 
 #include <ATen/ATen.h>
@@ -127,6 +128,53 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_meta(const at::Tensor&, const at
   return {at::empty_like(x), at::empty({x.size(1)}, x.options().dtype(at::kFloat))};
 }
 
+void check_nf4_input(const at::Tensor& t, const at::Tensor& packed, at::ScalarType dtype, int64_t numel,
+                     const char* name) {
+  const char* op = "fusetune::nf4_dequant";
+  check_on_gpu(t, packed, op, name);
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.numel() >= numel, op, ": ", name, " has ", t.numel(), " elements; the weight needs ", numel);
+}
+
+void nf4_dequant(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+                 int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
+                 const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                 int64_t nested_blocksize, at::Tensor& out) {
+  const char* op = "fusetune::nf4_dequant";
+  const int64_t n = out.numel();
+  TORCH_CHECK(blocksize >= 2 && blocksize % 2 == 0, op, ": blocksize must be even, got ", blocksize);
+  TORCH_CHECK(nested_blocksize >= 1, op, ": nested_blocksize must be positive, got ", nested_blocksize);
+  check_on_gpu(out, packed, op, "out");
+  const auto dt = out.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": out must be float32, float16 or bfloat16, got ", dt);
+  check_nf4_input(packed, packed, at::kByte, (n + 1) / 2, "packed");
+  const int64_t blocks = (n + blocksize - 1) / blocksize;
+  const bool nested = nested_absmax.has_value();
+  TORCH_CHECK(nested == nested_code.has_value() && nested == offset.has_value(), op,
+              ": give nested_absmax, nested_code and offset together (double quantisation) or none");
+  check_nf4_input(absmax, packed, nested ? at::kByte : at::kFloat, blocks, "absmax");
+  check_nf4_input(code, packed, at::kFloat, 16, "code");
+  if (nested) {
+    check_nf4_input(*nested_absmax, packed, at::kFloat, (blocks + nested_blocksize - 1) / nested_blocksize,
+                    "nested_absmax");
+    check_nf4_input(*nested_code, packed, at::kFloat, 256, "nested_code");
+    check_nf4_input(*offset, packed, at::kFloat, 1, "offset");
+  }
+  const c10::cuda::CUDAGuard guard(packed.device());
+  check_launch(fusetune::nf4_dequant(packed.data_ptr<uint8_t>(), absmax.data_ptr(), code.data_ptr<float>(),
+                                     nested ? nested_absmax->data_ptr<float>() : nullptr,
+                                     nested ? nested_code->data_ptr<float>() : nullptr,
+                                     nested ? offset->data_ptr<float>() : nullptr, out.data_ptr(), n,
+                                     static_cast<int>(blocksize), static_cast<int>(nested_blocksize),
+                                     kernel_dtype(out), c10::cuda::getCurrentCUDAStream()),
+               op);
+}
+
+void nf4_dequant_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                      const std::optional<at::Tensor>&, int64_t, at::Tensor&) {}
+
 }  // namespace
 
 TORCH_LIBRARY(fusetune, m) {
@@ -134,16 +182,20 @@ TORCH_LIBRARY(fusetune, m) {
         "bool cast_before_weight) -> (Tensor, Tensor)");
   m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor rstd, float offset, "
         "bool cast_before_weight) -> (Tensor, Tensor)");
+  m.def("nf4_dequant(Tensor packed, Tensor absmax, Tensor code, int blocksize, Tensor? nested_absmax, "
+        "Tensor? nested_code, Tensor? offset, int nested_blocksize, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fusetune, CUDA, m) {
   m.impl("rms_norm_fwd", &rms_norm_fwd);
   m.impl("rms_norm_bwd", &rms_norm_bwd);
+  m.impl("nf4_dequant", &nf4_dequant);
 }
 
 TORCH_LIBRARY_IMPL(fusetune, Meta, m) {
   m.impl("rms_norm_fwd", &rms_norm_fwd_meta);
   m.impl("rms_norm_bwd", &rms_norm_bwd_meta);
+  m.impl("nf4_dequant", &nf4_dequant_meta);
 }
 
 #ifdef TORCH_EXTENSION_NAME  // defined by torch's extension builders, not by CMakeLists.txt

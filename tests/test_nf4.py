@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fusetune.backend import use_backend
+from fusetune.backend import cuda_extension, use_backend
 from fusetune.quant import dequantize_nf4, quantize_nf4, state_from_dict, state_to_dict
 from fusetune.reference.nf4 import NF4_CODE
 
@@ -14,7 +14,9 @@ except ImportError:  # e.g. the GPU machine: only the comparisons with bitsandby
 needs_bnb = pytest.mark.skipif(F is None, reason="bitsandbytes is not installed (pip install bitsandbytes)")
 
 SHAPES = [(33, 100), (17, 31), (64, 128), (300, 512)]  # odd totals, short last blocks, > 256 blocks
-BACKENDS = ["triton", "torch"]
+HAS_CUDA_EXT = torch.cuda.is_available() and cuda_extension() is not None
+BACKENDS = ["triton", "torch", pytest.param("cuda", marks=pytest.mark.skipif(
+    not HAS_CUDA_EXT, reason="needs a GPU and the CUDA extension fusetune._C"))]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -56,7 +58,7 @@ def test_dequant_bit_exact(backend, shape, blocksize, double_quant, out_dtype, p
     qs.dtype = out_dtype
     expected = F.dequantize_4bit(packed, qs)
     # bitsandbytes' own state, through its keys; the Triton kernel runs on the GPU where there is one
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    device = "cuda" if backend != "torch" and torch.cuda.is_available() else "cpu"
     state = state_from_dict(qs.as_dict(packed=True), device=device)
     with use_backend(backend):
         got = dequantize_nf4(packed.to(device), state)
@@ -97,11 +99,12 @@ def test_errors():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_dequant_llama8b_mlp_bf16(double_quant):
+def test_dequant_llama8b_mlp_bf16(double_quant, backend):
     w = torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16)
     packed, state = quantize_nf4(w, 64, double_quant)
-    with use_backend("triton"):
+    with use_backend(backend):
         got = dequantize_nf4(packed, state)
     with use_backend("torch"):
         expected = dequantize_nf4(packed, state)

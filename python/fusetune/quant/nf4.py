@@ -17,7 +17,7 @@ import torch
 from fusetune.backend import resolve
 from fusetune.reference import nf4 as _ref
 
-CUDA_OPS: tuple[str, ...] = ()
+CUDA_OPS = ("nf4_dequant",)
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 _STATE_KEY = "quant_state.bitsandbytes__nf4"
@@ -166,12 +166,20 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, out_dtype: torch.dtype
     if out is not None and (out.shape != state.shape or out.dtype != dtype or not out.is_contiguous()):
         raise ValueError(f"dequantize_nf4: out must be contiguous {tuple(state.shape)} {dtype}, got "
                          f"{tuple(out.shape)} {out.dtype}")
-    if resolve("nf4_dequant", packed.device, CUDA_OPS) == "triton":
+    backend = resolve("nf4_dequant", packed.device, CUDA_OPS, prefer_cuda=True)
+    nested_code = None if state.nested_code is None else state.nested_code.float()
+    if backend == "cuda":
+        if out is None:
+            out = torch.empty(state.shape, dtype=dtype, device=packed.device)
+        torch.ops.fusetune.nf4_dequant(packed.contiguous(), state.absmax, state.code.float(), state.blocksize,
+                                       state.nested_absmax, nested_code, state.offset, state.nested_blocksize,
+                                       out)
+        return out
+    if backend == "triton":
         from fusetune.triton_kernels.nf4 import nf4_dequant
 
         result = nf4_dequant(packed.contiguous(), state.absmax, state.code.float(), state.blocksize,
-                             state.shape.numel(), dtype, state.nested_absmax,
-                             None if state.nested_code is None else state.nested_code.float(),
+                             state.shape.numel(), dtype, state.nested_absmax, nested_code,
                              state.offset, state.nested_blocksize,
                              out=None if out is None else out.view(-1))
         return result.view(state.shape)
