@@ -4,9 +4,9 @@
 // absmax of the block (blocksize elements) both nibbles of byte i lie in; double-quantised:
 //   scale = nested_code[q[b]] * nested_absmax[b / nested_blocksize] + offset
 // with the product rounded to fp32 before the add (__fmul_rn / __fadd_rn: no FMA contraction),
-// so the result is bit-exact with bitsandbytes and with the Triton kernel. The output is rounded
-// to nearest even. Each thread reads 4 packed bytes (8 outputs) with one 32-bit load where the
-// data is aligned, and writes its outputs as one 16-byte (bf16/fp16) or two 16-byte (fp32) stores.
+// so the result is bit-exact with bitsandbytes. The output is rounded to nearest even. Each
+// thread reads 16 packed bytes with one 16-byte load where the data is aligned, looks up one scale
+// for them (blocksize >= 64), and writes its 32 outputs with 16-byte stores.
 #include <cstdint>
 
 #include <cuda_bf16.h>
@@ -19,7 +19,7 @@ namespace fusetune {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kBytesPerThread = 4;
+constexpr int kBytesPerThread = 16;  // one 16-byte load; 32 outputs
 
 template <typename T>
 __device__ __forceinline__ T from_float(float v);
@@ -30,10 +30,17 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { re
 template <>
 __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 
-template <typename T>
-struct alignas(16) Out8 {  // the 8 outputs of one thread, stored together
-  T v[8];
-};
+template <bool kNested>
+__device__ __forceinline__ float block_scale(const void* absmax, const float* nested_absmax,
+                                             const float* nested_code, float offset, int64_t block,
+                                             int nested_blocksize) {
+  if constexpr (kNested) {
+    const uint8_t q = static_cast<const uint8_t*>(absmax)[block];
+    return __fadd_rn(__fmul_rn(nested_code[q], nested_absmax[block / nested_blocksize]), offset);
+  } else {
+    return static_cast<const float*>(absmax)[block];
+  }
+}
 
 template <typename T, bool kNested>
 __global__ void __launch_bounds__(kThreads)
@@ -47,37 +54,38 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n_bytes = (n_elements + 1) / 2;
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kBytesPerThread;
   if (first >= n_bytes) return;
-  uint8_t bytes[kBytesPerThread];
-  const bool whole = first + kBytesPerThread <= n_bytes;
-  if (whole && (reinterpret_cast<uintptr_t>(packed + first) % 4 == 0)) {
-    const uint32_t word = *reinterpret_cast<const uint32_t*>(packed + first);
-#pragma unroll
-    for (int j = 0; j < kBytesPerThread; ++j) bytes[j] = (word >> (8 * j)) & 0xFF;
+  alignas(16) uint8_t bytes[kBytesPerThread];
+  if (first + kBytesPerThread <= n_bytes && reinterpret_cast<uintptr_t>(packed + first) % 16 == 0) {
+    *reinterpret_cast<uint4*>(bytes) = *reinterpret_cast<const uint4*>(packed + first);
   } else {
 #pragma unroll
     for (int j = 0; j < kBytesPerThread; ++j) bytes[j] = first + j < n_bytes ? packed[first + j] : 0;
   }
-  Out8<T> vals;
+  const float shift = kNested ? *offset : 0.0f;
   const int half_block = blocksize / 2;  // bytes per block (blocksize is even)
+  // a thread's 16 bytes lie in one block when blocks are 32 bytes or more (blocksize >= 64, the
+  // usual case); smaller blocks look the scale up per byte
+  const bool one_block = half_block % kBytesPerThread == 0;
+  float scale = block_scale<kNested>(absmax, nested_absmax, nested_code, shift, first / half_block, nested_blocksize);
+  alignas(16) T vals[2 * kBytesPerThread];
 #pragma unroll
   for (int j = 0; j < kBytesPerThread; ++j) {
-    const int64_t block = (first + j) / half_block;
-    float scale;
-    if constexpr (kNested) {
-      const uint8_t q = static_cast<const uint8_t*>(absmax)[block];
-      scale = __fadd_rn(__fmul_rn(nested_code[q], nested_absmax[block / nested_blocksize]), *offset);
-    } else {
-      scale = static_cast<const float*>(absmax)[block];
+    if (!one_block && j > 0) {
+      scale = block_scale<kNested>(absmax, nested_absmax, nested_code, shift, (first + j) / half_block,
+                                   nested_blocksize);
     }
-    const float hi = __fmul_rn(table[bytes[j] >> 4], scale), lo = __fmul_rn(table[bytes[j] & 15], scale);
-    vals.v[2 * j] = from_float<T>(hi);
-    vals.v[2 * j + 1] = from_float<T>(lo);
+    vals[2 * j] = from_float<T>(__fmul_rn(table[bytes[j] >> 4], scale));
+    vals[2 * j + 1] = from_float<T>(__fmul_rn(table[bytes[j] & 15], scale));
   }
   const int64_t first_out = 2 * first;
-  if (first_out + 8 <= n_elements && reinterpret_cast<uintptr_t>(out + first_out) % 16 == 0) {
-    *reinterpret_cast<Out8<T>*>(out + first_out) = vals;
+  if (first_out + 2 * kBytesPerThread <= n_elements && reinterpret_cast<uintptr_t>(out + first_out) % 16 == 0) {
+    constexpr int kStores = 2 * kBytesPerThread * sizeof(T) / 16;
+#pragma unroll
+    for (int j = 0; j < kStores; ++j) {
+      reinterpret_cast<uint4*>(out + first_out)[j] = reinterpret_cast<const uint4*>(vals)[j];
+    }
   } else {
-    for (int j = 0; j < 8 && first_out + j < n_elements; ++j) out[first_out + j] = vals.v[j];
+    for (int j = 0; j < 2 * kBytesPerThread && first_out + j < n_elements; ++j) out[first_out + j] = vals[j];
   }
 }
 
