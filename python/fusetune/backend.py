@@ -3,8 +3,7 @@
 The choice comes from, in order: `use_backend(...)` / `set_backend(...)`, then the environment
 variable FUSETUNE_BACKEND, then "auto".
 
-auto: CUDA tensors use Triton, else the CUDA extension when it has the op, else torch (ops that
-ask for it, e.g. the NF4 dequantisation, try the CUDA extension first); CPU tensors
+auto: CUDA tensors use Triton, else the CUDA extension when it has the op, else torch; CPU tensors
 use torch, except under TRITON_INTERPRET=1, where Triton runs (that is how CI tests the kernels).
 Only auto falls back, and it logs once per (op, device type) which backend it picked. A backend
 asked for by name that cannot run raises BackendUnavailableError naming what is missing.
@@ -139,13 +138,10 @@ def _why_not(backend: str, device: torch.device, cuda_ops: tuple[str, ...]) -> s
     raise AssertionError(backend)
 
 
-def resolve(op: str, device: torch.device, cuda_ops: tuple[str, ...] = (), prefer_cuda: bool = False) -> str:
+def resolve(op: str, device: torch.device, cuda_ops: tuple[str, ...] = ()) -> str:
     """The backend that runs `op` on tensors of `device`.
 
     cuda_ops names the torch.ops.fusetune operators the op's CUDA path needs (empty: none).
-    prefer_cuda: under auto, CUDA tensors try the CUDA extension before Triton (for ops launched
-    hundreds of times per step whose CUDA kernel is as fast: a torch op launches in a fraction
-    of the host time a Triton launch takes).
     """
     requested = get_backend()
     if requested != "auto":
@@ -155,7 +151,7 @@ def resolve(op: str, device: torch.device, cuda_ops: tuple[str, ...] = (), prefe
                                           f"Use FUSETUNE_BACKEND=auto to pick what can run.")
         return requested
     if device.type == "cuda":
-        order = ("cuda", "triton", "torch") if prefer_cuda else ("triton", "cuda", "torch")
+        order = ("triton", "cuda", "torch")
     else:
         order = ("triton", "torch") if triton_interpreting() else ("torch",)
     chosen = next(b for b in order if _why_not(b, device, cuda_ops) is None)

@@ -166,9 +166,11 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, out_dtype: torch.dtype
     if out is not None and (out.shape != state.shape or out.dtype != dtype or not out.is_contiguous()):
         raise ValueError(f"dequantize_nf4: out must be contiguous {tuple(state.shape)} {dtype}, got "
                          f"{tuple(out.shape)} {out.dtype}")
-    backend = resolve("nf4_dequant", packed.device, CUDA_OPS, prefer_cuda=True)
+    backend = resolve("nf4_dequant", packed.device, CUDA_OPS)
     nested_code = None if state.nested_code is None else state.nested_code.float()
     if backend == "cuda":
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dequantize_nf4: the CUDA backend writes float32, bfloat16 or float16, not {dtype}")
         if out is None:
             out = torch.empty(state.shape, dtype=dtype, device=packed.device)
         torch.ops.fusetune.nf4_dequant(packed.contiguous(), state.absmax, state.code.float(), state.blocksize,
