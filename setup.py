@@ -11,7 +11,8 @@ from setuptools import setup
 
 package_dir = {"fusetune": "python/fusetune", "fusetune.triton_kernels": "triton_kernels"}
 packages = ["fusetune", "fusetune.triton_kernels", "fusetune.reference", "fusetune.ops",
-            "fusetune.patching", "fusetune.training", "fusetune.data", "fusetune.quant", "fusetune.lora"]
+            "fusetune.patching", "fusetune.training", "fusetune.data", "fusetune.quant", "fusetune.lora",
+            "fusetune.api"]
 
 
 def _cuda_extension():

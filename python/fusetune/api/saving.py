@@ -1,0 +1,160 @@
+"""Saving adapters and merged models, atomically.
+
+Every save writes into a temporary directory beside the target and renames it into place; a
+previous save at the target is moved aside first and removed only after the new one is in place,
+so a crash leaves either the old complete directory or the new complete one.
+
+merged_16bit: each LoRA layer's weight becomes W + sum over active adapters of s * B @ A (in fp32,
+then the model's dtype), 4-bit base weights are dequantised, PEFT's wrappers and the adapters'
+own tensors disappear: the directory loads with AutoModelForCausalLM.from_pretrained as the plain
+model. The model being trained is not modified.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SAVE_METHODS = ("merged_16bit", "lora")
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike):
+    """Yields a fresh temporary directory; on success it replaces `target` (see module docstring)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+    tmp.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_4bit(module: nn.Module) -> bool:
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+
+def _weight_dtype(module: nn.Module) -> torch.dtype:
+    return module.weight.quant_state.dtype if _is_4bit(module) else module.weight.dtype
+
+
+def _dense(module: nn.Module) -> torch.Tensor:
+    """The weight of a linear layer as a dense tensor (bitsandbytes 4-bit weights dequantised)."""
+    if _is_4bit(module):
+        from fusetune.quant.nf4 import NF4State, dequantize_nf4
+
+        state = module.weight.quant_state
+        return dequantize_nf4(module.weight.data, NF4State.from_bitsandbytes(state), state.dtype)
+    return module.weight.detach()
+
+
+def merged_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The plain model's state dict with every active LoRA adapter merged (model unchanged)."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    from fusetune.patching.core import _hf_model
+
+    hf_model = _hf_model(model)
+    out: dict[str, torch.Tensor] = {}
+
+    def visit(module: nn.Module, prefix: str):
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            weight = _dense(base).float()
+            if not (module.disable_adapters or module.merged):
+                for name in module.active_adapters:
+                    if name in module.lora_A:
+                        if name in module.lora_variant:
+                            raise NotImplementedError(f"merging {type(module.lora_variant[name]).__name__} "
+                                                      f"adapters is not supported; use PEFT's merge_and_unload")
+                        delta = module.lora_B[name].weight.float() @ module.lora_A[name].weight.float()
+                        weight = weight + module.scaling[name] * delta
+            out[prefix + "weight"] = weight.to(dtype or _weight_dtype(base))
+            if base.bias is not None:
+                out[prefix + "bias"] = base.bias.detach()
+            return
+        if isinstance(module, ModulesToSaveWrapper):
+            active = [n for n in module.active_adapters if n in module.modules_to_save]
+            inner = module.original_module if module.disable_adapters or not active else module.modules_to_save[active[0]]
+            return visit(inner, prefix)
+        if _is_4bit(module):
+            out[prefix + "weight"] = _dense(module).to(dtype or _weight_dtype(module))
+            if module.bias is not None:
+                out[prefix + "bias"] = module.bias.detach()
+            return
+        for name, tensor in list(module.named_parameters(recurse=False)) + [
+                (n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set]:
+            out[prefix + name] = tensor.detach()
+        for name, child in module.named_children():
+            visit(child, f"{prefix}{name}.")
+
+    visit(hf_model, "")
+    return out
+
+
+def _without_tied_duplicates(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage: drop the names Hugging Face re-ties on load."""
+    seen: dict[tuple, str] = {}
+    result = {}
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tensor.shape, tensor.dtype, tensor.device)
+        if tensor.numel() and key in seen:
+            continue
+        seen[key] = name
+        result[name] = tensor.contiguous()
+    return result
+
+
+def save_merged(model, save_directory: str | os.PathLike, tokenizer=None, save_method: str = "merged_16bit",
+                dtype: torch.dtype | None = None) -> Path:
+    """Save `model` (a PEFT model, or a plain one) to save_directory, atomically.
+
+    save_method: "merged_16bit" (adapters merged into the weights, a plain transformers model in
+    the base dtype, 4-bit weights dequantised; dtype overrides), or "lora" (the adapter only,
+    PEFT's layout). The tokenizer, when given, is saved beside it. Returns the directory.
+    """
+    from safetensors.torch import save_file
+
+    from fusetune.patching.core import _hf_model
+
+    if save_method not in SAVE_METHODS:
+        raise ValueError(f"save_method must be one of {', '.join(SAVE_METHODS)}, got {save_method!r} "
+                         f"(GGUF: save_pretrained_gguf)")
+    hf_model = _hf_model(model)
+    with atomic_directory(save_directory) as tmp:
+        if save_method == "lora":
+            if not hasattr(model, "peft_config"):
+                raise ValueError("save_method='lora' needs a PEFT model (FastLanguageModel.get_peft_model)")
+            model.save_pretrained(tmp)
+        else:
+            state = merged_state_dict(model, dtype)
+            state = {k: v.to("cpu") for k, v in _without_tied_duplicates(state).items()}
+            save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+            config = hf_model.config.__class__.from_dict(hf_model.config.to_dict())
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            config.architectures = [type(hf_model).__name__]
+            some = next(iter(state.values()))
+            config.dtype = str(dtype or some.dtype).removeprefix("torch.")
+            config.save_pretrained(tmp)
+            if getattr(hf_model, "generation_config", None) is not None:
+                hf_model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(save_directory)

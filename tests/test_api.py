@@ -1,0 +1,119 @@
+"""The facade: FastLanguageModel.from_pretrained on a local directory, get_peft_model (family
+target names, checkpointing choices), for_inference / for_training, and atomic saving (merged
+16-bit weights that load as the plain model with the adapter model's logits; the adapter alone)."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+import fusetune.api.saving as saving
+from fusetune.api import FastLanguageModel
+from fusetune.training.checkpoint import offloaded_checkpoint
+from tests.numerics import assert_close
+from tests.tiny_models import VOCAB, random_batch, tiny_model
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="<s>")
+
+
+@pytest.fixture
+def model_dir(tmp_path_factory, request):
+    family = getattr(request, "param", "llama")
+    path = tmp_path_factory.mktemp(family)
+    tiny_model(family).save_pretrained(path)
+    _tokenizer().save_pretrained(path)
+    return path
+
+
+def _loaded(model_dir, **kwargs):
+    model, tokenizer = FastLanguageModel.from_pretrained(str(model_dir), dtype=torch.float32, **kwargs)
+    return model, tokenizer
+
+
+def test_from_pretrained_patches_and_trains(model_dir, capsys):
+    model, tokenizer = _loaded(model_dir)
+    assert "fusetune: patched LlamaForCausalLM" in capsys.readouterr().out
+    assert model.training and tokenizer.pad_token == "<s>" and model.max_seq_length == 2048
+    model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing="unsloth")
+    assert "lora 14 projections" in capsys.readouterr().out
+    assert model.base_model.model.model.layers[0]._gradient_checkpointing_func is offloaded_checkpoint
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids, labels = random_batch()
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    FastLanguageModel.for_inference(model)
+    out = model.generate(input_ids=ids[:1, :5], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 9) and not model.training
+    assert FastLanguageModel.for_training(model).training
+
+
+@pytest.mark.parametrize("model_dir", ["phi3"], indirect=True)
+def test_target_names_follow_the_family(model_dir):
+    model, _ = _loaded(model_dir)
+    model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
+    targets = set(model.peft_config["default"].target_modules)
+    assert targets == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+
+
+def test_bad_arguments(model_dir, tmp_path):
+    with pytest.raises(OSError, match="not a local directory"):
+        FastLanguageModel.from_pretrained(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="full_finetuning"):
+        FastLanguageModel.from_pretrained(str(model_dir), full_finetuning=True, load_in_4bit=True)
+    model, tokenizer = _loaded(model_dir)
+    with pytest.raises(ValueError, match="use_gradient_checkpointing"):
+        FastLanguageModel.get_peft_model(model, use_gradient_checkpointing="yes")
+    with pytest.raises(ValueError, match="save_method"):
+        FastLanguageModel.save_pretrained_merged(model, tmp_path / "out", tokenizer, save_method="merged_8bit")
+
+
+def test_merged_16bit_loads_as_the_plain_model_with_the_same_logits(model_dir, tmp_path):
+    model, tokenizer = _loaded(model_dir)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False,
+                                             init_lora_weights=False)
+    FastLanguageModel.for_inference(model)
+    ids, _ = random_batch()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    out = FastLanguageModel.save_pretrained_merged(model, tmp_path / "merged", tokenizer)
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = plain(input_ids=ids).logits
+    assert_close(got, want, torch.float32, "merged logits")
+    assert not any("lora" in k for k in plain.state_dict())
+
+
+def test_lora_save_and_atomic_replacement(model_dir, tmp_path, monkeypatch):
+    from peft import PeftModel
+
+    model, tokenizer = _loaded(model_dir)
+    model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False, init_lora_weights=False)
+    target = tmp_path / "adapter"
+    FastLanguageModel.save_pretrained_merged(model, target, tokenizer, save_method="lora")
+    assert (target / "adapter_model.safetensors").is_file()
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), target).eval()
+    ids, _ = random_batch()
+    with torch.no_grad():
+        assert_close(reloaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits, torch.float32, "logits")
+
+    # a save that dies half way leaves the previous one whole, and no temporary directory behind
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(saving, "merged_state_dict", broken)
+    before = sorted(p.name for p in target.iterdir())
+    with pytest.raises(RuntimeError, match="disk full"):
+        FastLanguageModel.save_pretrained_merged(model, target, tokenizer)
+    assert sorted(p.name for p in target.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
