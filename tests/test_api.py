@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import fusetune.api.saving as saving
-from fusetune.api import FastLanguageModel
+from fusetune import FastLanguageModel
 from fusetune.training.checkpoint import offloaded_checkpoint
 from tests.numerics import assert_close
 from tests.tiny_models import VOCAB, random_batch, tiny_model

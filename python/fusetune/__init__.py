@@ -19,5 +19,14 @@ def unpatch_model(model):
     return _unpatch_model(model)
 
 
-__all__ = ["BackendUnavailableError", "cross_entropy", "geglu", "get_backend", "linear_cross_entropy", "patch_model",
+def __getattr__(name):
+    # the facade imports transformers and PEFT: only when it is asked for
+    if name == "FastLanguageModel":
+        from fusetune.api import FastLanguageModel
+
+        return FastLanguageModel
+    raise AttributeError(f"module 'fusetune' has no attribute {name!r}")
+
+
+__all__ = ["BackendUnavailableError", "FastLanguageModel", "cross_entropy", "geglu", "get_backend", "linear_cross_entropy", "patch_model",
            "rms_norm", "rope", "set_backend", "swiglu", "unpatch_model", "use_backend"]
