@@ -74,3 +74,30 @@ def test_layer_inputs_leave_the_gpu():
         return held
     plain, offloaded = peak_after_forward(False), peak_after_forward(True)
     assert plain - offloaded >= 7 * 16 * 2**20, (plain, offloaded)
+
+
+def test_recompute_runs_under_the_forwards_autocast(device):
+    """Trainers call backward outside autocast: the replay must still run in the forward's dtype."""
+    ref = _lora_model("llama", device, dropout=0.0)
+    model = copy.deepcopy(ref)
+    enable_offloaded_checkpointing(model)
+    ids, labels = random_batch(device=device)
+    results = []
+    for m in (model, ref):
+        m.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = m(input_ids=ids, labels=labels).loss
+        loss.backward()
+        results.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    for name, g in results[0].items():
+        assert_close(g, results[1][name], torch.float32, name, 10.0)
+
+
+def test_no_offload_without_grad(device, monkeypatch):
+    import fusetune.training.checkpoint as checkpoint
+
+    model = _lora_model("llama", device)
+    enable_offloaded_checkpointing(model)
+    monkeypatch.setattr(checkpoint, "_Slot", None)  # would fail if a forward under no_grad offloaded
+    with torch.no_grad():
+        model(input_ids=random_batch(device=device)[0])

@@ -289,3 +289,31 @@ def _spec64(spec):
 def _bf16_adapters(spec):
     return LoRAProjection(spec.weight, spec.lora_A.detach().bfloat16(), spec.lora_B.detach().bfloat16(),
                           spec.scaling)
+
+
+def test_dropout_masks_are_saved_tensors(device):
+    """Masks go through save_for_backward, so checkpointing's saved-tensor hooks drop them too."""
+    model = _peft(CONFIGS["mixed"]).to(device)
+    q = _spec(_layer(model, "q"), torch.float32, None)
+    x = torch.randn(4, IN, device=device, requires_grad=True)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.dtype) or t, lambda t: t):
+        lora_linear(x, q)
+        lora_mlp(torch.randn(4, HIDDEN, device=device, requires_grad=True), *[
+            LoRAProjection(torch.randn(o, i, device=device), leaf(torch.randn(2, i, device=device)),
+                           leaf(torch.randn(o, 2, device=device)), 1.0, dropout=0.5)
+            for o, i in ((INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER))])
+    assert packed.count(torch.bool) == 1 + 3
+
+
+def test_autocast_does_not_reach_inside(device):
+    """fp32 inputs under bf16 autocast: the block computes in fp32, as its inputs are."""
+    model = _peft(CONFIGS["plain"]).to(device)
+    q = _spec(_layer(model, "q"), torch.float32, None)
+    x = leaf(torch.randn(4, IN, device=device))
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        (y,) = lora_linear(x, q)
+    (want,) = lora_linear(x, q)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, want)
+    y.sum().backward()

@@ -171,3 +171,12 @@ def test_qlora_training_curve_matches_unpatched(device, capsys):
         curves.append(torch.tensor(curve))
     assert curves[0][-1] < curves[0][0] - 0.5  # it learns
     torch.testing.assert_close(curves[0], curves[1], rtol=1e-4, atol=1e-5)
+
+
+def test_modules_with_hooks_run_peft(device, calls):
+    """A forward hook (PEFT's adapter_names, accelerate's device moves) needs the module itself called."""
+    ref = add_lora(tiny_model("llama"), "llama").to(device)
+    model = fusetune.patch_model(copy.deepcopy(ref))
+    model.base_model.model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, args: None)
+    _assert_same_training(model, ref, device)
+    assert calls["fused"] == 6 - 1  # layer 0's MLP runs PEFT's layers

@@ -85,6 +85,8 @@ def projection_of(module: nn.Module) -> LoRAProjection | str:
 def fused_projections(modules, x: torch.Tensor):
     """(projections, compute dtype) for modules that all fuse and of which one carries an adapter,
     else None. Under autocast the block computes in the autocast dtype, as the linears would."""
+    if any(_has_hooks(m) for m in modules):
+        return None  # hooks (PEFT's adapter_names, accelerate's device moves) need the modules called
     projections = [projection_of(m) for m in modules]
     if any(isinstance(p, str) for p in projections) or all(p.lora_A is None for p in projections):
         return None
@@ -92,7 +94,14 @@ def fused_projections(modules, x: torch.Tensor):
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     if any(isinstance(p.weight, torch.Tensor) and p.weight.dtype != dtype for p in projections):
         return None
+    for p in projections:
+        if p.bias is not None and p.bias.dtype != dtype:
+            p.bias = p.bias.to(dtype)  # as bitsandbytes' Linear4bit does with a bias kept in fp32
     return projections, dtype
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(bool(m._forward_hooks or m._forward_pre_hooks) for m in module.modules())
 
 
 def lora_report(model: nn.Module, fused_parents: tuple[type, ...]):
@@ -102,11 +111,11 @@ def lora_report(model: nn.Module, fused_parents: tuple[type, ...]):
     if lora_layer is None:
         return fused, left
     for parent in model.modules():
-        inside = isinstance(parent, fused_parents)
+        inside = isinstance(parent, fused_parents) and parent._fusetune_lora
         for name, child in parent.named_children():
             if not isinstance(child, lora_layer):
                 continue
-            p = projection_of(child) if inside else f"{name}: outside attention/MLP, PEFT's path"
+            p = projection_of(child) if inside else f"{name}: outside fused attention/MLP, PEFT's path"
             if isinstance(p, str):
                 left[p] += 1
             else:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from fusetune.lora.projection import (Adapters, LoRAProjection, cast_lora, check_projection, draw_mask,
-                                      group_backward, group_forward, lora_grads_out, lora_params)
+from fusetune.lora.projection import (Adapters, LoRAProjection, autocast_off, cast_lora, check_projection,
+                                      draw_mask, group_backward, group_forward, lora_grads_out, lora_params)
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -20,29 +20,27 @@ class LoRALinearFunction(torch.autograd.Function):
     for a projection without adapter). Outputs: one (N, out_i) tensor per projection."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, adapters, x, *params):
         lora = cast_lora(params, x.dtype)
         outs, xas = group_forward(x, adapters, lora)
-        ctx.save_for_backward(x, *[t for t in xas if t is not None], *[t for t in params if t is not None])
+        # the masks go through save_for_backward too, so that checkpointing's hooks see them
+        ctx.save_for_backward(x, *xas, *params, *adapters.masks)
+        adapters.masks = None
         ctx.adapters = adapters
-        ctx.has_adapter = [a is not None for a in params[0::2]]
         return tuple(outs)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, *dys):
-        saved = list(ctx.saved_tensors)
-        x = saved.pop(0)
-        n = sum(ctx.has_adapter)
-        xa_saved, param_saved = saved[:n], saved[n:]
-        xas, params = [], []
-        for has in ctx.has_adapter:
-            xas.append(xa_saved.pop(0) if has else None)
-            params += [param_saved.pop(0), param_saved.pop(0)] if has else [None, None]
+        adapters = ctx.adapters
+        k = len(adapters.weights)
+        x, *saved = ctx.saved_tensors
+        xas, params, adapters.masks = saved[:k], saved[k:3 * k], saved[3 * k:]
         dys = [torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device) if dy is None
-               else dy.contiguous() for dy, w in zip(dys, ctx.adapters.weights)]
-        needs = [ctx.needs_input_grad[2 + 2 * i:4 + 2 * i] for i in range(len(dys))]
-        dx, grads = group_backward(dys, x, xas, ctx.adapters, cast_lora(params, x.dtype), needs,
-                                   ctx.needs_input_grad[1])
+               else dy.contiguous() for dy, w in zip(dys, adapters.weights)]
+        needs = [ctx.needs_input_grad[2 + 2 * i:4 + 2 * i] for i in range(k)]
+        dx, grads = group_backward(dys, x, xas, adapters, cast_lora(params, x.dtype), needs, ctx.needs_input_grad[1])
         return (None, dx, *lora_grads_out(grads, params))
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from fusetune.backend import resolve
-from fusetune.lora.projection import (Adapters, LoRAProjection, cast_lora, check_projection, draw_mask,
-                                      group_backward, group_forward, lora_grads_out, lora_params)
+from fusetune.lora.projection import (Adapters, LoRAProjection, autocast_off, cast_lora, check_projection,
+                                      draw_mask, group_backward, group_forward, lora_grads_out, lora_params)
 from fusetune.ops.glu import CUDA_OPS
 from fusetune.reference import glu as reference
 
@@ -57,6 +57,7 @@ class LoRAMLPFunction(torch.autograd.Function):
     down. Gradients: x, every lora_A and lora_B."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, activation, use_triton, upper, down, x, *params):
         n_upper = len(upper.weights)
         up_params, down_params = params[:2 * n_upper], params[2 * n_upper:]
@@ -65,12 +66,15 @@ class LoRAMLPFunction(torch.autograd.Function):
         g, u = _split(upper_outs, inter)
         h = _glu_forward(g, u, activation, use_triton)
         (y,), (down_xa,) = group_forward(h, down, cast_lora(down_params, x.dtype))
-        ctx.save_for_backward(x, *upper_outs, *upper_xas, down_xa, *params)
+        # the masks go through save_for_backward too, so that checkpointing's hooks see them
+        ctx.save_for_backward(x, *upper_outs, *upper_xas, down_xa, *params, *upper.masks, *down.masks)
+        upper.masks = down.masks = None
         ctx.activation, ctx.use_triton, ctx.upper, ctx.down = activation, use_triton, upper, down
         ctx.consumed = False
         return y
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dy):
         if ctx.consumed:
             raise RuntimeError("lora_mlp: backward through this block ran twice; its gradients are "
@@ -80,7 +84,8 @@ class LoRAMLPFunction(torch.autograd.Function):
         n = len(upper.weights)
         saved = ctx.saved_tensors
         x, upper_outs, upper_xas, down_xa = saved[0], saved[1:1 + n], saved[1 + n:1 + 2 * n], saved[1 + 2 * n]
-        params = saved[2 + 2 * n:]
+        params = saved[2 + 2 * n:2 + 4 * n + 2]
+        upper.masks, down.masks = list(saved[4 + 4 * n:4 + 5 * n]), [saved[4 + 5 * n]]
         up_params, down_params = params[:2 * n], params[2 * n:]
         need = ctx.needs_input_grad
         up_needs = [need[5 + 2 * i:7 + 2 * i] for i in range(n)]

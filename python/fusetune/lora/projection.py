@@ -17,6 +17,7 @@ A group of projections that share one input (q, k, v; gate, up) saves that input
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -190,6 +191,17 @@ def group_backward(dys, x, xas, adapters: Adapters, lora, needs, need_x, out=Non
             else:
                 dx.add_(dropped(dyb @ lora[i][0], mask, keep), alpha=s)
     return dx, grads
+
+
+def autocast_off(method):
+    """For an autograd Function's forward/backward: the block computes in its inputs' dtype, whatever
+    autocast state the caller is in (matmuls inside would otherwise be cast piecemeal)."""
+    @functools.wraps(method)
+    def wrapper(ctx, *args):
+        device = next(a.device.type for a in args if torch.is_tensor(a))
+        with torch.autocast(device, enabled=False):
+            return method(ctx, *args)
+    return wrapper
 
 
 def cast_lora(params, dtype):

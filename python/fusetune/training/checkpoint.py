@@ -15,6 +15,7 @@ as that function.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 
@@ -88,6 +89,8 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
             raise ValueError("offloaded_checkpoint: only the first argument (the hidden states) may require "
                              "grad; pass the others as keyword arguments or use torch.utils.checkpoint")
         ctx.function, ctx.args, ctx.device = function, args, hidden.device
+        ctx.autocast = [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+                        for kind in dict.fromkeys((hidden.device.type, "cpu"))]
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
         ctx.slot = _Slot(hidden)
@@ -102,7 +105,11 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
-            with torch.enable_grad():
+            with contextlib.ExitStack() as stack:
+                # the recompute runs under the forward's autocast state, not backward's
+                for kind, enabled, dtype in ctx.autocast:
+                    stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
+                stack.enter_context(torch.enable_grad())
                 outputs = ctx.function(hidden, *ctx.args)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(outputs, grads) if torch.is_tensor(o) and o.requires_grad and g is not None]
@@ -115,6 +122,8 @@ def offloaded_checkpoint(function, hidden, *args, **kwargs):
     first positional argument is the hidden states (the only one that may require grad)."""
     if kwargs:
         function = functools.partial(function, **kwargs)
+    if not torch.is_grad_enabled():  # nothing will run backward: no copy, no replay
+        return function(hidden, *args)
     anchor = torch.empty(0, requires_grad=True)
     return OffloadedCheckpointFunction.apply(function, anchor, hidden, *args)
 
