@@ -52,7 +52,7 @@ setup(
     package_data={"fusetune.data": ["*.txt"]},
     install_requires=["torch>=2.4", "triton>=3.2", "transformers>=5.0", "peft>=0.17", "accelerate",
                       "safetensors", "pyyaml"],
-    extras_require={"test": ["pytest", "bitsandbytes>=0.50"]},
+    extras_require={"test": ["pytest", "bitsandbytes>=0.50", "trl>=1.15"]},
     entry_points={"console_scripts": ["fusetune=fusetune.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

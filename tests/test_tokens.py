@@ -1,0 +1,37 @@
+"""Extending a tokenizer with Korean tokens: mean-initialised rows, old tokens untouched, the
+embeddings trained through modules_to_save with their own learning rate."""
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from fusetune.api.tokens import add_new_tokens, embedding_param_groups
+from tests.test_api import _tokenizer
+from tests.tiny_models import VOCAB, tiny_model
+
+
+def test_add_korean_tokens():
+    model, tokenizer = tiny_model("llama"), _tokenizer()
+    ids = torch.randint(2, VOCAB, (1, 8))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        old = model.get_input_embeddings().weight.clone()
+    assert add_new_tokens(model, tokenizer, ["안녕", "하세요", "w5"]) == 2  # w5 exists already
+    emb = model.get_input_embeddings().weight
+    assert emb.shape[0] == len(tokenizer) == VOCAB + 2
+    torch.testing.assert_close(emb[VOCAB:], old.mean(0).expand(2, -1))
+    torch.testing.assert_close(model.get_output_embeddings().weight[VOCAB], model.lm_head.weight[:VOCAB].mean(0))
+    assert tokenizer("안녕 하세요")["input_ids"] == [VOCAB, VOCAB + 1]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits[..., :VOCAB], before)
+    with pytest.raises(TypeError, match="list"):
+        add_new_tokens(model, tokenizer, "안녕")
+
+
+def test_embedding_learning_rate_groups():
+    model, tokenizer = tiny_model("llama"), _tokenizer()
+    add_new_tokens(model, tokenizer, ["안녕"])
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]))
+    groups = embedding_param_groups(model, 2e-4, 5e-5, weight_decay=0.0)
+    assert [g["lr"] for g in groups] == [2e-4, 5e-5]
+    assert len(groups[1]["params"]) == 2 and all(p.shape[0] == VOCAB + 1 for p in groups[1]["params"])
+    torch.optim.AdamW(groups).step()  # a valid optimizer configuration

@@ -1,0 +1,43 @@
+"""A fusetune-patched model under trainers: TRL's SFTTrainer (where TRL is installed) and a plain
+loop whose gradient accumulation equals the large batch (num_items_in_batch, fused loss)."""
+import copy
+
+import pytest
+import torch
+
+import fusetune
+from tests.numerics import assert_close
+from tests.test_api import _tokenizer
+from tests.tiny_models import add_lora, random_batch, tiny_model
+
+
+def test_gradient_accumulation_equals_the_large_batch(device):
+    model = fusetune.patch_model(add_lora(tiny_model("llama"), "llama").to(device))
+    ids, labels = random_batch(batch=4, seq=16, device=device)
+    labels[0, 5:9] = -100  # micro-batches with different token counts
+    big = copy.deepcopy(model)
+    big(input_ids=ids, labels=labels).loss.backward()
+    n_items = (labels[:, 1:] != -100).sum()
+    for half in (slice(0, 2), slice(2, 4)):
+        model(input_ids=ids[half], labels=labels[half], num_items_in_batch=n_items).loss.backward()
+    for (name, p), q in zip(model.named_parameters(), big.parameters()):
+        if p.requires_grad:
+            assert_close(p.grad, q.grad, torch.float32, name)
+
+
+def test_sft_trainer_trains_a_patched_model(tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    tokenizer = _tokenizer()
+    model = fusetune.patch_model(add_lora(tiny_model("llama"), "llama"))
+    g = torch.Generator().manual_seed(0)
+    rows = [{"text": " ".join(f"w{int(i)}" for i in torch.randint(2, 40, (24,), generator=g))} for _ in range(16)]
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+                         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, max_length=24,
+                         dataloader_num_workers=0)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
