@@ -41,3 +41,26 @@ def test_sft_trainer_trains_a_patched_model(tmp_path):
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
+
+
+def test_dpo_trainer_trains_a_patched_model(tmp_path):
+    """DPO needs log-probabilities of whole sequences (forwards without labels: the logits path)
+    and a reference (PEFT's disabled adapters: the fused LoRA falls back there)."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    tokenizer = _tokenizer()
+    model = fusetune.patch_model(add_lora(tiny_model("llama"), "llama"))
+    g = torch.Generator().manual_seed(0)
+
+    def words(n):
+        return " ".join(f"w{int(i)}" for i in torch.randint(2, 40, (n,), generator=g))
+
+    rows = [{"prompt": words(6), "chosen": words(5), "rejected": words(5)} for _ in range(8)]
+    args = trl.DPOConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, max_length=24,
+                         dataloader_num_workers=0)
+    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
