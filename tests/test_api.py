@@ -117,3 +117,19 @@ def test_lora_save_and_atomic_replacement(model_dir, tmp_path, monkeypatch):
         FastLanguageModel.save_pretrained_merged(model, target, tokenizer)
     assert sorted(p.name for p in target.iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_cli_export_merges_a_saved_adapter(model_dir, tmp_path, capsys):
+    from fusetune.cli import main
+
+    model, tokenizer = _loaded(model_dir)
+    model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False, init_lora_weights=False)
+    FastLanguageModel.save_pretrained_merged(model, tmp_path / "adapter", tokenizer, save_method="lora")
+    assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "merged"), "--base", str(model_dir),
+                 "--dtype", "float32"]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    ids, _ = random_batch()
+    with torch.no_grad():
+        assert_close(plain(input_ids=ids).logits, model.eval()(input_ids=ids).logits, torch.float32, "logits")
+    assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+    assert "no adapter_config.json" in capsys.readouterr().err

@@ -25,6 +25,47 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    """A saved LoRA adapter (+ its base model) -> a merged 16-bit model directory."""
+    from pathlib import Path
+
+    import torch
+
+    from fusetune.api.saving import save_merged
+
+    adapter = Path(args.adapter)
+    config_file = adapter / "adapter_config.json"
+    if not config_file.is_file():
+        print(f"fusetune export: {adapter} has no adapter_config.json: give the directory a LoRA adapter was saved "
+              f"to (save_pretrained / save_method='lora')", file=sys.stderr)
+        return 2
+    base = args.base or json.loads(config_file.read_text()).get("base_model_name_or_path")
+    if not base:
+        print("fusetune export: the adapter does not name its base model: pass --base DIR", file=sys.stderr)
+        return 2
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = getattr(torch, args.dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    except OSError as err:
+        print(f"fusetune export: cannot load the base model {base!r} (a local directory or a reachable hub "
+              f"name; pass --base): {err}", file=sys.stderr)
+        return 2
+    model = PeftModel.from_pretrained(model, str(adapter))
+    tokenizer = None
+    for source in (adapter, base):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            break
+        except (OSError, ValueError):
+            continue
+    out = save_merged(model, args.out, tokenizer, save_method="merged_16bit", dtype=dtype)
+    print(f"fusetune export: wrote the merged model to {out}" + ("" if tokenizer else " (no tokenizer found)"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusetune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -38,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     train.set_defaults(func=_cmd_train)
+    export = sub.add_parser("export", help="merge a saved LoRA adapter into its base model (16-bit safetensors)")
+    export.add_argument("adapter", help="directory of a saved LoRA adapter")
+    export.add_argument("out", help="directory to write the merged model to (replaced atomically)")
+    export.add_argument("--base", default=None, help="base model (default: the one the adapter names)")
+    export.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    export.set_defaults(func=_cmd_export)
     return parser
 
 
