@@ -1,5 +1,5 @@
-"""A fusetune-patched model under trainers: TRL's SFTTrainer (where TRL is installed) and a plain
-loop whose gradient accumulation equals the large batch (num_items_in_batch, fused loss)."""
+"""A fusetune-patched model under trainers: TRL's SFT, DPO and GRPO trainers (where TRL is installed)
+and a plain loop whose gradient accumulation equals the large batch (num_items_in_batch, fused loss)."""
 import copy
 
 import pytest
@@ -64,3 +64,26 @@ def test_dpo_trainer_trains_a_patched_model(tmp_path):
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_grpo_trainer_trains_a_patched_model(tmp_path):
+    """GRPO generates completions with the patched model (KV cache) and trains on their rewards."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    tokenizer = _tokenizer()
+    model = fusetune.patch_model(add_lora(tiny_model("llama"), "llama"))
+    g = torch.Generator().manual_seed(0)
+    rows = [{"prompt": " ".join(f"w{int(i)}" for i in torch.randint(2, 40, (6,), generator=g))} for _ in range(4)]
+
+    def reward_len(completions, **kwargs):
+        return [float(len(c.split())) for c in completions]
+
+    args = trl.GRPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, num_generations=4,
+                          max_completion_length=6, learning_rate=1e-2, logging_steps=1, save_strategy="no",
+                          report_to=[], use_cpu=True, dataloader_num_workers=0)
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=reward_len, args=args, train_dataset=Dataset.from_list(rows),
+                              processing_class=tokenizer)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
