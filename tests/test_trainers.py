@@ -1,4 +1,4 @@
-"""A fusetune-patched model under trainers: TRL's SFT, DPO and GRPO trainers (where TRL is installed)
+"""A fusetune-patched model under trainers: TRL's SFT, DPO, GRPO, KTO and ORPO trainers (where TRL is installed)
 and a plain loop whose gradient accumulation equals the large batch (num_items_in_batch, fused loss)."""
 import copy
 
@@ -84,6 +84,53 @@ def test_grpo_trainer_trains_a_patched_model(tmp_path):
                           report_to=[], use_cpu=True, dataloader_num_workers=0)
     trainer = trl.GRPOTrainer(model=model, reward_funcs=reward_len, args=args, train_dataset=Dataset.from_list(rows),
                               processing_class=tokenizer)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_kto_trainer_trains_a_patched_model(tmp_path):
+    """KTO: unpaired desirable / undesirable completions, a KL term from mismatched pairs."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    tokenizer = _tokenizer()
+    model = fusetune.patch_model(add_lora(tiny_model("llama"), "llama"))
+    g = torch.Generator().manual_seed(0)
+
+    def words(n):
+        return " ".join(f"w{int(i)}" for i in torch.randint(2, 40, (n,), generator=g))
+
+    rows = [{"prompt": words(6), "completion": words(5), "label": i % 2 == 0} for i in range(8)]
+    args = trl.KTOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, max_length=24,
+                         dataloader_num_workers=0)
+    trainer = trl.KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_orpo_trainer_trains_a_patched_model(tmp_path):
+    """ORPO (TRL keeps it in trl.experimental): the odds-ratio term on paired preferences, no reference."""
+    pytest.importorskip("trl")
+    orpo = pytest.importorskip("trl.experimental.orpo")
+    from datasets import Dataset
+
+    tokenizer = _tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token  # as FastLanguageModel.from_pretrained sets it
+    model = fusetune.patch_model(add_lora(tiny_model("llama"), "llama"))
+    g = torch.Generator().manual_seed(0)
+
+    def words(n):
+        return " ".join(f"w{int(i)}" for i in torch.randint(2, 40, (n,), generator=g))
+
+    rows = [{"prompt": words(6), "chosen": words(5), "rejected": words(5)} for _ in range(8)]
+    args = orpo.ORPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                           logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, max_length=24,
+                           dataloader_num_workers=0)
+    trainer = orpo.ORPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                               processing_class=tokenizer)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
