@@ -46,12 +46,13 @@ def main():
                 ms = do_bench(fn)
             print(f"nf4 dequant 14336x4096 double_quant={double_quant} {name:>16}: {ms:.4f} ms, "
                   f"{nbytes / ms / 1e6:.0f} GB/s, {100 * nbytes / (ms * 1e-3) / bandwidth:.0f}% of copy")
-        sweep = []
+        sweep, defaults = [], (kernels.BLOCK_BYTES, kernels.NUM_WARPS)
         for block_bytes in (512, 1024, 2048, 4096):
             for warps in (2, 4, 8):
                 kernels.BLOCK_BYTES, kernels.NUM_WARPS = block_bytes, warps
                 with use_backend("triton"):
                     sweep.append((do_bench(lambda: dequantize_nf4(packed, state, out=out)), block_bytes, warps))
+        kernels.BLOCK_BYTES, kernels.NUM_WARPS = defaults  # later measurements use the shipped tile
         print("  sweep (ms, BLOCK_BYTES, warps), best first:", sorted(sweep)[:5])
     # host time per call (a small weight, so the GPU never limits): what hundreds of calls per
     # training step cost on the CPU side

@@ -25,20 +25,28 @@ def test_gradient_accumulation_equals_the_large_batch(device):
             assert_close(p.grad, q.grad, torch.float32, name)
 
 
-def test_sft_trainer_trains_a_patched_model(tmp_path):
-    trl = pytest.importorskip("trl")
+def _words(g, n):
+    return " ".join(f"w{int(i)}" for i in torch.randint(2, 40, (n,), generator=g))
+
+
+def _train(trainer_cls, config_cls, rows, tmp_path, tokenizer=None, trainer_args=None, **config):
+    """Train a patched LoRA tiny Llama with a TRL trainer on `rows`; returns the logged losses."""
     from datasets import Dataset
 
-    tokenizer = _tokenizer()
     model = fusetune.patch_model(add_lora(tiny_model("llama"), "llama"))
-    g = torch.Generator().manual_seed(0)
-    rows = [{"text": " ".join(f"w{int(i)}" for i in torch.randint(2, 40, (24,), generator=g))} for _ in range(16)]
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
-                         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, max_length=24,
-                         dataloader_num_workers=0)
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    args = config_cls(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1,
+                      save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, **config)
+    trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=tokenizer or _tokenizer(), **(trainer_args or {}))
     trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_sft_trainer_trains_a_patched_model(tmp_path):
+    trl = pytest.importorskip("trl")
+    g = torch.Generator().manual_seed(0)
+    rows = [{"text": _words(g, 24)} for _ in range(16)]
+    losses = _train(trl.SFTTrainer, trl.SFTConfig, rows, tmp_path, max_steps=4, max_length=24)
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
 
@@ -47,67 +55,32 @@ def test_dpo_trainer_trains_a_patched_model(tmp_path):
     """DPO needs log-probabilities of whole sequences (forwards without labels: the logits path)
     and a reference (PEFT's disabled adapters: the fused LoRA falls back there)."""
     trl = pytest.importorskip("trl")
-    from datasets import Dataset
-
-    tokenizer = _tokenizer()
-    model = fusetune.patch_model(add_lora(tiny_model("llama"), "llama"))
     g = torch.Generator().manual_seed(0)
-
-    def words(n):
-        return " ".join(f"w{int(i)}" for i in torch.randint(2, 40, (n,), generator=g))
-
-    rows = [{"prompt": words(6), "chosen": words(5), "rejected": words(5)} for _ in range(8)]
-    args = trl.DPOConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-                         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, max_length=24,
-                         dataloader_num_workers=0)
-    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    rows = [{"prompt": _words(g, 6), "chosen": _words(g, 5), "rejected": _words(g, 5)} for _ in range(8)]
+    losses = _train(trl.DPOTrainer, trl.DPOConfig, rows, tmp_path, max_steps=3, max_length=24)
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
 
 
 def test_grpo_trainer_trains_a_patched_model(tmp_path):
     """GRPO generates completions with the patched model (KV cache) and trains on their rewards."""
     trl = pytest.importorskip("trl")
-    from datasets import Dataset
-
-    tokenizer = _tokenizer()
-    model = fusetune.patch_model(add_lora(tiny_model("llama"), "llama"))
     g = torch.Generator().manual_seed(0)
-    rows = [{"prompt": " ".join(f"w{int(i)}" for i in torch.randint(2, 40, (6,), generator=g))} for _ in range(4)]
+    rows = [{"prompt": _words(g, 6)} for _ in range(4)]
 
     def reward_len(completions, **kwargs):
         return [float(len(c.split())) for c in completions]
 
-    args = trl.GRPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, num_generations=4,
-                          max_completion_length=6, learning_rate=1e-2, logging_steps=1, save_strategy="no",
-                          report_to=[], use_cpu=True, dataloader_num_workers=0)
-    trainer = trl.GRPOTrainer(model=model, reward_funcs=reward_len, args=args, train_dataset=Dataset.from_list(rows),
-                              processing_class=tokenizer)
-    trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    losses = _train(trl.GRPOTrainer, trl.GRPOConfig, rows, tmp_path, trainer_args={"reward_funcs": reward_len},
+                    max_steps=2, num_generations=4, max_completion_length=6)
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 
 
 def test_kto_trainer_trains_a_patched_model(tmp_path):
     """KTO: unpaired desirable / undesirable completions, a KL term from mismatched pairs."""
     trl = pytest.importorskip("trl")
-    from datasets import Dataset
-
-    tokenizer = _tokenizer()
-    model = fusetune.patch_model(add_lora(tiny_model("llama"), "llama"))
     g = torch.Generator().manual_seed(0)
-
-    def words(n):
-        return " ".join(f"w{int(i)}" for i in torch.randint(2, 40, (n,), generator=g))
-
-    rows = [{"prompt": words(6), "completion": words(5), "label": i % 2 == 0} for i in range(8)]
-    args = trl.KTOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
-                         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, max_length=24,
-                         dataloader_num_workers=0)
-    trainer = trl.KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    rows = [{"prompt": _words(g, 6), "completion": _words(g, 5), "label": i % 2 == 0} for i in range(8)]
+    losses = _train(trl.KTOTrainer, trl.KTOConfig, rows, tmp_path, max_steps=2, max_length=24)
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 
 
@@ -115,22 +88,10 @@ def test_orpo_trainer_trains_a_patched_model(tmp_path):
     """ORPO (TRL keeps it in trl.experimental): the odds-ratio term on paired preferences, no reference."""
     pytest.importorskip("trl")
     orpo = pytest.importorskip("trl.experimental.orpo")
-    from datasets import Dataset
-
     tokenizer = _tokenizer()
     tokenizer.pad_token = tokenizer.eos_token  # as FastLanguageModel.from_pretrained sets it
-    model = fusetune.patch_model(add_lora(tiny_model("llama"), "llama"))
     g = torch.Generator().manual_seed(0)
-
-    def words(n):
-        return " ".join(f"w{int(i)}" for i in torch.randint(2, 40, (n,), generator=g))
-
-    rows = [{"prompt": words(6), "chosen": words(5), "rejected": words(5)} for _ in range(8)]
-    args = orpo.ORPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
-                           logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, max_length=24,
-                           dataloader_num_workers=0)
-    trainer = orpo.ORPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                               processing_class=tokenizer)
-    trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    rows = [{"prompt": _words(g, 6), "chosen": _words(g, 5), "rejected": _words(g, 5)} for _ in range(8)]
+    losses = _train(orpo.ORPOTrainer, orpo.ORPOConfig, rows, tmp_path, tokenizer=tokenizer, max_steps=2,
+                    max_length=24)
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))

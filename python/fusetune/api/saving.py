@@ -56,10 +56,10 @@ def _weight_dtype(module: nn.Module) -> torch.dtype:
 def _dense(module: nn.Module) -> torch.Tensor:
     """The weight of a linear layer as a dense tensor (bitsandbytes 4-bit weights dequantised)."""
     if _is_4bit(module):
-        from fusetune.quant.nf4 import NF4State, dequantize_nf4
+        from fusetune.quant.nf4 import NF4State, NF4Weight
 
-        state = module.weight.quant_state
-        return dequantize_nf4(module.weight.data, NF4State.from_bitsandbytes(state), state.dtype)
+        state = NF4State.from_bitsandbytes(module.weight.quant_state)
+        return NF4Weight(module.weight.data, state).dequantize()
     return module.weight.detach()
 
 
