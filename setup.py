@@ -11,7 +11,7 @@ from setuptools import setup
 
 package_dir = {"fusetune": "python/fusetune", "fusetune.triton_kernels": "triton_kernels"}
 packages = ["fusetune", "fusetune.triton_kernels", "fusetune.reference", "fusetune.ops",
-            "fusetune.patching", "fusetune.training", "fusetune.data", "fusetune.quant", "fusetune.lora",
+            "fusetune.patching", "fusetune.training", "fusetune.data", "fusetune.quant", "fusetune.lora", "fusetune.cli",
             "fusetune.api"]
 
 
@@ -49,10 +49,12 @@ setup(
     package_dir=package_dir,
     packages=packages,
     python_requires=">=3.10",
-    package_data={"fusetune.data": ["*.txt"]},
+    package_data={"fusetune.data": ["*.jsonl", "*.yaml"]},
     install_requires=["torch>=2.4", "triton>=3.2", "transformers>=5.0", "peft>=0.17", "accelerate",
                       "safetensors", "pyyaml"],
-    extras_require={"test": ["pytest", "bitsandbytes>=0.50", "trl>=1.15"]},
+    # train: the embedded default of `fusetune train` reads a GGUF file and plots the loss
+    extras_require={"train": ["gguf>=0.17", "matplotlib"],
+                    "test": ["pytest", "gguf>=0.17", "matplotlib", "bitsandbytes>=0.50", "trl>=1.15"]},
     entry_points={"console_scripts": ["fusetune=fusetune.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

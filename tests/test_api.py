@@ -86,13 +86,40 @@ def test_merged_16bit_loads_as_the_plain_model_with_the_same_logits(model_dir, t
     ids, _ = random_batch()
     with torch.no_grad():
         want = model(input_ids=ids).logits
-    out = FastLanguageModel.save_pretrained_merged(model, tmp_path / "merged", tokenizer)
+    out = model.save_pretrained_merged(tmp_path / "merged", tokenizer)  # the bound form users call
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         got = plain(input_ids=ids).logits
     assert_close(got, want, torch.float32, "merged logits")
     assert not any("lora" in k for k in plain.state_dict())
+
+
+def test_merged_4bit_loads_quantised_with_nf4_rounded_logits(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    # intermediate 128: bitsandbytes 0.50's CPU dequantisation is wrong for rows not a multiple of its block of 64
+    tiny_model("llama", intermediate_size=128).save_pretrained(tmp_path / "base")
+    _tokenizer().save_pretrained(tmp_path / "base")
+    model, tokenizer = _loaded(tmp_path / "base")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False,
+                                             init_lora_weights=False)
+    merged = saving.merged_state_dict(model)
+    out = model.save_pretrained_merged(tmp_path / "merged4", tokenizer, save_method="merged_4bit")
+    assert not (out / ".merged_16bit").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert loaded.config.quantization_config.load_in_4bit
+    import bitsandbytes.functional as bnbf
+
+    quantised = {n: m for n, m in loaded.named_modules() if type(m).__name__ == "Linear4bit"}
+    assert len(quantised) == 14  # every decoder projection; embeddings and head stay 16-bit as transformers does
+    for name, module in quantised.items():
+        got = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+        want = merged[name + ".weight"].float()
+        # NF4: within half the widest gap between its levels (0.152) of each 64-block's absmax
+        blocks = want.reshape(-1, 64)
+        bound = 0.16 * blocks.abs().amax(1, keepdim=True)
+        assert ((got.reshape(-1, 64) - blocks).abs() <= bound).all(), name
+        assert not torch.equal(got, want)
 
 
 def test_lora_save_and_atomic_replacement(model_dir, tmp_path, monkeypatch):

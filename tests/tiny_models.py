@@ -100,3 +100,27 @@ def random_batch(batch: int = 2, seq: int = 16, seed: int = 1, device="cpu"):
     labels = input_ids.clone()
     labels[:, :3] = -100
     return input_ids.to(device), labels.to(device)
+
+
+TOKENIZER_TEXT = ("The quick brown fox jumps over the lazy dog. 안녕하세요, 반갑습니다! 12345 fusetune writes "
+                  "GGUF files.\n") * 20
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_level_tokenizer():
+    """A small byte-level BPE tokenizer (the kind Llama-3, Qwen and SmolLM use), trained here, with a
+    ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TOKENIZER_TEXT], trainer)
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>")
+    out.chat_template = CHATML
+    return out

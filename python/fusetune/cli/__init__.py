@@ -15,13 +15,20 @@ def _cmd_env(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from fusetune.training.quickstart import run
+    from fusetune.training.batch_size import OutOfMemory
+    from fusetune.training.config import ConfigError, default_config_text, load_config
 
-    result = run(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
-                 device=args.device)
-    if not result["last_loss"] < result["first_loss"]:
-        print("warning: the loss did not fall; something is wrong", file=sys.stderr)
-        return 1
+    if args.print_default:
+        print(default_config_text(), end="")
+        return 0
+    try:
+        config = load_config(args.config, args.set)
+        from fusetune.cli.train import run_train
+
+        run_train(config)
+    except (ConfigError, ImportError, OSError, OutOfMemory) as err:
+        print(f"fusetune train: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -72,12 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     env = sub.add_parser("env", help="print GPUs, versions and the backend each op would use")
     env.add_argument("--json", action="store_true", help="machine-readable output")
     env.set_defaults(func=_cmd_env)
-    train = sub.add_parser("train", help="the quick-start: LoRA fine-tune of a tiny Llama built "
-                                         "from a config on the bundled text")
-    train.add_argument("--steps", type=int, default=60)
-    train.add_argument("--seq-len", type=int, default=128)
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    train = sub.add_parser("train", help="LoRA fine-tune from a YAML config (none: the embedded default, "
+                                         "SmolLM2-135M-Instruct on the bundled instructions)")
+    train.add_argument("config", nargs="?", default=None, help="YAML config (sections model, data, lora, training, "
+                                                               "output); see --print-default")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one key, e.g. --set training.max_steps=10 (repeatable)")
+    train.add_argument("--print-default", action="store_true", help="print the embedded default config and exit")
     train.set_defaults(func=_cmd_train)
     export = sub.add_parser("export", help="merge a saved LoRA adapter into its base model (16-bit safetensors)")
     export.add_argument("adapter", help="directory of a saved LoRA adapter")
@@ -91,7 +99,3 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

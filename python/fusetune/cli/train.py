@@ -1,0 +1,121 @@
+"""`fusetune train [CONFIG.yaml]`: load, add LoRA, train, answer the held-back prompts before and
+after, save the adapter (and, if asked, a merged model or a GGUF), plot the loss."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fusetune.training.config import TrainConfig
+
+
+def describe_hardware(device: torch.device, dtype: torch.dtype) -> str:
+    from fusetune.training.env import backend_report, gpus
+
+    name = str(dtype).removeprefix("torch.")
+    if device.type == "cuda":
+        g = gpus()[device.index or 0]
+        return (f"hardware: {g['name']} ({g['memory_gib']} GiB, bf16 {'yes' if g['bf16'] else 'no'}) -> {name}, "
+                f"fused ops on the {backend_report(device)['rms_norm']} backend")
+    return f"hardware: CPU only (no GPU found) -> {name}, fused ops on the {backend_report(device)['rms_norm']} backend"
+
+
+def answer(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy replies to each prompt as a one-turn chat (the model is left in training mode)."""
+    from fusetune.api import FastLanguageModel
+
+    FastLanguageModel.for_inference(model)
+    device = next(model.parameters()).device
+    replies = []
+    with torch.no_grad():
+        for prompt in prompts:
+            inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                   return_tensors="pt", return_dict=True).to(device)
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            replies.append(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    FastLanguageModel.for_training(model)
+    return replies
+
+
+def plot_losses(losses: list[float], path: Path, title: str) -> Path | None:
+    """The loss curve as a PNG (None when matplotlib is not installed)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(range(1, len(losses) + 1), losses, marker="o", markersize=2.5)
+    ax.set(xlabel="optimizer step", ylabel="loss (assistant tokens)", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def run_train(config: TrainConfig, log=print) -> dict:
+    from fusetune.api import FastLanguageModel, get_chat_template, save_merged
+    from fusetune.api.model import default_dtype
+    from fusetune.training.data import read_rows, tokenize_rows
+    from fusetune.training.loop import pick_micro_batch, train_loop
+
+    m, t = config.model, config.training
+    torch.manual_seed(t.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = default_dtype(device.type) if m.dtype == "auto" else getattr(torch, m.dtype)
+    log(describe_hardware(device, dtype))
+    started = time.perf_counter()
+    model, tokenizer = FastLanguageModel.from_pretrained(m.name, max_seq_length=m.max_seq_length, dtype=dtype,
+                                                         load_in_4bit=m.load_in_4bit, gguf_file=m.gguf_file,
+                                                         trust_remote_code=m.trust_remote_code)
+    if m.chat_template:
+        get_chat_template(tokenizer, m.chat_template)
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+    examples = tokenize_rows(read_rows(config.data.path), tokenizer, m.max_seq_length,
+                             config.data.train_on_responses_only)
+    lengths = [len(e["input_ids"]) for e in examples]
+    log(f"data: {len(examples)} conversations from {config.data.path}, {min(lengths)}-{max(lengths)} tokens, "
+        f"{'assistant replies only' if config.data.train_on_responses_only else 'all tokens'} in the loss")
+    lora = config.lora
+    model = FastLanguageModel.get_peft_model(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                             target_modules=lora.target_modules, use_rslora=lora.use_rslora,
+                                             use_gradient_checkpointing=lora.gradient_checkpointing,
+                                             random_state=t.seed)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log(f"model: {m.name}, {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable (LoRA r={lora.r}), "
+        f"loaded in {time.perf_counter() - started:.0f} s")
+    prompts = config.data.eval_prompts
+    before = answer(model, tokenizer, prompts, config.data.max_new_tokens) if prompts else []
+    out = Path(config.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    micro = pick_micro_batch(model, examples, tokenizer.pad_token_id, t, device, log)
+    record = train_loop(model, examples, tokenizer.pad_token_id, t, out, device, micro, log)
+    losses = record["losses"]
+    log(f"trained {record['steps']} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
+        f"{record['tokens_per_s']:,.0f} tokens/s, peak memory {record['peak_memory_gib']:.2f} GiB "
+        f"({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
+    after = answer(model, tokenizer, prompts, config.data.max_new_tokens) if prompts else []
+    for prompt, old, new in zip(prompts, before, after):
+        log(f"\n> {prompt}\n  before: {old}\n  after:  {new}")
+    adapter = save_merged(model, out / "adapter", tokenizer, save_method="lora")
+    log(f"\nsaved the adapter to {adapter}")
+    plot = plot_losses(losses, out / "loss.png", f"{m.name}: LoRA r={lora.r}")
+    log(f"loss curve: {plot}" if plot else "loss curve: pip install matplotlib to plot it (losses in summary.json)")
+    if config.output.save_merged:
+        log(f"merged model: {save_merged(model, out / 'merged', tokenizer)}")
+    if config.output.save_gguf:
+        from fusetune.api.gguf import save_gguf
+
+        log(f"GGUF: {save_gguf(model, out / 'gguf', tokenizer, config.output.save_gguf)}")
+    summary = {**record, "before": before, "after": after, "prompts": prompts, "adapter": str(adapter),
+               "device": str(device), "dtype": str(dtype)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+    return summary

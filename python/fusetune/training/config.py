@@ -1,0 +1,193 @@
+"""The configuration of `fusetune train`: a YAML file (read with safe_load) of four sections.
+
+Every key has a default (the dataclasses below are the reference); a key that is not known, a
+value of the wrong type or a missing file raises ConfigError with a message that names the key
+and the fix. `--set section.key=value` overrides land here too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+SCHEDULERS = ("linear", "cosine", "constant")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+class ConfigError(ValueError):
+    """A configuration the trainer cannot run; the message says what to change."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"
+    gguf_file: str | None = None
+    max_seq_length: int = 2048
+    dtype: str = "auto"
+    load_in_4bit: bool = False
+    trust_remote_code: bool = False
+    chat_template: str | None = None  # one of fusetune.api.chat.TEMPLATES; None keeps the tokenizer's
+
+
+@dataclass
+class DataConfig:
+    path: str = "builtin:instructions.jsonl"
+    train_on_responses_only: bool = True
+    eval_prompts: list[str] = field(default_factory=list)
+    max_new_tokens: int = 48
+
+
+@dataclass
+class LoraSection:
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    use_rslora: bool = False
+    gradient_checkpointing: bool | str = False  # True, False, "fusetune"
+
+
+@dataclass
+class TrainingConfig:
+    epochs: float = 1.0
+    max_steps: int | None = None          # overrides epochs
+    effective_batch_size: int = 8         # sequences per optimizer step
+    micro_batch_size: int | str = "auto"  # "auto": the batch-size finder on a GPU
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "linear"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 3407
+    logging_steps: int = 1
+    save_steps: int = 50                  # 0: only the final adapter
+    save_total_limit: int = 2
+    resume: bool | str = "auto"           # "auto": from the newest checkpoint in output.dir, if any
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "fusetune-output"
+    save_merged: bool = False
+    save_gguf: str | None = None          # a quantization_method of save_pretrained_gguf, e.g. "q8_0"
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def _checked(where: str, value, annotation: str):
+    """value, if it fits the annotation (a simple union of bool/int/float/str/list/None); YAML 1.1
+    reads 2e-4 as a string, so a float field takes a string that parses as a number."""
+    allowed = {part.strip().split("[")[0] for part in annotation.split("|")}
+    if "float" in allowed and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    kinds = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,), "list": (list,),
+             "None": (type(None),)}
+    if isinstance(value, bool) and "bool" not in allowed:
+        ok = False
+    else:
+        ok = any(isinstance(value, kinds[a]) for a in allowed)
+    if not ok:
+        raise ConfigError(f"{where} = {value!r}: expected {annotation.replace('None', 'null')}")
+    return value
+
+
+def _fill(section, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"unknown key {where}.{key}: {_suggest(key, fields)}known keys of {where}: "
+                              f"{', '.join(fields)}")
+        setattr(section, key, _checked(f"{where}.{key}", value, fields[key].type))
+
+
+def _validate(config: TrainConfig):
+    t = config.training
+    if t.lr_scheduler not in SCHEDULERS:
+        raise ConfigError(f"training.lr_scheduler = {t.lr_scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    if config.model.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype = {config.model.dtype!r}: choose one of {', '.join(DTYPES)}")
+    if isinstance(t.micro_batch_size, str) and t.micro_batch_size != "auto":
+        raise ConfigError(f"training.micro_batch_size = {t.micro_batch_size!r}: a number or auto")
+    for where, value in (("training.effective_batch_size", t.effective_batch_size),
+                         ("model.max_seq_length", config.model.max_seq_length), ("lora.r", config.lora.r)):
+        if value < 1:
+            raise ConfigError(f"{where} = {value}: must be at least 1")
+    if not isinstance(t.micro_batch_size, str) and t.micro_batch_size < 1:
+        raise ConfigError(f"training.micro_batch_size = {t.micro_batch_size}: at least 1, or auto")
+    if t.resume not in (True, False, "auto"):
+        raise ConfigError(f"training.resume = {t.resume!r}: true, false or auto")
+    if config.lora.gradient_checkpointing not in (True, False, "fusetune", "unsloth"):
+        raise ConfigError(f"lora.gradient_checkpointing = {config.lora.gradient_checkpointing!r}: true, false or "
+                          f"fusetune")
+
+
+def _parse_override(item: str) -> tuple[list[str], object]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: write section.key=value, e.g. --set training.max_steps=10")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def build_config(raw: dict | None, overrides: list[str] = ()) -> TrainConfig:
+    raw = dict(raw or {})
+    for item in overrides:
+        path, value = _parse_override(item)
+        if len(path) != 2:
+            raise ConfigError(f"--set {item!r}: the key must be section.key (e.g. training.max_steps)")
+        section = raw.setdefault(path[0], {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"--set {item!r}: {path[0]} is not a section")
+        section[path[1]] = value
+    config = TrainConfig()
+    sections = {f.name for f in dataclasses.fields(config)}
+    for name, values in raw.items():
+        if name not in sections:
+            raise ConfigError(f"unknown section {name!r}: {_suggest(name, sections)}sections: {', '.join(sections)}")
+        _fill(getattr(config, name), values or {}, name)
+    _validate(config)
+    return config
+
+
+def default_config_text() -> str:
+    return resources.files("fusetune.data").joinpath("default.yaml").read_text(encoding="utf-8")
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
+    """The config in `path` (None: the embedded default) with `overrides` applied."""
+    if path is None:
+        text, where = default_config_text(), "the embedded default"
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {path} not found (run `fusetune train` without a file for the embedded "
+                              f"default; `fusetune train --print-default` shows it to copy)")
+        text, where = file.read_text(encoding="utf-8"), path
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where} is not valid YAML: {err}") from err
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections (model, data, lora, training, "
+                          f"output)")
+    return build_config(raw, overrides)

@@ -1,0 +1,148 @@
+"""Training data for `fusetune train`: read rows from a file, turn them into conversations, and
+tokenize them with the chat template, labels on the assistant's replies only.
+
+Files: .jsonl, .json (a list of rows), .csv; .parquet and a `datasets` save_to_disk directory
+need the datasets package. "builtin:NAME" reads a file bundled in fusetune/data.
+Rows: {"messages": [{"role", "content"}, ...]} (OpenAI / TRL), {"conversations": [{"from",
+"value"}, ...]} (ShareGPT), {"instruction", "input"?, "output"} (Alpaca), {"prompt",
+"completion"}, or {"text"} (plain text: every token is a label).
+"""
+from __future__ import annotations
+
+import csv
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from fusetune.training.config import ConfigError
+
+IGNORE_INDEX = -100
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}
+
+
+def read_rows(path: str) -> list[dict]:
+    if path.startswith("builtin:"):
+        name = path.removeprefix("builtin:")
+        file = resources.files("fusetune.data").joinpath(name)
+        if not file.is_file():
+            raise ConfigError(f"data.path {path!r}: fusetune bundles no file {name!r}")
+        return [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"data.path {path!r} not found: give a .jsonl, .json, .csv or .parquet file or a "
+                          f"datasets directory")
+    if p.is_dir() or p.suffix == ".parquet":
+        try:
+            import datasets
+        except ImportError as err:
+            raise ConfigError(f"data.path {path!r}: reading parquet files and datasets directories needs the datasets "
+                              f"package: pip install datasets") from err
+        ds = datasets.load_from_disk(str(p)) if p.is_dir() else datasets.Dataset.from_parquet(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise ConfigError(f"data.path {path!r}: the dataset has splits {list(ds)} but no 'train'")
+            ds = ds["train"]
+        return list(ds)
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        if p.suffix == ".json":
+            rows = json.loads(text)
+            if not isinstance(rows, list):
+                raise ConfigError(f"data.path {path!r}: a .json file must hold a list of rows")
+            return rows
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"data.path {path!r}: not valid JSON ({err})") from err
+    if p.suffix == ".csv":
+        return list(csv.DictReader(text.splitlines()))
+    raise ConfigError(f"data.path {path!r}: unknown file type {p.suffix!r} (use .jsonl, .json, .csv or .parquet)")
+
+
+def to_messages(row: dict, index: int) -> list[dict] | str:
+    """A row as a list of chat messages, or as a plain string for {"text"} rows."""
+    if "messages" in row:
+        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    if "conversations" in row:
+        try:
+            return [{"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]} for m in row["conversations"]]
+        except KeyError as err:
+            raise ConfigError(f"data row {index}: ShareGPT role {err} not known ({', '.join(SHAREGPT_ROLES)})") from err
+    if "instruction" in row and "output" in row:
+        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+    if "prompt" in row and "completion" in row:
+        return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+    if "text" in row:
+        return row["text"]
+    raise ConfigError(f"data row {index} has keys {sorted(row)}: fusetune reads messages, conversations, "
+                      f"instruction/output, prompt/completion or text rows")
+
+
+def _assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of each assistant turn (its reply and the
+    end-of-turn marker: the model must learn to stop)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        begin = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+        end = len(tokenizer.apply_chat_template(messages[:i + 1], tokenize=False))
+        if text[:end] != tokenizer.apply_chat_template(messages[:i + 1], tokenize=False):
+            raise ConfigError("the chat template renders a conversation's prefix differently from the whole "
+                              "conversation; set data.train_on_responses_only: false")
+        spans.append((begin, end))
+    return text, spans
+
+
+def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_only: bool = True) -> list[dict]:
+    """Each row -> {"input_ids", "labels"} (lists), cut to max_seq_length."""
+    if tokenizer.chat_template is None and any("text" not in r for r in rows):
+        raise ConfigError("the tokenizer has no chat template: set model.chat_template (e.g. chatml) or use text rows")
+    out = []
+    for index, row in enumerate(rows):
+        conversation = to_messages(row, index)
+        if isinstance(conversation, str):
+            ids = tokenizer(conversation, add_special_tokens=True)["input_ids"]
+            if tokenizer.eos_token_id is not None:
+                ids = ids + [tokenizer.eos_token_id]
+            labels = list(ids)
+        else:
+            text, spans = _assistant_spans(tokenizer, conversation)
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids = enc["input_ids"]
+            if responses_only:
+                labels = [t if any(b <= start < e for b, e in spans) else IGNORE_INDEX
+                          for t, (start, _) in zip(ids, enc["offset_mapping"])]
+            else:
+                labels = list(ids)
+        ids, labels = ids[:max_seq_length], labels[:max_seq_length]
+        if all(label == IGNORE_INDEX for label in labels[1:]):
+            continue  # nothing to learn in this row (e.g. its reply was cut off)
+        out.append({"input_ids": ids, "labels": labels})
+    if not out:
+        raise ConfigError("no training rows with an answer to learn: check data.path and model.max_seq_length")
+    return out
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch; padding is masked in the attention and in the labels."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[row, :n] = torch.tensor(e["input_ids"])
+        labels[row, :n] = torch.tensor(e["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def label_count(examples: list[dict]) -> int:
+    """Tokens that carry a loss (labels are shifted by one inside the model)."""
+    return sum(sum(1 for label in e["labels"][1:] if label != IGNORE_INDEX) for e in examples)

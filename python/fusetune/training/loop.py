@@ -1,0 +1,237 @@
+"""The training loop of `fusetune train`: effective batches split into micro-batches (gradient
+accumulation normalised by the effective batch's label count, so any micro-batch size gives the
+same update), AdamW with a warm-up + decay schedule, a progress bar, and checkpoints that resume.
+
+A checkpoint (output_dir/checkpoint-STEP, written atomically) holds the trainable tensors, the
+optimizer and scheduler states, the RNG states and the position in the data; resuming replays the
+same sample order, so an interrupted run ends where an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fusetune.training.batch_size import find_micro_batch
+from fusetune.training.config import ConfigError, TrainingConfig
+from fusetune.training.data import collate, label_count
+from fusetune.training.memory import peak_bytes
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def total_steps(cfg: TrainingConfig, n_examples: int) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * n_examples / cfg.effective_batch_size))
+
+
+def sample_indices(n: int, seed: int, start: int, count: int) -> list[int]:
+    """Samples start .. start+count-1 of the stream of epochs, each a fresh permutation."""
+    out, orders = [], {}
+    for k in range(start, start + count):
+        epoch = k // n
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        out.append(orders[epoch][k % n])
+    return out
+
+
+def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _micro_batches(examples: list[dict], size: int):
+    for i in range(0, len(examples), size):
+        yield examples[i:i + size]
+
+
+def accumulate(model, examples: list[dict], pad_id: int, micro_batch: int, device) -> tuple[float, int]:
+    """Forward + backward of one effective batch in micro-batches; grads as for the whole batch.
+    Returns (mean loss per label token, tokens processed)."""
+    n_items = label_count(examples)
+    total, tokens = 0.0, 0
+    for chunk in _micro_batches(examples, micro_batch):
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        loss = model(**batch, num_items_in_batch=n_items).loss
+        loss.backward()
+        total += loss.item()
+        tokens += int(batch["attention_mask"].sum())
+    return total, tokens
+
+
+def pick_micro_batch(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, device, log) -> int:
+    """training.micro_batch_size, or ("auto") the batch-size finder on the longest examples (GPU);
+    on the CPU auto is the whole effective batch."""
+    upper = cfg.effective_batch_size
+    if cfg.micro_batch_size != "auto":
+        size = min(cfg.micro_batch_size, upper)
+        log(f"micro-batch: {size} (training.micro_batch_size); {math.ceil(upper / size)} micro-batches per step")
+        return size
+    if device.type != "cuda":
+        log(f"micro-batch: {upper} (auto on the CPU: no finder, the whole effective batch)")
+        return upper
+    longest = sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True)[:upper]
+
+    def fits(size: int):
+        rows = (longest * size)[:size]
+        try:
+            accumulate(model, rows, pad_id, size, device)
+        finally:
+            model.zero_grad(set_to_none=True)
+
+    size = find_micro_batch(fits, upper, log)
+    log(f"micro-batch: {size} (batch-size finder, longest rows of {len(longest[0]['input_ids'])} tokens); "
+        f"{math.ceil(upper / size)} micro-batches per step")
+    return size
+
+
+def _schedule(optimizer, cfg: TrainingConfig, steps: int):
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in output_dir, oldest first."""
+    found = [p for p in output_dir.glob(CHECKPOINT_PREFIX + "*")
+             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+    from safetensors.torch import save_file
+
+    from fusetune.api.saving import atomic_directory
+
+    target = output_dir / f"{CHECKPOINT_PREFIX}{state['step']}"
+    with atomic_directory(target) as tmp:
+        save_file({k: p.detach().cpu().contiguous() for k, p in trainable_parameters(model).items()},
+                  tmp / "trainable.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng_cpu": torch.get_rng_state(),
+                    "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(state))
+    for old in checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    from safetensors.torch import load_file
+
+    saved = load_file(path / "trainable.safetensors")
+    params = trainable_parameters(model)
+    if set(saved) != set(params) or any(saved[k].shape != params[k].shape for k in saved):
+        raise ConfigError(f"{path} was written for another model or LoRA configuration: choose another output.dir, "
+                          f"or set training.resume: false to start over there")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+    extra = torch.load(path / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["rng_cpu"])
+    if extra["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(extra["rng_cuda"])
+    return json.loads((path / "state.json").read_text())
+
+
+def _resume_point(output_dir: Path, cfg: TrainingConfig, steps: int, log) -> Path | None:
+    found = checkpoints(output_dir)
+    if not found or cfg.resume is False:
+        if found:
+            log(f"training.resume is false: starting over; the checkpoints in {output_dir} are replaced as this run "
+                f"saves")
+        return None
+    newest = found[-1]
+    if json.loads((newest / "state.json").read_text())["step"] >= steps:
+        log(f"{output_dir} holds a finished run ({newest.name}): training again from the start")
+        return None
+    return newest
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain log lines every logging_steps elsewhere (logs, CI)."""
+
+    def __init__(self, total: int, start: int, every: int, log):
+        from tqdm.auto import tqdm
+
+        self.every, self.log = every, log
+        self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True) if sys.stderr.isatty() else None
+
+    def update(self, step: int, total: int, fields: dict):
+        if self.bar is not None:
+            self.bar.set_postfix(fields, refresh=False)
+            self.bar.update(1)
+        elif step % self.every == 0 or step == total or step == 1:
+            self.log(f"step {step:>4}/{total}  " + "  ".join(f"{k} {v}" for k, v in fields.items()))
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train_loop(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, output_dir: Path, device,
+               micro_batch: int, log=print) -> dict:
+    """Train `model` (its parameters that require grad) on the tokenized examples. Returns the
+    run's record: losses per step, tokens/s, peak memory, steps, resumed_from."""
+    steps = total_steps(cfg, len(examples))
+    params = list(trainable_parameters(model).values())
+    if not params:
+        raise ConfigError("the model has no trainable parameters: add LoRA adapters (the lora section)")
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = _schedule(optimizer, cfg, steps)
+    state = {"step": 0, "consumed": 0, "losses": [], "tokens": 0}
+    resume_from = _resume_point(output_dir, cfg, steps, log)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        log(f"resumed from {resume_from} (step {state['step']} of {steps})")
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    progress = Progress(steps, state["step"], cfg.logging_steps, log)
+    run_tokens, run_seconds = 0, 0.0  # this process's training steps only (not loading, not saving)
+    try:
+        while state["step"] < steps:
+            start = time.perf_counter()
+            batch = [examples[i] for i in sample_indices(len(examples), cfg.seed, state["consumed"],
+                                                         cfg.effective_batch_size)]
+            loss, tokens = accumulate(model, batch, pad_id, micro_batch, device)
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["consumed"] += len(batch)
+            state["losses"].append(loss)
+            state["tokens"] += tokens
+            run_tokens += tokens
+            run_seconds += time.perf_counter() - start
+            rate = run_tokens / run_seconds
+            progress.update(state["step"], steps, {"loss": f"{loss:.4f}", "tok/s": f"{rate:,.0f}",
+                                                   "lr": f"{lr:.2e}", "mem": f"{peak_bytes(device) / 2**30:.2f}GiB"})
+            if cfg.save_steps and state["step"] % cfg.save_steps == 0 and state["step"] < steps:
+                save_checkpoint(output_dir, model, optimizer, scheduler, state, cfg.save_total_limit)
+    except torch.cuda.OutOfMemoryError as err:
+        last = checkpoints(output_dir)
+        raise ConfigError(f"out of GPU memory at step {state['step'] + 1} (micro-batch {micro_batch}): set "
+                          f"training.micro_batch_size lower, lower model.max_seq_length, or set model.load_in_4bit: "
+                          f"true; " + (f"rerunning resumes from {last[-1]}" if last else "no checkpoint was written yet")
+                          ) from err
+    finally:
+        progress.close()
+    if cfg.save_steps:
+        save_checkpoint(output_dir, model, optimizer, scheduler, state, cfg.save_total_limit)
+    return {"losses": state["losses"], "steps": steps, "resumed_from": str(resume_from) if resume_from else None,
+            "tokens_per_s": run_tokens / run_seconds if run_seconds else 0.0, "peak_memory_gib": peak_bytes(device) / 2**30,
+            "micro_batch": micro_batch}

@@ -1,0 +1,152 @@
+"""GGUF export: tensors read back by gguf's GGUFReader equal the merged weights (llama.cpp's q/k
+layout undone), and transformers' GGUF loader gives the adapter model's logits."""
+import numpy as np
+import pytest
+import torch
+
+from fusetune.api import FastLanguageModel
+from fusetune.api.gguf import interleave_rotary_halves, llama3_rope_factors, save_gguf
+from fusetune.api.saving import merged_state_dict
+from tests.tiny_models import byte_level_tokenizer, tiny_config
+
+gguf = pytest.importorskip("gguf")
+
+def lora_model(family: str, tokenizer, **config):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_config(family, vocab_size=len(tokenizer), **config)
+    model = AutoModelForCausalLM.from_config(config).float()
+    model.requires_grad_(False)
+    model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return FastLanguageModel.for_inference(model)
+
+
+def read_back(path, config) -> dict[str, np.ndarray]:
+    """Every tensor of the file, dequantised, in torch's (out, in) shape, q/k back in HF's layout."""
+    reader = gguf.GGUFReader(path)
+    out = {}
+    for t in reader.tensors:
+        data = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
+        if reader.fields["general.architecture"].contents() == "llama" and t.name.endswith(("attn_q.weight",
+                                                                                             "attn_k.weight")):
+            heads = config.num_attention_heads if "attn_q" in t.name else config.num_key_value_heads
+            # the inverse of interleave: view as (heads, dim/2, 2) and swap back
+            w = torch.from_numpy(np.ascontiguousarray(data))
+            data = w.reshape(heads, w.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(w.shape).numpy()
+        out[t.name] = data
+    return out
+
+
+def test_interleave_rotary_halves_pairs_each_heads_halves():
+    w = torch.arange(8.0).reshape(8, 1)  # one head of 8 rows: halves 0..3 and 4..7
+    assert interleave_rotary_halves(w, 1).flatten().tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    two = interleave_rotary_halves(torch.arange(16.0).reshape(16, 1), 2).flatten().tolist()
+    assert two[:8] == [0, 4, 1, 5, 2, 6, 3, 7] and two[8:] == [8, 12, 9, 13, 10, 14, 11, 15]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("method", ["f16", "q8_0"])
+def test_gguf_round_trip(family, method, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = byte_level_tokenizer()
+    # no sliding window: GGUF's llama/qwen architectures attend over the whole context; Qwen3 at its
+    # real head_dim of 128 (transformers' GGUF reader does not read it from the file)
+    window = {"mistral": dict(sliding_window=None), "qwen2": dict(use_sliding_window=False),
+              "qwen3": dict(use_sliding_window=False, head_dim=128)}.get(family, {})
+    model = lora_model(family, tokenizer, **window)
+    path = save_gguf(model, tmp_path / "gguf", tokenizer, method)
+    assert path.name == f"model.{method.upper()}.gguf" and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    config = model.get_base_model().config
+    merged = merged_state_dict(model, torch.float32)
+
+    # 1. GGUFReader: metadata and every tensor (1-D tensors exact in f32; matrices within the format's rounding)
+    reader = gguf.GGUFReader(path)
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    arch = "llama" if family == "mistral" else family
+    assert fields["general.architecture"] == arch and fields[f"{arch}.block_count"] == 2
+    assert fields[f"{arch}.attention.head_count_kv"] == 2 and fields["tokenizer.chat_template"] == tokenizer.chat_template
+    assert reader.fields["tokenizer.ggml.tokens"].contents()[:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tensors = read_back(path, config)
+    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), 2)
+    expected = {f"{names.get_name(k.rsplit('.', 1)[0])}.{k.rsplit('.', 1)[1]}": v for k, v in merged.items()}
+    assert set(tensors) == set(expected)
+    for name, want in expected.items():
+        got, want = torch.from_numpy(np.ascontiguousarray(tensors[name])).float(), want.float()
+        if want.dim() == 1:
+            assert torch.equal(got, want), name
+        else:
+            # f16: half-precision rounding; q8_0: half a step of the block's scale (absmax / 127)
+            bound = want.abs().max() * (2 ** -11 if method == "f16" else 1 / 127)
+            assert (got - want).abs().max() <= bound, name
+
+    # 2. transformers' GGUF loader: the adapter model (f16), or the merged model with q8_0-rounded weights
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    loaded_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    ids = torch.tensor([tokenizer("The lazy fox, 안녕하세요 123")["input_ids"]])
+    assert loaded_tok("The lazy fox, 안녕하세요 123")["input_ids"] == ids[0].tolist()
+    reference = model
+    if method == "q8_0":
+        reference = AutoModelForCausalLM.from_config(config).float().eval()
+        reference.load_state_dict({k: q8_0_rounded(v) for k, v in merged.items()})
+    with torch.no_grad():
+        want = reference(input_ids=ids).logits
+        got = loaded(input_ids=ids).logits
+    err = ((got - want).norm() / want.norm()).item()
+    assert err < (2e-3 if method == "f16" else 1e-5), err
+
+
+def q8_0_rounded(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.dim() == 1:
+        return tensor
+    q = gguf.quants.quantize(tensor.numpy(), gguf.GGMLQuantizationType.Q8_0)
+    return torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).copy()).reshape(tensor.shape)
+
+
+def test_gguf_bad_inputs(tmp_path, monkeypatch):
+    tokenizer = byte_level_tokenizer()
+    model = lora_model("llama", tokenizer)
+    with pytest.raises(ValueError, match="not known"):
+        save_gguf(model, tmp_path / "x", tokenizer, "q3_zz")
+    monkeypatch.delenv("LLAMA_QUANTIZE", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RuntimeError, match="llama-quantize"):
+        save_gguf(model, tmp_path / "x", tokenizer, "q4_k_m")
+    with pytest.raises(ValueError, match="tokenizer"):
+        save_gguf(model, tmp_path / "x", None, "f16")
+    gemma = lora_model("gemma", tokenizer)
+    with pytest.raises(NotImplementedError, match="merged_16bit"):
+        save_gguf(gemma, tmp_path / "x", tokenizer, "f16")
+    assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+def test_llama_quantize_is_run_on_an_f16_file(tmp_path, monkeypatch):
+    """k-quants go through llama.cpp's quantiser: a stand-in records its arguments."""
+    script = tmp_path / "llama-quantize"
+    script.write_text("#!/bin/sh\necho \"$@\" > \"$(dirname \"$2\")/args.txt\"\ncp \"$1\" \"$2\"\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("LLAMA_QUANTIZE", str(script))
+    tokenizer = byte_level_tokenizer()
+    path = save_gguf(lora_model("llama", tokenizer), tmp_path / "out", tokenizer, "q4_k_m")
+    args = (path.parent / "args.txt").read_text().split()
+    assert path.name == "model.Q4_K_M.gguf" and args[0].endswith("model.F16.tmp.gguf") and args[2] == "Q4_K_M"
+    assert not any(p.name.endswith(".tmp.gguf") for p in path.parent.iterdir())
+
+
+def test_llama3_rope_factors():
+    class Config:
+        rope_theta, head_dim, hidden_size, num_attention_heads = 500000.0, 128, 4096, 32
+        rope_scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192}
+
+    factors = llama3_rope_factors(Config)
+    assert factors.shape == (64,) and factors[0] == 1.0 and factors[-1] == 8.0
+    assert np.all(np.diff(factors) >= 0)  # from unscaled (short wavelengths) to fully scaled (long)
+    Config.rope_scaling = {"rope_type": "yarn", "factor": 4.0}
+    with pytest.raises(NotImplementedError, match="yarn"):
+        llama3_rope_factors(Config)

