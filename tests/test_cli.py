@@ -14,3 +14,15 @@ def test_env_lists_versions_and_backends(capsys):
 def test_bad_command_exits_with_usage():
     proc = subprocess.run([sys.executable, "-m", "fusetune.cli", "trian"], capture_output=True, text=True)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_bench_runs_the_checkout_scripts():
+    proc = subprocess.run([sys.executable, "-m", "fusetune.cli", "bench", "e2e", "--help"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "--workloads" in proc.stdout, proc.stderr
+    import torch
+
+    if not torch.cuda.is_available():  # on a GPU this would run the whole kernel benchmark
+        proc = subprocess.run([sys.executable, "-m", "fusetune.cli", "bench", "kernels"], capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 1 and "needs a CUDA GPU" in proc.stderr

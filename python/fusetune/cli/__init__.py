@@ -73,6 +73,24 @@ def _cmd_export(args) -> int:
     return 0
 
 
+BENCHMARKS = {"kernels": "kernels.py", "e2e": "e2e.py", "qlora-dequant": "nf4_dequant.py", "gemv": "nf4_gemv.py",
+              "report": "report.py"}
+
+
+def _cmd_bench(args) -> int:
+    """Runs bench/<script> of the source checkout fusetune is installed from (pip install -e .)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    script = root / "bench" / BENCHMARKS[args.which]
+    if not script.is_file():
+        print("fusetune bench: the benchmarks live in the source repository (bench/ is not installed with the "
+              "package): clone it and pip install -e . there", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, str(script), *args.args], cwd=root)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusetune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--base", default=None, help="base model (default: the one the adapter names)")
     export.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     export.set_defaults(func=_cmd_export)
+    bench = sub.add_parser("bench", help="run a benchmark of the source checkout (GPU): kernels, e2e, qlora-dequant, "
+                                         "gemv, or report (bench/REPORT.md and plots from bench/results)")
+    bench.add_argument("which", choices=sorted(BENCHMARKS))
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script, e.g. --workloads W1,W2")
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 
