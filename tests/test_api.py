@@ -30,6 +30,12 @@ def model_dir(tmp_path_factory, request):
     return path
 
 
+def _logits(model, ids):
+    """Logits on the CPU (from_pretrained puts the model on the GPU where there is one)."""
+    with torch.no_grad():
+        return model(input_ids=ids.to(model.device)).logits.cpu()
+
+
 def _loaded(model_dir, **kwargs):
     model, tokenizer = FastLanguageModel.from_pretrained(str(model_dir), dtype=torch.float32, **kwargs)
     return model, tokenizer
@@ -43,7 +49,7 @@ def test_from_pretrained_patches_and_trains(model_dir, capsys):
     assert "lora 14 projections" in capsys.readouterr().out
     assert model.base_model.model.model.layers[0]._gradient_checkpointing_func is offloaded_checkpoint
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids, labels = random_batch()
+    ids, labels = random_batch(device=model.device)
     losses = []
     for _ in range(5):
         loss = model(input_ids=ids, labels=labels).loss
@@ -84,14 +90,11 @@ def test_merged_16bit_loads_as_the_plain_model_with_the_same_logits(model_dir, t
                                              init_lora_weights=False)
     FastLanguageModel.for_inference(model)
     ids, _ = random_batch()
-    with torch.no_grad():
-        want = model(input_ids=ids).logits
+    want = _logits(model, ids)
     out = model.save_pretrained_merged(tmp_path / "merged", tokenizer)  # the bound form users call
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    with torch.no_grad():
-        got = plain(input_ids=ids).logits
-    assert_close(got, want, torch.float32, "merged logits")
+    assert_close(_logits(plain, ids), want, torch.float32, "merged logits")
     assert not any("lora" in k for k in plain.state_dict())
 
 
@@ -132,8 +135,7 @@ def test_lora_save_and_atomic_replacement(model_dir, tmp_path, monkeypatch):
     assert (target / "adapter_model.safetensors").is_file()
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), target).eval()
     ids, _ = random_batch()
-    with torch.no_grad():
-        assert_close(reloaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits, torch.float32, "logits")
+    assert_close(_logits(reloaded, ids), _logits(model.eval(), ids), torch.float32, "logits")
 
     # a save that dies half way leaves the previous one whole, and no temporary directory behind
     def broken(*args, **kwargs):
@@ -156,7 +158,6 @@ def test_cli_export_merges_a_saved_adapter(model_dir, tmp_path, capsys):
                  "--dtype", "float32"]) == 0
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     ids, _ = random_batch()
-    with torch.no_grad():
-        assert_close(plain(input_ids=ids).logits, model.eval()(input_ids=ids).logits, torch.float32, "logits")
+    assert_close(_logits(plain, ids), _logits(model.eval(), ids), torch.float32, "logits")
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err

@@ -115,7 +115,7 @@ def test_gguf_bad_inputs(tmp_path, monkeypatch):
         save_gguf(model, tmp_path / "x", tokenizer, "q3_zz")
     monkeypatch.delenv("LLAMA_QUANTIZE", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(RuntimeError, match="llama-quantize"):
+    with pytest.raises(FileNotFoundError, match="llama-quantize"):
         save_gguf(model, tmp_path / "x", tokenizer, "q4_k_m")
     with pytest.raises(ValueError, match="tokenizer"):
         save_gguf(model, tmp_path / "x", None, "f16")

@@ -216,7 +216,8 @@ def test_command_errors_are_messages_not_tracebacks(tmp_path):
     for args, message in ((["typo.yaml"], "unknown key training.effective_batch: did you mean 'effective_batch_size'"),
                           (["missing.yaml"], "config file missing.yaml not found"),
                           (["--set", "data.path=nowhere.jsonl", "--set", "model.name=" + str(tmp_path)],
-                           "cannot load")):
+                           "cannot load"),
+                          (["--set", "output.save_gguf=q9_9"], "quantization_method 'q9_9' is not known")):
         proc = _fusetune(*args, cwd=tmp_path)
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
@@ -226,6 +227,7 @@ def test_command_errors_are_messages_not_tracebacks(tmp_path):
 
 def test_command_trains_a_config(tmp_path):
     """A user's config: a local model directory, a jsonl file, LoRA, checkpoints, GGUF and merged output."""
+    pytest.importorskip("gguf")
     tokenizer = byte_level_tokenizer()
     model = tiny_model("llama", vocab_size=len(tokenizer))
     model.save_pretrained(tmp_path / "base")

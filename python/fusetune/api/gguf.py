@@ -233,21 +233,28 @@ def _llama_quantize() -> str | None:
     return os.environ.get("LLAMA_QUANTIZE") or shutil.which("llama-quantize")
 
 
-def save_gguf(model, save_directory: str | os.PathLike, tokenizer, quantization_method: str = "f16") -> Path:
-    """The merged model as save_directory/model.<METHOD>.gguf, written atomically. Returns the file."""
-    from fusetune.api.saving import atomic_directory
-
+def check_method(quantization_method: str) -> str:
+    """The method, lower-cased, if this machine can write it; else a clear error (before any work)."""
     method = quantization_method.lower()
     if method not in PYTHON_METHODS + LLAMA_QUANTIZE_METHODS:
         raise ValueError(f"quantization_method {quantization_method!r} is not known: fusetune writes "
                          f"{', '.join(PYTHON_METHODS)}; llama.cpp's llama-quantize makes {', '.join(LLAMA_QUANTIZE_METHODS)}")
+    _require_gguf()
+    if method in LLAMA_QUANTIZE_METHODS and _llama_quantize() is None:
+        raise FileNotFoundError(f"quantization_method {method!r} needs llama.cpp's quantiser: build llama.cpp and put "
+                           f"llama-quantize on PATH (or set LLAMA_QUANTIZE=/path/to/llama-quantize); without it use "
+                           f"one of {', '.join(PYTHON_METHODS)}")
+    return method
+
+
+def save_gguf(model, save_directory: str | os.PathLike, tokenizer, quantization_method: str = "f16") -> Path:
+    """The merged model as save_directory/model.<METHOD>.gguf, written atomically. Returns the file."""
+    from fusetune.api.saving import atomic_directory
+
+    method = check_method(quantization_method)
     if tokenizer is None:
         raise ValueError("save_pretrained_gguf needs the tokenizer: the GGUF file carries the vocabulary")
     quantize = _llama_quantize() if method in LLAMA_QUANTIZE_METHODS else None
-    if method in LLAMA_QUANTIZE_METHODS and quantize is None:
-        raise RuntimeError(f"quantization_method {method!r} needs llama.cpp's quantiser: build llama.cpp and put "
-                           f"llama-quantize on PATH (or set LLAMA_QUANTIZE=/path/to/llama-quantize); without it use "
-                           f"one of {', '.join(PYTHON_METHODS)}")
     file_name = f"model.{method.upper()}.gguf"
     with atomic_directory(save_directory) as tmp:
         if quantize is None:

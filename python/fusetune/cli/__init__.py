@@ -26,7 +26,7 @@ def _cmd_train(args) -> int:
         from fusetune.cli.train import run_train
 
         run_train(config)
-    except (ConfigError, ImportError, OSError, OutOfMemory) as err:
+    except (ConfigError, ImportError, OSError, OutOfMemory, ValueError) as err:
         print(f"fusetune train: {err}", file=sys.stderr)
         return 2
     return 0

@@ -66,6 +66,10 @@ def run_train(config: TrainConfig, log=print) -> dict:
     from fusetune.training.loop import pick_micro_batch, train_loop
 
     m, t = config.model, config.training
+    if config.output.save_gguf:  # fail now, not after training
+        from fusetune.api.gguf import check_method
+
+        check_method(config.output.save_gguf)
     torch.manual_seed(t.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = default_dtype(device.type) if m.dtype == "auto" else getattr(torch, m.dtype)

