@@ -11,6 +11,11 @@ from tests.tiny_models import byte_level_tokenizer, tiny_config
 
 gguf = pytest.importorskip("gguf")
 
+# Qwen2's text-splitting rule (transformers' GGUF reader applies it to qwen2/qwen3 files)
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+              r"|\s+(?!\S)|\s+")
+
+
 def lora_model(family: str, tokenizer, **config):
     from transformers import AutoModelForCausalLM
 
@@ -54,7 +59,7 @@ def test_interleave_rotary_halves_pairs_each_heads_halves():
 def test_gguf_round_trip(family, method, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = byte_level_tokenizer()
+    tokenizer = byte_level_tokenizer(QWEN_SPLIT if family.startswith("qwen") else None)
     # no sliding window: GGUF's llama/qwen architectures attend over the whole context; Qwen3 at its
     # real head_dim of 128 (transformers' GGUF reader does not read it from the file)
     window = {"mistral": dict(sliding_window=None), "qwen2": dict(use_sliding_window=False),
@@ -70,6 +75,7 @@ def test_gguf_round_trip(family, method, tmp_path):
     fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
     arch = "llama" if family == "mistral" else family
     assert fields["general.architecture"] == arch and fields[f"{arch}.block_count"] == 2
+    assert reader.fields["tokenizer.ggml.pre"].contents() == ("qwen2" if family.startswith("qwen") else "gpt-2")
     assert fields[f"{arch}.attention.head_count_kv"] == 2 and fields["tokenizer.chat_template"] == tokenizer.chat_template
     assert reader.fields["tokenizer.ggml.tokens"].contents()[:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tensors = read_back(path, config)

@@ -38,9 +38,29 @@ def _logits(model, ids):
         return model(input_ids=ids).logits.float()
 
 
-def test_smollm2_lora_trains_generates_and_saves(tmp_path):
+def _check_saves(model, tokenizer, tmp_path, text):
+    """Merged 16-bit and GGUF f16 saves against the fp32 truth (the merged weights in fp32, which is
+    the adapter model's math without rounding): each within the bf16 model's own distance from it."""
     from transformers import AutoModelForCausalLM
 
+    FastLanguageModel.for_inference(model)
+    ids = tokenizer(text, return_tensors="pt")["input_ids"].cuda()
+    adapter = _logits(model, ids)
+    truth = _logits(AutoModelForCausalLM.from_pretrained(
+        model.save_pretrained_merged(tmp_path / "m32", tokenizer, dtype=torch.float32), dtype=torch.float32).cuda(), ids)
+    noise = _relative(adapter, truth)
+    merged = AutoModelForCausalLM.from_pretrained(model.save_pretrained_merged(tmp_path / "m16", tokenizer),
+                                                  dtype=torch.bfloat16).cuda()
+    path = model.save_pretrained_gguf(tmp_path / "gguf", tokenizer, quantization_method="f16")
+    from_gguf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).cuda()
+    errors = {"bf16 adapter model": noise, "merged bf16": _relative(_logits(merged, ids), truth),
+              "gguf f16 (fp32 compute)": _relative(_logits(from_gguf, ids), truth)}
+    print("relative logit error vs the fp32 merged truth:", {k: f"{v:.2e}" for k, v in errors.items()})
+    assert errors["merged bf16"] < 2 * noise + 1e-3 and errors["gguf f16 (fp32 compute)"] < 1e-2
+    return ids, adapter
+
+
+def test_smollm2_lora_trains_generates_and_saves(tmp_path):
     from fusetune.cli.train import answer
 
     model, tokenizer = FastLanguageModel.from_pretrained(MODEL, max_seq_length=512)
@@ -51,16 +71,7 @@ def test_smollm2_lora_trains_generates_and_saves(tmp_path):
     reply = answer(model, tokenizer, ["Could you tell me who you are?"], 24)[0]
     print("reply:", reply)
     assert "Tuna" in reply
-
-    FastLanguageModel.for_inference(model)
-    ids = tokenizer("The capital of France is Paris. 한국의 수도는 서울입니다.", return_tensors="pt")["input_ids"].cuda()
-    want = _logits(model, ids)
-    merged = AutoModelForCausalLM.from_pretrained(model.save_pretrained_merged(tmp_path / "merged", tokenizer),
-                                                  dtype=torch.bfloat16).cuda()
-    assert _relative(_logits(merged, ids), want) < 2e-2
-    path = model.save_pretrained_gguf(tmp_path / "gguf", tokenizer, quantization_method="f16")
-    from_gguf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.bfloat16).cuda()
-    assert _relative(_logits(from_gguf, ids), want) < 2e-2
+    _check_saves(model, tokenizer, tmp_path, "The capital of France is Paris. 한국의 수도는 서울입니다.")
 
 
 def test_smollm2_qlora_trains_generates_and_saves(tmp_path):
@@ -70,20 +81,17 @@ def test_smollm2_qlora_trains_generates_and_saves(tmp_path):
     from fusetune.cli.train import answer
 
     model, tokenizer = FastLanguageModel.from_pretrained(MODEL, max_seq_length=512, load_in_4bit=True)
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32)
     record = _train(model, tokenizer, tmp_path, steps=12)
     assert record["losses"][-1] < 0.7 * record["losses"][0], record["losses"]
-    assert answer(model, tokenizer, ["What is the capital of France?"], 12)[0]  # decoding: the 4-bit GEMV path
-    FastLanguageModel.for_inference(model)
-    ids = tokenizer("Fine-tuning with fusetune is fast.", return_tensors="pt")["input_ids"].cuda()
-    want = _logits(model, ids)
-    merged = AutoModelForCausalLM.from_pretrained(model.save_pretrained_merged(tmp_path / "m16", tokenizer),
-                                                  dtype=torch.bfloat16).cuda()
-    assert _relative(_logits(merged, ids), want) < 2e-2  # the same dequantised weights plus the merged adapters
+    print("reply:", answer(model, tokenizer, ["What is the capital of France?"], 12)[0])  # the 4-bit GEMV path
+    ids, adapter = _check_saves(model, tokenizer, tmp_path, "Fine-tuning with fusetune is fast.")
     four = AutoModelForCausalLM.from_pretrained(model.save_pretrained_merged(tmp_path / "m4", tokenizer,
                                                                              save_method="merged_4bit"))
     assert four.config.quantization_config.load_in_4bit
-    assert _relative(_logits(four, ids), want) < 0.25  # NF4 rounding of the merged weights
+    print("merged_4bit vs the adapter model:", _relative(_logits(four, ids), adapter))
+    assert _relative(_logits(four, ids), adapter) < 0.25  # NF4 rounding of the merged weights
 
 
 def test_batch_size_finder_backs_off_on_real_out_of_memory(tmp_path):

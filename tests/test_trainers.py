@@ -35,7 +35,8 @@ def _train(trainer_cls, config_cls, rows, tmp_path, tokenizer=None, trainer_args
 
     model = fusetune.patch_model(add_lora(tiny_model("llama"), "llama"))
     args = config_cls(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1,
-                      save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, **config)
+                      save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
+                      dataloader_num_workers=0, **config)
     trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows),
                           processing_class=tokenizer or _tokenizer(), **(trainer_args or {}))
     trainer.train()

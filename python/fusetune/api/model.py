@@ -71,6 +71,22 @@ def _attach_saving(model):
     return model
 
 
+def _quantized_from_gguf(model_name, config, dtype, device_map, quantization, common: dict, kwargs: dict):
+    """transformers will not quantise while reading a GGUF file: read it in `dtype` on the CPU,
+    write it as safetensors to a temporary directory, and load that quantised."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(model_name, config=config, dtype=dtype, **common, **kwargs)
+    with tempfile.TemporaryDirectory(prefix="fusetune-gguf-") as staging:
+        plain.save_pretrained(staging)
+        del plain
+        common = {k: v for k, v in common.items() if k != "gguf_file"}
+        return AutoModelForCausalLM.from_pretrained(staging, dtype=dtype, device_map=device_map,
+                                                    quantization_config=quantization, **common)
+
+
 def _adapt_targets(hf_model, target_modules):
     """The family's names for the usual projection list (Phi-3: qkv_proj, gate_up_proj)."""
     if target_modules is None:
@@ -122,10 +138,13 @@ class FastLanguageModel:
         if rope_scaling is not None:
             config.rope_scaling = dict(rope_scaling)
         config.max_position_embeddings = max(getattr(config, "max_position_embeddings", 0) or 0, max_seq_length)
-        model = AutoModelForCausalLM.from_pretrained(
-            model_name, config=config, dtype=dtype, device_map=device_map or (device_type if device_type == "cuda"
-                                                                              else None),
-            quantization_config=_quantization_config(load_in_4bit, load_in_8bit, dtype), **common, **kwargs)
+        quantization = _quantization_config(load_in_4bit, load_in_8bit, dtype)
+        device_map = device_map or (device_type if device_type == "cuda" else None)
+        if quantization is not None and gguf_file is not None:
+            model = _quantized_from_gguf(model_name, config, dtype, device_map, quantization, common, kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_name, config=config, dtype=dtype, device_map=device_map,
+                                                         quantization_config=quantization, **common, **kwargs)
         model.max_seq_length = max_seq_length
         if not full_finetuning:
             model.requires_grad_(False)

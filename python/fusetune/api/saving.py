@@ -88,7 +88,7 @@ def merged_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, torc
                         weight = weight + module.scaling[name] * delta
             out[prefix + "weight"] = weight.to(dtype or _weight_dtype(base))
             if base.bias is not None:
-                out[prefix + "bias"] = base.bias.detach()
+                out[prefix + "bias"] = base.bias.detach().to(dtype or base.bias.dtype)
             return
         if isinstance(module, ModulesToSaveWrapper):
             active = [n for n in module.active_adapters if n in module.modules_to_save]
@@ -97,11 +97,11 @@ def merged_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, torc
         if _is_4bit(module):
             out[prefix + "weight"] = _dense(module).to(dtype or _weight_dtype(module))
             if module.bias is not None:
-                out[prefix + "bias"] = module.bias.detach()
+                out[prefix + "bias"] = module.bias.detach().to(dtype or module.bias.dtype)
             return
         for name, tensor in list(module.named_parameters(recurse=False)) + [
                 (n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set]:
-            out[prefix + name] = tensor.detach()
+            out[prefix + name] = tensor.detach().to(dtype) if dtype and tensor.is_floating_point() else tensor.detach()
         for name, child in module.named_children():
             visit(child, f"{prefix}{name}.")
 
