@@ -123,7 +123,8 @@ def _write_tokenizer(writer, tokenizer, vocab_size: int):
 
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     model = backend["model"]
-    if model["type"] != "BPE" or model.get("byte_fallback"):
+    byte_level = "ByteLevel" in json.dumps([backend.get("pre_tokenizer"), backend.get("decoder")])
+    if model["type"] != "BPE" or not byte_level:
         raise NotImplementedError("GGUF export supports byte-level BPE tokenizers (Llama-3, Qwen, SmolLM, Mistral "
                                   "Nemo); for SentencePiece ones (Llama-2, Gemma, Phi-3) save merged_16bit and run "
                                   "llama.cpp's convert_hf_to_gguf.py on it")

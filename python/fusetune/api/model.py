@@ -78,9 +78,11 @@ def _quantized_from_gguf(model_name, config, dtype, device_map, quantization, co
 
     from transformers import AutoModelForCausalLM
 
+    from fusetune.api.saving import write_plain_model
+
     plain = AutoModelForCausalLM.from_pretrained(model_name, config=config, dtype=dtype, **common, **kwargs)
     with tempfile.TemporaryDirectory(prefix="fusetune-gguf-") as staging:
-        plain.save_pretrained(staging)
+        write_plain_model(plain, Path(staging))  # save_pretrained refuses a model read from GGUF
         del plain
         common = {k: v for k, v in common.items() if k != "gguf_file"}
         return AutoModelForCausalLM.from_pretrained(staging, dtype=dtype, device_map=device_map,

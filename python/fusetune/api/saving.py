@@ -122,7 +122,8 @@ def _without_tied_duplicates(state: dict[str, torch.Tensor]) -> dict[str, torch.
     return result
 
 
-def _write_merged_16bit(model, directory: Path, dtype: torch.dtype | None):
+def write_plain_model(model, directory: Path, dtype: torch.dtype | None = None):
+    """model.safetensors + config of the merged model, in transformers' plain layout."""
     from safetensors.torch import save_file
 
     from fusetune.patching.core import _hf_model
@@ -153,7 +154,7 @@ def _write_merged_4bit(model, directory: Path, dtype: torch.dtype | None):
 
     staging = directory / ".merged_16bit"
     staging.mkdir()
-    _write_merged_16bit(model, staging, dtype)
+    write_plain_model(model, staging, dtype)
     compute = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
     device = next(model.parameters()).device
     quantized = AutoModelForCausalLM.from_pretrained(
@@ -185,7 +186,7 @@ def save_merged(model, save_directory: str | os.PathLike, tokenizer=None, save_m
         elif save_method == "merged_4bit":
             _write_merged_4bit(model, tmp, dtype)
         else:
-            _write_merged_16bit(model, tmp, dtype)
+            write_plain_model(model, tmp, dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(save_directory)
