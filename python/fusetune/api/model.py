@@ -34,8 +34,13 @@ def default_dtype(device_type: str) -> torch.dtype:
 
 
 def resolve_model_name(model_name: str, gguf_file: str | None) -> tuple[str, str | None]:
-    """A built-in name -> (directory, gguf file) of the installed package; others pass through."""
+    """A built-in name -> (directory, gguf file) of the installed package; a directory with one GGUF
+    file and no config.json -> (directory, that file); others pass through."""
     if model_name.lower() not in BUILTIN_MODELS:
+        folder = Path(model_name)
+        ggufs = sorted(folder.glob("*.gguf")) if folder.is_dir() and not (folder / "config.json").exists() else []
+        if gguf_file is None and len(ggufs) == 1:  # a directory holding one GGUF file (e.g. a package's)
+            return model_name, ggufs[0].name
         return model_name, gguf_file
     package, file, install = BUILTIN_MODELS[model_name.lower()]
     spec = importlib.util.find_spec(package)  # found, not imported: the package's own code needs its plugin host

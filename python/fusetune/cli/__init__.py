@@ -33,11 +33,13 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    """A saved LoRA adapter (+ its base model) -> a merged 16-bit model directory."""
+    """A saved LoRA adapter (+ its base model) -> a merged model directory, or a GGUF file."""
     from pathlib import Path
 
     import torch
 
+    from fusetune.api.gguf import check_method, save_gguf
+    from fusetune.api.model import resolve_model_name
     from fusetune.api.saving import save_merged
 
     adapter = Path(args.adapter)
@@ -55,21 +57,32 @@ def _cmd_export(args) -> int:
 
     dtype = getattr(torch, args.dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    except OSError as err:
+        if args.gguf:
+            check_method(args.gguf)
+        base, gguf_file = resolve_model_name(base, None)
+        extra = {"gguf_file": gguf_file} if gguf_file else {}
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **extra)
+    except (OSError, ValueError, ImportError) as err:
         print(f"fusetune export: cannot load the base model {base!r} (a local directory or a reachable hub "
               f"name; pass --base): {err}", file=sys.stderr)
         return 2
     model = PeftModel.from_pretrained(model, str(adapter))
     tokenizer = None
-    for source in (adapter, base):
+    for source, kwargs in ((adapter, {}), (base, extra)):
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
             break
         except (OSError, ValueError):
             continue
-    out = save_merged(model, args.out, tokenizer, save_method="merged_16bit", dtype=dtype)
-    print(f"fusetune export: wrote the merged model to {out}" + ("" if tokenizer else " (no tokenizer found)"))
+    if args.gguf:
+        if tokenizer is None:
+            print("fusetune export: a GGUF file carries the tokenizer, and none was found beside the adapter or the "
+                  "base model", file=sys.stderr)
+            return 2
+        out = save_gguf(model, args.out, tokenizer, args.gguf)
+    else:
+        out = save_merged(model, args.out, tokenizer, save_method=args.save_method, dtype=dtype)
+    print(f"fusetune export: wrote {out}" + ("" if tokenizer else " (no tokenizer found)"))
     return 0
 
 
@@ -105,11 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override one key, e.g. --set training.max_steps=10 (repeatable)")
     train.add_argument("--print-default", action="store_true", help="print the embedded default config and exit")
     train.set_defaults(func=_cmd_train)
-    export = sub.add_parser("export", help="merge a saved LoRA adapter into its base model (16-bit safetensors)")
+    export = sub.add_parser("export", help="merge a saved LoRA adapter into its base model: safetensors (16 or "
+                                           "4 bit) or a GGUF file")
     export.add_argument("adapter", help="directory of a saved LoRA adapter")
     export.add_argument("out", help="directory to write the merged model to (replaced atomically)")
     export.add_argument("--base", default=None, help="base model (default: the one the adapter names)")
     export.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    export.add_argument("--save-method", default="merged_16bit", choices=["merged_16bit", "merged_4bit"])
+    export.add_argument("--gguf", default=None, metavar="METHOD",
+                        help="write OUT/model.METHOD.gguf instead (f16, bf16, q8_0, q4_0, ...; k-quants need "
+                             "llama-quantize)")
     export.set_defaults(func=_cmd_export)
     bench = sub.add_parser("bench", help="run a benchmark of the source checkout (GPU): kernels, e2e, qlora-dequant, "
                                          "gemv, or report (bench/REPORT.md and plots from bench/results)")
