@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fusetune.api import FastLanguageModel
+from fusetune.backend import use_backend
 from fusetune.api.gguf import interleave_rotary_halves, llama3_rope_factors, save_gguf
 from fusetune.api.saving import merged_state_dict
 from tests.tiny_models import byte_level_tokenizer, tiny_config
@@ -175,7 +176,7 @@ def test_smollm2_merged_and_q8_0_gguf_match_the_adapter_model(tmp_path):
                 p.normal_(0, 0.02)
     FastLanguageModel.for_inference(model)
     ids = tokenizer("The capital of France is Paris. 한국의 수도는 서울입니다.", return_tensors="pt")["input_ids"]
-    with torch.no_grad():
+    with torch.no_grad(), use_backend("torch"):  # saving is under test; the interpreter would take 45 s here
         want = model(input_ids=ids).logits
     merged = merged_state_dict(model, torch.float32)
     plain = AutoModelForCausalLM.from_config(model.get_base_model().config).eval()
