@@ -13,6 +13,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "convert.cuh"
 #include "kernels.h"
 
 namespace fusetune {
@@ -20,15 +21,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kBytesPerThread = 16;  // one 16-byte load; 32 outputs
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 
 template <bool kNested>
 __device__ __forceinline__ float block_scale(const void* absmax, const float* nested_absmax,
