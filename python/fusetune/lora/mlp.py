@@ -13,37 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from fusetune.backend import resolve
 from fusetune.lora.projection import (Adapters, LoRAProjection, autocast_off, cast_lora, check_projection,
                                       draw_mask, group_backward, group_forward, lora_grads_out, lora_params)
-from fusetune.ops.glu import CUDA_OPS
-from fusetune.reference import glu as reference
-
-ACTIVATIONS = {"silu": "swiglu", "gelu_tanh": "geglu", "gelu_erf": "geglu"}  # -> backend op name
-
-
-def _glu_forward(g, u, activation, use_triton):
-    if use_triton:
-        from fusetune.triton_kernels.glu import glu_fwd
-
-        return glu_fwd(g, u, activation)
-    if activation == "silu":
-        return reference.swiglu(g, u)
-    return reference.geglu(g, u, "tanh" if activation == "gelu_tanh" else "none")
-
-
-def _glu_backward_inplace(dh, g, u, activation, use_triton):
-    """Writes dg over g and du over u."""
-    if use_triton:
-        from fusetune.triton_kernels.glu import glu_bwd
-
-        glu_bwd(dh, g, u, activation, out=(g, u))
-        return
-    with torch.enable_grad():
-        g_, u_ = g.detach().requires_grad_(), u.detach().requires_grad_()
-        dg, du = torch.autograd.grad(_glu_forward(g_, u_, activation, False), (g_, u_), dh)
-    g.copy_(dg)
-    u.copy_(du)
+from fusetune.ops.glu import ACTIVATIONS, glu_backward_into, glu_forward, uses_triton
 
 
 def _split(outs, inter):
@@ -64,7 +36,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         upper_outs, upper_xas = group_forward(x, upper, cast_lora(up_params, x.dtype))
         inter = down.weights[0].shape[1]
         g, u = _split(upper_outs, inter)
-        h = _glu_forward(g, u, activation, use_triton)
+        h = glu_forward(g, u, activation, use_triton)
         (y,), (down_xa,) = group_forward(h, down, cast_lora(down_params, x.dtype))
         # the masks go through save_for_backward too, so that checkpointing's hooks see them
         ctx.save_for_backward(x, *upper_outs, *upper_xas, down_xa, *params, *upper.masks, *down.masks)
@@ -93,11 +65,11 @@ class LoRAMLPFunction(torch.autograd.Function):
         inter = down.weights[0].shape[1]
         g, u = _split(upper_outs, inter)
 
-        h = _glu_forward(g, u, ctx.activation, ctx.use_triton)
+        h = glu_forward(g, u, ctx.activation, ctx.use_triton)
         # the down input gradient goes into h, which the LoRA gradients read first
         dh, (down_grads,) = group_backward([dy.contiguous()], h, [down_xa], down, cast_lora(down_params, x.dtype),
                                            down_needs, True, out=h)
-        _glu_backward_inplace(dh, g, u, ctx.activation, ctx.use_triton)
+        glu_backward_into(dh, g, u, ctx.activation, ctx.use_triton)
         del h, dh
         dx, up_grads = group_backward(list(upper_outs), x, list(upper_xas), upper,
                                       cast_lora(up_params, x.dtype), up_needs, need[4])
@@ -142,7 +114,7 @@ def lora_mlp(x: torch.Tensor, gate: LoRAProjection | None, up: LoRAProjection | 
     rows = x2d.shape[0]
     upper_masks = [draw_mask(f"lora_mlp: {name}", p, rows, hidden, x2d) for name, p in zip(names, upper)]
     down_masks = [draw_mask("lora_mlp: down", down, rows, inter, x2d)]
-    use_triton = resolve(ACTIVATIONS[activation], x.device, CUDA_OPS) == "triton"
+    use_triton = uses_triton(activation, x.device)
     y = LoRAMLPFunction.apply(activation, use_triton, Adapters(upper, upper_masks), Adapters((down,), down_masks),
                               x2d, *lora_params(upper), *lora_params((down,)))
     return y.view(*x.shape[:-1], out)

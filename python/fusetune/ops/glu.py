@@ -9,6 +9,7 @@ from fusetune.reference import glu as reference
 GELU_APPROXIMATIONS = {"tanh": "gelu_tanh", "none": "gelu_erf"}  # approximate -> kernel activation
 
 CUDA_OPS = ()  # no CUDA C++ implementation yet
+ACTIVATIONS = {"silu": "swiglu", "gelu_tanh": "geglu", "gelu_erf": "geglu"}  # kernel activation -> op name
 
 
 def _check(op: str, gate: torch.Tensor, up: torch.Tensor):
@@ -29,6 +30,36 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     n = t.shape[-1] if t.dim() else 1
     t2d = t.reshape(math.prod(t.shape[:-1]), n)
     return t2d if t2d.stride(-1) == 1 else t2d.contiguous()
+
+
+def uses_triton(activation: str, device: torch.device) -> bool:
+    return resolve(ACTIVATIONS[activation], device, CUDA_OPS) == "triton"
+
+
+def glu_forward(gate, up, activation: str, use_triton: bool) -> torch.Tensor:
+    """act(gate) * up outside autograd, for fused Functions that own their backward (lora_mlp);
+    gate and up: (rows, n) with unit column stride."""
+    if use_triton:
+        from fusetune.triton_kernels.glu import glu_fwd
+
+        return glu_fwd(gate, up, activation)
+    if activation == "silu":
+        return reference.swiglu(gate, up)
+    return reference.geglu(gate, up, "tanh" if activation == "gelu_tanh" else "none")
+
+
+def glu_backward_into(dy, gate, up, activation: str, use_triton: bool) -> None:
+    """The GLU's input gradients written over gate (d gate) and up (d up): no new memory."""
+    if use_triton:
+        from fusetune.triton_kernels.glu import glu_bwd
+
+        glu_bwd(dy, gate, up, activation, out=(gate, up))
+        return
+    with torch.enable_grad():
+        g, u = gate.detach().requires_grad_(), up.detach().requires_grad_()
+        dg, du = torch.autograd.grad(glu_forward(g, u, activation, False), (g, u), dy)
+    gate.copy_(dg)
+    up.copy_(du)
 
 
 class GLUFunction(torch.autograd.Function):
