@@ -146,6 +146,12 @@ def test_lora_save_and_atomic_replacement(model_dir, tmp_path, monkeypatch):
         FastLanguageModel.save_pretrained_merged(model, target, tokenizer)
     assert sorted(p.name for p in target.iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+    # a directory that holds something else is never replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="holds no earlier model save"):
+        FastLanguageModel.save_pretrained_merged(model, tmp_path / "mine", tokenizer, save_method="lora")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_cli_export_merges_a_saved_adapter(model_dir, tmp_path, capsys):

@@ -81,6 +81,9 @@ def test_gguf_round_trip(family, method, tmp_path):
     assert reader.fields["tokenizer.ggml.pre"].contents() == ("qwen2" if family.startswith("qwen") else "gpt-2")
     assert fields[f"{arch}.attention.head_count_kv"] == 2 and fields["tokenizer.chat_template"] == tokenizer.chat_template
     assert reader.fields["tokenizer.ggml.tokens"].contents()[:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    assert reader.fields["tokenizer.ggml.token_type"].contents()[:4] == [3, 3, 3, 1]  # special tokens are control
+    assert reader.fields["tokenizer.ggml.bos_token_id"].contents() == tokenizer.bos_token_id
+    assert reader.fields["tokenizer.ggml.add_bos_token"].contents() is False  # this tokenizer adds none
     tensors = read_back(path, config)
     names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), 2)
     expected = {f"{names.get_name(k.rsplit('.', 1)[0])}.{k.rsplit('.', 1)[1]}": v for k, v in merged.items()}
@@ -143,8 +146,12 @@ def test_llama_quantize_is_run_on_an_f16_file(tmp_path, monkeypatch):
     tokenizer = byte_level_tokenizer()
     path = save_gguf(lora_model("llama", tokenizer), tmp_path / "out", tokenizer, "q4_k_m")
     args = (path.parent / "args.txt").read_text().split()
-    assert path.name == "model.Q4_K_M.gguf" and args[0].endswith("model.F16.tmp.gguf") and args[2] == "Q4_K_M"
-    assert not any(p.name.endswith(".tmp.gguf") for p in path.parent.iterdir())
+    assert path.name == "model.Q4_K_M.gguf" and ".f16-" in args[0] and args[2] == "Q4_K_M"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["args.txt", "model.Q4_K_M.gguf"]  # no partial files
+    # a second method lands beside the first
+    monkeypatch.delenv("LLAMA_QUANTIZE")
+    save_gguf(lora_model("llama", tokenizer), tmp_path / "out", tokenizer, "q8_0")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["args.txt", "model.Q4_K_M.gguf", "model.Q8_0.gguf"]
 
 
 def test_llama3_rope_factors():

@@ -23,6 +23,8 @@ CONVERSATIONS = [
     {"instruction": "Say hello", "input": "in Korean", "output": "안녕하세요"},
     {"prompt": "The quick brown", "completion": "fox jumps"},
     {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello, fusetune!"}]},
+    {"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Fox?"},
+                  {"role": "assistant", "content": "Quick and brown."}]},
 ]
 
 
@@ -42,6 +44,9 @@ def test_embedded_default_config():
     ({"lora": {"r": True}}, "lora.r = True: expected int"),
     ({"model": {"dtype": "fp16"}}, "model.dtype = 'fp16'"),
     ({"training": 3}, "training must be a mapping"),
+    ({"training": {"logging_steps": 0}}, "training.logging_steps = 0: must be at least 1"),
+    ({"training": {"max_steps": 0}}, "training.max_steps = 0: must be at least 1"),
+    ({"training": {"epochs": -1}}, "must be positive"),
 ])
 def test_bad_config_names_the_key_and_the_fix(raw, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("|", r"\|")):
@@ -84,8 +89,11 @@ def test_labels_cover_exactly_the_assistant_replies():
         assert learned == "".join(f"{r}<|im_end|>\n" for r in replies)
     everything = tokenize_rows(CONVERSATIONS[:1], tokenizer, 512, responses_only=False)[0]
     assert everything["labels"] == everything["input_ids"]
-    cut = tokenize_rows(CONVERSATIONS, tokenizer, 34)  # rows cut to 34 tokens; the one whose reply is gone is dropped
-    assert all(len(e["input_ids"]) <= 34 for e in cut) and len(cut) == len(CONVERSATIONS) - 1
+    with pytest.raises(ConfigError, match="data row 0: each message needs a role and a content"):
+        tokenize_rows([{"messages": [{"role": "user"}]}], tokenizer, 64)
+    cut = tokenize_rows(CONVERSATIONS, tokenizer, 34)  # rows cut to 34 tokens; those whose reply is gone are dropped
+    keep = sum(any(label != IGNORE_INDEX for label in e["labels"][1:34]) for e in examples)
+    assert all(len(e["input_ids"]) <= 34 for e in cut) and len(cut) == keep < len(CONVERSATIONS)
     with pytest.raises(ConfigError, match="no training rows with an answer"):
         tokenize_rows(CONVERSATIONS, tokenizer, 8)
 
@@ -171,9 +179,15 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     assert rec_resumed["losses"] == pytest.approx(rec_straight["losses"], rel=1e-5)
     assert [p.name for p in sorted((tmp_path / "resumed").iterdir())] == ["checkpoint-2", "checkpoint-4"]
-    # a finished run is trained again from the start, and a checkpoint of another model is refused
+    # a finished run is trained again from the start (its checkpoints kept aside), a checkpoint of a run with
+    # other settings or of another model is refused
     _, _, log = _run(tmp_path / "resumed", micro_batch=2)
     assert any("finished run" in line for line in log)
+    assert sorted(p.name for p in (tmp_path / "resumed" / "previous-1").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "other", micro_batch=2, fail_at=3)
+    with pytest.raises(ConfigError, match="belongs to a run with other settings"):
+        _run(tmp_path / "other", micro_batch=2, seed=7)
     (tmp_path / "resumed" / "checkpoint-4").rename(tmp_path / "resumed" / "checkpoint-3")
     state = json.loads((tmp_path / "resumed" / "checkpoint-3" / "state.json").read_text())
     (tmp_path / "resumed" / "checkpoint-3" / "state.json").write_text(json.dumps({**state, "step": 3}))

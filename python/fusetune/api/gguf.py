@@ -14,6 +14,7 @@ quantisers); the k-quants and i-quants (q4_k_m, q5_k_m, q6_k, ...) need llama.cp
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -30,7 +31,7 @@ LLAMA_QUANTIZE_METHODS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_
                           "iq4_nl", "iq4_xs")
 # HF model_type -> GGUF architecture (Mistral is written as llama, as llama.cpp does)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
 
 
 def _require_gguf():
@@ -118,29 +119,34 @@ def _pre_tokenizer_name(backend: dict) -> str:
     return "gpt-2"
 
 
-def _write_tokenizer(writer, tokenizer, vocab_size: int):
-    import json
-
-    backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    model = backend["model"]
-    byte_level = "ByteLevel" in json.dumps([backend.get("pre_tokenizer"), backend.get("decoder")])
-    if model["type"] != "BPE" or not byte_level:
+def _byte_level_backend(tokenizer) -> dict:
+    """The tokenizer's tokenizers-library JSON, if it is a byte-level BPE (the kind GGUF's "gpt2"
+    tokenizer model describes); a clear error otherwise."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    data = json.loads(backend.to_str()) if backend is not None else {}
+    byte_level = "ByteLevel" in json.dumps([data.get("pre_tokenizer"), data.get("decoder")])
+    if data.get("model", {}).get("type") != "BPE" or not byte_level:
         raise NotImplementedError("GGUF export supports byte-level BPE tokenizers (Llama-3, Qwen, SmolLM, Mistral "
                                   "Nemo); for SentencePiece ones (Llama-2, Gemma, Phi-3) save merged_16bit and run "
                                   "llama.cpp's convert_hf_to_gguf.py on it")
+    return data
+
+
+def _write_tokenizer(writer, tokenizer, vocab_size: int):
+    backend = _byte_level_backend(tokenizer)
+    model = backend["model"]
     vocab = dict(model["vocab"])
     added = {t["id"]: t for t in backend.get("added_tokens", [])}
     for index, token in added.items():
         vocab[token["content"]] = index
     by_id = {i: t for t, i in vocab.items()}
     tokens, types = [], []
-    for i in range(vocab_size):  # padded embedding rows get placeholder tokens, as llama.cpp writes them
-        token = by_id.get(i, f"[PAD{i}]")
-        tokens.append(token)
+    for i in range(vocab_size):  # padded embedding rows get unused placeholder tokens, as llama.cpp writes them
+        tokens.append(by_id.get(i, f"[PAD{i}]"))
         if i in added:
             types.append(TOKEN_CONTROL if added[i].get("special") else TOKEN_USER_DEFINED)
         else:
-            types.append(TOKEN_NORMAL if i in by_id else TOKEN_USER_DEFINED)
+            types.append(TOKEN_NORMAL if i in by_id else TOKEN_UNUSED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(_pre_tokenizer_name(backend))
@@ -152,9 +158,14 @@ def _write_tokenizer(writer, tokenizer, vocab_size: int):
         token_id = getattr(tokenizer, f"{name}_token_id", None)
         if token_id is not None:
             add(token_id)
-    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
+    # what the tokenizer does, not a flag it may not carry (Llama-3 adds BOS through its post-processor)
+    bos = tokenizer.bos_token_id
+    writer.add_add_bos_token(bos is not None and tokenizer("a")["input_ids"][:1] == [bos])
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # named templates: llama.cpp reads the default one
+        template = template.get("default")
+    if template:
+        writer.add_chat_template(template)
 
 
 def _encode(array: np.ndarray, method: str):
@@ -181,6 +192,22 @@ def _file_type(method: str):
                                                                            f"MOSTLY_{method.upper()}")
 
 
+def check_exportable(model, tokenizer) -> str:
+    """The GGUF architecture of the model, if fusetune can write it with this tokenizer; else a clear error."""
+    from fusetune.patching.core import _hf_model
+
+    config = _hf_model(model).config
+    arch = ARCHITECTURES.get(config.model_type)
+    if arch is None:
+        raise NotImplementedError(f"GGUF export supports {', '.join(sorted(ARCHITECTURES))} models, not "
+                                  f"{config.model_type!r}: save merged_16bit and run llama.cpp's convert_hf_to_gguf.py")
+    if tokenizer is None:
+        raise ValueError("save_pretrained_gguf needs the tokenizer: the GGUF file carries the vocabulary")
+    _byte_level_backend(tokenizer)
+    llama3_rope_factors(config)
+    return arch
+
+
 def write_gguf(model, tokenizer, path: Path, method: str) -> Path:
     """One GGUF file of the merged model (see the module docstring)."""
     gguf = _require_gguf()
@@ -189,10 +216,7 @@ def write_gguf(model, tokenizer, path: Path, method: str) -> Path:
 
     hf_model = _hf_model(model)
     config = hf_model.config
-    arch = ARCHITECTURES.get(config.model_type)
-    if arch is None:
-        raise NotImplementedError(f"GGUF export supports {', '.join(sorted(ARCHITECTURES))} models, not "
-                                  f"{config.model_type!r}: save merged_16bit and run llama.cpp's convert_hf_to_gguf.py")
+    arch = check_exportable(model, tokenizer)
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     if window is not None and window < config.max_position_embeddings:
         logger.warning("fusetune: %s uses a sliding window of %d tokens; GGUF's %s architecture has none, so "
@@ -249,22 +273,27 @@ def check_method(quantization_method: str) -> str:
 
 
 def save_gguf(model, save_directory: str | os.PathLike, tokenizer, quantization_method: str = "f16") -> Path:
-    """The merged model as save_directory/model.<METHOD>.gguf, written atomically. Returns the file."""
-    from fusetune.api.saving import atomic_directory
-
+    """The merged model as save_directory/model.<METHOD>.gguf, the file written atomically (other files
+    in the directory, e.g. other methods' GGUFs, stay). Returns the file."""
     method = check_method(quantization_method)
-    if tokenizer is None:
-        raise ValueError("save_pretrained_gguf needs the tokenizer: the GGUF file carries the vocabulary")
-    quantize = _llama_quantize() if method in LLAMA_QUANTIZE_METHODS else None
-    file_name = f"model.{method.upper()}.gguf"
-    with atomic_directory(save_directory) as tmp:
-        if quantize is None:
-            write_gguf(model, tokenizer, tmp / file_name, method)
+    check_exportable(model, tokenizer)
+    directory = Path(save_directory)
+    if directory.is_file():
+        raise FileExistsError(f"{directory} is a file: give a directory for the GGUF file")
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"model.{method.upper()}.gguf"
+    partial = [directory / f".{target.name}.{kind}-{os.getpid()}" for kind in ("tmp", "f16")]
+    try:
+        if method in PYTHON_METHODS:
+            write_gguf(model, tokenizer, partial[0], method)
         else:
-            source = write_gguf(model, tokenizer, tmp / "model.F16.tmp.gguf", "f16")
-            result = subprocess.run([quantize, str(source), str(tmp / file_name), method.upper()],
+            write_gguf(model, tokenizer, partial[1], "f16")
+            result = subprocess.run([_llama_quantize(), str(partial[1]), str(partial[0]), method.upper()],
                                     capture_output=True, text=True)
             if result.returncode != 0:
                 raise RuntimeError(f"llama-quantize failed ({result.returncode}): {result.stderr[-2000:]}")
-            source.unlink()
-    return Path(save_directory) / file_name
+        os.replace(partial[0], target)
+    finally:
+        for path in partial:
+            path.unlink(missing_ok=True)
+    return target

@@ -24,10 +24,21 @@ from torch import nn
 SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora")
 
 
+SAVE_MARKERS = ("config.json", "adapter_config.json", "state.json", "trainable.safetensors")
+
+
+def _holds_a_save(directory: Path) -> bool:
+    return any((directory / name).exists() for name in SAVE_MARKERS) or any(directory.glob("*.gguf"))
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike):
-    """Yields a fresh temporary directory; on success it replaces `target` (see module docstring)."""
+    """Yields a fresh temporary directory; on success it replaces `target` (see module docstring).
+    An existing target must be empty or hold an earlier save: other folders are never replaced."""
     target = Path(target)
+    if target.is_file() or (target.is_dir() and any(target.iterdir()) and not _holds_a_save(target)):
+        raise FileExistsError(f"{target} exists and holds no earlier model save: saving there would replace it; "
+                              f"choose a new or empty directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

@@ -26,7 +26,7 @@ def _cmd_train(args) -> int:
         from fusetune.cli.train import run_train
 
         run_train(config)
-    except (ConfigError, ImportError, OSError, OutOfMemory, ValueError) as err:
+    except (ConfigError, ImportError, OSError, OutOfMemory, ValueError, NotImplementedError) as err:
         print(f"fusetune train: {err}", file=sys.stderr)
         return 2
     return 0
@@ -62,9 +62,12 @@ def _cmd_export(args) -> int:
         base, gguf_file = resolve_model_name(base, None)
         extra = {"gguf_file": gguf_file} if gguf_file else {}
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **extra)
-    except (OSError, ValueError, ImportError) as err:
+    except (OSError, ImportError) as err:
         print(f"fusetune export: cannot load the base model {base!r} (a local directory or a reachable hub "
               f"name; pass --base): {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        print(f"fusetune export: {err}", file=sys.stderr)
         return 2
     model = PeftModel.from_pretrained(model, str(adapter))
     tokenizer = None
@@ -74,14 +77,14 @@ def _cmd_export(args) -> int:
             break
         except (OSError, ValueError):
             continue
-    if args.gguf:
-        if tokenizer is None:
-            print("fusetune export: a GGUF file carries the tokenizer, and none was found beside the adapter or the "
-                  "base model", file=sys.stderr)
-            return 2
-        out = save_gguf(model, args.out, tokenizer, args.gguf)
-    else:
-        out = save_merged(model, args.out, tokenizer, save_method=args.save_method, dtype=dtype)
+    try:
+        if args.gguf:
+            out = save_gguf(model, args.out, tokenizer, args.gguf)
+        else:
+            out = save_merged(model, args.out, tokenizer, save_method=args.save_method, dtype=dtype)
+    except (OSError, ValueError, ImportError, NotImplementedError, RuntimeError) as err:
+        print(f"fusetune export: {err}", file=sys.stderr)
+        return 2
     print(f"fusetune export: wrote {out}" + ("" if tokenizer else " (no tokenizer found)"))
     return 0
 

@@ -82,11 +82,17 @@ def run_train(config: TrainConfig, log=print) -> dict:
         get_chat_template(tokenizer, m.chat_template)
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
-    examples = tokenize_rows(read_rows(config.data.path), tokenizer, m.max_seq_length,
-                             config.data.train_on_responses_only)
+    if config.output.save_gguf:
+        from fusetune.api.gguf import check_exportable
+
+        check_exportable(model, tokenizer)
+    rows = read_rows(config.data.path)
+    examples = tokenize_rows(rows, tokenizer, m.max_seq_length, config.data.train_on_responses_only)
     lengths = [len(e["input_ids"]) for e in examples]
+    dropped = f" ({len(rows) - len(examples)} rows dropped: no reply within max_seq_length)" if len(rows) > len(
+        examples) else ""
     log(f"data: {len(examples)} conversations from {config.data.path}, {min(lengths)}-{max(lengths)} tokens, "
-        f"{'assistant replies only' if config.data.train_on_responses_only else 'all tokens'} in the loss")
+        f"{'assistant replies only' if config.data.train_on_responses_only else 'all tokens'} in the loss{dropped}")
     lora = config.lora
     model = FastLanguageModel.get_peft_model(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                              target_modules=lora.target_modules, use_rslora=lora.use_rslora,
@@ -106,13 +112,13 @@ def run_train(config: TrainConfig, log=print) -> dict:
     log(f"trained {record['steps']} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
         f"{record['tokens_per_s']:,.0f} tokens/s, peak memory {record['peak_memory_gib']:.2f} GiB "
         f"({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
+    adapter = save_merged(model, out / "adapter", tokenizer, save_method="lora")  # first: the run's result
+    log(f"saved the adapter to {adapter}")
     after = answer(model, tokenizer, prompts, config.data.max_new_tokens) if prompts else []
     for prompt, old, new in zip(prompts, before, after):
         log(f"\n> {prompt}\n  before: {old}\n  after:  {new}")
-    adapter = save_merged(model, out / "adapter", tokenizer, save_method="lora")
-    log(f"\nsaved the adapter to {adapter}")
     plot = plot_losses(losses, out / "loss.png", f"{m.name}: LoRA r={lora.r}")
-    log(f"loss curve: {plot}" if plot else "loss curve: pip install matplotlib to plot it (losses in summary.json)")
+    log(f"\nloss curve: {plot}" if plot else "loss curve: pip install matplotlib to plot it (losses in summary.json)")
     if config.output.save_merged:
         log(f"merged model: {save_merged(model, out / 'merged', tokenizer)}")
     if config.output.save_gguf:

@@ -135,6 +135,15 @@ def _validate(config: TrainConfig):
             raise ConfigError(f"{where} = {value}: must be at least 1")
     if not isinstance(t.micro_batch_size, str) and t.micro_batch_size < 1:
         raise ConfigError(f"training.micro_batch_size = {t.micro_batch_size}: at least 1, or auto")
+    for where, value, least in (("training.logging_steps", t.logging_steps, 1), ("training.save_steps", t.save_steps, 0),
+                                ("training.warmup_steps", t.warmup_steps, 0), ("training.max_steps", t.max_steps, 1),
+                                ("training.save_total_limit", t.save_total_limit, 1),
+                                ("data.max_new_tokens", config.data.max_new_tokens, 1)):
+        if value is not None and value < least:
+            raise ConfigError(f"{where} = {value}: must be at least {least}")
+    if t.epochs <= 0 or t.learning_rate <= 0:
+        raise ConfigError(f"training.epochs = {t.epochs} and training.learning_rate = {t.learning_rate} must be "
+                          f"positive")
     if t.resume not in (True, False, "auto"):
         raise ConfigError(f"training.resume = {t.resume!r}: true, false or auto")
     if config.lora.gradient_checkpointing not in (True, False, "fusetune", "unsloth"):
@@ -146,7 +155,11 @@ def _parse_override(item: str) -> tuple[list[str], object]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: write section.key=value, e.g. --set training.max_steps=10")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw  # not YAML (e.g. a glob such as *.jsonl): the text as written
+    return key.strip().split("."), value
 
 
 def build_config(raw: dict | None, overrides: list[str] = ()) -> TrainConfig:

@@ -65,7 +65,10 @@ def read_rows(path: str) -> list[dict]:
 def to_messages(row: dict, index: int) -> list[dict] | str:
     """A row as a list of chat messages, or as a plain string for {"text"} rows."""
     if "messages" in row:
-        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        try:
+            return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        except (KeyError, TypeError) as err:
+            raise ConfigError(f"data row {index}: each message needs a role and a content ({err!r} missing)") from err
     if "conversations" in row:
         try:
             return [{"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]} for m in row["conversations"]]
@@ -82,20 +85,31 @@ def to_messages(row: dict, index: int) -> list[dict] | str:
                       f"instruction/output, prompt/completion or text rows")
 
 
-def _assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def _render(tokenizer, messages: list[dict], index: int, **kwargs) -> str:
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except TemplateError as err:
+        raise ConfigError(f"data row {index}: the chat template refuses this conversation ({err}); fix the row or "
+                          f"choose another model.chat_template") from err
+
+
+def _assistant_spans(tokenizer, messages: list[dict], index: int) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of each assistant turn (its reply and the
     end-of-turn marker: the model must learn to stop)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    text = _render(tokenizer, messages, index)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        begin = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-        end = len(tokenizer.apply_chat_template(messages[:i + 1], tokenize=False))
-        if text[:end] != tokenizer.apply_chat_template(messages[:i + 1], tokenize=False):
-            raise ConfigError("the chat template renders a conversation's prefix differently from the whole "
-                              "conversation; set data.train_on_responses_only: false")
-        spans.append((begin, end))
+        prompt = _render(tokenizer, messages[:i], index, add_generation_prompt=True)
+        upto = _render(tokenizer, messages[:i + 1], index)
+        if not (text.startswith(upto) and upto.startswith(prompt)):
+            raise ConfigError(f"data row {index}: the chat template renders the start of the conversation differently "
+                              f"from the whole (e.g. it drops earlier reasoning or moves the system text), so the "
+                              f"replies cannot be located; set data.train_on_responses_only: false")
+        spans.append((len(prompt), len(upto)))
     return text, spans
 
 
@@ -108,17 +122,18 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_on
         conversation = to_messages(row, index)
         if isinstance(conversation, str):
             ids = tokenizer(conversation, add_special_tokens=True)["input_ids"]
-            if tokenizer.eos_token_id is not None:
+            if tokenizer.eos_token_id is not None and ids[-1:] != [tokenizer.eos_token_id]:
                 ids = ids + [tokenizer.eos_token_id]
             labels = list(ids)
         else:
-            text, spans = _assistant_spans(tokenizer, conversation)
-            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            ids = enc["input_ids"]
             if responses_only:
+                text, spans = _assistant_spans(tokenizer, conversation, index)
+                enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+                ids = enc["input_ids"]
                 labels = [t if any(b <= start < e for b, e in spans) else IGNORE_INDEX
                           for t, (start, _) in zip(ids, enc["offset_mapping"])]
             else:
+                ids = tokenizer(_render(tokenizer, conversation, index), add_special_tokens=False)["input_ids"]
                 labels = list(ids)
         ids, labels = ids[:max_seq_length], labels[:max_seq_length]
         if all(label == IGNORE_INDEX for label in labels[1:]):

@@ -144,18 +144,42 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     return json.loads((path / "state.json").read_text())
 
 
-def _resume_point(output_dir: Path, cfg: TrainingConfig, steps: int, log) -> Path | None:
+def _run_fingerprint(cfg: TrainingConfig, n_examples: int, steps: int) -> dict:
+    """What a checkpoint must share with this run to continue it exactly."""
+    return {"seed": cfg.seed, "effective_batch_size": cfg.effective_batch_size, "examples": n_examples,
+            "steps": steps, "learning_rate": cfg.learning_rate, "lr_scheduler": cfg.lr_scheduler}
+
+
+def _set_aside(output_dir: Path, found: list[Path], log) -> None:
+    """Earlier checkpoints go to output_dir/previous-N/ (kept, out of this run's rotation)."""
+    n = 1
+    while (output_dir / f"previous-{n}").exists():
+        n += 1
+    aside = output_dir / f"previous-{n}"
+    aside.mkdir()
+    for path in found:
+        path.rename(aside / path.name)
+    log(f"the earlier run's checkpoints are kept in {aside}")
+
+
+def _resume_point(output_dir: Path, cfg: TrainingConfig, fingerprint: dict, log) -> Path | None:
     found = checkpoints(output_dir)
-    if not found or cfg.resume is False:
-        if found:
-            log(f"training.resume is false: starting over; the checkpoints in {output_dir} are replaced as this run "
-                f"saves")
+    if not found:
         return None
     newest = found[-1]
-    if json.loads((newest / "state.json").read_text())["step"] >= steps:
+    state = json.loads((newest / "state.json").read_text())
+    if cfg.resume is False:
+        log("training.resume is false: starting over")
+    elif state["step"] >= fingerprint["steps"]:
         log(f"{output_dir} holds a finished run ({newest.name}): training again from the start")
-        return None
-    return newest
+    elif state.get("fingerprint") != fingerprint:
+        raise ConfigError(f"{newest} belongs to a run with other settings ({state.get('fingerprint')} vs "
+                          f"{fingerprint}): choose another output.dir, or set training.resume: false to start over "
+                          f"(its checkpoints are kept aside)")
+    else:
+        return newest
+    _set_aside(output_dir, found, log)
+    return None
 
 
 class Progress:
@@ -189,8 +213,9 @@ def train_loop(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, ou
         raise ConfigError("the model has no trainable parameters: add LoRA adapters (the lora section)")
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = _schedule(optimizer, cfg, steps)
-    state = {"step": 0, "consumed": 0, "losses": [], "tokens": 0}
-    resume_from = _resume_point(output_dir, cfg, steps, log)
+    fingerprint = _run_fingerprint(cfg, len(examples), steps)
+    state = {"step": 0, "consumed": 0, "losses": [], "tokens": 0, "fingerprint": fingerprint}
+    resume_from = _resume_point(output_dir, cfg, fingerprint, log)
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, scheduler)
         log(f"resumed from {resume_from} (step {state['step']} of {steps})")
