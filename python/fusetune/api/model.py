@@ -91,7 +91,7 @@ def _quantized_from_gguf(model_name, config, dtype, device_map, quantization, co
         del plain
         common = {k: v for k, v in common.items() if k != "gguf_file"}
         return AutoModelForCausalLM.from_pretrained(staging, dtype=dtype, device_map=device_map,
-                                                    quantization_config=quantization, **common)
+                                                    quantization_config=quantization, **common, **kwargs)
 
 
 def _adapt_targets(hf_model, target_modules):

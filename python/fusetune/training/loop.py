@@ -77,6 +77,9 @@ def pick_micro_batch(model, examples: list[dict], pad_id: int, cfg: TrainingConf
         log(f"micro-batch: {upper} (auto on the CPU: no finder, the whole effective batch)")
         return upper
     longest = sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True)[:upper]
+    # the trials run no optimizer step: hold back what AdamW's two moments will take
+    moments = sum(2 * p.numel() * p.element_size() for p in trainable_parameters(model).values())
+    reserve = torch.empty(moments, dtype=torch.uint8, device=device)
 
     def fits(size: int):
         rows = (longest * size)[:size]
@@ -86,6 +89,7 @@ def pick_micro_batch(model, examples: list[dict], pad_id: int, cfg: TrainingConf
             model.zero_grad(set_to_none=True)
 
     size = find_micro_batch(fits, upper, log)
+    del reserve
     log(f"micro-batch: {size} (batch-size finder, longest rows of {len(longest[0]['input_ids'])} tokens); "
         f"{math.ceil(upper / size)} micro-batches per step")
     return size
