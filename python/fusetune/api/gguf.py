@@ -208,15 +208,14 @@ def check_exportable(model, tokenizer) -> str:
     return arch
 
 
-def write_gguf(model, tokenizer, path: Path, method: str) -> Path:
-    """One GGUF file of the merged model (see the module docstring)."""
+def write_gguf(model, tokenizer, path: Path, method: str, arch: str) -> Path:
+    """One GGUF file of the merged model (see the module docstring); arch from check_exportable."""
     gguf = _require_gguf()
     from fusetune.api.saving import merged_state_dict
     from fusetune.patching.core import _hf_model
 
     hf_model = _hf_model(model)
     config = hf_model.config
-    arch = check_exportable(model, tokenizer)
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     if window is not None and window < config.max_position_embeddings:
         logger.warning("fusetune: %s uses a sliding window of %d tokens; GGUF's %s architecture has none, so "
@@ -276,7 +275,7 @@ def save_gguf(model, save_directory: str | os.PathLike, tokenizer, quantization_
     """The merged model as save_directory/model.<METHOD>.gguf, the file written atomically (other files
     in the directory, e.g. other methods' GGUFs, stay). Returns the file."""
     method = check_method(quantization_method)
-    check_exportable(model, tokenizer)
+    arch = check_exportable(model, tokenizer)
     directory = Path(save_directory)
     if directory.is_file():
         raise FileExistsError(f"{directory} is a file: give a directory for the GGUF file")
@@ -285,9 +284,9 @@ def save_gguf(model, save_directory: str | os.PathLike, tokenizer, quantization_
     partial = [directory / f".{target.name}.{kind}-{os.getpid()}" for kind in ("tmp", "f16")]
     try:
         if method in PYTHON_METHODS:
-            write_gguf(model, tokenizer, partial[0], method)
+            write_gguf(model, tokenizer, partial[0], method, arch)
         else:
-            write_gguf(model, tokenizer, partial[1], "f16")
+            write_gguf(model, tokenizer, partial[1], "f16", arch)
             result = subprocess.run([_llama_quantize(), str(partial[1]), str(partial[0]), method.upper()],
                                     capture_output=True, text=True)
             if result.returncode != 0:

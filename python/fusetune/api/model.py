@@ -52,14 +52,15 @@ def resolve_model_name(model_name: str, gguf_file: str | None) -> tuple[str, str
     return str(Path(spec.origin).parent), file
 
 
-def _quantization_config(load_in_4bit: bool, load_in_8bit: bool, dtype: torch.dtype):
+def quantization_config(load_in_4bit: bool, load_in_8bit: bool, dtype: torch.dtype,
+                        caller: str = "from_pretrained(load_in_4bit/load_in_8bit=True)"):
+    """bitsandbytes' config: NF4 with double quantisation (compute in dtype), or 8-bit; None for neither."""
     if not (load_in_4bit or load_in_8bit):
         return None
     if load_in_4bit and load_in_8bit:
         raise ValueError("from_pretrained: choose one of load_in_4bit and load_in_8bit")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ImportError("from_pretrained(load_in_4bit/load_in_8bit=True) needs bitsandbytes: "
-                          "pip install bitsandbytes")
+        raise ImportError(f"{caller} needs bitsandbytes: pip install bitsandbytes")
     from transformers import BitsAndBytesConfig
 
     if load_in_8bit:
@@ -145,7 +146,7 @@ class FastLanguageModel:
         if rope_scaling is not None:
             config.rope_scaling = dict(rope_scaling)
         config.max_position_embeddings = max(getattr(config, "max_position_embeddings", 0) or 0, max_seq_length)
-        quantization = _quantization_config(load_in_4bit, load_in_8bit, dtype)
+        quantization = quantization_config(load_in_4bit, load_in_8bit, dtype)
         device_map = device_map or (device_type if device_type == "cuda" else None)
         if quantization is not None and gguf_file is not None:
             model = _quantized_from_gguf(model_name, config, dtype, device_map, quantization, common, kwargs)

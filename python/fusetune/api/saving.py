@@ -156,22 +156,18 @@ def write_plain_model(model, directory: Path, dtype: torch.dtype | None = None):
 def _write_merged_4bit(model, directory: Path, dtype: torch.dtype | None):
     """The merged weights quantised to NF4 (double quantisation) by bitsandbytes through transformers,
     in transformers' 4-bit layout: it loads with from_pretrained when bitsandbytes is installed."""
-    import importlib.util
+    from transformers import AutoModelForCausalLM
 
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ImportError("save_method='merged_4bit' needs bitsandbytes: pip install bitsandbytes (or save "
-                          "merged_16bit)")
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from fusetune.api.model import quantization_config
 
+    compute = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
+    config = quantization_config(True, False, compute, caller="save_method='merged_4bit' (or save merged_16bit)")
     staging = directory / ".merged_16bit"
     staging.mkdir()
     write_plain_model(model, staging, dtype)
-    compute = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
     device = next(model.parameters()).device
     quantized = AutoModelForCausalLM.from_pretrained(
-        staging, device_map={"": str(device)} if device.type == "cuda" else None,
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute))
+        staging, device_map={"": str(device)} if device.type == "cuda" else None, quantization_config=config)
     quantized.save_pretrained(directory)
     shutil.rmtree(staging)
 

@@ -123,7 +123,7 @@ def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: dict, 
                     "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                    tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(state))
-    for old in checkpoints(output_dir)[:-keep] if keep > 0 else []:
+    for old in checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
