@@ -11,8 +11,8 @@ from setuptools import setup
 
 package_dir = {"fusetune": "python/fusetune", "fusetune.triton_kernels": "triton_kernels"}
 packages = ["fusetune", "fusetune.triton_kernels", "fusetune.reference", "fusetune.ops",
-            "fusetune.patching", "fusetune.training", "fusetune.data", "fusetune.quant", "fusetune.lora", "fusetune.cli",
-            "fusetune.api"]
+            "fusetune.patching", "fusetune.lora", "fusetune.quant", "fusetune.training", "fusetune.api",
+            "fusetune.recipe", "fusetune.cli", "fusetune.data"]
 
 
 def _cuda_extension():
@@ -50,11 +50,14 @@ setup(
     packages=packages,
     python_requires=">=3.10",
     package_data={"fusetune.data": ["*.jsonl", "*.yaml"]},
-    install_requires=["torch>=2.4", "triton>=3.2", "transformers>=5.0", "peft>=0.17", "accelerate",
-                      "safetensors", "pyyaml"],
+    # The supported range: the lower bounds are the lowest releases CI tests (.ci/lowest.txt; torch
+    # 2.11 and Triton 3.6 on the GPU tier), the upper bounds the next major releases.
+    install_requires=["torch>=2.11,<3", "triton>=3.6,<4", "transformers>=5.17,<6", "peft>=0.18,<1",
+                      "accelerate>=1.15,<2", "safetensors>=0.4,<1", "pyyaml>=6,<7"],
     # train: the embedded default of `fusetune train` reads a GGUF file and plots the loss
-    extras_require={"train": ["gguf>=0.17", "matplotlib"],
-                    "test": ["pytest", "gguf>=0.17", "matplotlib", "bitsandbytes>=0.50", "trl>=1.15"]},
+    extras_require={"train": ["gguf>=0.17,<1", "matplotlib>=3.7,<4"],
+                    "test": ["pytest>=8,<10", "gguf>=0.17,<1", "matplotlib>=3.7,<4", "bitsandbytes>=0.50,<1",
+                             "trl>=1.15,<2"]},
     entry_points={"console_scripts": ["fusetune=fusetune.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -88,6 +88,8 @@ def worker(stack: str, workload: str, profile: bool = False, seq: int | None = N
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from fusetune.training.checkpoint import enable_checkpointing, enable_offloaded_checkpointing
+
     warmup, timed = steps
     cfg = MODELS[name]
     torch.manual_seed(0)
@@ -97,12 +99,11 @@ def worker(stack: str, workload: str, profile: bool = False, seq: int | None = N
     torch.set_default_dtype(torch.float32)
     if qlora:
         prepare_qlora(model)  # decoder linears -> bitsandbytes NF4 (see bench/qlora.py)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
                                              target_modules=TARGETS, task_type="CAUSAL_LM"))
     if stack.startswith("fusetune"):
         import fusetune
-        from fusetune.training.checkpoint import enable_offloaded_checkpointing
 
         fusetune.patch_model(model)
         if stack == "fusetune":  # its own checkpointing; "fusetune-recompute" keeps Hugging Face's

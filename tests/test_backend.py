@@ -1,8 +1,15 @@
+import importlib
+
 import pytest
 import torch
 
-from fusetune import backend
+from fusetune import backend, ops
 from fusetune.backend import BackendUnavailableError, resolve, use_backend
+from fusetune.quant import quantize_nf4
+from fusetune.reference import nf4 as nf4_reference
+from tests.numerics import assert_close
+
+NF4_KERNELS = {"nf4_dequant": "fusetune.triton_kernels.nf4", "nf4_gemv": "fusetune.triton_kernels.nf4_gemv"}
 
 
 def test_auto_on_cpu_uses_triton_under_the_interpreter(monkeypatch):
@@ -41,6 +48,47 @@ def test_env_variable_and_context_nesting(monkeypatch):
 
 def test_report_covers_every_op():
     from fusetune.ops import OPS
-    from fusetune.training.env import backend_report
+    from fusetune.training.env import backend_report, format_probe, probe
 
+    assert set(NF4_KERNELS) <= set(OPS)
     assert set(backend_report("cpu")) == set(OPS)
+    listing = format_probe(probe())  # what `fusetune env` prints
+    assert all(f"  {op} " in listing for op in OPS)
+
+
+def _nf4_op(op: str, device):
+    """(the op's output, its reference's) on a small double-quantised weight."""
+    packed, state = quantize_nf4(torch.randn(9, 64, device=device), 64, True)
+    if op == "nf4_dequant":
+        return (ops.nf4_dequant(packed, dtype=torch.float32, **state.op_args()),
+                nf4_reference.dequantize_nf4(packed, dtype=torch.float32, **state.op_args()))
+    x = torch.randn(2, 64, device=device)
+    return ops.nf4_gemv(x, packed, **state.op_args()), nf4_reference.nf4_gemv(x, packed, **state.op_args())
+
+
+@pytest.mark.parametrize("op", NF4_KERNELS)
+@pytest.mark.parametrize("requested", ["auto", "torch"])
+def test_nf4_ops_follow_the_backend(op, requested, device, monkeypatch):
+    """auto launches the Triton kernel (on a GPU, or under the interpreter as in CI); torch runs the
+    reference, even where Triton could run."""
+    if device.type == "cpu" and not backend.triton_interpreting():
+        pytest.skip("auto runs Triton on CPU only under TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+    kernels = importlib.import_module(NF4_KERNELS[op])
+    launcher, launches = getattr(kernels, op), []
+    monkeypatch.setattr(kernels, op, lambda *args, **kwargs: launches.append(op) or launcher(*args, **kwargs))
+    with use_backend(requested):
+        got, want = _nf4_op(op, device)
+    assert launches == ([op] if requested == "auto" else [])
+    if requested == "torch":
+        assert torch.equal(got, want)
+    else:
+        assert_close(got, want, torch.float32, f"{op} on Triton")
+
+
+@pytest.mark.parametrize("op", NF4_KERNELS)
+@pytest.mark.parametrize("requested, missing", [("cuda", "the CUDA extension needs CUDA tensors"),
+                                                ("triton", "Triton needs CUDA tensors")])
+def test_nf4_ops_explicit_backend_that_cannot_run_raises(op, requested, missing, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter: no Triton either
+    with use_backend(requested), pytest.raises(BackendUnavailableError, match=f"cannot run {op}: {missing}"):
+        _nf4_op(op, torch.device("cpu"))

@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import fusetune
-from fusetune.training.checkpoint import enable_offloaded_checkpointing, offloaded_checkpoint
+from fusetune.training.checkpoint import enable_checkpointing, enable_offloaded_checkpointing, offloaded_checkpoint
 from tests.numerics import assert_close
 from tests.tiny_models import LORA_TARGETS, random_batch, tiny_model
 
@@ -64,7 +64,7 @@ def test_layer_inputs_leave_the_gpu():
         if offload:
             enable_offloaded_checkpointing(model)
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         ids = torch.randint(0, 257, (8, 1024), device="cuda")
         torch.cuda.synchronize()
         start = torch.cuda.memory_allocated()

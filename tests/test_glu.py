@@ -3,29 +3,25 @@ import torch
 
 from fusetune import use_backend
 from fusetune.ops import geglu, swiglu
+from fusetune.ops.glu import HF_ACTIVATIONS, glu
 from fusetune.reference import glu as reference
+from fusetune.reference.glu import ACTIVATIONS
 from tests.numerics import assert_close, leaf
 
 # the interpreter's numpy exp overflows to inf for very negative gates; the result (0) is right
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
 SHAPES = [(17, 1000), (2, 17, 333), (3, 5, 7)]
-ACTIVATIONS = {
-    "silu": (swiglu, reference.swiglu, {}),
-    "gelu_tanh": (geglu, reference.geglu, {"approximate": "tanh"}),
-    "gelu_erf": (geglu, reference.geglu, {"approximate": "none"}),
-}
 
 
 def _check_against_float64(activation, gate, up, backend, dtype):
     """Run op on (gate, up) leaves or views of leaves; compare y, dgate, dup with float64."""
-    op, ref, kwargs = ACTIVATIONS[activation]
     with use_backend(backend):
-        y = op(gate, up, **kwargs)
+        y = glu(gate, up, activation)
     dy = torch.randn_like(y) * 0.5  # grad_output != 1
     dgate, dup = torch.autograd.grad(y, (gate, up), dy)
     gate64, up64 = leaf(gate.double()), leaf(up.double())
-    y64 = ref(gate64, up64, **kwargs)
+    y64 = reference.glu(gate64, up64, activation)
     dgate64, dup64 = torch.autograd.grad(y64, (gate64, up64), dy.double())
     assert y.dtype == dtype and y.shape == gate.shape
     assert_close(y, y64, dtype, "y")
@@ -58,15 +54,14 @@ def test_chunked_gate_up_views(backend, activation, dtype, device, poison):
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 def test_transposed_inputs_and_expanded_grad(activation, device):
     """Views with no unit-stride rows are copied; a broadcast grad_output (stride 0) works."""
-    op, ref, kwargs = ACTIVATIONS[activation]
     gate = leaf(torch.randn(40, 24, device=device))
     up = leaf(torch.randn(24, 40, device=device))
     with use_backend("triton"):
-        y = op(gate.t(), up, **kwargs)
+        y = glu(gate.t(), up, activation)
     y.sum().backward()
     gate64, up64 = leaf(gate.double()), leaf(up.double())
-    ref(gate64.t(), up64, **kwargs).sum().backward()
-    assert_close(y, ref(gate64.t(), up64, **kwargs), torch.float32, "y")
+    reference.glu(gate64.t(), up64, activation).sum().backward()
+    assert_close(y, reference.glu(gate64.t(), up64, activation), torch.float32, "y")
     assert_close(gate.grad, gate64.grad, torch.float32, "dgate")
     assert_close(up.grad, up64.grad, torch.float32, "dup")
 
@@ -87,6 +82,43 @@ def test_empty_input(device):
         y = swiglu(gate, torch.randn(0, 64, device=device))
     y.sum().backward()
     assert y.shape == (0, 64) and gate.grad.shape == (0, 64)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize(("op", "kwargs", "activation"), [(swiglu, {}, "silu"),
+                                                          (geglu, {}, "gelu_tanh"),
+                                                          (geglu, {"approximate": "tanh"}, "gelu_tanh"),
+                                                          (geglu, {"approximate": "none"}, "gelu_erf")])
+def test_swiglu_and_geglu_are_glu(backend, op, kwargs, activation, device):
+    """The public functional API is glu under the activation it names."""
+    gate, up = torch.randn(2, 17, 333, device=device) * 3, torch.randn(2, 17, 333, device=device)
+    with use_backend(backend):
+        assert torch.equal(op(gate, up, **kwargs), glu(gate, up, activation))
+
+
+@pytest.mark.parametrize("hf_name", sorted(HF_ACTIVATIONS))
+def test_transformers_activation_names(hf_name, device):
+    """Every transformers ACT2FN name fusetune fuses maps to the activation that computes it: the
+    reference equals transformers' module in float64, the kernel (up = 1) its value and gradient."""
+    from transformers.activations import ACT2FN
+
+    activation = HF_ACTIVATIONS[hf_name]
+    gate = leaf(torch.randn(17, 333, device=device) * 3)
+    gate64 = leaf(gate.double())
+    hf = ACT2FN[hf_name](gate64)
+    (dhf,) = torch.autograd.grad(hf, gate64, torch.ones_like(hf))
+    assert_close(reference.ACTIVATIONS[activation](gate64), hf, torch.float64, hf_name)
+    with use_backend("triton"):
+        y = glu(gate, torch.ones_like(gate), activation)
+    (dgate,) = torch.autograd.grad(y, gate, torch.ones_like(y))
+    assert_close(y, hf, torch.float32, f"{hf_name} via {activation}")
+    assert_close(dgate, dhf, torch.float32, f"d {hf_name} via {activation}")
+
+
+def test_unknown_activation(device):
+    x = torch.randn(4, 8, device=device)
+    with pytest.raises(ValueError, match="activation must be one of silu, gelu_tanh, gelu_erf"):
+        glu(x, x, "relu")
 
 
 @pytest.mark.parametrize("op", [swiglu, geglu])

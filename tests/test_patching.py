@@ -17,6 +17,7 @@ import torch
 
 from fusetune import patch_model, unpatch_model, use_backend
 from fusetune.backend import triton_interpreting as interpreting
+from fusetune.training.checkpoint import enable_checkpointing
 from fusetune.patching import UnsupportedModelError
 from tests.numerics import assert_close, rel_err
 from tests.tiny_models import FAMILIES, add_lora, random_batch, tiny_config, tiny_model
@@ -191,7 +192,7 @@ def test_lora_with_gradient_checkpointing(device):
     ref = add_lora(tiny_model("llama").to(device), "llama")
     fused = _patched(add_lora(tiny_model("llama").to(device), "llama"))
     for model in (ref, fused):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     ref_loss, _, ref_grads = _loss_and_grads(ref, ids, labels)
     loss, _, grads = _loss_and_grads(fused, ids, labels, "triton")
     assert_close(loss, ref_loss, torch.float32, "loss")
@@ -220,12 +221,13 @@ def test_unpatch_restores_exactly(family, device):
     assert all(torch.equal(grads2[n], g) for n, g in grads.items())
 
 
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_generate_with_kv_cache_matches_greedy(family, device):
+def test_generate_matches_greedy(family, use_cache, device):
     ref = tiny_model(family).to(device).eval()
     fused = _patched(tiny_model(family).to(device).eval())
     prompt = random_batch(batch=2, seq=6, device=device)[0]
-    kwargs = dict(max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0,
+    kwargs = dict(max_new_tokens=5, do_sample=False, use_cache=use_cache, pad_token_id=0,
                   output_logits=True, return_dict_in_generate=True)
     ref_out = ref.generate(prompt, **kwargs)
     with _backend("triton"):
@@ -233,6 +235,23 @@ def test_generate_with_kv_cache_matches_greedy(family, device):
     assert torch.equal(out.sequences, ref_out.sequences)
     for step, (a, b) in enumerate(zip(out.logits, ref_out.logits)):
         assert_close(a, b, torch.float32, f"logits of step {step}")
+
+
+def test_generate_on_a_4bit_base_matches_greedy(tmp_path, device):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    # intermediate 128: bitsandbytes' CPU dequantisation needs rows in whole blocks of 64
+    tiny_model("llama", intermediate_size=128).save_pretrained(tmp_path)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    load = lambda: AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, dtype=torch.float32,
+                                                        device_map=device.type).eval()
+    ref, fused = load(), _patched(load())
+    prompt = random_batch(batch=2, seq=6, device=device)[0]
+    for use_cache in (True, False):
+        kwargs = dict(max_new_tokens=5, do_sample=False, use_cache=use_cache, pad_token_id=0)
+        with _backend("triton"):
+            assert torch.equal(fused.generate(prompt, **kwargs), ref.generate(prompt, **kwargs))
 
 
 def test_loss_honours_num_items_in_batch_shift_labels_and_ignore_index(device):

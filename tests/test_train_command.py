@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from fusetune.backend import use_backend
-from fusetune.training.batch_size import OutOfMemory, find_micro_batch
-from fusetune.training.config import ConfigError, TrainingConfig, build_config, load_config
-from fusetune.training.data import IGNORE_INDEX, read_rows, to_messages, tokenize_rows
+from fusetune.recipe.batch_size import OutOfMemory, find_micro_batch
+from fusetune.recipe.config import ConfigError, TrainingConfig, build_config, load_config
+from fusetune.recipe.data import IGNORE_INDEX, read_rows, to_messages, tokenize_rows
 from tests.tiny_models import byte_level_tokenizer, tiny_model
 
 CONVERSATIONS = [
@@ -132,7 +132,7 @@ def _lora_model(tokenizer):
 
 
 def _run(tmp_path, micro_batch, steps=4, save_steps=2, fail_at=None, **cfg):
-    from fusetune.training import loop
+    from fusetune.recipe import loop
 
     tokenizer = byte_level_tokenizer()
     examples = tokenize_rows(CONVERSATIONS * 2, tokenizer, 64)
@@ -285,7 +285,7 @@ def test_command_embedded_default_shortened(tmp_path):
 
 
 def test_out_of_memory_in_training_says_what_to_change(tmp_path, monkeypatch):
-    from fusetune.training import loop
+    from fusetune.recipe import loop
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")

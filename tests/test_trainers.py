@@ -43,13 +43,21 @@ def _train(trainer_cls, config_cls, rows, tmp_path, tokenizer=None, trainer_args
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def test_sft_trainer_trains_a_patched_model(tmp_path):
+def test_sft_trainer_trains_a_patched_model_and_says_which_loss_runs(tmp_path, monkeypatch, capsys):
     trl = pytest.importorskip("trl")
+    import fusetune.patching.modules as modules
+
+    fused_losses = []
+    real = modules.linear_cross_entropy
+    monkeypatch.setattr(modules, "linear_cross_entropy", lambda *a, **k: fused_losses.append(1) or real(*a, **k))
     g = torch.Generator().manual_seed(0)
     rows = [{"text": _words(g, 24)} for _ in range(16)]
     losses = _train(trl.SFTTrainer, trl.SFTConfig, rows, tmp_path, max_steps=4, max_length=24)
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
+    # TRL's SFTTrainer computes the loss with its own fused LM head: fusetune's does not run, and says so
+    assert not fused_losses
+    assert "fusetune: TRL's fused LM head now computes the loss of LlamaForCausalLM" in capsys.readouterr().out
 
 
 def test_dpo_trainer_trains_a_patched_model(tmp_path):

@@ -25,8 +25,9 @@ from .utils import interpreting, next_power_of_2
 
 @triton.jit
 def _tanh(u):
-    # 1 - 2 / (exp(2u) + 1): one exp and one fast divide (the softcap path is bound by these
-    # special-function ops, not by memory); exp -> inf or 0 at large |u| gives +-1, never NaN
+    """tanh(u) = 1 - 2 / (exp(2u) + 1): one exp and one fast divide, no libdevice (the softcap
+    path is bound by these special-function ops, not by memory); exp -> inf or 0 at large |u|
+    gives +-1, never NaN. Its derivative, 1 - tanh(u)^2, is formed by the caller."""
     return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
 
 
@@ -34,6 +35,10 @@ def _tanh(u):
 def _cross_entropy_fwd_kernel(X, TARGETS, LOSS, LSE, x_row_stride, t_stride, n_cols, ignore_index,
                               scale, cap, inv_cap, HAS_SCALE: tl.constexpr,
                               HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    """Per row: z = c * tanh(s * x / c) (z = s * x without softcap; s = 1 without scale),
+    LSE[row] = log(sum_j exp(z_j)) (online, BLOCK columns at a time), LOSS[row] = lse - z_t;
+    0 for both on ignored rows, a NaN loss for a target outside [0, V).
+    Gradient (_cross_entropy_bwd_kernel): dx_j = g * (exp(z_j - lse) - [j == t]) * dz_j/dx_j."""
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * x_row_stride  # 64-bit: rows * V passes 2^31 at real shapes
     target = tl.load(TARGETS + row * t_stride).to(tl.int64)
@@ -70,7 +75,8 @@ def _cross_entropy_bwd_kernel(X, DX, TARGETS, LSE, GRAD, x_row_stride, dx_row_st
                               g_stride, n_cols, ignore_index, scale, cap, inv_cap,
                               HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                               BLOCK: tl.constexpr):
-    """dx = g * (exp(z - lse) - onehot(t)) * dz/dx; zero on ignored rows. DX may alias X."""
+    """dx = g * (exp(z - lse) - onehot(t)) * dz/dx with g = GRAD[row], z as in the forward and
+    dz/dx = s * (1 - tanh(s * x / c)^2) (s without softcap); zero on ignored rows. DX may alias X."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols

@@ -20,6 +20,11 @@ NUM_WARPS = 4
 def _nf4_dequant_kernel(PACKED, ABSMAX, CODE, NESTED_ABSMAX, NESTED_CODE, OFFSET, OUT, n_elements,
                         BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
                         BF16_OUT: tl.constexpr, BLOCK_BYTES: tl.constexpr, ROW_BYTES: tl.constexpr):
+    """OUT[e] = CODE[nibble(e)] * absmax[e // BLOCKSIZE] for the 2 * BLOCK_BYTES elements of this
+    program, nibble(e) the high nibble of PACKED[e // 2] for even e, the low one for odd e; with
+    NESTED, absmax[b] = NESTED_CODE[ABSMAX[b]] * NESTED_ABSMAX[b // NESTED_BLOCKSIZE] + OFFSET
+    (product rounded to fp32 first). Rounded once to OUT's dtype (to nearest even by hand for
+    bf16). Forward only: NF4 weights are frozen, nothing flows back to the packed data or scales."""
     # the tile is (rows, ROW_BYTES) bytes, each row inside one quantisation block: one scale per row
     ROWS: tl.constexpr = BLOCK_BYTES // ROW_BYTES
     n_bytes = (n_elements + 1) // 2

@@ -17,6 +17,10 @@ from .utils import elementwise_warps, interpreting, program_count, row_block
 @triton.jit
 def _rms_norm_fwd_kernel(X, W, Y, RSTD, x_row_stride, y_row_stride, n_cols, eps, offset,
                          CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    """One row: rstd = 1 / sqrt(mean(x^2) + eps), y = xhat * (w + offset) with xhat = x * rstd
+    (rounded to x's dtype first when CAST_BEFORE_WEIGHT); rstd saved for the backward.
+    Gradient (_rms_norm_bwd_kernel): dx = rstd * (g - xhat * mean(g * xhat)), g = dy * (w + offset);
+    dw = sum over rows of dy * xhat."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -38,6 +42,11 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, dy_row_stride, x_row_st
                          dx_row_stride, n_rows, n_cols, rows_per_program, offset,
                          CAST_BEFORE_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr,
                          BLOCK: tl.constexpr):
+    """Rows [pid * rows_per_program, ...): with g = dy * (w + offset) and xhat = x * rstd,
+        dx = rstd * (g - xhat * mean(g * xhat))
+    (the rounding of xhat before the weight passes the gradient through unchanged, as autograd's
+    .to() does); with COMPUTE_DW, DW_PARTIAL[pid] = sum over those rows of dy * xhat (xhat
+    rounded as in the forward), which the launcher sums over programs."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols

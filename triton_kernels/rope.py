@@ -49,6 +49,10 @@ def _rope_fwd_kernel(Q, K, COS, SIN, QO, KO,
                      cos_b, cos_s, sin_b, sin_s, n_q_heads, n_k_heads, half, head_dim,
                      INVERSE: tl.constexpr, COPY_PASS: tl.constexpr, BLOCK_HQ: tl.constexpr,
                      BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr):
+    """y = x * cos + rotate_half(x) * sin over the first 2 * half dims of every q and k head of one
+    token (the rest copied when COPY_PASS): y1 = x1*c1 - x2*s1, y2 = x2*c2 + x1*s2.
+    Gradient, the transposed rotation: dx1 = dy1*c1 + dy2*s2, dx2 = dy2*c2 - dy1*s1, which is this
+    kernel with INVERSE=True ((s1, s2) -> (-s2, -s1)). No gradient to cos/sin."""
     # one program per token: cos/sin are read once and shared by every q and k head
     s = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)

@@ -19,6 +19,10 @@ import threading
 
 import torch
 
+# the one TRITON_INTERPRET check, kept with the kernels (the lowest layer); resolve() calls it by
+# this module's name, so a run that only captures launches (tests/aot_compile.py) can stand in for it
+from fusetune.triton_kernels.utils import interpreting as triton_interpreting
+
 BACKENDS = ("auto", "triton", "cuda", "torch")
 
 logger = logging.getLogger("fusetune")
@@ -59,10 +63,6 @@ def use_backend(name: str):
         yield
     finally:
         _state.name = previous
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.cache

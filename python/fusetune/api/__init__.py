@@ -1,6 +1,7 @@
 """The user-facing facade: FastLanguageModel (load, LoRA, modes, saving), chat templates."""
 from fusetune.api.chat import get_chat_template, train_on_responses_only
 from fusetune.api.model import FastLanguageModel
-from fusetune.api.saving import atomic_directory, merged_state_dict, save_merged
+from fusetune.api.saving import merged_state_dict, save_merged
+from fusetune.atomic import atomic_directory
 
 __all__ = ["FastLanguageModel", "get_chat_template", "train_on_responses_only", "atomic_directory", "merged_state_dict", "save_merged"]

@@ -25,6 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fusetune.api.saving import merged_state_dict
+from fusetune.patching import hf_model
+
 logger = logging.getLogger("fusetune")
 PYTHON_METHODS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 LLAMA_QUANTIZE_METHODS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
@@ -194,9 +197,7 @@ def _file_type(method: str):
 
 def check_exportable(model, tokenizer) -> str:
     """The GGUF architecture of the model, if fusetune can write it with this tokenizer; else a clear error."""
-    from fusetune.patching.core import _hf_model
-
-    config = _hf_model(model).config
+    config = hf_model(model).config
     arch = ARCHITECTURES.get(config.model_type)
     if arch is None:
         raise NotImplementedError(f"GGUF export supports {', '.join(sorted(ARCHITECTURES))} models, not "
@@ -211,11 +212,8 @@ def check_exportable(model, tokenizer) -> str:
 def write_gguf(model, tokenizer, path: Path, method: str, arch: str) -> Path:
     """One GGUF file of the merged model (see the module docstring); arch from check_exportable."""
     gguf = _require_gguf()
-    from fusetune.api.saving import merged_state_dict
-    from fusetune.patching.core import _hf_model
-
-    hf_model = _hf_model(model)
-    config = hf_model.config
+    hf = hf_model(model)
+    config = hf.config
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     if window is not None and window < config.max_position_embeddings:
         logger.warning("fusetune: %s uses a sliding window of %d tokens; GGUF's %s architecture has none, so "
@@ -225,7 +223,7 @@ def write_gguf(model, tokenizer, path: Path, method: str, arch: str) -> Path:
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     names = gguf.get_tensor_name_map(arch_id, config.num_hidden_layers)
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_name(getattr(config, "_name_or_path", "") or type(hf_model).__name__)
+    writer.add_name(getattr(config, "_name_or_path", "") or type(hf).__name__)
     _write_hparams(writer, config, arch)
     writer.add_file_type(_file_type(method))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

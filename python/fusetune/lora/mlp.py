@@ -11,16 +11,32 @@ on the down projection adds one). Because of that, the graph cannot be run backw
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from fusetune.lora.projection import (Adapters, LoRAProjection, autocast_off, cast_lora, check_projection,
                                       draw_mask, group_backward, group_forward, lora_grads_out, lora_params)
-from fusetune.ops.glu import ACTIVATIONS, glu_backward_into, glu_forward, uses_triton
+from fusetune.lora.saved import load, save
+from fusetune.ops.glu import check_activation, glu_backward_into, glu_forward, uses_triton
 
 
 def _split(outs, inter):
     """(g, u) from the upper projections' outputs: [g, u], or the halves of one [g | u]."""
     return (outs[0], outs[1]) if len(outs) == 2 else (outs[0][:, :inter], outs[0][:, inter:])
+
+
+class _Saved(NamedTuple):
+    """What LoRAMLPFunction keeps for backward; the upper lists have one entry per upper projection
+    (gate and up, or gate_up)."""
+    x: torch.Tensor  # (N, hidden)
+    upper_outs: list  # [g, u] or [g | u]; the backward writes (dg, du) over them
+    upper_xas: list  # drop(x) A^T (N, r); None without adapter
+    down_xas: list  # [drop(h) A^T (N, r) of down, or None]
+    upper_params: list  # lora_A, lora_B of every upper projection, flat as the Function's inputs
+    down_params: list  # lora_A, lora_B of down
+    upper_masks: list  # dropout masks (N, hidden); None without dropout
+    down_masks: list  # [dropout mask (N, intermediate) or None]
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -31,15 +47,13 @@ class LoRAMLPFunction(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def forward(ctx, activation, use_triton, upper, down, x, *params):
-        n_upper = len(upper.weights)
-        up_params, down_params = params[:2 * n_upper], params[2 * n_upper:]
+        up_params, down_params = params[:-2], params[-2:]
         upper_outs, upper_xas = group_forward(x, upper, cast_lora(up_params, x.dtype))
         inter = down.weights[0].shape[1]
         g, u = _split(upper_outs, inter)
         h = glu_forward(g, u, activation, use_triton)
-        (y,), (down_xa,) = group_forward(h, down, cast_lora(down_params, x.dtype))
-        # the masks go through save_for_backward too, so that checkpointing's hooks see them
-        ctx.save_for_backward(x, *upper_outs, *upper_xas, down_xa, *params, *upper.masks, *down.masks)
+        (y,), down_xas = group_forward(h, down, cast_lora(down_params, x.dtype))
+        save(ctx, _Saved(x, upper_outs, upper_xas, down_xas, up_params, down_params, upper.masks, down.masks))
         upper.masks = down.masks = None
         ctx.activation, ctx.use_triton, ctx.upper, ctx.down = activation, use_triton, upper, down
         ctx.consumed = False
@@ -52,29 +66,25 @@ class LoRAMLPFunction(torch.autograd.Function):
             raise RuntimeError("lora_mlp: backward through this block ran twice; its gradients are "
                                "written over the saved activations (retain_graph=True is unsupported)")
         ctx.consumed = True
-        upper, down = ctx.upper, ctx.down
-        n = len(upper.weights)
-        saved = ctx.saved_tensors
-        x, upper_outs, upper_xas, down_xa = saved[0], saved[1:1 + n], saved[1 + n:1 + 2 * n], saved[1 + 2 * n]
-        params = saved[2 + 2 * n:2 + 4 * n + 2]
-        upper.masks, down.masks = list(saved[4 + 4 * n:4 + 5 * n]), [saved[4 + 5 * n]]
-        up_params, down_params = params[:2 * n], params[2 * n:]
+        upper, down, saved = ctx.upper, ctx.down, load(ctx)
+        upper.masks, down.masks = saved.upper_masks, saved.down_masks
+        x = saved.x
         need = ctx.needs_input_grad
-        up_needs = [need[5 + 2 * i:7 + 2 * i] for i in range(n)]
-        down_needs = [need[5 + 2 * n:7 + 2 * n]]
+        lora_needs = list(zip(need[5::2], need[6::2]))  # (dA_i, dB_i) per projection, down last
+        up_needs, down_needs = lora_needs[:-1], lora_needs[-1:]
         inter = down.weights[0].shape[1]
-        g, u = _split(upper_outs, inter)
+        g, u = _split(saved.upper_outs, inter)
 
         h = glu_forward(g, u, ctx.activation, ctx.use_triton)
         # the down input gradient goes into h, which the LoRA gradients read first
-        dh, (down_grads,) = group_backward([dy.contiguous()], h, [down_xa], down, cast_lora(down_params, x.dtype),
-                                           down_needs, True, out=h)
+        dh, (down_grads,) = group_backward([dy.contiguous()], h, saved.down_xas, down,
+                                           cast_lora(saved.down_params, x.dtype), down_needs, True, out=h)
         glu_backward_into(dh, g, u, ctx.activation, ctx.use_triton)
         del h, dh
-        dx, up_grads = group_backward(list(upper_outs), x, list(upper_xas), upper,
-                                      cast_lora(up_params, x.dtype), up_needs, need[4])
-        return (None, None, None, None, dx, *lora_grads_out(up_grads, up_params),
-                *lora_grads_out([down_grads], down_params))
+        dx, up_grads = group_backward(saved.upper_outs, x, saved.upper_xas, upper,
+                                      cast_lora(saved.upper_params, x.dtype), up_needs, need[4])
+        return (None, None, None, None, dx, *lora_grads_out(up_grads, saved.upper_params),
+                *lora_grads_out([down_grads], saved.down_params))
 
 
 def lora_mlp(x: torch.Tensor, gate: LoRAProjection | None, up: LoRAProjection | None, down: LoRAProjection,
@@ -89,8 +99,7 @@ def lora_mlp(x: torch.Tensor, gate: LoRAProjection | None, up: LoRAProjection | 
     backend resolved for "swiglu" / "geglu"; the matmuls are torch's. Dropout (per projection,
     p < 1) is active whenever p > 0: pass p = 0 in eval mode.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"lora_mlp: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    check_activation("lora_mlp", activation)
     if not x.is_floating_point() or x.dim() < 1:
         raise TypeError(f"lora_mlp: x must be a floating tensor (..., hidden), got {x.dtype} with shape "
                         f"{tuple(x.shape)}")

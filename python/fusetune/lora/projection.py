@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from fusetune.quant.nf4 import NF4Weight
 
-GEMV_ROWS = 16  # at most this many rows: a 4-bit weight goes through the fused dequantise-GEMV kernel
+GEMV_ROWS = 16  # at most this many rows: a 4-bit weight goes through the fused dequantise-GEMV op
 
 
 @dataclasses.dataclass
@@ -120,13 +120,8 @@ def dense_weight(weight: torch.Tensor | NF4Weight, dtype: torch.dtype) -> torch.
 
 def base_linear(x: torch.Tensor, weight, bias) -> torch.Tensor:
     """x W^T + b for (N, in) x; a 4-bit weight with few rows goes through the fused dequantise-GEMV."""
-    if isinstance(weight, NF4Weight) and x.shape[0] <= GEMV_ROWS and x.is_cuda:
-        from fusetune.triton_kernels.nf4_gemv import nf4_gemv
-
-        s = weight.state
-        out = nf4_gemv(x, weight.packed.view(torch.uint8), s.absmax, s.code.float(), s.blocksize,
-                       s.shape[0], s.shape[1], s.nested_absmax,
-                       None if s.nested_code is None else s.nested_code.float(), s.offset, s.nested_blocksize)
+    if isinstance(weight, NF4Weight) and x.shape[0] <= GEMV_ROWS:
+        out = weight.gemv(x)
         return out if bias is None else out.add_(bias)
     return F.linear(x, dense_weight(weight, x.dtype), bias)
 

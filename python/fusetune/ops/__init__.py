@@ -6,11 +6,15 @@ CUDA_OPS; empty: none yet).
 from fusetune.ops import cross_entropy as _cross_entropy
 from fusetune.ops import glu as _glu
 from fusetune.ops import linear_cross_entropy as _linear_cross_entropy
+from fusetune.ops import nf4 as _nf4
+from fusetune.ops import nf4_gemv as _nf4_gemv
 from fusetune.ops import rms_norm as _rms_norm
 from fusetune.ops import rope as _rope
 from fusetune.ops.cross_entropy import cross_entropy
 from fusetune.ops.glu import geglu, swiglu
 from fusetune.ops.linear_cross_entropy import linear_cross_entropy
+from fusetune.ops.nf4 import nf4_dequant
+from fusetune.ops.nf4_gemv import nf4_gemv
 from fusetune.ops.rms_norm import rms_norm
 from fusetune.ops.rope import rope
 
@@ -21,6 +25,9 @@ OPS = {
     "geglu": _glu.CUDA_OPS,
     "cross_entropy": _cross_entropy.CUDA_OPS,
     "linear_cross_entropy": _linear_cross_entropy.CUDA_OPS,
+    "nf4_dequant": _nf4.CUDA_OPS,
+    "nf4_gemv": _nf4_gemv.CUDA_OPS,
 }
 
-__all__ = ["OPS", "cross_entropy", "geglu", "linear_cross_entropy", "rms_norm", "rope", "swiglu"]
+__all__ = ["OPS", "cross_entropy", "geglu", "linear_cross_entropy", "nf4_dequant", "nf4_gemv", "rms_norm", "rope",
+           "swiglu"]

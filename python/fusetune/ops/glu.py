@@ -1,15 +1,42 @@
-"""SwiGLU and GeGLU: autograd Function over the Triton kernels, and `swiglu` / `geglu`."""
+"""GLUs (SwiGLU, GeGLU): autograd Function over the Triton kernels, and `glu`, `swiglu`, `geglu`.
+
+Activations are named as in fusetune.reference.glu.ACTIVATIONS ("silu", "gelu_tanh", "gelu_erf")
+everywhere inside fusetune; HF_ACTIVATIONS maps transformers' names to them.
+"""
 import math
 
 import torch
 
 from fusetune.backend import resolve
 from fusetune.reference import glu as reference
+from fusetune.reference.glu import ACTIVATIONS
 
-GELU_APPROXIMATIONS = {"tanh": "gelu_tanh", "none": "gelu_erf"}  # approximate -> kernel activation
+# transformers' ACT2FN name (config.hidden_act / hidden_activation) -> the activation computing the
+# same function; the names missing here get no fused MLP
+HF_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_python_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu": "gelu_erf",
+    "gelu_python": "gelu_erf",
+}
+GELU_APPROXIMATIONS = {"tanh": "gelu_tanh", "none": "gelu_erf"}  # geglu's approximate -> activation
 
 CUDA_OPS = ()  # no CUDA C++ implementation yet
-ACTIVATIONS = {"silu": "swiglu", "gelu_tanh": "geglu", "gelu_erf": "geglu"}  # kernel activation -> op name
+
+
+def check_activation(where: str, activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{where}: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+
+
+def op_name(activation: str) -> str:
+    """The op an activation's GLU is known as ("swiglu" | "geglu"): backend choice, logs, the patch
+    summary."""
+    return "swiglu" if activation == "silu" else "geglu"
 
 
 def _check(op: str, gate: torch.Tensor, up: torch.Tensor):
@@ -33,7 +60,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def uses_triton(activation: str, device: torch.device) -> bool:
-    return resolve(ACTIVATIONS[activation], device, CUDA_OPS) == "triton"
+    return resolve(op_name(activation), device, CUDA_OPS) == "triton"
 
 
 def glu_forward(gate, up, activation: str, use_triton: bool) -> torch.Tensor:
@@ -43,9 +70,7 @@ def glu_forward(gate, up, activation: str, use_triton: bool) -> torch.Tensor:
         from fusetune.triton_kernels.glu import glu_fwd
 
         return glu_fwd(gate, up, activation)
-    if activation == "silu":
-        return reference.swiglu(gate, up)
-    return reference.geglu(gate, up, "tanh" if activation == "gelu_tanh" else "none")
+    return reference.glu(gate, up, activation)
 
 
 def glu_backward_into(dy, gate, up, activation: str, use_triton: bool) -> None:
@@ -83,26 +108,34 @@ class GLUFunction(torch.autograd.Function):
         return dg.view(gate.shape), du.view(up.shape), None
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up (Llama, Mistral, Qwen, Phi-3 MLPs), computed in fp32, in gate's dtype.
+def _glu(op: str, gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    _check(op, gate, up)
+    if uses_triton(activation, gate.device):
+        return GLUFunction.apply(gate, up, activation)
+    return reference.glu(gate, up, activation)
+
+
+def glu(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up, computed in fp32, in gate's dtype; activation: "silu" (SwiGLU: Llama,
+    Mistral, Qwen, Phi-3 MLPs), "gelu_tanh" or "gelu_erf" (GeGLU: Gemma MLPs).
 
     gate and up: same shape (any leading dims), dtype and device; they may be strided views, e.g.
     the halves of a fused gate_up projection (gate_up.chunk(2, dim=-1)), read without a copy.
     Differentiable in gate and up.
     """
-    _check("swiglu", gate, up)
-    if resolve("swiglu", gate.device, CUDA_OPS) == "triton":
-        return GLUFunction.apply(gate, up, "silu")
-    return reference.swiglu(gate, up)
+    check_activation("glu", activation)
+    return _glu("glu", gate, up, activation)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up: `glu` with activation "silu"."""
+    return _glu("swiglu", gate, up, "silu")
 
 
 def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
-    """gelu(gate, approximate) * up (Gemma MLPs); approximate "tanh" or "none" (exact erf, as
-    torch.nn.functional.gelu). Otherwise as `swiglu`."""
+    """gelu(gate, approximate) * up: `glu` with activation "gelu_tanh" (approximate "tanh") or
+    "gelu_erf" ("none", exact erf), approximate as in torch.nn.functional.gelu."""
     if approximate not in GELU_APPROXIMATIONS:
         raise ValueError(f"geglu: approximate must be 'tanh' or 'none' (as in "
                          f"torch.nn.functional.gelu), got {approximate!r}")
-    _check("geglu", gate, up)
-    if resolve("geglu", gate.device, CUDA_OPS) == "triton":
-        return GLUFunction.apply(gate, up, GELU_APPROXIMATIONS[approximate])
-    return reference.geglu(gate, up, approximate)
+    return _glu("geglu", gate, up, GELU_APPROXIMATIONS[approximate])

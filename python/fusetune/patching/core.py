@@ -11,11 +11,13 @@ import collections
 import functools
 import importlib
 import logging
+import sys
 
 from fusetune.lora.adapters import lora_report
+from fusetune.ops.glu import HF_ACTIVATIONS, op_name
 from fusetune.patching import gemma, gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3
-from fusetune.patching.modules import (ACTIVATIONS, FusedAttention, FusedCausalLM, FusedCausalLMLoss,
-                                       FusedGatedMLP, FusedRMSNorm)
+from fusetune.patching.modules import (FusedAttention, FusedCausalLM, FusedCausalLMLoss, FusedGatedMLP,
+                                       FusedRMSNorm, is_trl_fused_head)
 
 logger = logging.getLogger("fusetune")
 
@@ -41,7 +43,7 @@ def fused_class(original: type, mixin: type, options: tuple, keep_name: bool = F
     return type(name, (mixin, original), attrs)
 
 
-def _hf_model(model):
+def hf_model(model):
     """The transformers model inside `model` (itself, or the base model of a PEFT wrapper)."""
     from transformers import PreTrainedModel
 
@@ -59,7 +61,7 @@ def family_spec(hf_model):
     spec = SPECS.get(model_type)
     if spec is None:
         raise UnsupportedModelError(
-            f"fusetune.patch_model does not support {type(hf_model).__name__} (model_type {model_type!r}); "
+            f"fusetune has no fused kernels for {type(hf_model).__name__} (model_type {model_type!r}); "
             f"supported families: {SUPPORTED}")
     return spec
 
@@ -93,10 +95,10 @@ def _norm_options(spec, hf_model, lora):
 def _mlp_options(spec, hf_model, lora):
     def options_for(module):
         name = getattr(getattr(module, "config", hf_model.config), spec.act_key, None)
-        act = ACTIVATIONS.get(name)
-        if act is None:
+        activation = HF_ACTIVATIONS.get(name)
+        if activation is None:
             return f"{spec.act_key} {name!r} has no fused kernel"
-        return (("_fusetune_act", act), ("_fusetune_gate_up", spec.gate_up), ("_fusetune_lora", lora))
+        return (("_fusetune_activation", activation), ("_fusetune_gate_up", spec.gate_up), ("_fusetune_lora", lora))
     return options_for
 
 
@@ -122,6 +124,8 @@ def _patch_loss(hf_model, fused_linear: bool):
     or None)."""
     from transformers.loss.loss_utils import LOSS_MAPPING
 
+    if is_trl_fused_head(hf_model.__dict__.get("forward")):
+        return 0, 0, "TRL's fused LM head computes the loss (its SFTTrainer installed it)"
     current = hf_model.__dict__.get("_loss_function")
     if isinstance(current, FusedCausalLMLoss):
         return 0, 1, None
@@ -136,7 +140,7 @@ def _patch_loss(hf_model, fused_linear: bool):
 
 
 def patch_model(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, cross_entropy: bool = True,
-                fused_linear_cross_entropy: bool = True, lora: bool = True):
+                fused_linear_cross_entropy: bool = True, lora: bool = True, strict: bool = True):
     """Swap fused kernels into a supported Hugging Face causal LM, in place; returns the model.
 
     model: a transformers model of a supported family (Llama, Mistral, Qwen2, Qwen3, Gemma,
@@ -163,10 +167,19 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = 
                      (fp32 adapters are cast for them; their gradients come back in fp32).
     Prints one line: what was patched, per kind, and why anything was left alone. Patching again
     patches only what is not yet patched. unpatch_model restores the model exactly; state_dict
-    keys never change. Raises UnsupportedModelError for other families.
+    keys never change. Raises UnsupportedModelError for other families; with strict=False such a
+    model is returned unpatched, with a summary line that says so (it trains through transformers
+    and PEFT as it is).
     """
-    hf_model = _hf_model(model)
-    spec = family_spec(hf_model)
+    hf = hf_model(model)
+    name = type(hf).__name__ if hf is model else f"{type(model).__name__}({type(hf).__name__})"
+    try:
+        spec = family_spec(hf)
+    except UnsupportedModelError as err:
+        if strict:
+            raise
+        print(f"fusetune: left {name} unpatched: {err}; it trains through transformers and PEFT, unfused")
+        return model
     modeling = importlib.import_module(spec.modeling)
     switches = {"rms_norm": rms_norm, "rope": rope, "mlp": mlp, "cross_entropy": cross_entropy}
 
@@ -176,7 +189,7 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = 
             left.append(f"{kind}: switched off")
             continue
         if kind == "cross_entropy":
-            new, already, reason = _patch_loss(hf_model, fused_linear_cross_entropy)
+            new, already, reason = _patch_loss(hf, fused_linear_cross_entropy)
             reasons = collections.Counter([reason] if reason else [])
         else:
             field, mixin, options_factory = _MODULE_KINDS[kind]
@@ -185,13 +198,14 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = 
             if original is None:
                 left.append(f"{kind}: {spec.modeling} has no class {what}")
                 continue
-            new, already, reasons = _swap(model, original, mixin, options_factory(spec, hf_model, lora))
+            new, already, reasons = _swap(model, original, mixin, options_factory(spec, hf, lora))
         if new or already:
             detail = [f"{already} already"] if already else []
             if kind == "mlp":
-                detail += sorted({type(m)._fusetune_act[0] for m in model.modules() if isinstance(m, FusedGatedMLP)})
+                detail += sorted({op_name(type(m)._fusetune_activation) for m in model.modules()
+                                  if isinstance(m, FusedGatedMLP)})
             if kind == "cross_entropy":
-                detail.append("fused linear, no logits" if isinstance(hf_model, FusedCausalLM) else "on logits")
+                detail.append("fused linear, no logits" if isinstance(hf, FusedCausalLM) else "on logits")
             done.append(f"{kind} {new + already}" + (f" ({', '.join(detail)})" if detail else ""))
         for reason, count in reasons.items():
             left.append(f"{kind}: {reason}" + (f" ({count} modules)" if count > 1 else ""))
@@ -206,10 +220,18 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = 
             left.append(f"lora: {reason} ({count} projections)")
     else:
         left.append("lora: switched off")
-    name = type(hf_model).__name__ if hf_model is model else f"{type(model).__name__}({type(hf_model).__name__})"
+    int8 = _int8_linears(model)
+    if int8:
+        left.append(f"projections: {int8} bitsandbytes 8-bit linears keep bitsandbytes' int8 matmul, and LoRA on "
+                    f"them runs PEFT's path (16-bit or load_in_4bit bases fuse)")
     print(f"fusetune: patched {name} [{spec.name}]: {', '.join(done) or 'nothing'}; "
           f"left alone: {'; '.join(left) or 'nothing'}")
     return model
+
+
+def _int8_linears(model) -> int:
+    bnb = sys.modules.get("bitsandbytes")  # a model can only hold its layers if it was imported
+    return 0 if bnb is None else sum(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())
 
 
 def unpatch_model(model):
@@ -221,13 +243,13 @@ def unpatch_model(model):
         if original is not None:
             module.__class__ = original
             restored += 1
-    hf_model = _hf_model(model)
-    loss = hf_model.__dict__.get("_loss_function")
+    hf = hf_model(model)
+    loss = hf.__dict__.get("_loss_function")
     if isinstance(loss, FusedCausalLMLoss):
         if loss.previous is None:
-            del hf_model._loss_function
+            del hf._loss_function
         else:
-            hf_model._loss_function = loss.previous
+            hf._loss_function = loss.previous
         restored += 1
-    logger.info("fusetune: unpatched %s (%d modules and hooks restored)", type(hf_model).__name__, restored)
+    logger.info("fusetune: unpatched %s (%d modules and hooks restored)", type(hf).__name__, restored)
     return model

@@ -11,6 +11,9 @@ so LoRA adapters, quantised linears and a separately patched or unpatched q/k no
 """
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,22 +21,10 @@ from torch import nn
 from fusetune.lora import lora_linear, lora_mlp
 from fusetune.lora.adapters import fused_projections
 from fusetune.ops.cross_entropy import cross_entropy
-from fusetune.ops.glu import geglu, swiglu
+from fusetune.ops.glu import glu
 from fusetune.ops.linear_cross_entropy import linear_cross_entropy
 from fusetune.ops.rms_norm import rms_norm
 from fusetune.ops.rope import rope
-
-# MLP activation name (as in transformers' ACT2FN) -> (fused op, its approximate argument)
-ACTIVATIONS = {
-    "silu": ("swiglu", None),
-    "swish": ("swiglu", None),
-    "gelu_pytorch_tanh": ("geglu", "tanh"),
-    "gelu_python_tanh": ("geglu", "tanh"),
-    "gelu_new": ("geglu", "tanh"),
-    "gelu_fast": ("geglu", "tanh"),
-    "gelu": ("geglu", "none"),
-    "gelu_python": ("geglu", "none"),
-}
 
 
 def _project(module, names, x):
@@ -61,12 +52,12 @@ class FusedRMSNorm:
 class FusedGatedMLP:
     """down_proj(act(gate) * up) with the activation and product in one fused op.
 
-    Class options: the op ("swiglu" | "geglu") and its approximate argument; the fused gate/up
-    projection name when the family has one (its output is [gate | up] along the last dim; the two
-    halves go to the op as views, no copy).
+    Class options: the activation (fusetune.reference.glu.ACTIVATIONS: "silu" | "gelu_tanh" |
+    "gelu_erf"); the fused gate/up projection name when the family has one (its output is
+    [gate | up] along the last dim; the two halves go to the op as views, no copy).
     """
 
-    _fusetune_act = ("swiglu", None)
+    _fusetune_activation = "silu"
     _fusetune_gate_up = None
     _fusetune_lora = False
 
@@ -79,9 +70,7 @@ class FusedGatedMLP:
             gate, up = getattr(self, self._fusetune_gate_up)(hidden_states).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(hidden_states), self.up_proj(hidden_states)
-        op, approximate = self._fusetune_act
-        act = swiglu(gate, up) if op == "swiglu" else geglu(gate, up, approximate=approximate)
-        return self.down_proj(act)
+        return self.down_proj(glu(gate, up, self._fusetune_activation))
 
     def _fused_lora_forward(self, x):
         """The whole block as one fused LoRA MLP (fusetune.lora.mlp), or None where it does not fuse."""
@@ -90,14 +79,12 @@ class FusedGatedMLP:
         if fused is None:
             return None
         specs, dtype = fused
-        op, approximate = self._fusetune_act
-        activation = "silu" if op == "swiglu" else ("gelu_tanh" if approximate == "tanh" else "gelu_erf")
         if len(upper) == 1:
             upper_specs = dict(gate=None, up=None, gate_up=specs[0])
         else:
             upper_specs = dict(gate=specs[0], up=specs[1])
         with torch.autocast(x.device.type, enabled=False):
-            return lora_mlp(x.to(dtype), down=specs[-1], activation=activation, **upper_specs)
+            return lora_mlp(x.to(dtype), down=specs[-1], activation=self._fusetune_activation, **upper_specs)
 
 
 class FusedAttention:
@@ -118,9 +105,12 @@ class FusedAttention:
     _fusetune_eager = None  # staticmethod: the modeling module's eager_attention_forward
     _fusetune_lora = False
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
-                **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
+                past_key_values=None, **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        # transformers >= 5.24 passes the KV cache as `cache`, earlier releases as `past_key_values`
+        cache = cache if cache is not None else past_key_values
 
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
@@ -140,8 +130,8 @@ class FusedAttention:
         cos, sin = position_embeddings
         query, key = rope(query, key, cos, sin)
 
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
 
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                                    self._fusetune_eager)
@@ -201,23 +191,23 @@ class FusedCausalLM:
     PEFT trains in full (modules_to_save) gets its weight gradient from the fused loss.
     """
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    def forward(self, *args, **kwargs):
+        # bind to the installed transformers' own signature: the KV cache is `cache` from 5.24 on,
+        # `past_key_values` before, and the model and its outputs use the same spelling
+        call = inspect.signature(super().forward).bind(*args, **kwargs).arguments
+        call.update(call.pop("kwargs", {}))
+        labels = call.pop("labels", None)
         head = _plain_head(self.get_output_embeddings())
         if labels is None or not torch.is_grad_enabled() or head is None:
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask,
-                                   position_ids=position_ids, past_key_values=past_key_values,
-                                   inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                                   logits_to_keep=logits_to_keep, **kwargs)
+            return super().forward(*args, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        ignore_index = kwargs.pop("ignore_index", -100)
-        shift_labels = kwargs.pop("shift_labels", None)
-        return_dict = kwargs.pop("return_dict", None)
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=position_ids, past_key_values=past_key_values,
-                             inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs)
+        call.pop("logits_to_keep", None)
+        num_items_in_batch = call.pop("num_items_in_batch", None)
+        ignore_index = call.pop("ignore_index", -100)
+        shift_labels = call.pop("shift_labels", None)
+        return_dict = call.pop("return_dict", None)
+        outputs = self.model(**call, return_dict=True)
         hidden = outputs.last_hidden_state
         device_type = hidden.device.type
         # the lm_head would run in the autocast dtype when autocast is on, else in hidden's
@@ -229,10 +219,25 @@ class FusedCausalLM:
                                         None if head.bias is None else head.bias.to(dtype),
                                         ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
                                         softcap=getattr(self.config, "final_logit_softcapping", None))
-        out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                                     hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        cache_field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+        out = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
+                                     attentions=outputs.attentions, **{cache_field: outputs.get(cache_field)})
         use_dict = return_dict if return_dict is not None else self.config.return_dict
         return out if use_dict else out.to_tuple()
+
+    def __setattr__(self, name, value):
+        if name == "forward" and is_trl_fused_head(value):
+            print(f"fusetune: TRL's fused LM head now computes the loss of {type(self).__name__} (its SFTTrainer "
+                  f"installs it for per-token log-probabilities, entropy and accuracy), not fusetune's fused linear "
+                  f"cross-entropy; fusetune's kernels still run in the decoder and its LoRA layers")
+        super().__setattr__(name, value)
+
+
+def is_trl_fused_head(forward) -> bool:
+    """Is `forward` TRL's fused LM head (trl.trainer.utils.add_fused_lm_head, TRL >= 1.15), which
+    its SFTTrainer sets as the model's forward, computing the loss itself?"""
+    code = getattr(getattr(forward, "__func__", forward), "__code__", None)  # functools.wraps hides its name
+    return code is not None and code.co_name == "_fused_forward" and "trl" in Path(code.co_filename).parts
 
 
 def _plain_head(head):

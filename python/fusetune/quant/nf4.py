@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fusetune.backend import resolve
+from fusetune.ops import nf4_dequant, nf4_gemv
 from fusetune.reference import nf4 as _ref
 
-CUDA_OPS = ("nf4_dequant",)
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 _STATE_KEY = "quant_state.bitsandbytes__nf4"
@@ -38,6 +37,12 @@ class NF4State:
     @property
     def nested(self) -> bool:
         return self.nested_absmax is not None
+
+    def op_args(self) -> dict:
+        """The weight's description as keyword arguments of fusetune.ops.nf4_dequant / nf4_gemv."""
+        return {"absmax": self.absmax, "blocksize": self.blocksize, "shape": self.shape, "code": self.code,
+                "nested_absmax": self.nested_absmax, "nested_code": self.nested_code, "offset": self.offset,
+                "nested_blocksize": self.nested_blocksize}
 
     @classmethod
     def from_bitsandbytes(cls, quant_state) -> "NF4State":
@@ -73,6 +78,10 @@ class NF4Weight:
         dtype = dtype or self.state.dtype
         out = _workspace(self.packed.device, dtype, self.state.shape) if workspace else None
         return dequantize_nf4(self.packed, self.state, dtype, out=out)
+
+    def gemv(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) @ W^T for a few rows M (<= 16 on the Triton backend), the dense W never written."""
+        return nf4_gemv(x, self.packed, **self.state.op_args())
 
 
 _WORKSPACES: dict[tuple, torch.Tensor] = {}
@@ -160,35 +169,7 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, out_dtype: torch.dtype
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """packed NF4 data -> tensor of state.shape in out_dtype (default state.dtype), written into
     `out` (contiguous, of that shape and dtype) when given."""
-    dtype = out_dtype or state.dtype
-    if packed.dtype != torch.uint8:
-        packed = packed.view(torch.uint8)  # bitsandbytes' quant_storage may be another dtype
-    if out is not None and (out.shape != state.shape or out.dtype != dtype or not out.is_contiguous()):
-        raise ValueError(f"dequantize_nf4: out must be contiguous {tuple(state.shape)} {dtype}, got "
-                         f"{tuple(out.shape)} {out.dtype}")
-    backend = resolve("nf4_dequant", packed.device, CUDA_OPS)
-    nested_code = None if state.nested_code is None else state.nested_code.float()
-    if backend == "cuda":
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"dequantize_nf4: the CUDA backend writes float32, bfloat16 or float16, not {dtype}")
-        if out is None:
-            out = torch.empty(state.shape, dtype=dtype, device=packed.device)
-        torch.ops.fusetune.nf4_dequant(packed.contiguous(), state.absmax, state.code.float(), state.blocksize,
-                                       state.nested_absmax, nested_code, state.offset, state.nested_blocksize,
-                                       out)
-        return out
-    if backend == "triton":
-        from fusetune.triton_kernels.nf4 import nf4_dequant
-
-        result = nf4_dequant(packed.contiguous(), state.absmax, state.code.float(), state.blocksize,
-                             state.shape.numel(), dtype, state.nested_absmax, nested_code,
-                             state.offset, state.nested_blocksize,
-                             out=None if out is None else out.view(-1))
-        return result.view(state.shape)
-    result = _ref.dequantize_nf4(packed, state.absmax, state.blocksize, state.shape, dtype, state.code,
-                                 state.nested_absmax, state.nested_code, state.offset,
-                                 state.nested_blocksize)
-    return result if out is None else out.copy_(result)
+    return nf4_dequant(packed, dtype=out_dtype or state.dtype, out=out, **state.op_args())
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

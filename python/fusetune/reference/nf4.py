@@ -1,4 +1,5 @@
-"""NF4 (4-bit NormalFloat) dequantisation in plain torch, in bitsandbytes' storage format.
+"""NF4 (4-bit NormalFloat) dequantisation and the product with a dequantised weight in plain torch,
+in bitsandbytes' storage format.
 
 Format (bitsandbytes.functional.quantize_4bit with quant_type="nf4"):
   - data: uint8, two 4-bit codes per byte, element 2i in the HIGH nibble, 2i+1 in the low one;
@@ -52,3 +53,13 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, s
     nibbles = torch.stack((data >> 4, data & 15), dim=1).reshape(-1)[:n].long()
     blocks = torch.arange(n, device=data.device) // blocksize
     return (code[nibbles] * absmax.float()[blocks]).to(dtype).reshape(shape)
+
+
+def nf4_gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, shape,
+             code: torch.Tensor | None = None, nested_absmax: torch.Tensor | None = None,
+             nested_code: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+             nested_blocksize: int = 256) -> torch.Tensor:
+    """x (M, K) @ W^T for W of `shape` (N, K) in NF4: W dequantised to x's dtype, then one matmul."""
+    w = dequantize_nf4(packed, absmax, blocksize, shape, x.dtype, code, nested_absmax, nested_code, offset,
+                       nested_blocksize)
+    return x @ w.T

@@ -1,1 +1,1 @@
-"""Training helpers: hardware probe, memory reporting, the quick-start fine-tune."""
+"""Library helpers for training: offloaded activation checkpointing, the hardware and backend probe."""

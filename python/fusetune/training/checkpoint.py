@@ -128,6 +128,17 @@ def offloaded_checkpoint(function, hidden, *args, **kwargs):
     return OffloadedCheckpointFunction.apply(function, anchor, hidden, *args)
 
 
+def enable_checkpointing(model) -> None:
+    """Hugging Face's (non-reentrant) gradient checkpointing for a transformers model, under the
+    installed release's name: activation_checkpointing_enable where it exists (newer releases
+    deprecate gradient_checkpointing_enable), gradient_checkpointing_enable before."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def enable_offloaded_checkpointing(model) -> None:
     """Turn on Hugging Face gradient checkpointing for `model` (a transformers model, or a PEFT
     model around one) with offloaded_checkpoint as the checkpoint function of every layer."""

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from fusetune.training.batch_size import find_micro_batch
-from fusetune.training.config import ConfigError, TrainingConfig
-from fusetune.training.data import collate, label_count
-from fusetune.training.memory import peak_bytes
+from fusetune.atomic import atomic_directory
+from fusetune.recipe.batch_size import find_micro_batch
+from fusetune.recipe.config import ConfigError, TrainingConfig
+from fusetune.recipe.data import collate, label_count
+from fusetune.recipe.memory import peak_bytes
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -111,8 +112,6 @@ def checkpoints(output_dir: Path) -> list[Path]:
 
 def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: dict, keep: int) -> Path:
     from safetensors.torch import save_file
-
-    from fusetune.api.saving import atomic_directory
 
     target = output_dir / f"{CHECKPOINT_PREFIX}{state['step']}"
     with atomic_directory(target) as tmp:

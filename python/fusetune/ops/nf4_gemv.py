@@ -1,0 +1,57 @@
+"""Fused NF4 dequantise + small-M matmul (decoding): autograd Function over the Triton kernel, and
+`nf4_gemv`. On the Triton backend the dense weight is never written (see triton_kernels/nf4_gemv.py).
+
+    out = x W^T,  W (N, K) frozen NF4  ->  dx = dy W (W dequantised in dy's dtype), no gradient to W
+"""
+import torch
+
+from fusetune.backend import resolve
+from fusetune.ops.nf4 import weight_tensors
+from fusetune.reference import nf4 as reference
+
+CUDA_OPS = ()  # no CUDA C++ implementation yet
+
+
+class NF4GemvFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, packed, absmax, blocksize, shape, code, nested_absmax, nested_code, offset,
+                nested_blocksize):
+        from fusetune.triton_kernels.nf4_gemv import nf4_gemv as nf4_gemv_triton
+
+        ctx.save_for_backward(packed, absmax, code, nested_absmax, nested_code, offset)
+        ctx.layout = (blocksize, shape, nested_blocksize)
+        return nf4_gemv_triton(x.contiguous(), packed, absmax, code, blocksize, shape[0], shape[1],
+                               nested_absmax, nested_code, offset, nested_blocksize)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from fusetune.triton_kernels.nf4 import nf4_dequant
+
+        packed, absmax, code, nested_absmax, nested_code, offset = ctx.saved_tensors
+        blocksize, shape, nested_blocksize = ctx.layout
+        w = nf4_dequant(packed, absmax, code, blocksize, shape.numel(), dy.dtype, nested_absmax, nested_code,
+                        offset, nested_blocksize)
+        return (dy @ w.view(shape),) + (None,) * 9
+
+
+def nf4_gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, shape,
+             code: torch.Tensor | None = None, nested_absmax: torch.Tensor | None = None,
+             nested_code: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+             nested_blocksize: int = 256) -> torch.Tensor:
+    """x (M, K) @ W^T -> (M, N) in x's dtype, for W of `shape` (N, K) in NF4 (the weight's arguments
+    as nf4_dequant's). For few rows: the Triton kernel takes M <= 16 (more rows: nf4_dequant, then
+    a matmul). Differentiable in x.
+    """
+    shape = torch.Size(shape)
+    if x.dim() != 2 or len(shape) != 2 or x.shape[1] != shape[1]:
+        raise ValueError(f"nf4_gemv: x must be (M, K) with K the weight's in-features; got x "
+                         f"{tuple(x.shape)} for a weight of shape {tuple(shape)}")
+    if x.device != packed.device:
+        raise ValueError(f"nf4_gemv: x is on {x.device} but the weight on {packed.device}; move both to "
+                         f"one device")
+    packed, code, nested_code = weight_tensors(packed, code, nested_code)
+    if resolve("nf4_gemv", x.device, CUDA_OPS) == "triton":
+        return NF4GemvFunction.apply(x, packed, absmax, blocksize, shape, code, nested_absmax, nested_code,
+                                     offset, nested_blocksize)
+    return reference.nf4_gemv(x, packed, absmax, blocksize, shape, code, nested_absmax, nested_code, offset,
+                              nested_blocksize)
