@@ -14,7 +14,8 @@ rescaled sum in fp32), and keeps only lse (4 bytes a row); the backward reads ea
 writes its gradient once, recomputing the softmax from lse. Three passes, the minimum when the
 gradient cannot be formed before grad_output is known. Ignored rows are neither read nor (in the
 forward) computed: masked-out prompt tokens cost only the zeros the backward writes.
-A target outside [0, V) that is not ignore_index gives a NaN loss (no host sync to raise).
+A NaN logit gives a NaN loss for its row. A target outside [0, V) that is not ignore_index gives
+a NaN loss here; the op (fusetune.ops.cross_entropy) checks targets on the device before launching.
 """
 import torch
 import triton
@@ -58,7 +59,8 @@ def _cross_entropy_fwd_kernel(X, TARGETS, LOSS, LSE, x_row_stride, t_stride, n_c
         m_new = tl.maximum(m, tl.max(z, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         m = m_new
-    lse = m + tl.log(tl.maximum(s, 1.0))  # s >= 1 (the max adds exp(0)); ignored rows: s = 0
+    # s >= 1 (the max adds exp(0)) unless a logit is NaN, which must reach the loss; ignored rows: s = 0
+    lse = m + tl.log(tl.where(ignored, 1.0, s))
     in_range = (target >= 0) & (target < n_cols)
     zt = tl.load(x_row + target, mask=in_range & ~ignored, other=0.0).to(tl.float32)
     if HAS_SCALE:

@@ -13,6 +13,7 @@ import torch
 
 from fusetune.backend import resolve
 from fusetune.ops.cross_entropy import _check as _check_cross_entropy
+from fusetune.ops.cross_entropy import check_targets
 from fusetune.reference.cross_entropy import mean_divisor
 from fusetune.reference.linear_cross_entropy import linear_cross_entropy as reference
 
@@ -102,6 +103,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if targets.device != hidden.device:
         raise ValueError(f"linear_cross_entropy: hidden is on {hidden.device} but targets on "
                          f"{targets.device}; move both to one device")
+    check_targets(targets, weight.shape[0], ignore_index)
     if resolve("linear_cross_entropy", hidden.device, CUDA_OPS) != "triton":
         return reference(hidden, weight, targets, bias, ignore_index, reduction, num_items_in_batch,
                          softcap, logit_scale)

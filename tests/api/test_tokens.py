@@ -5,12 +5,12 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from fusetune.api.tokens import add_new_tokens, embedding_param_groups
-from tests.test_api import _tokenizer
+from tests.helpers import word_tokenizer
 from tests.tiny_models import VOCAB, tiny_model
 
 
 def test_add_korean_tokens():
-    model, tokenizer = tiny_model("llama"), _tokenizer()
+    model, tokenizer = tiny_model("llama"), word_tokenizer()
     ids = torch.randint(2, VOCAB, (1, 8))
     with torch.no_grad():
         before = model(input_ids=ids).logits
@@ -28,7 +28,7 @@ def test_add_korean_tokens():
 
 
 def test_embedding_learning_rate_groups():
-    model, tokenizer = tiny_model("llama"), _tokenizer()
+    model, tokenizer = tiny_model("llama"), word_tokenizer()
     add_new_tokens(model, tokenizer, ["안녕"])
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]))
     groups = embedding_param_groups(model, 2e-4, 5e-5, weight_decay=0.0)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fusetune import FastLanguageModel
-from tests.test_api import _loaded, _tokenizer
+from tests.helpers import load_model, save_model_dir, train_steps
 from tests.tiny_models import VOCAB, random_batch, tiny_model
 
 _SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -17,41 +17,22 @@ UNPATCHED = {"mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_
              "granite": ("GraniteConfig", dict(embedding_multiplier=2.0, logits_scaling=4.0))}
 
 
-def _save(model, path):
-    model.save_pretrained(path)
-    _tokenizer().save_pretrained(path)
-    return path
-
-
-def _train(model, steps=4):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids, labels = random_batch(device=model.device)
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
 def test_rope_scaling_keeps_theta_and_scales_positions(tmp_path):
-    path = _save(tiny_model("llama"), tmp_path / "llama")
-    plain, _ = _loaded(path)
+    path = save_model_dir(tiny_model("llama"), tmp_path / "llama")
+    plain, _ = load_model(path)
     for scaling in ({"rope_type": "linear", "factor": 2.0}, {"type": "linear", "factor": 2.0}):
-        model, _ = _loaded(path, rope_scaling=scaling)
+        model, _ = load_model(path, rope_scaling=scaling)
         params = model.config.rope_parameters
         assert params["rope_type"] == "linear" and params["factor"] == 2.0 and params["rope_theta"] == 10000.0
         assert torch.allclose(model.model.rotary_emb.inv_freq, plain.model.rotary_emb.inv_freq / 2)
-        ids, labels = random_batch()
+        ids, labels = random_batch(device=model.device)
         with torch.no_grad():
             assert torch.isfinite(model(input_ids=ids, labels=labels).loss)
 
 
 def test_rope_scaling_of_gemma3_scales_its_full_attention_layers(tmp_path):
-    model, _ = _loaded(_save(tiny_model("gemma3"), tmp_path / "gemma3"), rope_scaling={"rope_type": "linear",
-                                                                                        "factor": 8.0})
+    model, _ = load_model(save_model_dir(tiny_model("gemma3"), tmp_path / "gemma3"),
+                          rope_scaling={"rope_type": "linear", "factor": 8.0})
     params = model.config.rope_parameters
     assert params["full_attention"]["factor"] == 8.0 and params["full_attention"]["rope_theta"] == 1e6
     assert params["sliding_attention"]["rope_type"] == "default"
@@ -62,33 +43,33 @@ def test_the_users_own_bitsandbytes_config_is_used(tmp_path):
     from bitsandbytes.nn import Linear4bit
     from transformers import BitsAndBytesConfig
 
-    path = _save(tiny_model("llama", intermediate_size=128), tmp_path / "llama")
+    path = save_model_dir(tiny_model("llama", intermediate_size=128), tmp_path / "llama")
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
                                 llm_int8_skip_modules=["o_proj", "lm_head"])
-    model, _ = _loaded(path, quantization_config=config)
+    model, _ = load_model(path, quantization_config=config)
     attention = model.model.layers[0].self_attn
     assert isinstance(attention.q_proj, Linear4bit) and type(attention.o_proj) is nn.Linear
     with pytest.raises(ValueError, match="load_in_8bit=True but quantization_config loads 4-bit"):
-        _loaded(path, load_in_8bit=True, quantization_config=config)
+        load_model(path, load_in_8bit=True, quantization_config=config)
     model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
-    losses = _train(model)
+    losses = train_steps(model, 4)
     assert losses[-1] < losses[0]
 
 
 def test_an_8bit_base_says_it_runs_unfused(tmp_path, capsys):
     pytest.importorskip("bitsandbytes")
-    model, _ = _loaded(_save(tiny_model("llama"), tmp_path / "llama"), load_in_8bit=True)
+    model, _ = load_model(save_model_dir(tiny_model("llama"), tmp_path / "llama"), load_in_8bit=True)
     assert "14 bitsandbytes 8-bit linears keep bitsandbytes' int8 matmul" in capsys.readouterr().out
     model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
     assert "lora: base layer Linear8bitLt runs PEFT's path, unfused" in capsys.readouterr().out
-    assert torch.isfinite(torch.tensor(_train(model, steps=2))).all()
+    assert torch.isfinite(torch.tensor(train_steps(model, 2))).all()
 
 
 def test_loftq_config_is_applied_or_refused(tmp_path):
     from peft import LoftQConfig
 
-    path = _save(tiny_model("llama"), tmp_path / "llama")
-    model, _ = _loaded(path)
+    path = save_model_dir(tiny_model("llama"), tmp_path / "llama")
+    model, _ = load_model(path)
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="LoftQ initialisation .* runs on a CUDA GPU"):
             FastLanguageModel.get_peft_model(model, r=4, loftq_config=LoftQConfig(loftq_bits=4))
@@ -106,7 +87,8 @@ def test_loftq_refuses_a_quantised_base(tmp_path):
     pytest.importorskip("bitsandbytes")
     from peft import LoftQConfig
 
-    model, _ = _loaded(_save(tiny_model("llama", intermediate_size=128), tmp_path / "llama"), load_in_4bit=True)
+    model, _ = load_model(save_model_dir(tiny_model("llama", intermediate_size=128), tmp_path / "llama"),
+                          load_in_4bit=True)
     with pytest.raises(ValueError, match="load it with load_in_4bit=False"):
         FastLanguageModel.get_peft_model(model, r=4, loftq_config=LoftQConfig())
 
@@ -118,15 +100,15 @@ def test_a_family_without_kernels_loads_unpatched_and_trains(family, tmp_path, c
     name, extra = UNPATCHED[family]
     config = getattr(transformers, name)(**_SMALL, **extra)
     torch.manual_seed(0)
-    path = _save(transformers.AutoModelForCausalLM.from_config(config), tmp_path / family)
-    model, _ = _loaded(path)
+    path = save_model_dir(transformers.AutoModelForCausalLM.from_config(config), tmp_path / family)
+    model, _ = load_model(path)
     out = capsys.readouterr().out
     assert f"fusetune: left {type(model).__name__} unpatched: fusetune has no fused kernels" in out
     assert "it trains through transformers and PEFT, unfused" in out
     assert not any(type(m).__name__.startswith("Fused") for m in model.modules())
     model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
     assert set(model.peft_config["default"].target_modules) >= {"q_proj", "k_proj", "v_proj", "o_proj"}
-    losses = _train(model)
+    losses = train_steps(model, 4)
     assert losses[-1] < losses[0]
     FastLanguageModel.for_inference(model)
     ids, _ = random_batch(device=model.device)

@@ -3,31 +3,21 @@ target names, checkpointing choices), for_inference / for_training, and atomic s
 16-bit weights that load as the plain model with the adapter model's logits; the adapter alone)."""
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
 import fusetune.api.saving as saving
 from fusetune import FastLanguageModel
 from fusetune.training.checkpoint import offloaded_checkpoint
+from tests.helpers import load_model, save_model_dir, train_steps
 from tests.numerics import assert_close
-from tests.tiny_models import VOCAB, random_batch, tiny_model
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, "<s>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="<s>")
+from tests.tiny_models import random_batch, tiny_model
 
 
 @pytest.fixture
 def model_dir(tmp_path_factory, request):
     family = getattr(request, "param", "llama")
     path = tmp_path_factory.mktemp(family)
-    tiny_model(family).save_pretrained(path)
-    _tokenizer().save_pretrained(path)
-    return path
+    return save_model_dir(tiny_model(family), path)
 
 
 def _logits(model, ids):
@@ -36,27 +26,15 @@ def _logits(model, ids):
         return model(input_ids=ids.to(model.device)).logits.cpu()
 
 
-def _loaded(model_dir, **kwargs):
-    model, tokenizer = FastLanguageModel.from_pretrained(str(model_dir), dtype=torch.float32, **kwargs)
-    return model, tokenizer
-
-
 def test_from_pretrained_patches_and_trains(model_dir, capsys):
-    model, tokenizer = _loaded(model_dir)
+    model, tokenizer = load_model(model_dir)
     assert "fusetune: patched LlamaForCausalLM" in capsys.readouterr().out
     assert model.training and tokenizer.pad_token == "<s>" and model.max_seq_length == 2048
     model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing="unsloth")
     assert "lora 14 projections" in capsys.readouterr().out
     assert model.base_model.model.model.layers[0]._gradient_checkpointing_func is offloaded_checkpoint
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids, labels = random_batch(device=model.device)
-    losses = []
-    for _ in range(5):
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, 5, (ids, labels))
     assert losses[-1] < losses[0]
     FastLanguageModel.for_inference(model)
     out = model.generate(input_ids=ids[:1, :5], max_new_tokens=4, do_sample=False)
@@ -66,7 +44,7 @@ def test_from_pretrained_patches_and_trains(model_dir, capsys):
 
 @pytest.mark.parametrize("model_dir", ["phi3"], indirect=True)
 def test_target_names_follow_the_family(model_dir):
-    model, _ = _loaded(model_dir)
+    model, _ = load_model(model_dir)
     model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
     targets = set(model.peft_config["default"].target_modules)
     assert targets == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
@@ -77,7 +55,7 @@ def test_bad_arguments(model_dir, tmp_path):
         FastLanguageModel.from_pretrained(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="full_finetuning"):
         FastLanguageModel.from_pretrained(str(model_dir), full_finetuning=True, load_in_4bit=True)
-    model, tokenizer = _loaded(model_dir)
+    model, tokenizer = load_model(model_dir)
     with pytest.raises(ValueError, match="use_gradient_checkpointing"):
         FastLanguageModel.get_peft_model(model, use_gradient_checkpointing="yes")
     with pytest.raises(ValueError, match="save_method"):
@@ -85,7 +63,7 @@ def test_bad_arguments(model_dir, tmp_path):
 
 
 def test_merged_16bit_loads_as_the_plain_model_with_the_same_logits(model_dir, tmp_path):
-    model, tokenizer = _loaded(model_dir)
+    model, tokenizer = load_model(model_dir)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False,
                                              init_lora_weights=False)
     FastLanguageModel.for_inference(model)
@@ -101,9 +79,7 @@ def test_merged_16bit_loads_as_the_plain_model_with_the_same_logits(model_dir, t
 def test_merged_4bit_loads_quantised_with_nf4_rounded_logits(tmp_path):
     pytest.importorskip("bitsandbytes")
     # intermediate 128: bitsandbytes 0.50's CPU dequantisation is wrong for rows not a multiple of its block of 64
-    tiny_model("llama", intermediate_size=128).save_pretrained(tmp_path / "base")
-    _tokenizer().save_pretrained(tmp_path / "base")
-    model, tokenizer = _loaded(tmp_path / "base")
+    model, tokenizer = load_model(save_model_dir(tiny_model("llama", intermediate_size=128), tmp_path / "base"))
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False,
                                              init_lora_weights=False)
     merged = saving.merged_state_dict(model)
@@ -128,7 +104,7 @@ def test_merged_4bit_loads_quantised_with_nf4_rounded_logits(tmp_path):
 def test_lora_save_and_atomic_replacement(model_dir, tmp_path, monkeypatch):
     from peft import PeftModel
 
-    model, tokenizer = _loaded(model_dir)
+    model, tokenizer = load_model(model_dir)
     model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False, init_lora_weights=False)
     target = tmp_path / "adapter"
     FastLanguageModel.save_pretrained_merged(model, target, tokenizer, save_method="lora")
@@ -157,7 +133,7 @@ def test_lora_save_and_atomic_replacement(model_dir, tmp_path, monkeypatch):
 def test_cli_export_merges_a_saved_adapter(model_dir, tmp_path, capsys):
     from fusetune.cli import main
 
-    model, tokenizer = _loaded(model_dir)
+    model, tokenizer = load_model(model_dir)
     model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False, init_lora_weights=False)
     FastLanguageModel.save_pretrained_merged(model, tmp_path / "adapter", tokenizer, save_method="lora")
     assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "merged"), "--base", str(model_dir),

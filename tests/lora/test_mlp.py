@@ -16,7 +16,8 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 from fusetune import use_backend
 from fusetune.lora import LoRAProjection, lora_mlp
-from tests.numerics import assert_close, leaf
+from tests.helpers import FixedMask
+from tests.numerics import LORA_SCALE, assert_close, leaf
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
@@ -30,17 +31,6 @@ CONFIGS = {
                             alpha_pattern={"gate_proj": 5, "down_proj": 32}, use_rslora=True),
                   bias=True, dropout=0.25),
 }
-
-
-class _FixedMask(torch.nn.Module):
-    """nn.Dropout with a given mask: x * (mask / (1 - p)), as torch's dropout scales."""
-
-    def __init__(self, mask, p):
-        super().__init__()
-        self.mask, self.p = mask, p
-
-    def forward(self, x):
-        return x * self.mask.to(x.dtype).div_(1 - self.p)
 
 
 def _peft_mlp(config, activation):
@@ -87,19 +77,12 @@ def _reference(model, specs, x, dy, masks):
         layer.lora_A["default"].weight.data.copy_(spec.lora_A)
         layer.lora_B["default"].weight.data.copy_(spec.lora_B)
         if mask is not None:
-            layer.lora_dropout["default"] = _FixedMask(mask, spec.dropout)
+            layer.lora_dropout["default"] = FixedMask(mask, spec.dropout)
     x64 = leaf(x.double())
     y64 = ref(x64)
     lora = [ab["default"].weight for layer in _layers(ref) for ab in (layer.lora_A, layer.lora_B)]
     dx64, *dlora = torch.autograd.grad(y64, [x64, *lora], dy.double())
     return y64, dx64, dlora
-
-
-# bf16: the block rounds g, u, h, the LoRA products and y, each a bf16 rounding (the table's 1e-2
-# is for one); lora_mlp lands near 6e-3 (worst seen 1.2e-2 in 240 runs) and PEFT's own bf16
-# forward/backward lands near the same, up to 1.2e-2 against this float64 reference. fp32 (1e-5)
-# is what catches a subtly wrong formula: a 0.3% error in one LoRA term gives 4e-3 there.
-SCALE = {torch.float32: 1.0, torch.bfloat16: 2.0}
 
 
 def _check(config, activation, backend, dtype, device, x_grad=True):
@@ -114,12 +97,12 @@ def _check(config, activation, backend, dtype, device, x_grad=True):
     grads = torch.autograd.grad(y, ([x] if x_grad else []) + lora, dy)
     y64, dx64, dlora64 = _reference(model, specs, x, dy, masks)
     assert y.dtype == dtype and y.shape == x.shape
-    assert_close(y, y64, dtype, "y", SCALE[dtype])
+    assert_close(y, y64, dtype, "y", LORA_SCALE[dtype])
     if x_grad:
         dx, *grads = grads
-        assert_close(dx, dx64, dtype, "dx", SCALE[dtype])
+        assert_close(dx, dx64, dtype, "dx", LORA_SCALE[dtype])
     for name, got, want in zip([f"{m}.lora_{ab}" for m in MODULES for ab in "AB"], grads, dlora64):
-        assert_close(got, want, dtype, f"d {name}", SCALE[dtype])
+        assert_close(got, want, dtype, f"d {name}", LORA_SCALE[dtype])
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

@@ -19,6 +19,7 @@ from fusetune import patch_model, unpatch_model, use_backend
 from fusetune.backend import triton_interpreting as interpreting
 from fusetune.training.checkpoint import enable_checkpointing
 from fusetune.patching import UnsupportedModelError
+from tests.helpers import train_steps
 from tests.numerics import assert_close, rel_err
 from tests.tiny_models import FAMILIES, add_lora, random_batch, tiny_config, tiny_model
 
@@ -126,15 +127,7 @@ def test_training_curve_bf16_within_band(family, lora, device):
 
 
 def _curve(model, ids, labels, backend=None):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    losses = []
-    for _ in range(CURVE_STEPS):
-        with _backend(backend):
-            loss = model(input_ids=ids, labels=labels).loss
-            loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = train_steps(model, CURVE_STEPS, (ids, labels), lr=1e-3, backend=backend)
     return torch.tensor(losses, dtype=torch.float64)
 
 

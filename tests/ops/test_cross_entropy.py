@@ -123,12 +123,34 @@ def test_all_rows_ignored_gives_zero_not_nan(backend, reduction, device, poison)
     assert torch.equal(x.grad, torch.zeros_like(x))
 
 
-def test_out_of_range_target_gives_nan_loss(device):
-    logits, targets = make_inputs((6,), 1000, torch.float32, device, ignored=0.0)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_target_is_an_error(backend):
+    # on the CPU: on a GPU the same check is a device-side assert, which ends the CUDA context
+    logits, targets = make_inputs((6,), 1000, torch.float32, "cpu", ignored=0.0)
     targets[2] = 1000
-    with use_backend("triton"):
-        loss = cross_entropy(logits, targets, reduction="none")
-    assert torch.isnan(loss[2]) and int(torch.isfinite(loss).sum()) == 5
+    with use_backend(backend), pytest.raises(RuntimeError, match=r"outside \[0, 1000\) and is not ignore_index"):
+        cross_entropy(logits, targets, reduction="none")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_nan_logit_gives_a_nan_loss(backend, reduction, device):
+    logits, targets = make_inputs((6,), 1000, torch.float32, device, ignored=0.0)
+    logits[2, 17] = float("nan")
+    with use_backend(backend):
+        loss = cross_entropy(logits, targets, reduction=reduction)
+    assert torch.isnan(loss).any() if reduction == "mean" else torch.isnan(loss[2])
+    if reduction == "none":
+        assert int(torch.isfinite(loss).sum()) == 5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("items", [0, -3, torch.tensor(0), torch.tensor(-2.0)])
+def test_num_items_in_batch_must_be_positive(backend, items, device):
+    logits, targets = make_inputs((6,), 100, torch.float32, device)
+    error = ValueError if isinstance(items, int) else RuntimeError
+    with use_backend(backend), pytest.raises(error, match="num_items_in_batch must be > 0"):
+        cross_entropy(logits, targets, num_items_in_batch=items)
 
 
 @pytest.mark.parametrize("call,error,match", [

@@ -11,6 +11,7 @@ from peft.tuners.lora import Linear as PeftLinear
 
 import fusetune
 from fusetune.lora import LoRALinearFunction, LoRAMLPFunction
+from tests.helpers import train_steps
 from tests.numerics import assert_close
 from tests.tiny_models import LORA_TARGETS, add_lora, random_batch, tiny_model
 
@@ -160,15 +161,7 @@ def test_qlora_training_curve_matches_unpatched(device, capsys):
     curves = []
     for m in (model, ref):
         torch.manual_seed(0)
-        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-        curve = []
-        for _ in range(20):
-            loss = m(input_ids=ids, labels=labels).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            curve.append(loss.item())
-        curves.append(torch.tensor(curve))
+        curves.append(torch.tensor(train_steps(m, 20, (ids, labels))))
     assert curves[0][-1] < curves[0][0] - 0.5  # it learns
     torch.testing.assert_close(curves[0], curves[1], rtol=1e-4, atol=1e-5)
 

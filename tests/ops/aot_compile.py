@@ -1,6 +1,6 @@
 """Compile every Triton kernel fusetune launches ahead of time for Hopper (sm_90), on any machine.
 
-Run as a script in a process with TRITON_INTERPRET unset (tests/test_aot_sm90.py does that). It
+Run as a script in a process with TRITON_INTERPRET unset (tests/ops/test_aot_sm90.py does that). It
 drives the public ops, forward and backward, on small CPU tensors with the Triton backend; every
 kernel launch is captured instead of run, and each distinct (kernel, argument types, constexprs,
 num_warps) is compiled with triton.compile for GPUTarget("cuda", 90, 32). Prints one line per

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from fusetune import rms_norm, use_backend
-from fusetune.reference.rms_norm import rms_norm as reference
-from tests.numerics import assert_close, leaf
+from tests.helpers import check_rms_norm_against_float64
+from tests.numerics import leaf
 
 SHAPES = [(17, 1000), (2, 17, 64), (3, 5, 4, 128), (1, 1, 4096)]  # 4-D: (b, s, heads, head_dim)
 
@@ -13,25 +13,7 @@ SHAPES = [(17, 1000), (2, 17, 64), (3, 5, 4, 128), (1, 1, 4096)]  # 4-D: (b, s, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_float64_reference(backend, variant, dtype, shape, device, poison):
-    check_against_float64(backend, variant, dtype, shape, device)
-
-
-def check_against_float64(backend, variant, dtype, shape, device, eps=1e-6):
-    """rms_norm on `backend` vs the float64 reference: y, dx and dw (also used by test_cuda_ext)."""
-    n = shape[-1]
-    x = leaf(torch.randn(shape, device=device, dtype=dtype) * 3)
-    w = leaf((torch.randn(n, device=device) * 0.2 + (0.0 if variant == "gemma" else 1.0)).to(dtype))
-    with use_backend(backend):
-        y = rms_norm(x, w, eps, variant)
-    dy = torch.randn_like(y) * 0.5  # grad_output != 1
-    y.backward(dy)
-    x64, w64 = leaf(x.double()), leaf(w.double())
-    y64 = reference(x64, w64, eps, variant)
-    y64.backward(dy.double())
-    assert y.dtype == dtype
-    assert_close(y, y64, dtype, "y")
-    assert_close(x.grad, x64.grad, dtype, "dx")
-    assert_close(w.grad, w64.grad, dtype, "dw")
+    check_rms_norm_against_float64(backend, variant, dtype, shape, device)
 
 
 def test_frozen_weight_gets_no_gradient(device):
@@ -56,4 +38,4 @@ def test_unknown_variant(device):
 @pytest.mark.parametrize("variant", ["llama", "gemma"])
 @pytest.mark.parametrize("shape", [(1, 2048, 4096), (1, 2048, 32, 128)], ids=["hidden", "head-norm"])
 def test_real_shape_bf16_gpu(variant, shape, poison):
-    check_against_float64("triton", variant, torch.bfloat16, shape, torch.device("cuda"), eps=1e-5)
+    check_rms_norm_against_float64("triton", variant, torch.bfloat16, shape, torch.device("cuda"), eps=1e-5)

@@ -14,10 +14,10 @@ import torch
 from fusetune import backend, rms_norm, use_backend
 from fusetune.ops.rms_norm import CUDA_OPS
 from fusetune.reference.rms_norm import rms_norm as reference
+from tests.helpers import check_rms_norm_against_float64
 from tests.numerics import assert_close, leaf
-from tests.test_rms_norm import check_against_float64
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 KERNELS = sorted(CSRC.glob("*.cu"))
 # the flags torch's extension builders add (setup.py's CUDAExtension, JIT load), so the CPU tier
 # also catches code that would lean on the half/bfloat16 operators they switch off
@@ -77,7 +77,7 @@ SHAPES = [(4096, 4096), (17, 1000), (3, 5, 7, 128), (9, 1001), (2, 3, 8192), (4,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_rms_norm_matches_float64_reference(cuda_ext, variant, dtype, shape):
-    check_against_float64("cuda", variant, dtype, shape, torch.device("cuda"))
+    check_rms_norm_against_float64("cuda", variant, dtype, shape, torch.device("cuda"))
 
 
 @pytest.mark.gpu

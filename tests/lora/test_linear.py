@@ -2,7 +2,7 @@
 4-bit (NF4) base weights; adapters kept in fp32 under bf16 activations.
 
 The reference is PEFT's lora.Linear evaluated in float64 on the same (rounded or dequantised)
-weights, with the dropout masks the fused op was given (see tests/test_lora_mlp.py for why).
+weights, with the dropout masks the fused op was given (see tests/lora/test_mlp.py for why).
 """
 import copy
 
@@ -13,8 +13,8 @@ from torch import nn
 
 from fusetune.lora import LoRAProjection, lora_linear, lora_mlp
 from fusetune.quant.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
-from tests.numerics import assert_close, leaf
-from tests.test_lora_mlp import SCALE, _FixedMask
+from tests.helpers import FixedMask
+from tests.numerics import LORA_SCALE, assert_close, leaf
 
 IN, OUTS = 64, {"q": 48, "k": 16, "v": 16}
 CONFIGS = {
@@ -71,7 +71,7 @@ def _reference(layers, specs, x, dys):
             ref.lora_B["default"].weight.data.copy_(spec.lora_B)
             params += [ref.lora_A["default"].weight, ref.lora_B["default"].weight]
             if spec.dropout_mask is not None:
-                ref.lora_dropout["default"] = _FixedMask(spec.dropout_mask, spec.dropout)
+                ref.lora_dropout["default"] = FixedMask(spec.dropout_mask, spec.dropout)
         outs.append(ref(x64))
     grads = torch.autograd.grad(outs, [x64, *params], [dy.double() for dy in dys])
     return outs, grads[0], grads[1:]
@@ -94,7 +94,7 @@ def _check_group(config, dtype, device, adapter_dtype=None, nf4=False, scale=Non
     lora = [t for s in specs if s.lora_A is not None for t in (s.lora_A, s.lora_B)]
     dx, *grads = torch.autograd.grad(outs, [x, *lora], dys)
     ref_outs, ref_dx, ref_grads = _reference(layers, specs, x, dys)
-    scale = scale or SCALE[dtype]
+    scale = scale or LORA_SCALE[dtype]
     for i, (y, want) in enumerate(zip(outs, ref_outs)):
         assert y.dtype == dtype and y.shape == want.shape
         assert_close(y, want, dtype, f"y{i}", scale)
@@ -187,16 +187,16 @@ def test_gate_up_mlp_matches_peft(dtype, nf4, device):
         layer.base_layer.weight.data.copy_(w)
         layer.lora_A["default"].weight.data.copy_(spec.lora_A)
         layer.lora_B["default"].weight.data.copy_(spec.lora_B)
-        layer.lora_dropout["default"] = _FixedMask(mask, 0.1)
+        layer.lora_dropout["default"] = FixedMask(mask, 0.1)
     x64 = leaf(x.double())
     y64 = ref(x64)
     ref_params = [t for layer in (_layer(ref, "gate_up_proj"), _layer(ref, "down_proj"))
                   for t in (layer.lora_A["default"].weight, layer.lora_B["default"].weight)]
     dx64, *grads64 = torch.autograd.grad(y64, [x64, *ref_params], dy.double())
-    assert_close(y, y64, dtype, "y", SCALE[dtype])
-    assert_close(dx, dx64, dtype, "dx", SCALE[dtype])
+    assert_close(y, y64, dtype, "y", LORA_SCALE[dtype])
+    assert_close(dx, dx64, dtype, "dx", LORA_SCALE[dtype])
     for i, (got, want) in enumerate(zip(grads, grads64)):
-        assert_close(got, want, dtype, f"d lora {i}", SCALE[dtype])
+        assert_close(got, want, dtype, f"d lora {i}", LORA_SCALE[dtype])
 
 
 def test_mlp_argument_errors(device):

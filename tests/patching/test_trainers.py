@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import fusetune
+from tests.helpers import word_tokenizer
 from tests.numerics import assert_close
-from tests.test_api import _tokenizer
 from tests.tiny_models import add_lora, random_batch, tiny_model
 
 
@@ -38,7 +38,7 @@ def _train(trainer_cls, config_cls, rows, tmp_path, tokenizer=None, trainer_args
                       save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
                       dataloader_num_workers=0, **config)
     trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer or _tokenizer(), **(trainer_args or {}))
+                          processing_class=tokenizer or word_tokenizer(), **(trainer_args or {}))
     trainer.train()
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
@@ -97,7 +97,7 @@ def test_orpo_trainer_trains_a_patched_model(tmp_path):
     """ORPO (TRL keeps it in trl.experimental): the odds-ratio term on paired preferences, no reference."""
     pytest.importorskip("trl")
     orpo = pytest.importorskip("trl.experimental.orpo")
-    tokenizer = _tokenizer()
+    tokenizer = word_tokenizer()
     tokenizer.pad_token = tokenizer.eos_token  # as FastLanguageModel.from_pretrained sets it
     g = torch.Generator().manual_seed(0)
     rows = [{"prompt": _words(g, 6), "chosen": _words(g, 5), "rejected": _words(g, 5)} for _ in range(8)]
