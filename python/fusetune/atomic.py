@@ -7,6 +7,7 @@ crash leaves either the old complete directory or the new complete one.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import shutil
 import tempfile
@@ -15,20 +16,36 @@ from pathlib import Path
 # what marks a directory as an earlier save (a model, an adapter, a `fusetune train` checkpoint, or a
 # GGUF file): only such a directory, or an empty one, may be replaced
 SAVE_MARKERS = ("config.json", "adapter_config.json", "state.json", "trainable.safetensors")
+# the files such saves consist of (transformers, PEFT, tokenizers, GGUF, checkpoints): replacing a
+# directory deletes its old contents, so anything else in it (the user's notes, evaluations) refuses
+SAVE_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+              "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.*", "vocab.json",
+              "merges.txt", "adapter_config.json", "README.md", "*.gguf", "state.json", "optimizer.pt")
 
 
 def _holds_a_save(directory: Path) -> bool:
     return any((directory / name).exists() for name in SAVE_MARKERS) or any(directory.glob("*.gguf"))
 
 
+def _not_saved_by_us(directory: Path) -> list[str]:
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir()
+                  if p.is_dir() or not any(fnmatch.fnmatch(p.name, pattern) for pattern in SAVE_FILES))
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike):
     """Yields a fresh temporary directory; on success it replaces `target` (see module docstring).
-    An existing target must be empty or hold an earlier save: other folders are never replaced."""
+    An existing target must be empty or hold an earlier save and nothing else: a save never deletes
+    what it did not write."""
     target = Path(target)
     if target.is_file() or (target.is_dir() and any(target.iterdir()) and not _holds_a_save(target)):
         raise FileExistsError(f"{target} exists and holds no earlier model save: saving there would replace it; "
                               f"choose a new or empty directory")
+    others = _not_saved_by_us(target) if target.is_dir() else []
+    if others:
+        raise FileExistsError(f"{target} holds an earlier save and also {', '.join(others[:5])}"
+                              f"{' ...' if len(others) > 5 else ''}, which a save did not write; saving there would "
+                              f"delete them: choose a new or empty directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

@@ -143,3 +143,14 @@ def test_cli_export_merges_a_saved_adapter(model_dir, tmp_path, capsys):
     assert_close(_logits(plain, ids), _logits(model.eval(), ids), torch.float32, "logits")
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
+    # exporting into the base model's own folder (holding the user's notes too) is refused, nothing lost
+    (model_dir / "NOTES.md").write_text("mine")
+    before = sorted(p.name for p in model_dir.iterdir())
+    assert main(["export", str(tmp_path / "adapter"), str(model_dir), "--base", str(model_dir)]) == 2
+    assert "is the folder of the base model or the adapter it reads" in capsys.readouterr().err
+    assert sorted(p.name for p in model_dir.iterdir()) == before and (model_dir / "NOTES.md").read_text() == "mine"
+    # and a model folder with files a save did not write is never replaced
+    (tmp_path / "merged" / "NOTES.md").write_text("mine")
+    assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "merged"), "--base", str(model_dir)]) == 2
+    assert "NOTES.md, which a save did not write" in capsys.readouterr().err
+    assert (tmp_path / "merged" / "NOTES.md").read_text() == "mine"

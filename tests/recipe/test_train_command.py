@@ -137,8 +137,8 @@ def _run(tmp_path, micro_batch, steps=4, save_steps=2, fail_at=None, **cfg):
     tokenizer = byte_level_tokenizer()
     examples = tokenize_rows(CONVERSATIONS * 2, tokenizer, 64)
     model = _lora_model(tokenizer)
-    config = TrainingConfig(max_steps=steps, effective_batch_size=4, learning_rate=1e-2, save_steps=save_steps,
-                            warmup_steps=1, lr_scheduler="cosine", **cfg)
+    config = TrainingConfig(**{**dict(max_steps=steps, effective_batch_size=4, learning_rate=1e-2,
+                                      save_steps=save_steps, warmup_steps=1, lr_scheduler="cosine"), **cfg})
     calls = {"n": 0}
     accumulate = loop.accumulate
 
@@ -197,6 +197,41 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
     save_file({k + ".x": v for k, v in weights.items()}, tmp_path / "resumed" / "checkpoint-3" / "trainable.safetensors")
     with pytest.raises(ConfigError, match="another model or LoRA configuration"):
         _run(tmp_path / "resumed", micro_batch=2)
+
+
+def test_a_non_finite_loss_stops_the_run_before_anything_is_applied_or_saved(tmp_path):
+    from fusetune.recipe import loop
+
+    _run(tmp_path, micro_batch=2, steps=2, save_steps=2)  # a finished run with a good checkpoint-2
+    real = loop.accumulate
+    steps = {"n": 0}
+
+    def nan_at_step_2(model, *args, **kwargs):
+        steps["n"] += 1
+        loss, tokens = real(model, *args, **kwargs)
+        if steps["n"] == 2:
+            next(p for p in model.parameters() if p.requires_grad).grad.fill_(float("nan"))
+            return float("nan"), tokens
+        return loss, tokens
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "accumulate", nan_at_step_2)
+        with pytest.raises(ConfigError, match=r"training diverged at step 2: the loss is nan .* lower "
+                                              r"training.learning_rate .* nothing of this step was applied or saved"):
+            _run(tmp_path / "run", micro_batch=2, steps=4, save_steps=1)
+    assert [p.name for p in sorted((tmp_path / "run").iterdir())] == ["checkpoint-1"]
+    assert (tmp_path / "checkpoint-2" / "state.json").is_file()  # the other run's good checkpoint is untouched
+
+
+def test_a_diverging_loss_is_reported_once(tmp_path, monkeypatch):
+    from fusetune.recipe import loop
+
+    real, losses = loop.accumulate, iter([2.0, 3.0, 4.5, 5.0])
+    monkeypatch.setattr(loop, "accumulate", lambda *a, **k: (next(losses), real(*a, **k)[1]))
+    _, record, log = _run(tmp_path, micro_batch=4, steps=4, save_steps=0, learning_rate=30.0)
+    warnings = [line for line in log if "training may be diverging" in line]
+    assert warnings == ["warning: the loss 4.5000 at step 3 is over 2x the first step's 2.0000: training may be "
+                        "diverging; lower training.learning_rate (now 30)"]
 
 
 def test_batch_size_finder_backs_off_and_bisects():

@@ -52,6 +52,10 @@ def _cmd_export(args) -> int:
     if not base:
         print("fusetune export: the adapter does not name its base model: pass --base DIR", file=sys.stderr)
         return 2
+    if Path(args.out).resolve() in (Path(base).resolve(), adapter.resolve()):
+        print(f"fusetune export: the output {args.out} is the folder of the base model or the adapter it reads; "
+              f"writing there would replace them: choose another output folder", file=sys.stderr)
+        return 2
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

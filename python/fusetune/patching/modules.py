@@ -11,6 +11,7 @@ so LoRA adapters, quantised linears and a separately patched or unpatched q/k no
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from pathlib import Path
 
@@ -194,7 +195,8 @@ class FusedCausalLM:
     def forward(self, *args, **kwargs):
         # bind to the installed transformers' own signature: the KV cache is `cache` from 5.24 on,
         # `past_key_values` before, and the model and its outputs use the same spelling
-        call = inspect.signature(super().forward).bind(*args, **kwargs).arguments
+        call = _forward_signature(self._fusetune_original).bind(self, *args, **kwargs).arguments
+        del call["self"]
         call.update(call.pop("kwargs", {}))
         labels = call.pop("labels", None)
         head = _plain_head(self.get_output_embeddings())
@@ -231,6 +233,11 @@ class FusedCausalLM:
                   f"installs it for per-token log-probabilities, entropy and accuracy), not fusetune's fused linear "
                   f"cross-entropy; fusetune's kernels still run in the decoder and its LoRA layers")
         super().__setattr__(name, value)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_signature(original: type) -> inspect.Signature:
+    return inspect.signature(original.forward)  # read once per class, not at every decoding step
 
 
 def is_trl_fused_head(forward) -> bool:

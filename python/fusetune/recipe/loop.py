@@ -206,6 +206,19 @@ class Progress:
             self.bar.close()
 
 
+DIVERGENCE = 2.0  # a step's loss over this many times the first step's is reported as divergence
+
+
+def _check_finite(step: int, loss: float, grad_norm: float, lr: float, saved: list[Path]) -> None:
+    """Stop before a non-finite loss or gradient reaches the weights (and any checkpoint)."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    raise ConfigError(f"training diverged at step {step}: the loss is {loss} and the gradient norm {grad_norm} "
+                      f"(learning rate {lr:.2e}); lower training.learning_rate and keep training.max_grad_norm "
+                      f"set (1.0 by default); nothing of this step was applied or saved"
+                      + (f", the last good checkpoint is {saved[-1]}" if saved else ""))
+
+
 def train_loop(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, output_dir: Path, device,
                micro_batch: int, log=print) -> dict:
     """Train `model` (its parameters that require grad) on the tokenized examples. Returns the
@@ -227,15 +240,22 @@ def train_loop(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, ou
         torch.cuda.reset_peak_memory_stats(device)
     progress = Progress(steps, state["step"], cfg.logging_steps, log)
     run_tokens, run_seconds = 0, 0.0  # this process's training steps only (not loading, not saving)
+    warned = False
     try:
         while state["step"] < steps:
             start = time.perf_counter()
             batch = [examples[i] for i in sample_indices(len(examples), cfg.seed, state["consumed"],
                                                          cfg.effective_batch_size)]
             loss, tokens = accumulate(model, batch, pad_id, micro_batch, device)
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
+            # the norm is measured even without clipping: a non-finite one must stop the run
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+            _check_finite(state["step"] + 1, loss, grad_norm, lr, checkpoints(output_dir))
+            if state["losses"] and not warned and loss > DIVERGENCE * state["losses"][0]:
+                warned = True
+                log(f"warning: the loss {loss:.4f} at step {state['step'] + 1} is over {DIVERGENCE:g}x the first "
+                    f"step's {state['losses'][0]:.4f}: training may be diverging; lower training.learning_rate "
+                    f"(now {cfg.learning_rate:g})")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

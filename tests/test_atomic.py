@@ -1,0 +1,41 @@
+"""fusetune.atomic: a save replaces an earlier save whole, and never deletes what it did not write."""
+import pytest
+
+from fusetune.atomic import atomic_directory
+
+
+def _write(directory, **files):
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (directory / name.replace("__", "/")).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name.replace("__", "/")).write_text(text)
+
+
+def test_an_earlier_save_is_replaced_whole(tmp_path):
+    target = tmp_path / "model"
+    _write(target, **{"config.json": "{}", "model-00001-of-00002.safetensors": "old", "tokenizer.json": "{}"})
+    with atomic_directory(target) as tmp:
+        _write(tmp, **{"config.json": "{}", "model.safetensors": "new"})
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # nothing left aside
+
+
+@pytest.mark.parametrize("extra", [{"NOTES.md": "mine"}, {"eval__results.json": "{}"}])
+def test_a_save_never_deletes_what_it_did_not_write(tmp_path, extra):
+    target = tmp_path / "model"
+    _write(target, **{"config.json": "{}", "model.safetensors": "fp32 weights"}, **extra)
+    before = sorted(str(p.relative_to(target)) for p in target.rglob("*"))
+    with pytest.raises(FileExistsError, match="which a save did not write; saving there would delete them"):
+        with atomic_directory(target) as tmp:
+            _write(tmp, **{"config.json": "{}"})
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*")) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_a_folder_without_a_save_or_a_file_is_refused(tmp_path):
+    _write(tmp_path / "notes", **{"a.txt": "keep"})
+    (tmp_path / "file").write_text("x")
+    for target in (tmp_path / "notes", tmp_path / "file"):
+        with pytest.raises(FileExistsError, match="holds no earlier model save"):
+            with atomic_directory(target):
+                pass
