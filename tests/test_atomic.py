@@ -1,7 +1,7 @@
 """fusetune.atomic: a save replaces an earlier save whole, and never deletes what it did not write."""
 import pytest
 
-from fusetune.atomic import atomic_directory
+from fusetune.atomic import MANIFEST, atomic_directory
 
 
 def _write(directory, **files):
@@ -16,8 +16,21 @@ def test_an_earlier_save_is_replaced_whole(tmp_path):
     _write(target, **{"config.json": "{}", "model-00001-of-00002.safetensors": "old", "tokenizer.json": "{}"})
     with atomic_directory(target) as tmp:
         _write(tmp, **{"config.json": "{}", "model.safetensors": "new"})
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in target.iterdir()) == [MANIFEST, "config.json", "model.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # nothing left aside
+
+
+def test_a_save_replaces_what_it_wrote_whatever_the_names(tmp_path):
+    target = tmp_path / "model"
+    for text in ("first", "second"):  # files no allow-list knows (remote code, a template folder) are its own
+        with atomic_directory(target) as tmp:
+            _write(tmp, **{"config.json": text, "modeling_custom.py": text, "additional_chat_templates__x.jinja": text})
+    assert (target / "modeling_custom.py").read_text() == "second"
+    (target / "NOTES.md").write_text("mine")
+    with pytest.raises(FileExistsError, match="NOTES.md, which a save did not write"):
+        with atomic_directory(target) as tmp:
+            _write(tmp, **{"config.json": "third"})
+    assert (target / "NOTES.md").read_text() == "mine" and (target / "config.json").read_text() == "second"
 
 
 @pytest.mark.parametrize("extra", [{"NOTES.md": "mine"}, {"eval__results.json": "{}"}])

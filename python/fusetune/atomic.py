@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import json
 import os
 import shutil
 import tempfile
@@ -16,20 +17,31 @@ from pathlib import Path
 # what marks a directory as an earlier save (a model, an adapter, a `fusetune train` checkpoint, or a
 # GGUF file): only such a directory, or an empty one, may be replaced
 SAVE_MARKERS = ("config.json", "adapter_config.json", "state.json", "trainable.safetensors")
-# the files such saves consist of (transformers, PEFT, tokenizers, GGUF, checkpoints): replacing a
-# directory deletes its old contents, so anything else in it (the user's notes, evaluations) refuses
+# every save lists what it wrote here; replacing it deletes exactly those, and anything else in the
+# folder (the user's notes, evaluations) refuses the save
+MANIFEST = ".fusetune-save.json"
+# a folder saved without a manifest (by transformers, PEFT, or an older fusetune) may be replaced when
+# it holds only what such saves consist of
 SAVE_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
-              "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.*", "vocab.json",
-              "merges.txt", "adapter_config.json", "README.md", "*.gguf", "state.json", "optimizer.pt")
+              "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.*", "vocab.*",
+              "merges.txt", "*.model", "*.tiktoken", "preprocessor_config.json", "adapter_config.json", "README.md",
+              "*.gguf", "state.json", "optimizer.pt")
 
 
 def _holds_a_save(directory: Path) -> bool:
-    return any((directory / name).exists() for name in SAVE_MARKERS) or any(directory.glob("*.gguf"))
+    return (directory / MANIFEST).is_file() or any((directory / name).exists() for name in SAVE_MARKERS) \
+        or any(directory.glob("*.gguf"))
 
 
 def _not_saved_by_us(directory: Path) -> list[str]:
+    """What replacing `directory` would delete that no save wrote."""
+    try:
+        ours = set(json.loads((directory / MANIFEST).read_text()))
+    except (OSError, ValueError):
+        ours = None
     return sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir()
-                  if p.is_dir() or not any(fnmatch.fnmatch(p.name, pattern) for pattern in SAVE_FILES))
+                  if p.name != MANIFEST and (p.name not in ours if ours is not None else
+                                             p.is_dir() or not any(fnmatch.fnmatch(p.name, f) for f in SAVE_FILES)))
 
 
 @contextlib.contextmanager
@@ -50,6 +62,7 @@ def atomic_directory(target: str | os.PathLike):
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        (tmp / MANIFEST).write_text(json.dumps(sorted(p.name for p in tmp.iterdir())))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

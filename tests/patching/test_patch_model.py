@@ -262,6 +262,20 @@ def test_loss_honours_num_items_in_batch_shift_labels_and_ignore_index(device):
         assert_close(got, want, torch.float32, f"loss with {sorted(kwargs)}")
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_fused_forward_shows_the_original_signature(family):
+    """transformers reads forward's parameters (Trainer drops dataset columns it does not name,
+    generate builds position_ids and logits_to_keep only where the signature has them)."""
+    import inspect
+
+    model = tiny_model(family)
+    want = inspect.signature(type(model).forward)
+    patch_model(model)
+    assert inspect.signature(type(model).forward) == want
+    assert inspect.signature(model.forward).parameters.keys() >= {"input_ids", "attention_mask", "position_ids",
+                                                                   "labels", "logits_to_keep"}
+
+
 def test_summary_line(capsys):
     patch_model(tiny_model("llama"))
     assert capsys.readouterr().out.strip() == (

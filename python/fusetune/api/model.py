@@ -81,7 +81,8 @@ def _adapt_targets(model, target_modules):
     """The family's names for the usual projection list (Phi-3: qkv_proj, gate_up_proj); for a
     family fusetune does not patch, those of the usual names it has as linear layers, else
     PEFT's "all-linear"."""
-    if target_modules is None:
+    default = target_modules is None
+    if default:
         target_modules = PROJECTIONS
     if isinstance(target_modules, str):
         return target_modules  # "all-linear" or a regex: PEFT's own
@@ -89,6 +90,8 @@ def _adapt_targets(model, target_modules):
     try:
         spec = family_spec(model)
     except UnsupportedModelError:
+        if not default:
+            return names  # the caller's own names, as PEFT reads them
         # bitsandbytes' 4- and 8-bit linears are nn.Linear subclasses
         present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
         return [n for n in names if n in present] or "all-linear"

@@ -8,10 +8,6 @@ from fusetune.reference.cross_entropy import cross_entropy as cross_entropy_refe
 CUDA_OPS = ()  # no CUDA C++ implementation yet
 
 
-_ITEMS_MESSAGE = ("cross_entropy: num_items_in_batch must be > 0 (the count of label tokens in the whole "
-                  "batch); leave it None to divide by this batch's own count")
-
-
 def check_targets(targets: torch.Tensor, vocab: int, ignore_index: int):
     """Every target is a class of the vocabulary or ignore_index: checked on the device (no host
     sync; on a GPU the error surfaces when the stream reaches it)."""
@@ -49,10 +45,10 @@ def _check(logits, targets, reduction, num_items_in_batch, softcap):
             if num_items_in_batch.numel() != 1:
                 raise ValueError(f"cross_entropy: num_items_in_batch must be an int or a one-element "
                                  f"tensor, got shape {tuple(num_items_in_batch.shape)}")
-            # on the device, without a host sync (an error when the stream reaches it)
-            torch._assert_async(num_items_in_batch.reshape(()) > 0, _ITEMS_MESSAGE)
         elif not num_items_in_batch > 0:
-            raise ValueError(f"{_ITEMS_MESSAGE}, got {num_items_in_batch}")
+            raise ValueError(f"cross_entropy: num_items_in_batch must be > 0 (the count of label tokens in the "
+                             f"whole batch), got {num_items_in_batch}; leave it None to divide by this batch's own "
+                             f"count")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"cross_entropy: softcap must be > 0 (None for no softcap), got {softcap}")
 
@@ -115,11 +111,12 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     inplace_backward=True (Triton path): the backward writes d logits into the logits tensor's own
     memory, so the caller's logits are OVERWRITTEN by backward; use it only when nothing reads
     the logits after the loss (as in a causal-LM head). It saves one logits-sized buffer.
-    A NaN logit gives a NaN loss. A target outside [0, V) that is not ignore_index and a
-    num_items_in_batch <= 0 are errors, checked on the device (torch._assert_async: no host sync;
-    on a GPU the error surfaces when the stream reaches the check). All rows ignored: the mean is
-    0 with a zero gradient (Hugging Face's loss gives NaN there), so an empty micro-batch of a
-    gradient-accumulation step adds nothing.
+    A NaN logit gives a NaN loss. A target outside [0, V) that is not ignore_index is an error
+    checked on the device (no host sync; on a GPU it is a device-side assert, as in torch's own
+    cross_entropy, and ends the process). A num_items_in_batch number <= 0 is an error; a tensor
+    count is read as at least 1 (no sync: Trainer passes 0 for an accumulation step whose labels are
+    all ignored). All rows ignored: the mean is 0 with a zero gradient (Hugging Face's loss gives NaN
+    there), so an empty micro-batch of a gradient-accumulation step adds nothing.
     """
     _check(logits, targets, reduction, num_items_in_batch, softcap)
     check_targets(targets, logits.shape[-1], ignore_index)

@@ -6,7 +6,7 @@
 import torch
 
 from fusetune.backend import resolve
-from fusetune.ops.nf4 import weight_tensors
+from fusetune.ops.nf4 import nf4_dequant, weight_tensors
 from fusetune.reference import nf4 as reference
 
 CUDA_OPS = ()  # no CUDA C++ implementation yet
@@ -51,6 +51,12 @@ def nf4_gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocks
                          f"one device")
     packed, code, nested_code = weight_tensors(packed, code, nested_code)
     if resolve("nf4_gemv", x.device, CUDA_OPS) == "triton":
+        from fusetune.triton_kernels.nf4_gemv import GEMV_MAX_M
+
+        if x.shape[0] > GEMV_MAX_M:  # the kernel's tile holds 16 rows: dequantise (its own op), then one matmul
+            w = nf4_dequant(packed, absmax, blocksize, shape, x.dtype, code, nested_absmax, nested_code, offset,
+                            nested_blocksize)
+            return x @ w.T
         return NF4GemvFunction.apply(x, packed, absmax, blocksize, shape, code, nested_absmax, nested_code,
                                      offset, nested_blocksize)
     return reference.nf4_gemv(x, packed, absmax, blocksize, shape, code, nested_absmax, nested_code, offset,

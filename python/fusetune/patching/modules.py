@@ -227,6 +227,21 @@ class FusedCausalLM:
         use_dict = return_dict if return_dict is not None else self.config.return_dict
         return out if use_dict else out.to_tuple()
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        original = cls.__dict__.get("_fusetune_original")
+        if original is None:
+            return
+
+        def forward(self, *args, **kwargs):
+            return FusedCausalLM.forward(self, *args, **kwargs)
+
+        # transformers reads forward's signature (Trainer's column filter, generate's position ids and
+        # logits_to_keep, TRL's wrapper): the fused class shows the original's
+        forward.__signature__ = _forward_signature(original)
+        forward.__doc__ = FusedCausalLM.forward.__doc__
+        cls.forward = forward
+
     def __setattr__(self, name, value):
         if name == "forward" and is_trl_fused_head(value):
             print(f"fusetune: TRL's fused LM head now computes the loss of {type(self).__name__} (its SFTTrainer "

@@ -17,7 +17,7 @@ def mean_divisor(valid: torch.Tensor, num_items_in_batch, dtype: torch.dtype):
         return valid.sum().clamp(min=1)
     if not isinstance(num_items_in_batch, torch.Tensor):
         return num_items_in_batch
-    n = num_items_in_batch.reshape(())
+    n = num_items_in_batch.reshape(()).clamp(min=1)  # 0: a step whose labels are all ignored (no sync to check)
     return n.to(dtype=dtype) if n.device.type == "cpu" else n.to(device=valid.device, dtype=dtype)
 
 
