@@ -33,15 +33,20 @@ def _holds_a_save(directory: Path) -> bool:
         or any(directory.glob("*.gguf"))
 
 
+def _written_by_a_save(directory: Path):
+    """A test of directory's entries: listed in its manifest or, with none, one of the usual save files."""
+    try:
+        listed = set(json.loads((directory / MANIFEST).read_text()))
+    except (OSError, ValueError):
+        return lambda entry: entry.is_file() and any(fnmatch.fnmatch(entry.name, f) for f in SAVE_FILES)
+    return lambda entry: entry.name in listed
+
+
 def _not_saved_by_us(directory: Path) -> list[str]:
     """What replacing `directory` would delete that no save wrote."""
-    try:
-        ours = set(json.loads((directory / MANIFEST).read_text()))
-    except (OSError, ValueError):
-        ours = None
-    return sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir()
-                  if p.name != MANIFEST and (p.name not in ours if ours is not None else
-                                             p.is_dir() or not any(fnmatch.fnmatch(p.name, f) for f in SAVE_FILES)))
+    written = _written_by_a_save(directory)
+    return sorted(entry.name + ("/" if entry.is_dir() else "") for entry in directory.iterdir()
+                  if entry.name != MANIFEST and not written(entry))
 
 
 @contextlib.contextmanager

@@ -209,10 +209,11 @@ class Progress:
 DIVERGENCE = 2.0  # a step's loss over this many times the first step's is reported as divergence
 
 
-def _check_finite(step: int, loss: float, grad_norm: float, lr: float, saved: list[Path]) -> None:
+def _check_finite(step: int, loss: float, grad_norm: float, lr: float, output_dir: Path) -> None:
     """Stop before a non-finite loss or gradient reaches the weights (and any checkpoint)."""
     if math.isfinite(loss) and math.isfinite(grad_norm):
         return
+    saved = checkpoints(output_dir)
     raise ConfigError(f"training diverged at step {step}: the loss is {loss} and the gradient norm {grad_norm} "
                       f"(learning rate {lr:.2e}); lower training.learning_rate and keep training.max_grad_norm "
                       f"set (1.0 by default); nothing of this step was applied or saved"
@@ -250,7 +251,7 @@ def train_loop(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, ou
             lr = scheduler.get_last_lr()[0]
             # the norm is measured even without clipping: a non-finite one must stop the run
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
-            _check_finite(state["step"] + 1, loss, grad_norm, lr, checkpoints(output_dir))
+            _check_finite(state["step"] + 1, loss, grad_norm, lr, output_dir)
             if state["losses"] and not warned and loss > DIVERGENCE * state["losses"][0]:
                 warned = True
                 log(f"warning: the loss {loss:.4f} at step {state['step'] + 1} is over {DIVERGENCE:g}x the first "
