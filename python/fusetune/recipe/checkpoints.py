@@ -1,0 +1,267 @@
+"""Checkpoints of `fusetune train` and what a run's output folder holds between runs.
+
+A checkpoint (output_dir/checkpoint-STEP, written atomically) holds the trainable tensors, the
+optimizer's tensors and the RNG states in safetensors files (nothing is pickled), and state.json:
+the position in the data, the losses, the optimizer's and scheduler's other settings, the run's
+fingerprint and a SHA-256 of each file. state.json is written last, so a checkpoint whose files
+do not match it (truncated, corrupted, half-deleted) is skipped at resume in favour of the newest
+intact one, with a line saying why.
+
+The fingerprint lists every setting that changes the result (model, data, LoRA, training, and a
+digest of the tokenized data); resuming under other settings is refused with each differing key
+and both values. Left out, because they provably do not change the trained weights: where and how
+often to log and save, how many checkpoints to keep, the prompts answered before and after, the
+outputs exported, the micro-batch size (gradient accumulation gives the same update), and the data
+file's path (the digest of its tokens stands for its content).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fusetune.atomic import FULL_DISK, atomic_directory, recover_interrupted_saves, remove_directory
+from fusetune.recipe.config import ConfigError, TrainConfig
+
+PREFIX = "checkpoint-"
+STATE = "state.json"
+FORMAT = 2  # 1: optimizer.pt (pickled; fusetune <= 0.1 before checksums)
+NOT_IN_FINGERPRINT = {"model.trust_remote_code", "data.path", "data.eval_prompts", "data.max_new_tokens",
+                      "training.micro_batch_size", "training.logging_steps", "training.save_steps",
+                      "training.save_total_limit", "training.resume"}
+# what a finished or interrupted run wrote into its output folder; a new run sets them aside
+RESULTS = ("adapter", "merged", "gguf", "loss.png", "summary.json")
+
+
+LOCK = ".fusetune-lock"
+
+
+@contextlib.contextmanager
+def claimed_output_dir(path: Path, log):
+    """The output folder, checked before any model loads: a folder (not a file), writable, with
+    room, used by no other `fusetune train` (a lock held while this one runs); what a crashed save
+    left there is cleaned up (atomic.recover_interrupted_saves)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output.dir {str(path)!r} is a file: choose a folder (it is created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path) as probe:  # a real write: root ignores permission bits
+            probe.write(b"\0" * 65536)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as err:
+        why = "its disk is full" if err.errno in FULL_DISK else err.strerror or str(err)
+        raise ConfigError(f"output.dir {str(path)!r} cannot be written ({why}): choose another folder, or make it "
+                          f"writable") from err
+    with open(path / LOCK, "a+") as lock:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory lock
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                lock.seek(0)
+                raise ConfigError(f"another fusetune train (pid {lock.read().strip() or '?'}) is writing to "
+                                  f"{path}: wait for it to finish, or choose another output.dir") from err
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        for line in recover_interrupted_saves(path):
+            log(f"{path}: {line}")
+        yield path
+
+
+def fingerprint(config: TrainConfig, examples: list[dict]) -> dict:
+    """The settings a checkpoint must share with this run to continue it exactly, as
+    {"section.key": value}, plus "data.tokens": the count and a digest of the tokenized rows."""
+    flat = {f"{section}.{key}": value for section, values in dataclasses.asdict(config).items()
+            if section != "output" for key, value in values.items()}
+    digest = hashlib.sha256(json.dumps([[e["input_ids"], e["labels"]] for e in examples]).encode()).hexdigest()
+    flat["data.tokens"] = f"{len(examples)} rows, sha256 {digest[:16]}"
+    return {k: v for k, v in flat.items() if k not in NOT_IN_FINGERPRINT}
+
+
+def differences(saved: dict, now: dict) -> list[str]:
+    return [f"{key} {saved.get(key, '(unset)')!r} then, {now.get(key, '(unset)')!r} now"
+            for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+
+
+def _step(path: Path) -> int:
+    return int(path.name[len(PREFIX):])
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Checkpoint directories in output_dir, oldest first (not yet checked: see `problem`)."""
+    found = [p for p in output_dir.glob(PREFIX + "*") if p.is_dir() and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=_step)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json; ConfigError naming the file if it is not one fusetune wrote."""
+    try:
+        state = json.loads((path / STATE).read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path / STATE} is missing") from err
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path / STATE} is not valid JSON ({err})") from err
+    if not isinstance(state, dict) or not isinstance(state.get("files"), dict) or "step" not in state:
+        raise ConfigError(f"{path / STATE} is not a fusetune checkpoint's state (written by an older fusetune or "
+                          f"changed by hand)")
+    return state
+
+
+def problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed from (None: complete and intact)."""
+    try:
+        state = read_state(path)
+    except ConfigError as err:
+        return str(err)
+    if state.get("format") != FORMAT:
+        return f"{path} was written by another version of fusetune (format {state.get('format', 1)})"
+    for name, expected in state["files"].items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size != expected["bytes"]:
+            return f"{file} has {file.stat().st_size} bytes, not the {expected['bytes']} written (truncated?)"
+        if _sha256(file) != expected["sha256"]:
+            return f"{file} does not match its checksum (corrupted)"
+    return None
+
+
+def _flatten(state: dict, tensors: dict[str, torch.Tensor], prefix: str):
+    """A state dict's tensors into `tensors` (keyed by path), its other values returned as JSON."""
+    if isinstance(state, torch.Tensor):
+        tensors[prefix] = state.detach().cpu().contiguous()
+        return {"tensor": prefix}
+    if isinstance(state, dict):
+        return {"dict": [[k, _flatten(v, tensors, f"{prefix}.{k}")] for k, v in state.items()]}
+    if isinstance(state, (list, tuple)):
+        return {type(state).__name__: [_flatten(v, tensors, f"{prefix}.{i}") for i, v in enumerate(state)]}
+    return {"value": state}
+
+
+def _unflatten(spec, tensors: dict[str, torch.Tensor]):
+    (kind, value), = spec.items()
+    if kind == "tensor":
+        return tensors[value]
+    if kind == "dict":
+        return {k: _unflatten(v, tensors) for k, v in value}
+    if kind in ("list", "tuple"):
+        items = [_unflatten(v, tensors) for v in value]
+        return items if kind == "list" else tuple(items)
+    return value
+
+
+def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+    """checkpoint-STEP with state.json last; then only the newest `keep` checkpoints remain."""
+    from safetensors.torch import save_file
+
+    target = output_dir / f"{PREFIX}{state['step']}"
+    tensors = {}
+    extra = _flatten({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                      "rng_cpu": torch.get_rng_state(),
+                      "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                     tensors, "extra")
+    with atomic_directory(target) as tmp:
+        save_file({k: p.detach().cpu().contiguous() for k, p in trainable_parameters(model).items()},
+                  tmp / "trainable.safetensors")
+        save_file(tensors, tmp / "optimizer.safetensors")
+        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                 for name in ("trainable.safetensors", "optimizer.safetensors")}
+        (tmp / STATE).write_text(json.dumps({**state, "format": FORMAT, "extra": extra, "files": files}))
+    for old in checkpoints(output_dir)[:-keep]:
+        remove_directory(old)
+    return target
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore the trainable tensors, optimizer, scheduler and RNG states; returns the run state."""
+    from safetensors.torch import load_file
+
+    state = read_state(path)
+    saved = load_file(path / "trainable.safetensors")
+    params = trainable_parameters(model)
+    if set(saved) != set(params) or any(saved[k].shape != params[k].shape for k in saved):
+        raise ConfigError(f"{path} was written for another model or LoRA configuration: choose another output.dir, "
+                          f"or set training.resume: false to start over there")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+    extra = _unflatten(state.pop("extra"), load_file(path / "optimizer.safetensors"))
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["rng_cpu"])
+    if extra["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(extra["rng_cuda"])
+    return state
+
+
+def _set_aside(output_dir: Path, entries: list[Path], log) -> None:
+    """An earlier run's checkpoints and results go to output_dir/previous-N/ (kept, out of this run's way)."""
+    n = 1
+    while (output_dir / f"previous-{n}").exists():
+        n += 1
+    aside = output_dir / f"previous-{n}"
+    aside.mkdir()
+    for path in entries:
+        path.rename(aside / path.name)
+    log(f"the earlier run's {', '.join(p.name for p in entries)} are kept in {aside}")
+
+
+def resume_point(output_dir: Path, resume: bool | str, now: dict, log) -> Path | None:
+    """The checkpoint this run continues from (None: start over). What an earlier run left that
+    this one would overwrite, and checkpoints that cannot be resumed from, are set aside first;
+    a checkpoint of other settings is refused."""
+    results = [output_dir / name for name in RESULTS if (output_dir / name).exists()]
+    found = checkpoints(output_dir)
+    finished = (output_dir / "summary.json").is_file()
+    intact, skipped = None, []
+    for path in reversed(found):
+        why = problem(path)
+        if why is None:
+            intact = path
+            break
+        log(f"skipping {path.name}: {why}")
+        skipped.append(path)
+    if resume is True and (finished or intact is None):
+        raise ConfigError(f"training.resume is true but {output_dir} holds "
+                          f"{'a finished run' if finished else 'no intact checkpoint'}: set training.resume: auto "
+                          f"(or false) to train from the start")
+    if intact is not None and not finished and resume is not False:
+        saved = read_state(intact)["fingerprint"]
+        if saved != now:
+            raise ConfigError(f"{intact} belongs to a run with other settings: {'; '.join(differences(saved, now))}. "
+                              f"Restore them to resume, set training.resume: false to start over (its checkpoints "
+                              f"are kept aside), or choose another output.dir")
+        if skipped:
+            _set_aside(output_dir, skipped, log)
+        return intact
+    if finished:
+        log(f"{output_dir} holds a finished run (summary.json): training again from the start")
+    elif resume is False and (found or results):
+        log("training.resume is false: starting over")
+    if found or results:
+        _set_aside(output_dir, found + results, log)
+    return None
