@@ -58,6 +58,10 @@ def _not_saved_by_us(directory: Path) -> list[str]:
 class SaveError(OSError):
     """A save that could not be written; the message names the target and what to do."""
 
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.errno = code
+
 
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -80,6 +84,12 @@ def _save_error(target: Path, err: BaseException) -> SaveError | None:
         return SaveError(code or errno.EIO, f"could not write {target}: {reason}; check that the folder is writable "
                                             f"or choose another; nothing at {target} was replaced")
     return None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _flush_to_disk(directory: Path) -> None:
@@ -117,6 +127,7 @@ def atomic_directory(target: str | os.PathLike):
         yield tmp
         (tmp / MANIFEST).write_text(json.dumps(sorted(p.name for p in tmp.iterdir())))
         _flush_to_disk(tmp)
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's is private to its owner; a save is not
     except BaseException as err:
         failure = _save_error(target, err) if isinstance(err, Exception) else None
         shutil.rmtree(tmp, ignore_errors=True)
@@ -141,6 +152,7 @@ def atomic_write(target: str | os.PathLike, data: bytes | str) -> Path:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(name, 0o666 & ~_umask())  # mkstemp's is private to its owner; a save is not
         os.replace(name, target)
     except BaseException as err:
         with contextlib.suppress(OSError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -61,9 +62,15 @@ def _explained(model_name: str, err: Exception) -> Exception | None:
         return ValueError(f"{model_name!r} ships its own modelling code, which runs only with trust_remote_code=True "
                           f"(model.trust_remote_code: true in a fusetune config): set it only if you trust its "
                           f"authors")
+    if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        return OSError(f"the weights of {model_name!r} hold pickled code, not only tensors"
+                       f"{f' ({found.group(1)})' if found else ''}, which is not run (torch.load weights_only): get "
+                       f"the model as safetensors, or from a source you trust")
     if isinstance(err, (EOFError, pickle.UnpicklingError)) or type(err).__name__ == "SafetensorError":
-        return OSError(f"the weights of {model_name!r} cannot be read ({err}): a file is damaged or incomplete "
-                       f"(download it again), or holds pickled objects other than tensors, which are not loaded")
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return OSError(f"the weights of {model_name!r} cannot be read ({first_line}): a file is damaged or "
+                       f"incomplete; download it again")
     if not isinstance(err, OSError) and not (isinstance(err, ValueError) and folder.is_dir()):
         return None  # not about where the model comes from: its own message says more
     if folder.is_dir():

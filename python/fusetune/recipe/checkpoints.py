@@ -52,7 +52,7 @@ def claimed_output_dir(path: Path, log):
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path) as probe:  # a real write: root ignores permission bits
-            probe.write(b"\0" * 65536)
+            probe.write(b"\0" * 4096)
             probe.flush()
             os.fsync(probe.fileno())
     except OSError as err:
