@@ -50,7 +50,7 @@ def _cmd_export(args) -> int:
     import torch
 
     from fusetune.api.gguf import check_method, save_gguf
-    from fusetune.api.loading import resolve_model_name
+    from fusetune.api.loading import model_source_errors, resolve_model_name
     from fusetune.api.saving import save_merged
 
     adapter = Path(args.adapter)
@@ -76,15 +76,20 @@ def _cmd_export(args) -> int:
             check_method(args.gguf)
         base, gguf_file = resolve_model_name(base, None)
         extra = {"gguf_file": gguf_file} if gguf_file else {}
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **extra)
+        with model_source_errors(base):
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **extra)
     except (OSError, ImportError) as err:
-        print(f"fusetune export: cannot load the base model {base!r} (a local directory or a reachable hub "
-              f"name; pass --base): {err}", file=sys.stderr)
+        print(f"fusetune export: the base model (pass --base to name another): {err}", file=sys.stderr)
         return 2
     except ValueError as err:
         print(f"fusetune export: {err}", file=sys.stderr)
         return 2
-    model = PeftModel.from_pretrained(model, str(adapter))
+    try:
+        with model_source_errors(str(adapter)):
+            model = PeftModel.from_pretrained(model, str(adapter))
+    except (OSError, ValueError) as err:
+        print(f"fusetune export: the adapter {adapter}: {err}", file=sys.stderr)
+        return 2
     tokenizer = None
     for source, kwargs in ((adapter, {}), (base, extra)):
         try:
