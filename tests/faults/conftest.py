@@ -46,7 +46,8 @@ class Job:
         """`fusetune train CONFIG` in a process of its own (through the driver when given its args)."""
         command = ["-m", "tests.faults.driver", str(config), *driver_args] if driver_args else \
             ["-m", "fusetune.cli", "train", str(config)]
-        env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}  # the CPU runs the torch backend
+        env = {**os.environ, "TRITON_INTERPRET": "0",  # on a CPU the torch backend runs, as for a user
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         return subprocess.run([sys.executable, *command], capture_output=True, text=True, cwd=self.root, env=env,
                               timeout=timeout)
 
