@@ -51,7 +51,7 @@ def test_target_names_follow_the_family(model_dir):
 
 
 def test_bad_arguments(model_dir, tmp_path):
-    with pytest.raises(OSError, match="not a local directory"):
+    with pytest.raises(OSError, match="no such folder"):
         FastLanguageModel.from_pretrained(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="full_finetuning"):
         FastLanguageModel.from_pretrained(str(model_dir), full_finetuning=True, load_in_4bit=True)
