@@ -69,11 +69,21 @@ def test_merged_16bit_loads_as_the_plain_model_with_the_same_logits(model_dir, t
     FastLanguageModel.for_inference(model)
     ids, _ = random_batch()
     want = _logits(model, ids)
+    from safetensors import safe_open
+
     out = model.save_pretrained_merged(tmp_path / "merged", tokenizer)  # the bound form users call
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    with safe_open(out / "model.safetensors", "pt") as f:  # 16 bits, as the name says, from an fp32 model
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert_close(_logits(plain, ids), want, torch.float32, "merged logits")
     assert not any("lora" in k for k in plain.state_dict())
+    out32 = model.save_pretrained_merged(tmp_path / "merged32", tokenizer, dtype=torch.float32)
+    plain32 = AutoModelForCausalLM.from_pretrained(out32, dtype=torch.float32).eval()
+    assert_close(_logits(plain32, ids), want, torch.float32, "merged fp32 logits")
+    with torch.no_grad():  # the 16-bit save is the fp32 merge's weights rounded, nothing else
+        for p in plain32.parameters():
+            p.copy_(p.bfloat16().float())
+    assert_close(_logits(plain, ids), _logits(plain32, ids), torch.float32, "merged 16-bit logits")
 
 
 def test_merged_4bit_loads_quantised_with_nf4_rounded_logits(tmp_path):

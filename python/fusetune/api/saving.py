@@ -136,7 +136,8 @@ def save_merged(model, save_directory: str | os.PathLike, tokenizer=None, save_m
     """Save `model` (a PEFT model, or a plain one) to save_directory, atomically.
 
     save_method: "merged_16bit" (adapters merged into the weights, a plain transformers model in
-    the base dtype, 4-bit weights dequantised; dtype overrides), "merged_4bit" (the same, then
+    16 bits: the base dtype if it is bf16 or fp16, else bf16, e.g. for a CPU's fp32 model; 4-bit
+    weights dequantised; dtype overrides, float32 included), "merged_4bit" (the same, then
     quantised to NF4 by bitsandbytes: loads with from_pretrained; for inference, since training
     on merged 4-bit weights loses the adapters' precision), or "lora" (the adapter only, PEFT's
     layout). The tokenizer, when given, is saved beside it. Returns the directory.
@@ -146,6 +147,9 @@ def save_merged(model, save_directory: str | os.PathLike, tokenizer=None, save_m
                          f"(GGUF: save_pretrained_gguf)")
     if save_method == "lora" and not hasattr(model, "peft_config"):
         raise ValueError("save_method='lora' needs a PEFT model (FastLanguageModel.get_peft_model)")
+    if save_method == "merged_16bit" and dtype is None:
+        base = hf_model(model).get_input_embeddings().weight.dtype
+        dtype = base if base in (torch.bfloat16, torch.float16) else torch.bfloat16
     with atomic_directory(save_directory) as tmp:
         if save_method == "lora":
             model.save_pretrained(tmp)
