@@ -13,7 +13,7 @@ VOCAB = 257
 SLIDING_WINDOW = 8
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
                attention_dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=None,
                tie_word_embeddings=False, initializer_range=0.1)
 _ROPE = {"rope_type": "default", "rope_theta": 10000.0}

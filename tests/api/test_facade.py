@@ -164,3 +164,23 @@ def test_cli_export_merges_a_saved_adapter(model_dir, tmp_path, capsys):
     assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "merged"), "--base", str(model_dir)]) == 2
     assert "NOTES.md, which a save did not write" in capsys.readouterr().err
     assert (tmp_path / "merged" / "NOTES.md").read_text() == "mine"
+
+
+def test_an_adapter_folder_loads_its_base_and_the_adapter(model_dir, tmp_path, capsys):
+    import json
+
+    model, tokenizer = load_model(model_dir)
+    model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False, init_lora_weights=False)
+    ids, _ = random_batch()
+    want = _logits(model, ids)
+    adapter = model.save_pretrained_merged(tmp_path / "lora_model", tokenizer, save_method="lora")
+    # the base is recorded as the user named it
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(model_dir)
+    loaded, _ = FastLanguageModel.from_pretrained(str(adapter), dtype=torch.float32)
+    assert f"{adapter} is a LoRA adapter of {model_dir}: loaded the base and attached it" in capsys.readouterr().out
+    assert_close(_logits(loaded, ids), want, torch.float32, "adapter logits")
+    assert any(p.requires_grad for n, p in loaded.named_parameters() if "lora_" in n)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/gone/base"}))
+    with pytest.raises(OSError, match=r"is a LoRA adapter of '/gone/base', which cannot be loaded: .*no such folder"):
+        FastLanguageModel.from_pretrained(str(adapter))

@@ -10,7 +10,7 @@ from tests.helpers import load_model, save_model_dir, train_steps
 from tests.tiny_models import VOCAB, random_batch, tiny_model
 
 _SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
               eos_token_id=1, tie_word_embeddings=False)
 # families fusetune does not patch: a mixture of experts and a Llama variant with its own multipliers
 UNPATCHED = {"mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
@@ -113,3 +113,20 @@ def test_a_family_without_kernels_loads_unpatched_and_trains(family, tmp_path, c
     FastLanguageModel.for_inference(model)
     ids, _ = random_batch(device=model.device)
     assert model.generate(input_ids=ids[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+def test_max_seq_length_past_the_native_context_scales_rope(tmp_path, capsys):
+    path = save_model_dir(tiny_model("llama", max_position_embeddings=128), tmp_path / "llama")
+    model, _ = load_model(path, max_seq_length=128)
+    assert model.config.rope_parameters["rope_type"] == "default" and "RoPE scaled" not in capsys.readouterr().out
+    model, _ = load_model(path, max_seq_length=512)
+    assert model.config.rope_parameters["rope_type"] == "linear" and model.config.rope_parameters["factor"] == 4.0
+    assert "max_seq_length 512 is past " in capsys.readouterr().out
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+    path = save_model_dir(tiny_model("llama", max_position_embeddings=128, rope_parameters=llama3), tmp_path / "l3")
+    model, _ = load_model(path, max_seq_length=512)  # the model scales its own: left as it is
+    assert model.config.rope_parameters["rope_type"] == "llama3" and "RoPE scaled" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match="max_seq_length=1024 is past the 512 the model was loaded for"):
+        FastLanguageModel.get_peft_model(model, max_seq_length=1024)
+    assert FastLanguageModel.get_peft_model(model, r=4, max_seq_length=512, use_gradient_checkpointing=False)

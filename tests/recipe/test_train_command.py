@@ -320,6 +320,8 @@ def test_command_embedded_default_shortened(tmp_path):
         assert text in proc.stdout, proc.stdout
     summary = json.loads((tmp_path / "fusetune-output" / "summary.json").read_text())
     assert len(summary["losses"]) == 2 and len(summary["before"]) == 4
+    adapter = json.loads((tmp_path / "fusetune-output" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "smollm2-135m-instruct"  # portable: the name, not a venv path
 
 
 def test_out_of_memory_in_training_says_what_to_change(tmp_path, monkeypatch):

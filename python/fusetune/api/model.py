@@ -77,6 +77,53 @@ def _scale_rope(config, rope_scaling: dict):
     config.rope_parameters = params
 
 
+def _rope_scaling_for(config, max_seq_length: int, name: str) -> dict | None:
+    """Linear RoPE scaling for a max_seq_length past the native context (None: within it, no RoPE,
+    or the model already scales its own, e.g. Llama 3.1's or YaRN)."""
+    native = getattr(config, "max_position_embeddings", None)
+    params = getattr(config, "rope_parameters", None) or {}
+    types = {p.get("rope_type", "default") for p in params.values() if isinstance(p, dict)} \
+        if "full_attention" in params else {params.get("rope_type", "default")}
+    if not native or max_seq_length <= native or not params or types != {"default"}:
+        return None
+    factor = max_seq_length / native
+    print(f"fusetune: max_seq_length {max_seq_length} is past {name}'s native context of {native}: RoPE scaled "
+          f"linearly by {factor:g} (pass rope_scaling=... to choose another)")
+    return {"rope_type": "linear", "factor": factor}
+
+
+def _adapter_folder(model_name: str) -> Path | None:
+    folder = Path(model_name).expanduser()
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        return folder
+    return None
+
+
+def _from_adapter(folder: Path, options: dict):
+    """A saved LoRA adapter folder: its base (as the adapter names it) loaded and patched, the
+    adapter attached trainable, the adapter's tokenizer if it saved one."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{folder} holds a LoRA adapter that does not name its base model: load the base with "
+                         f"from_pretrained(BASE), then peft.PeftModel.from_pretrained(model, {str(folder)!r})")
+    if options["tokenizer"] is None and (folder / "tokenizer_config.json").is_file():
+        options["tokenizer"] = AutoTokenizer.from_pretrained(folder)
+    try:
+        model, tokenizer = FastLanguageModel.from_pretrained(base, **options)
+    except OSError as err:
+        raise OSError(f"{folder} is a LoRA adapter of {base!r}, which cannot be loaded: {err}. Give the base's "
+                      f"folder as base_model_name_or_path in {folder / 'adapter_config.json'}") from err
+    with model_source_errors(str(folder)):
+        model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    print(f"fusetune: {folder} is a LoRA adapter of {base}: loaded the base and attached it (trainable)")
+    return _attach_saving(patch_model(model, strict=False)), tokenizer
+
+
 def _adapt_targets(model, target_modules):
     """The family's names for the usual projection list (Phi-3: qkv_proj, gate_up_proj); for a
     family fusetune does not patch, those of the usual names it has as linear layers, else
@@ -117,14 +164,25 @@ class FastLanguageModel:
         the config (e.g. {"rope_type": "linear", "factor": 2.0}) for contexts past the trained length.
         full_finetuning: every weight trains (no quantisation). tokenizer: one already loaded
         (load_tokenizer) instead of loading it again. The model is in training mode.
+
+        max_seq_length past the model's native context applies linear RoPE scaling (said so) unless
+        rope_scaling is given or the model scales its own. A folder holding a saved LoRA adapter
+        (adapter_config.json) loads the base it names and attaches the adapter, trainable.
         """
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         if full_finetuning and (load_in_4bit or load_in_8bit):
             raise ValueError("full_finetuning trains every weight: it cannot load them quantised; set "
                              "load_in_4bit=False and load_in_8bit=False")
+        adapter = _adapter_folder(model_name)
+        if adapter is not None:
+            return _from_adapter(adapter, dict(
+                max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
+                rope_scaling=rope_scaling, device_map=device_map, trust_remote_code=trust_remote_code, token=token,
+                tokenizer=tokenizer, **kwargs))
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = dtype or default_dtype(device_type)
+        named = model_name  # what the user named: saved adapters record it as their base
         model_name, gguf_file = resolve_model_name(model_name, gguf_file)
         common = dict(token=token, trust_remote_code=trust_remote_code)
         if gguf_file is not None:
@@ -132,6 +190,7 @@ class FastLanguageModel:
         with model_source_errors(model_name):
             config = AutoConfig.from_pretrained(model_name, **common)
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_name, **common)
+        rope_scaling = rope_scaling or _rope_scaling_for(config, max_seq_length, named)
         if rope_scaling is not None:
             _scale_rope(config, rope_scaling)
         config.max_position_embeddings = max(getattr(config, "max_position_embeddings", 0) or 0, max_seq_length)
@@ -146,6 +205,7 @@ class FastLanguageModel:
                                                              device_map=device_map, quantization_config=quantization,
                                                              **common, **kwargs)
         model.max_seq_length = max_seq_length
+        model.config._name_or_path = named  # not a resolved package path or a temporary folder
         if not full_finetuning:
             model.requires_grad_(False)
         if tokenizer.pad_token is None:
@@ -156,11 +216,14 @@ class FastLanguageModel:
     @staticmethod
     def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: int = 16, lora_dropout: float = 0.0,
                        bias: str = "none", use_gradient_checkpointing=True, random_state: int = 3407,
-                       use_rslora: bool = False, loftq_config=None, modules_to_save=None, **kwargs):
+                       use_rslora: bool = False, loftq_config=None, modules_to_save=None,
+                       max_seq_length: int | None = None, **kwargs):
         """PEFT LoRA adapters on the model's projections (by default all of attention and MLP, named
         as the family names them), fused by fusetune. use_gradient_checkpointing: True (recompute
         each layer), "fusetune" (or its alias "unsloth": recompute, with the saved layer inputs kept
-        in pinned host memory), False. random_state seeds the adapters' initialisation."""
+        in pinned host memory), False. random_state seeds the adapters' initialisation.
+        max_seq_length is taken for code written against Unsloth's signature; the length (and any
+        RoPE scaling) is set by from_pretrained, so a larger one here is an error."""
         from peft import LoraConfig, get_peft_model
 
         from fusetune.training.checkpoint import enable_checkpointing, enable_offloaded_checkpointing
@@ -169,6 +232,11 @@ class FastLanguageModel:
             raise ValueError(f"use_gradient_checkpointing must be one of {CHECKPOINTING}, got "
                              f"{use_gradient_checkpointing!r}")
         hf = hf_model(model)
+        loaded_for = getattr(hf, "max_seq_length", None)
+        if max_seq_length is not None and loaded_for is not None and max_seq_length > loaded_for:
+            raise ValueError(f"get_peft_model: max_seq_length={max_seq_length} is past the {loaded_for} the model was "
+                             f"loaded for; pass max_seq_length={max_seq_length} to from_pretrained (it sets RoPE "
+                             f"scaling at load)")
         if loftq_config:
             _check_loftq(hf, kwargs)
             kwargs["init_lora_weights"] = "loftq"  # PEFT ignores loftq_config without it
