@@ -347,13 +347,21 @@ def test_loss_on_logits_path_matches(family, device):
     _assert_grads(grads, {n: p.grad for n, p in ref.named_parameters()}, torch.float32)
 
 
-def test_fused_linear_loss_returns_no_logits_and_keeps_the_class_name(device, tmp_path):
+def test_fused_linear_loss_returns_no_logits_and_keeps_the_class_name(device, tmp_path, monkeypatch):
     model = _patched(tiny_model("llama").to(device))
     ids, labels = random_batch(device=device)
     with _backend("triton"):
-        assert model(input_ids=ids, labels=labels).logits is None  # training: no logits held
+        out = model(input_ids=ids, labels=labels)
+        assert out.logits is None  # training: no logits held
+        with pytest.raises(KeyError, match="set the environment variable FUSETUNE_RETURN_LOGITS=1"):
+            out["logits"]
+        assert torch.equal(out["loss"], out.loss) and out.to_tuple()[0] is out.loss
         with torch.no_grad():
             assert model(input_ids=ids).logits.shape == (*ids.shape, model.config.vocab_size)
+        monkeypatch.setenv("FUSETUNE_RETURN_LOGITS", "1")  # the documented switch
+        both = model(input_ids=ids, labels=labels)
+        assert both["logits"].shape == (*ids.shape, model.config.vocab_size)
+        assert_close(both.loss.detach(), out.loss.detach(), torch.float32, "loss with logits")
     assert type(model).__name__ == "LlamaForCausalLM"  # save_pretrained writes it into config.json
     model.save_pretrained(tmp_path)
     assert '"LlamaForCausalLM"' in (tmp_path / "config.json").read_text()

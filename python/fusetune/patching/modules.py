@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from pathlib import Path
 
 import torch
@@ -180,12 +181,37 @@ class FusedCausalLMLoss:
 
 
 
+RETURN_LOGITS = "FUSETUNE_RETURN_LOGITS"  # =1: a forward with labels returns the logits too (memory)
+
+
+@functools.cache
+def _fused_loss_output():
+    """CausalLMOutputWithPast whose outputs["logits"], when the fused loss held no logits, says why
+    and how to get them (a KeyError, as for any missing key; outputs.logits stays None)."""
+    from dataclasses import dataclass
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    @dataclass
+    class FusedLossOutput(CausalLMOutputWithPast):
+        def __getitem__(self, key):
+            if key == "logits" and self.logits is None:
+                raise KeyError(f"logits: fusetune's fused loss computes the loss without the (tokens x vocab) logits; "
+                               f"set the environment variable {RETURN_LOGITS}=1 to get them with the loss (they "
+                               f"take that memory), or call the model without labels")
+            return super().__getitem__(key)
+
+    return FusedLossOutput
+
+
 class FusedCausalLM:
     """The causal-LM forward with the fused linear cross-entropy.
 
     When gradients are being recorded and labels are given, the loss comes straight from the
     decoder's last hidden states and the lm_head weight (fusetune.linear_cross_entropy): the
-    (tokens x vocab) logits are never held, and outputs.logits is None. Gemma2/3's
+    (tokens x vocab) logits are never held, and outputs.logits is None (outputs["logits"] raises
+    a KeyError saying so); FUSETUNE_RETURN_LOGITS=1 in the environment runs the unfused head
+    instead, for code that reads the logits of a training forward. Gemma2/3's
     final_logit_softcapping is applied inside the loss. Otherwise (no labels, evaluation under
     no_grad, where callers want logits for metrics, or an lm_head with LoRA adapters),
     Hugging Face's own forward runs and its loss goes through FusedCausalLMLoss. An lm_head that
@@ -200,9 +226,9 @@ class FusedCausalLM:
         call.update(call.pop("kwargs", {}))
         labels = call.pop("labels", None)
         head = _plain_head(self.get_output_embeddings())
-        if labels is None or not torch.is_grad_enabled() or head is None:
+        if labels is None or not torch.is_grad_enabled() or head is None or os.environ.get(RETURN_LOGITS) == "1":
             return super().forward(*args, **kwargs)
-        from transformers.modeling_outputs import CausalLMOutputWithPast
+        output_class = _fused_loss_output()
 
         call.pop("logits_to_keep", None)
         num_items_in_batch = call.pop("num_items_in_batch", None)
@@ -221,8 +247,8 @@ class FusedCausalLM:
                                         None if head.bias is None else head.bias.to(dtype),
                                         ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
                                         softcap=getattr(self.config, "final_logit_softcapping", None))
-        cache_field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-        out = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
+        cache_field = "cache" if "cache" in output_class.__dataclass_fields__ else "past_key_values"
+        out = output_class(loss=loss, logits=None, hidden_states=outputs.hidden_states,
                                      attentions=outputs.attentions, **{cache_field: outputs.get(cache_field)})
         use_dict = return_dict if return_dict is not None else self.config.return_dict
         return out if use_dict else out.to_tuple()
