@@ -1,32 +1,32 @@
-"""fusetune: fused Triton kernels for fine-tuning Hugging Face causal language models."""
-from fusetune.backend import BackendUnavailableError, get_backend, set_backend, use_backend
-from fusetune.ops import cross_entropy, geglu, linear_cross_entropy, rms_norm, rope, swiglu
+"""fusetune: fused Triton kernels for fine-tuning Hugging Face causal language models.
+
+Everything is imported on first use (PEP 562), so `import fusetune` and `fusetune --help` do not
+pay for torch, transformers or PEFT until a name that needs them is asked for.
+"""
+import importlib
 
 __version__ = "0.1.0"
 
+# public name -> the module that defines it
+_EXPORTS = {
+    "BackendUnavailableError": "fusetune.backend", "get_backend": "fusetune.backend",
+    "set_backend": "fusetune.backend", "use_backend": "fusetune.backend",
+    "cross_entropy": "fusetune.ops", "geglu": "fusetune.ops", "linear_cross_entropy": "fusetune.ops",
+    "rms_norm": "fusetune.ops", "rope": "fusetune.ops", "swiglu": "fusetune.ops",
+    "patch_model": "fusetune.patching", "unpatch_model": "fusetune.patching",
+    "FastLanguageModel": "fusetune.api",
+}
 
-def patch_model(model, **switches):
-    """Swap fused modules into a Hugging Face model in place; see fusetune.patching.patch_model."""
-    from fusetune.patching import patch_model as _patch_model
-
-    return _patch_model(model, **switches)
-
-
-def unpatch_model(model):
-    """Undo patch_model; see fusetune.patching.unpatch_model."""
-    from fusetune.patching import unpatch_model as _unpatch_model
-
-    return _unpatch_model(model)
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
-    # the facade imports transformers and PEFT: only when it is asked for
-    if name == "FastLanguageModel":
-        from fusetune.api import FastLanguageModel
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fusetune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # once: later lookups skip this function
+    return value
 
-        return FastLanguageModel
-    raise AttributeError(f"module 'fusetune' has no attribute {name!r}")
 
-
-__all__ = ["BackendUnavailableError", "FastLanguageModel", "cross_entropy", "geglu", "get_backend", "linear_cross_entropy", "patch_model",
-           "rms_norm", "rope", "set_backend", "swiglu", "unpatch_model", "use_backend"]
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

@@ -26,3 +26,12 @@ def test_bench_runs_the_checkout_scripts():
         proc = subprocess.run([sys.executable, "-m", "fusetune.cli", "bench", "kernels"], capture_output=True,
                               text=True, timeout=300)
         assert proc.returncode == 1 and "needs a CUDA GPU" in proc.stderr
+
+
+def test_version_and_help_answer_without_importing_torch():
+    proc = subprocess.run([sys.executable, "-m", "fusetune.cli", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("fusetune ")
+    probe = "import sys; from fusetune.cli import build_parser; build_parser().format_help(); " \
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
