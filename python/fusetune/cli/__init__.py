@@ -128,10 +128,10 @@ def _cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fusetune import __version__
+    from importlib.metadata import version
 
     parser = argparse.ArgumentParser(prog="fusetune", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"fusetune {__version__}")
+    parser.add_argument("--version", action="version", version=f"fusetune {version('fusetune')}")
     sub = parser.add_subparsers(dest="command", required=True)
     env = sub.add_parser("env", help="print GPUs, versions and the backend each op would use")
     env.add_argument("--json", action="store_true", help="machine-readable output")
