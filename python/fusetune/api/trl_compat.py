@@ -1,0 +1,127 @@
+"""Older TRL arguments, as the fine-tuning guides write them, on today's TRL.
+
+TRL 1.x renamed or moved arguments that guides still pass: `SFTTrainer(tokenizer=...)` is
+`processing_class`, `SFTConfig(max_seq_length=...)` is `max_length`, and `SFTTrainer(
+dataset_text_field=..., max_seq_length=..., packing=..., dataset_num_proc=...)` belong to its
+config. While this layer is on, those calls are translated (one line says so, once per argument)
+and everything else reaches TRL unchanged; an argument the installed TRL still accepts is left
+alone. It rewrites no source: it wraps the classes' __init__ when TRL's modules load (an import
+hook, so fusetune never imports TRL itself) and `disable()` restores them.
+
+On by default when fusetune's facade is imported; FUSETUNE_TRL_COMPAT=0 keeps it off.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.machinery
+import inspect
+import os
+import sys
+
+TRAINERS = ("SFTTrainer", "DPOTrainer", "KTOTrainer", "GRPOTrainer", "ORPOTrainer", "CPOTrainer", "RewardTrainer",
+            "RLOOTrainer", "PPOTrainer")
+RENAMED = {"SFTConfig": {"max_seq_length": "max_length"},
+           **{name: {"tokenizer": "processing_class"} for name in TRAINERS}}
+# SFTTrainer arguments of older TRL that live in SFTConfig now (old name -> the config's)
+TO_CONFIG = {"SFTTrainer": {"dataset_text_field": "dataset_text_field", "max_seq_length": "max_length",
+                            "packing": "packing", "dataset_num_proc": "dataset_num_proc",
+                            "dataset_kwargs": "dataset_kwargs"}}
+_said: set[tuple[str, str]] = set()
+_wrapped: dict[type, object] = {}  # class -> its own __init__
+
+
+def _say_once(cls_name: str, old: str, where: str) -> None:
+    if (cls_name, old) not in _said:
+        _said.add((cls_name, old))
+        print(f"fusetune: {cls_name}({old}=...) is {where} in the installed TRL; passed there "
+              f"(fusetune.api.trl_compat.disable() turns this translation off)")
+
+
+def _translating(cls: type):
+    original = cls.__init__
+    accepted = set(inspect.signature(original).parameters)
+    renamed = {old: new for old, new in RENAMED.get(cls.__name__, {}).items() if old not in accepted}
+    to_config = {old: new for old, new in TO_CONFIG.get(cls.__name__, {}).items() if old not in accepted}
+    if not (renamed or to_config):
+        return None
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        for old, new in renamed.items():
+            if old in kwargs and new not in kwargs:
+                _say_once(cls.__name__, old, new)
+                kwargs[new] = kwargs.pop(old)
+        moved = {new: kwargs.pop(old) for old, new in to_config.items() if old in kwargs}
+        if moved:
+            config = kwargs.get("args")
+            if config is None:
+                raise TypeError(f"{cls.__name__}({', '.join(moved)}=...): the installed TRL takes these in its "
+                                f"config: pass args=SFTConfig(output_dir=..., {', '.join(f'{k}=...' for k in moved)})")
+            for old, new in to_config.items():
+                if new in moved:
+                    _say_once(cls.__name__, old, f"args.{new}")
+            for name, value in moved.items():
+                setattr(config, name, value)
+        original(self, *args, **kwargs)
+
+    return __init__
+
+
+def _patch_module(module) -> None:
+    for name in RENAMED.keys() | TO_CONFIG.keys():
+        cls = module.__dict__.get(name)
+        if isinstance(cls, type) and cls.__module__ == module.__name__ and cls not in _wrapped:
+            wrapper = _translating(cls)
+            if wrapper is not None:
+                _wrapped[cls] = cls.__init__
+                cls.__init__ = wrapper
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        _patch_module(module)
+
+
+class _TRLImportHook(importlib.abc.MetaPathFinder):
+    """Wraps the loader of every trl.* module so its classes are translated once loaded."""
+
+    def find_spec(self, name, path, target=None):
+        if not name.startswith("trl."):
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _PatchingLoader(spec.loader)
+        return spec
+
+
+_hook = _TRLImportHook()
+
+
+def enable() -> None:
+    """Translate older TRL arguments from now on (TRL modules loaded already are patched now)."""
+    if _hook not in sys.meta_path:
+        sys.meta_path.insert(0, _hook)
+    for name, module in list(sys.modules.items()):
+        if name.startswith("trl.") and module is not None:
+            _patch_module(module)
+
+
+def disable() -> None:
+    """Stop translating: TRL's classes get their own __init__ back."""
+    if _hook in sys.meta_path:
+        sys.meta_path.remove(_hook)
+    for cls, original in _wrapped.items():
+        cls.__init__ = original
+    _wrapped.clear()
+
+
+if os.environ.get("FUSETUNE_TRL_COMPAT", "1") != "0":
+    enable()

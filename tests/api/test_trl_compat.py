@@ -1,0 +1,71 @@
+"""Guides' TRL code (tokenizer=, max_seq_length=, dataset_text_field= on the trainer) runs on
+today's TRL once fusetune is imported: in a fresh interpreter, importing TRL after fusetune (the
+import hook), and in this one, where TRL may be loaded already; disable() restores TRL."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("trl")
+ROOT = Path(__file__).resolve().parents[2]
+
+GUIDE = """
+from fusetune import FastLanguageModel  # the only line a guide changes
+import fusetune
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+from tests.helpers import word_tokenizer
+from tests.tiny_models import add_lora, tiny_model
+
+config = SFTConfig(output_dir=OUT, max_seq_length=32, per_device_train_batch_size=2, max_steps=2, report_to=[],
+                   use_cpu=True, save_strategy="no", logging_steps=1, dataloader_num_workers=0)
+assert config.max_length == 32
+model = fusetune.patch_model(add_lora(tiny_model("llama"), "llama"))
+rows = Dataset.from_list([{"body": " ".join(f"w{i}" for i in range(2, 30))}] * 4)
+trainer = SFTTrainer(model=model, tokenizer=word_tokenizer(), train_dataset=rows, args=config,
+                     dataset_text_field="body", max_seq_length=16, dataset_num_proc=1)
+assert trainer.args.max_length == 16 and trainer.args.dataset_text_field == "body"
+trainer.train()
+print("LOSSES", [e["loss"] for e in trainer.state.log_history if "loss" in e])
+fusetune.api.trl_compat.disable()
+try:
+    SFTConfig(output_dir=OUT, max_seq_length=32)
+except TypeError as err:
+    print("OFF", err)
+"""
+
+
+def test_a_guides_trl_code_runs_with_only_the_import_changed(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "0",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", f"OUT = {str(tmp_path)!r}\n" + GUIDE], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for said in ("fusetune: SFTConfig(max_seq_length=...) is max_length in the installed TRL",
+                 "fusetune: SFTTrainer(tokenizer=...) is processing_class in the installed TRL",
+                 "fusetune: SFTTrainer(dataset_text_field=...) is args.dataset_text_field",
+                 "fusetune: SFTTrainer(max_seq_length=...) is args.max_length"):
+        assert said in proc.stdout, proc.stdout
+    losses = eval(proc.stdout.split("LOSSES", 1)[1].splitlines()[0])
+    assert len(losses) == 2 and all(loss == loss for loss in losses)
+    assert "OFF" in proc.stdout and "unexpected keyword argument 'max_seq_length'" in proc.stdout
+
+
+def test_translation_in_a_session_that_loaded_trl_first():
+    from trl import SFTConfig, SFTTrainer
+
+    from fusetune.api import trl_compat
+
+    trl_compat.enable()  # TRL's modules are loaded: patched now
+    try:
+        assert SFTConfig(output_dir="unused", max_seq_length=8, report_to=[], use_cpu=True).max_length == 8
+        with pytest.raises(TypeError, match=r"SFTTrainer\(packing=...\): the installed TRL takes these in its config: "
+                                            r"pass args=SFTConfig"):
+            SFTTrainer(model=None, packing=True)
+    finally:
+        trl_compat.disable()
+    with pytest.raises(TypeError, match="max_seq_length"):
+        SFTConfig(output_dir="unused", max_seq_length=8, use_cpu=True)
+    trl_compat.enable()  # as the package leaves it
