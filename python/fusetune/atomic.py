@@ -14,6 +14,8 @@ import errno
 import fnmatch
 import json
 import os
+import re
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -63,33 +65,53 @@ class SaveError(OSError):
         self.errno = code
 
 
-FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# what each errno of a write that did not fit means, and what to do about it
+NO_ROOM = {errno.ENOSPC: ("the disk is full", "free space there or choose a folder on another disk"),
+           errno.EDQUOT: ("your disk quota is used up", "free space within it or choose a folder outside it"),
+           errno.EFBIG: ("a file grew past what this file system or `ulimit -f` allows",
+                         "choose a folder on another file system (FAT32 holds at most 4 GiB a file)")}
 
 
-def _save_error(target: Path, err: BaseException) -> SaveError | None:
-    """`err` (raised while writing `target`) as a SaveError, or None for errors that are not about
-    the disk (a bug or a refusal keeps its own message). safetensors reports I/O errors as
-    SafetensorError with the OS error in its text."""
-    text = str(err)
+def no_room(err: BaseException) -> tuple[str, str] | None:
+    """(what happened, the fix) when `err` says a write did not fit; None otherwise. safetensors
+    reports I/O errors as SafetensorError with the OS error in its text."""
     code = getattr(err, "errno", None)
-    if code in FULL_DISK or "No space left" in text or "os error 28" in text:
-        try:
-            free = f" ({shutil.disk_usage(target.parent).free / 2**20:.0f} MiB free)"
-        except OSError:
-            free = ""
-        return SaveError(errno.ENOSPC, f"the disk is full{free}: could not write {target}; free space there or "
-                                       f"choose a folder on another disk; nothing at {target} was replaced")
-    if isinstance(err, OSError) or type(err).__name__ == "SafetensorError":
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else text
-        return SaveError(code or errno.EIO, f"could not write {target}: {reason}; check that the folder is writable "
-                                            f"or choose another; nothing at {target} was replaced")
+    if code in NO_ROOM:
+        return NO_ROOM[code]
+    if "No space left" in str(err) or "os error 28" in str(err):
+        return NO_ROOM[errno.ENOSPC]
     return None
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def save_error(target: Path, err: BaseException) -> SaveError | None:
+    """`err` (raised while writing `target`) as a SaveError, or None for errors that are not about
+    the disk (a bug or a refusal keeps its own message)."""
+    room = no_room(err)
+    if room is not None:
+        try:
+            free = f" ({shutil.disk_usage(target.parent).free / 2**20:.0f} MiB free there)"
+        except OSError:
+            free = ""
+        return SaveError(getattr(err, "errno", None) or errno.ENOSPC,
+                         f"{room[0]}{free}: could not write {target}; {room[1]}; nothing at {target} was replaced")
+    if isinstance(err, OSError) or type(err).__name__ == "SafetensorError":
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        return SaveError(getattr(err, "errno", None) or errno.EIO,
+                         f"could not write {target}: {reason}; check that the folder is writable or choose another; "
+                         f"nothing at {target} was replaced")
+    return None
+
+
+UMASK = os.umask(0o022)  # read once (setting it is the only way to read it), then put back
+os.umask(UMASK)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _flush_to_disk(directory: Path) -> None:
@@ -97,11 +119,11 @@ def _flush_to_disk(directory: Path) -> None:
     save holds its data, not empty files."""
     for path in [*directory.rglob("*"), directory]:
         if path.is_file() or path.is_dir():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(path)
+
+
+def _suffix() -> str:
+    return secrets.token_hex(4)  # not the pid: a container restarts with the same pids
 
 
 @contextlib.contextmanager
@@ -122,23 +144,29 @@ def atomic_directory(target: str | os.PathLike):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP}", dir=target.parent))
     except OSError as err:
-        raise _save_error(target, err) from err
+        raise save_error(target, err) from err
     try:
         yield tmp
         (tmp / MANIFEST).write_text(json.dumps(sorted(p.name for p in tmp.iterdir())))
         _flush_to_disk(tmp)
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp's is private to its owner; a save is not
+        tmp.chmod(0o777 & ~UMASK)  # mkdtemp's is private to its owner; a save is not
     except BaseException as err:
-        failure = _save_error(target, err) if isinstance(err, Exception) else None
+        failure = save_error(target, err) if isinstance(err, Exception) else None
         shutil.rmtree(tmp, ignore_errors=True)
         if failure is not None:
             raise failure from err
         raise
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}{OLD}{os.getpid()}")
-        target.rename(old)
-    tmp.rename(target)
+    old = target.with_name(f".{target.name}{OLD}{_suffix()}") if target.exists() else None
+    try:
+        if old is not None:
+            target.rename(old)
+        tmp.rename(target)
+        _fsync(target.parent)  # the renames themselves reach the disk before anything is deleted
+    except OSError as err:
+        if old is not None and old.exists() and not target.exists():
+            old.rename(target)  # the earlier save back in its place
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise save_error(target, err) from err
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -152,12 +180,13 @@ def atomic_write(target: str | os.PathLike, data: bytes | str) -> Path:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(name, 0o666 & ~_umask())  # mkstemp's is private to its owner; a save is not
+        os.chmod(name, 0o666 & ~UMASK)  # mkstemp's is private to its owner; a save is not
         os.replace(name, target)
+        _fsync(target.parent)
     except BaseException as err:
         with contextlib.suppress(OSError):
             os.remove(name)
-        failure = _save_error(target, err) if isinstance(err, Exception) else None
+        failure = save_error(target, err) if isinstance(err, Exception) else None
         if failure is not None:
             raise failure from err
         raise
@@ -167,30 +196,30 @@ def atomic_write(target: str | os.PathLike, data: bytes | str) -> Path:
 def remove_directory(path: Path) -> None:
     """Delete a directory so that no half-deleted copy is left under its name: it is renamed out of
     the way first (one atomic step), then removed."""
-    doomed = path.with_name(f".{path.name}{DELETING}{os.getpid()}")
+    doomed = path.with_name(f".{path.name}{DELETING}{_suffix()}")
     path.rename(doomed)
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def recover_interrupted_saves(directory: Path) -> list[str]:
-    """Undo what a crash in the middle of a save or a deletion left in `directory`: unfinished
+def recover_interrupted_saves(directory: Path, names: str) -> list[str]:
+    """Undo what a crash in the middle of a save or a deletion left in `directory` for the targets
+    whose names match the regular expression `names` (nothing else there is touched): unfinished
     temporaries and half-deleted directories are removed; an earlier save that was moved aside and
     whose replacement never landed is put back. Returns what was done, a line each."""
+    left = re.compile(rf"\.({names})({re.escape(TMP)}\w{{8}}|{re.escape(OLD)}\w+|{re.escape(DELETING)}\w+)")
     done = []
-    for entry in sorted(directory.glob(".*")):
-        name = entry.name[1:]
-        if TMP in name or DELETING in name:
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            done.append(f"removed {entry.name} (left by a save or deletion that was interrupted)")
-        elif OLD in name:
-            original = directory / name.rsplit(OLD, 1)[0]
-            if original.exists():
-                shutil.rmtree(entry, ignore_errors=True)
-                done.append(f"removed {entry.name} (the save that replaced it is complete)")
-            else:
-                entry.rename(original)
-                done.append(f"restored {original.name} (its replacement was interrupted before it landed)")
+    for entry in sorted(directory.iterdir()):
+        match = left.fullmatch(entry.name)
+        if match is None or entry.is_symlink():
+            continue
+        original, kind = directory / match.group(1), match.group(2)
+        if kind.startswith(OLD) and entry.is_dir() and _holds_a_save(entry) and not original.exists():
+            entry.rename(original)
+            done.append(f"restored {original.name} (its replacement was interrupted before it landed)")
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+        done.append(f"removed {entry.name} (left by a save or a deletion that was interrupted)")
     return done

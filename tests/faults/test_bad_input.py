@@ -63,7 +63,7 @@ def test_an_output_path_that_is_a_file_or_not_writable_is_named_before_the_model
     assert (tmp_path / "taken").read_text() == "my notes"
     with read_only_folder(tmp_path / "ro") as folder:
         config = job.config("ro-out.yaml", "unused", model=without_weights(job), output={"dir": str(folder / "out")})
-        with pytest.raises(ConfigError, match=r"output.dir '.*out' cannot be written \(.*\): choose another folder"):
+        with pytest.raises(ConfigError, match=r"output.dir '.*out' cannot be written: .*; choose another folder, or make it writable"):
             train(config)
 
 
@@ -99,7 +99,8 @@ def test_a_finished_runs_results_are_kept_aside_when_training_again(job):
     adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
     _, log = train(config)
     assert any("holds a finished run (summary.json): training again from the start" in line for line in log)
-    assert any(f"are kept in {out / 'previous-1'}" in line for line in log), log
+    assert any(line.startswith("the earlier run's results and checkpoints (") and line.endswith(
+        f") kept in {out / 'previous-1'}") for line in log), log
     kept = out / "previous-1"
     assert sorted(p.name for p in kept.iterdir()) == sorted(["checkpoint-2", "adapter", "summary.json"] +
                                                              (["loss.png"] if (out / "loss.png").exists() else []))
@@ -144,18 +145,23 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(job, damage,
 
 def test_what_a_crashed_save_left_is_cleaned_at_the_next_start(job):
     config, out = _two_checkpoints(job, "leftovers")
-    (out / ".checkpoint-6.tmp-abc123").mkdir()
-    (out / ".checkpoint-6.tmp-abc123" / "trainable.safetensors").write_bytes(b"half")
-    (out / ".summary.json.tmp-x1").write_text("{")
-    (out / "checkpoint-2").rename(out / ".checkpoint-2.deleting-77")
+    (out / ".checkpoint-6.tmp-abc1_x9z").mkdir()
+    (out / ".checkpoint-6.tmp-abc1_x9z" / "trainable.safetensors").write_bytes(b"half")
+    (out / ".summary.json.tmp-k2j3h4g5").write_text("{")
+    (out / "checkpoint-2").rename(out / ".checkpoint-2.deleting-77aa")
     (out / "adapter").mkdir()
     (out / "adapter" / "adapter_config.json").write_text("{}")
-    (out / "adapter").rename(out / ".adapter.old-55")  # moved aside, its replacement never landed
+    (out / "adapter").rename(out / ".adapter.old-55bb")  # moved aside, its replacement never landed
+    mine = {".bashrc.tmp-edit": "x", ".env.old-backup": "KEY=1", ".notes.txt.old-1": "notes"}  # the user's own
+    for name, text in mine.items():
+        (out / name).write_text(text)
     _, log = train(config)
-    for line in ("removed .checkpoint-6.tmp-abc123", "removed .summary.json.tmp-x1", "removed .checkpoint-2.deleting-77",
+    for line in ("removed .checkpoint-6.tmp-abc1_x9z", "removed .summary.json.tmp-k2j3h4g5",
+                 "removed .checkpoint-2.deleting-77aa",
                  "restored adapter (its replacement was interrupted before it landed)"):
         assert any(line in entry for entry in log), (line, log)
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".fusetune-lock"]
+    left = {p.name for p in out.iterdir() if p.name.startswith(".")}
+    assert left == {".fusetune-lock", *mine} and all((out / n).read_text() == t for n, t in mine.items())
 
 
 # --- the disk, the lock, the model source ---------------------------------------------------------

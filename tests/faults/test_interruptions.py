@@ -37,20 +37,20 @@ def _finish_and_compare(job, config, out, reference):
     return proc
 
 
-def _kill_points(events: list[str]) -> list[list[int]]:
+def _kill_points(events: list[str], seed: int) -> list[list[int]]:
     """Each trial: one or two kills (the second in the resumed run), at random events."""
     trials = os.environ.get("FUSETUNE_FAULT_TRIALS", "3")
     if trials == "all":
         return [[k] for k in range(1, len(events) + 1)]
-    rng = random.Random()
+    rng = random.Random(seed)
     return [[rng.randint(1, len(events)) for _ in range(rng.choice((1, 2)))] for _ in range(int(trials))]
 
 
-def test_killed_anywhere_the_run_resumes_to_the_same_adapter(job, reference):
+def test_killed_anywhere_the_run_resumes_to_the_same_adapter(job, reference, _fresh_seed):
     events = reference["events"]
     assert events.count("accumulate") == 6 and "save_file" in events and "rmtree" in events
     tried = survived = 0
-    for trial, kills in enumerate(_kill_points(events)):
+    for trial, kills in enumerate(_kill_points(events, _fresh_seed)):  # the seed is printed on a failure
         config = job.config(f"trial-{trial}.yaml", f"trial-{trial}")
         out = job.root / f"trial-{trial}"
         where = []
@@ -59,6 +59,7 @@ def test_killed_anywhere_the_run_resumes_to_the_same_adapter(job, reference):
             assert proc.returncode in (-signal.SIGKILL, 0), proc.stdout + proc.stderr
             where.append(f"{events[at - 1]}#{at}" if proc.returncode else f"#{at} (finished first)")
         tried += 1
+        print(f"trial {trial}: killed at {where}; finishing")  # shown with a failure below
         _finish_and_compare(job, config, out, reference)
         survived += 1
         print(f"trial {trial}: killed at {', '.join(where)}: the final adapter is bit-identical")
@@ -71,11 +72,20 @@ def test_ctrl_c_saves_a_checkpoint_at_the_next_step(job, reference):
     out = job.root / "ctrl-c"
     proc = job.run(config, "--at", "step:3", "--how", "int")
     assert proc.returncode == 130, proc.stdout + proc.stderr
-    assert f"stopped by SIGINT at step 3 of 6; saved {out / 'checkpoint-3'}: run the same command again to resume" \
-           in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    assert "SIGINT: stopping after this step with a checkpoint" in proc.stdout
+    assert f"stopped by SIGINT after step 3 of 6, before writing the results; saved {out / 'checkpoint-3'}: run " \
+           f"the same command again to resume from it" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     proc = _finish_and_compare(job, config, out, reference)
     assert "resumed from" in proc.stdout and "checkpoint-3 (step 3 of 6)" in proc.stdout
+    assert "micro-batch: 2 (training.micro_batch_size)" in proc.stdout
+    # Ctrl-C in the last step: the final checkpoint, no results; the rerun writes them
+    config = job.config("ctrl-c-last.yaml", "ctrl-c-last", training={"micro_batch_size": "auto"})
+    out = job.root / "ctrl-c-last"
+    proc = job.run(config, "--at", "step:6", "--how", "int")
+    assert proc.returncode == 130 and "after step 6 of 6, before writing the results" in proc.stderr, proc.stderr
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+    proc = job.run(config)  # auto: the micro-batch of the run it resumes (the whole batch of 4 on a CPU)
+    assert proc.returncode == 0 and (out / "summary.json").is_file(), proc.stdout + proc.stderr
+    assert "micro-batch: 4 (as in the run it resumes, so the result is the same bit for bit)" in proc.stdout
 
 
 def test_a_second_ctrl_c_stops_at_once(job, reference):
@@ -83,6 +93,6 @@ def test_a_second_ctrl_c_stops_at_once(job, reference):
     out = job.root / "ctrl-c-twice"
     proc = job.run(config, "--at", "step:4", "--how", "int-twice")
     assert proc.returncode == 130, proc.stdout + proc.stderr
-    assert "stopped at once (Ctrl-C)" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "stopped at once (SIGINT)" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # step 4 was lost, step 2 kept
     _finish_and_compare(job, config, out, reference)

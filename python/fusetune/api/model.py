@@ -189,7 +189,9 @@ class FastLanguageModel:
             common["gguf_file"] = gguf_file
         with model_source_errors(model_name):
             config = AutoConfig.from_pretrained(model_name, **common)
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_name, **common)
+        if tokenizer is None:
+            with model_source_errors(model_name, "tokenizer"):
+                tokenizer = AutoTokenizer.from_pretrained(model_name, **common)
         rope_scaling = rope_scaling or _rope_scaling_for(config, max_seq_length, named)
         if rope_scaling is not None:
             _scale_rope(config, rope_scaling)
@@ -205,7 +207,7 @@ class FastLanguageModel:
                                                              device_map=device_map, quantization_config=quantization,
                                                              **common, **kwargs)
         model.max_seq_length = max_seq_length
-        model.config._name_or_path = named  # not a resolved package path or a temporary folder
+        model.name_or_path = model.config._name_or_path = named  # not a package's path or a temporary folder
         if not full_finetuning:
             model.requires_grad_(False)
         if tokenizer.pad_token is None:

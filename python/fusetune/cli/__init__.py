@@ -36,9 +36,9 @@ def _cmd_train(args) -> int:
     except TrainingInterrupted as err:
         print(f"fusetune train: {err}", file=sys.stderr)
         return INTERRUPTED
-    except KeyboardInterrupt:
-        print("\nfusetune train: stopped at once (Ctrl-C); what was saved is intact: the same command resumes from "
-              "the newest checkpoint", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"\nfusetune train: stopped at once ({err or 'SIGINT'}); the saves that completed are intact, and the "
+              f"same command resumes from the newest checkpoint if one was written", file=sys.stderr)
         return INTERRUPTED
     return 0
 

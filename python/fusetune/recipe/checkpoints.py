@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -26,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from fusetune.atomic import FULL_DISK, atomic_directory, recover_interrupted_saves, remove_directory
+from fusetune.atomic import atomic_directory, no_room, recover_interrupted_saves, remove_directory
 from fusetune.recipe.config import ConfigError, TrainConfig
 
 PREFIX = "checkpoint-"
 STATE = "state.json"
-FORMAT = 2  # 1: optimizer.pt (pickled; fusetune <= 0.1 before checksums)
+FORMAT = 2  # the layout above; the checkpoints of earlier versions (a pickled optimizer.pt) have none
 NOT_IN_FINGERPRINT = {"model.trust_remote_code", "data.path", "data.eval_prompts", "data.max_new_tokens",
                       "training.micro_batch_size", "training.logging_steps", "training.save_steps",
                       "training.save_total_limit", "training.resume"}
@@ -40,13 +42,15 @@ RESULTS = ("adapter", "merged", "gguf", "loss.png", "summary.json")
 
 
 LOCK = ".fusetune-lock"
+# what a run writes at the top of its output folder (what atomic.recover_interrupted_saves may tidy)
+OUTPUT_NAMES = r"checkpoint-\d+|adapter|merged|gguf|summary\.json|loss\.png"
 
 
 @contextlib.contextmanager
 def claimed_output_dir(path: Path, log):
-    """The output folder, checked before any model loads: a folder (not a file), writable, with
-    room, used by no other `fusetune train` (a lock held while this one runs); what a crashed save
-    left there is cleaned up (atomic.recover_interrupted_saves)."""
+    """The output folder, checked before any model loads: a folder (not a file) where a file can be
+    written, used by no other `fusetune train` (a lock held while this one runs); what a crashed
+    save left there is cleaned up (atomic.recover_interrupted_saves)."""
     if path.exists() and not path.is_dir():
         raise ConfigError(f"output.dir {str(path)!r} is a file: choose a folder (it is created if missing)")
     try:
@@ -56,18 +60,17 @@ def claimed_output_dir(path: Path, log):
             probe.flush()
             os.fsync(probe.fileno())
     except OSError as err:
-        why = "its disk is full" if err.errno in FULL_DISK else err.strerror or str(err)
-        raise ConfigError(f"output.dir {str(path)!r} cannot be written ({why}): choose another folder, or make it "
-                          f"writable") from err
+        room = no_room(err)
+        why = f"{room[0]}; {room[1]}" if room else f"{err.strerror or err}; choose another folder, or make it writable"
+        raise ConfigError(f"output.dir {str(path)!r} cannot be written: {why}") from err
     with open(path / LOCK, "a+") as lock:
         try:
-            import fcntl
-        except ImportError:  # Windows: no advisory lock
-            fcntl = None
-        if fcntl is not None:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                log(f"note: {path} cannot be locked here ({err.strerror}, e.g. a network file system): nothing stops "
+                    f"a second run from writing there at the same time")
+            else:
                 lock.seek(0)
                 raise ConfigError(f"another fusetune train (pid {lock.read().strip() or '?'}) is writing to "
                                   f"{path}: wait for it to finish, or choose another output.dir") from err
@@ -75,18 +78,22 @@ def claimed_output_dir(path: Path, log):
         lock.truncate()
         lock.write(str(os.getpid()))
         lock.flush()
-        for line in recover_interrupted_saves(path):
+        for line in recover_interrupted_saves(path, OUTPUT_NAMES):
             log(f"{path}: {line}")
         yield path
 
 
-def fingerprint(config: TrainConfig, examples: list[dict]) -> dict:
+def fingerprint(config: TrainConfig, examples: list[dict], dtype: str, device: str) -> dict:
     """The settings a checkpoint must share with this run to continue it exactly, as
-    {"section.key": value}, plus "data.tokens": the count and a digest of the tokenized rows."""
+    {"section.key": value}, plus "data.tokens" (the count and a digest of the tokenized rows) and
+    the dtype and device type the config resolved to (auto means another on another machine)."""
     flat = {f"{section}.{key}": value for section, values in dataclasses.asdict(config).items()
             if section != "output" for key, value in values.items()}
-    digest = hashlib.sha256(json.dumps([[e["input_ids"], e["labels"]] for e in examples]).encode()).hexdigest()
-    flat["data.tokens"] = f"{len(examples)} rows, sha256 {digest[:16]}"
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([e["input_ids"], e["labels"]]).encode())
+    flat["data.tokens"] = f"{len(examples)} rows, sha256 {digest.hexdigest()[:16]}"
+    flat["run.dtype"], flat["run.device"] = dtype, device
     return {k: v for k, v in flat.items() if k not in NOT_IN_FINGERPRINT}
 
 
@@ -134,15 +141,19 @@ def problem(path: Path) -> str | None:
     except ConfigError as err:
         return str(err)
     if state.get("format") != FORMAT:
-        return f"{path} was written by another version of fusetune (format {state.get('format', 1)})"
-    for name, expected in state["files"].items():
-        file = path / name
-        if not file.is_file():
-            return f"{file} is missing"
-        if file.stat().st_size != expected["bytes"]:
-            return f"{file} has {file.stat().st_size} bytes, not the {expected['bytes']} written (truncated?)"
-        if _sha256(file) != expected["sha256"]:
-            return f"{file} does not match its checksum (corrupted)"
+        return f"{path} was written by another version of fusetune (format {state.get('format')})"
+    try:
+        for name, expected in state["files"].items():
+            file = path / name
+            if not file.is_file():
+                return f"{file} is missing"
+            if file.stat().st_size != expected["bytes"]:
+                return f"{file} has {file.stat().st_size} bytes, not the {expected['bytes']} written (truncated?)"
+            if _sha256(file) != expected["sha256"]:
+                return f"{file} does not match its checksum (corrupted)"
+        int(state["step"]), dict(state["fingerprint"]), state["extra"]["dict"]
+    except (KeyError, TypeError, ValueError) as err:
+        return f"{path / STATE} is not a fusetune checkpoint's state ({type(err).__name__}: {err}; changed by hand?)"
     return None
 
 
@@ -218,8 +229,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     return state
 
 
-def _set_aside(output_dir: Path, entries: list[Path], log) -> None:
-    """An earlier run's checkpoints and results go to output_dir/previous-N/ (kept, out of this run's way)."""
+def _set_aside(output_dir: Path, entries: list[Path], why: str, log) -> None:
+    """Entries go to output_dir/previous-N/ (kept, out of this run's way)."""
     n = 1
     while (output_dir / f"previous-{n}").exists():
         n += 1
@@ -227,7 +238,7 @@ def _set_aside(output_dir: Path, entries: list[Path], log) -> None:
     aside.mkdir()
     for path in entries:
         path.rename(aside / path.name)
-    log(f"the earlier run's {', '.join(p.name for p in entries)} are kept in {aside}")
+    log(f"{why} ({', '.join(p.name for p in entries)}) kept in {aside}")
 
 
 def resume_point(output_dir: Path, resume: bool | str, now: dict, log) -> Path | None:
@@ -256,12 +267,12 @@ def resume_point(output_dir: Path, resume: bool | str, now: dict, log) -> Path |
                               f"Restore them to resume, set training.resume: false to start over (its checkpoints "
                               f"are kept aside), or choose another output.dir")
         if skipped:
-            _set_aside(output_dir, skipped, log)
+            _set_aside(output_dir, skipped, "the checkpoints that cannot be resumed from", log)
         return intact
     if finished:
         log(f"{output_dir} holds a finished run (summary.json): training again from the start")
     elif resume is False and (found or results):
         log("training.resume is false: starting over")
     if found or results:
-        _set_aside(output_dir, found + results, log)
+        _set_aside(output_dir, found + results, "the earlier run's results and checkpoints", log)
     return None

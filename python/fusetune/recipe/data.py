@@ -25,12 +25,12 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 
 def _decode(raw: bytes, path: str) -> str:
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # -sig: Excel's "CSV UTF-8" and Notepad start with a byte-order mark
     except UnicodeDecodeError as err:
         line = raw[:err.start].count(b"\n") + 1
         raise ConfigError(f"data.path {path!r} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}): save "
-                          f"it as UTF-8, e.g. iconv -f cp949 -t utf-8 {path} > fixed{Path(path).suffix} for a "
-                          f"Korean Windows file") from err
+                          f"it as UTF-8, e.g. iconv -f cp949 -t utf-8 {path} > fixed{Path(path).suffix} (cp949: "
+                          f"Korean Windows; name your file's encoding)") from err
 
 
 def _parse(text: str, path: str, suffix: str) -> list:
@@ -53,7 +53,12 @@ def _parse(text: str, path: str, suffix: str) -> list:
     except json.JSONDecodeError as err:
         raise ConfigError(f"data.path {path!r}: not valid JSON ({err})") from err
     if suffix == ".csv":
-        return list(csv.DictReader(text.splitlines()))
+        reader = csv.DictReader(text.splitlines())
+        try:
+            return list(reader)
+        except csv.Error as err:
+            raise ConfigError(f"data.path {path!r}: line {reader.line_num} is not valid CSV ({err}); a text over "
+                              f"{csv.field_size_limit()} characters in one field reads better from .jsonl") from err
     raise ConfigError(f"data.path {path!r}: unknown file type {suffix!r} (use .jsonl, .json, .csv or .parquet)")
 
 

@@ -100,24 +100,29 @@ class TrainingInterrupted(Exception):
     """The run stopped on request (Ctrl-C, SIGTERM) at a step boundary, after saving a checkpoint."""
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second Ctrl-C (or SIGTERM) while the run was finishing its step."""
+
+
 class StopRequests:
     """Ctrl-C (or SIGTERM, as a scheduler sends before preempting) asks the loop to stop at the next
-    step boundary, where it saves a checkpoint; a second Ctrl-C stops at once."""
+    step boundary, where it saves a checkpoint; a second one stops at once. The handler only
+    records the signal (printing from a signal handler can break an interrupted write)."""
 
-    def __init__(self, log):
-        self.log, self.signal, self._previous = log, None, {}
+    def __init__(self):
+        self.signal, self._previous = None, {}
 
     def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
         if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-        self.log(f"\n{self.signal}: stopping after this step with a checkpoint (press Ctrl-C again to stop now, "
-                 f"losing this step)")
+            raise StoppedAtOnce(name)
+        self.signal = name
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # a job started with the signal ignored keeps it so
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc):
@@ -183,11 +188,13 @@ def train_loop(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, ou
     run_tokens, run_seconds = 0, 0.0  # this process's training steps only (not loading, not saving)
     warned = False
 
+    state["micro_batch"] = micro_batch  # a resumed run with micro_batch_size auto takes the same (bit for bit)
+
     def save():
         return save_checkpoint(output_dir, model, optimizer, scheduler, state, cfg.save_total_limit)
 
     try:
-        with StopRequests(log) as stop:
+        with StopRequests() as stop:
             while state["step"] < steps:
                 start = time.perf_counter()
                 batch = [examples[i] for i in sample_indices(len(examples), cfg.seed, state["consumed"],
@@ -214,9 +221,13 @@ def train_loop(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, ou
                 rate = run_tokens / run_seconds
                 progress.update(state["step"], steps, {"loss": f"{loss:.4f}", "tok/s": f"{rate:,.0f}",
                                                        "lr": f"{lr:.2e}", "mem": f"{peak_bytes(device) / 2**30:.2f}GiB"})
-                if stop.signal is not None and state["step"] < steps:
-                    raise TrainingInterrupted(f"stopped by {stop.signal} at step {state['step']} of {steps}; saved "
-                                              f"{save()}: run the same command again to resume from it")
+                if stop.signal is not None:
+                    saved = save()
+                    rerun = ("set training.resume: auto (it is false) and run the same command" if cfg.resume is False
+                             else "run the same command again")
+                    raise TrainingInterrupted(
+                        f"stopped by {stop.signal} after step {state['step']} of {steps}, before writing the results; "
+                        f"saved {saved}: {rerun} to resume from it")
                 if cfg.save_steps and state["step"] % cfg.save_steps == 0 and state["step"] < steps:
                     save()
     except torch.cuda.OutOfMemoryError as err:

@@ -13,7 +13,7 @@ from fusetune.api import FastLanguageModel, get_chat_template, save_merged
 from fusetune.api.gguf import check_exportable, check_method, save_gguf
 from fusetune.api.loading import default_dtype, load_tokenizer
 from fusetune.atomic import atomic_write
-from fusetune.recipe.checkpoints import claimed_output_dir, fingerprint, resume_point
+from fusetune.recipe.checkpoints import claimed_output_dir, fingerprint, read_state, resume_point
 from fusetune.recipe.config import TrainConfig
 from fusetune.recipe.data import check_rows, read_rows, tokenize_rows
 from fusetune.recipe.loop import pick_micro_batch, train_loop
@@ -85,11 +85,11 @@ def run_train(config: TrainConfig, log=print) -> dict:
             get_chat_template(tokenizer, m.chat_template)
         examples = tokenize_rows(rows, tokenizer, m.max_seq_length, config.data.train_on_responses_only)
         lengths = [len(e["input_ids"]) for e in examples]
-        dropped = f" ({len(rows) - len(examples)} rows dropped: no reply within max_seq_length)" if len(rows) > len(
-            examples) else ""
+        dropped = (f" ({len(rows) - len(examples)} rows dropped: no answer to learn within max_seq_length)"
+                   if len(rows) > len(examples) else "")
         log(f"data: {len(examples)} conversations from {config.data.path}, {min(lengths)}-{max(lengths)} tokens, "
             f"{'assistant replies only' if config.data.train_on_responses_only else 'all tokens'} in the loss{dropped}")
-        run = fingerprint(config, examples)
+        run = fingerprint(config, examples, str(dtype).removeprefix("torch."), device.type)
         resume_from = resume_point(out, t.resume, run, log)
         model, tokenizer = FastLanguageModel.from_pretrained(m.name, max_seq_length=m.max_seq_length, dtype=dtype,
                                                              load_in_4bit=m.load_in_4bit, gguf_file=m.gguf_file,
@@ -110,7 +110,11 @@ def run_train(config: TrainConfig, log=print) -> dict:
             f"loaded in {time.perf_counter() - started:.0f} s")
         prompts = config.data.eval_prompts
         before = answer(model, tokenizer, prompts, config.data.max_new_tokens) if prompts else []
-        micro = pick_micro_batch(model, examples, tokenizer.pad_token_id, t, device, log)
+        micro = read_state(resume_from).get("micro_batch") if resume_from and t.micro_batch_size == "auto" else None
+        if micro:
+            log(f"micro-batch: {micro} (as in the run it resumes, so the result is the same bit for bit)")
+        else:
+            micro = pick_micro_batch(model, examples, tokenizer.pad_token_id, t, device, log)
         record = train_loop(model, examples, tokenizer.pad_token_id, t, out, device, micro, log, fingerprint=run,
                             resume_from=resume_from)
         losses = record["losses"]
