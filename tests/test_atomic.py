@@ -52,3 +52,37 @@ def test_a_folder_without_a_save_or_a_file_is_refused(tmp_path):
         with pytest.raises(FileExistsError, match="holds no earlier model save"):
             with atomic_directory(target):
                 pass
+
+
+def test_a_failed_rename_puts_the_earlier_save_back(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from fusetune.atomic import SaveError
+
+    target = tmp_path / "model"
+    with atomic_directory(target) as tmp:
+        _write(tmp, **{"config.json": "first"})
+    real = Path.rename
+
+    def failing(self, to):
+        if self.name.startswith(".model.tmp-"):
+            raise OSError(5, "Input/output error")
+        return real(self, to)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(SaveError, match="could not write .*model: Input/output error; .* nothing at .* was replaced"):
+        with atomic_directory(target) as tmp:
+            _write(tmp, **{"config.json": "second"})
+    assert (target / "config.json").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_a_save_cleans_what_a_crash_left_of_its_target_and_nothing_else(tmp_path):
+    target = tmp_path / "model"
+    _write(tmp_path / ".model.tmp-abcd1234", **{"config.json": "half"})
+    _write(tmp_path / ".model.old-1f2e", **{"config.json": "earlier"})  # moved aside; the new one never landed
+    _write(tmp_path, **{".other.tmp-abcd1234": "not ours", ".model.tmp-notes": "the user's"})
+    with atomic_directory(target) as tmp:
+        _write(tmp, **{"config.json": "new"})
+    assert (target / "config.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.tmp-notes", ".other.tmp-abcd1234", "model"]

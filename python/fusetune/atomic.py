@@ -142,6 +142,7 @@ def atomic_directory(target: str | os.PathLike):
                               f"delete them: choose a new or empty directory")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        recover_interrupted_saves(target.parent, re.escape(target.name))  # what an earlier crash left of it
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP}", dir=target.parent))
     except OSError as err:
         raise save_error(target, err) from err
