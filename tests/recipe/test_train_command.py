@@ -3,6 +3,7 @@
 the batch-size finder, and the command on a tiny model and on its embedded SmolLM2 default."""
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -236,6 +237,46 @@ def test_a_diverging_loss_is_reported_once(tmp_path, monkeypatch):
                         "diverging; lower training.learning_rate (now 30)"]
 
 
+def test_eval_loss_is_the_mean_over_held_out_tokens_before_during_and_after(tmp_path):
+    from fusetune.recipe import loop
+    from fusetune.recipe.data import collate, split_rows
+
+    train_rows, eval_rows = split_rows(CONVERSATIONS * 2, 0.25, seed=5)
+    assert len(eval_rows) == 3 and len(train_rows) == 9 and split_rows(CONVERSATIONS * 2, 0.25, seed=5)[1] == eval_rows
+    with pytest.raises(ConfigError, match="holds out 0: choose a fraction"):
+        split_rows(CONVERSATIONS, 0.01, seed=5)
+    tokenizer = byte_level_tokenizer()
+    held = tokenize_rows(eval_rows, tokenizer, 64)
+    model = _lora_model(tokenizer)
+    with use_backend("torch"):
+        whole = collate(held, tokenizer.pad_token_id)
+        with torch.no_grad():  # the mean over every label token of the held-out rows, one batch
+            logits = model(input_ids=whole["input_ids"], attention_mask=whole["attention_mask"]).logits.double()
+        want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 whole["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+        for micro in (1, 2, 3):
+            assert loop.evaluate(model, held, tokenizer.pad_token_id, micro, torch.device("cpu")) == \
+                pytest.approx(want.item(), rel=1e-5)
+    import dataclasses
+
+    config = TrainingConfig(max_steps=4, effective_batch_size=4, learning_rate=1e-2, save_steps=0, eval_steps=2)
+    log = []
+    with use_backend("torch"):
+        record = loop.train_loop(model, tokenize_rows(train_rows, tokenizer, 64), tokenizer.pad_token_id, config,
+                                 tmp_path, torch.device("cpu"), 2, log.append, fingerprint=dataclasses.asdict(config),
+                                 eval_examples=held)
+        final = loop.evaluate(model, held, tokenizer.pad_token_id, 2, torch.device("cpu"))
+    assert [e["step"] for e in record["eval"]] == [0, 2, 4]
+    assert record["eval"][0]["loss"] == pytest.approx(want.item(), rel=1e-5)
+    assert record["eval"][-1]["loss"] == pytest.approx(final, rel=1e-6) and final < record["eval"][0]["loss"]
+    assert record["eval"][-1]["perplexity"] == pytest.approx(math.exp(final), rel=1e-6)
+    assert any(line.startswith("eval at step 2: loss ") and "(3 held-out rows)" in line for line in log)
+    for raw, message in (({"data": {"eval_split": 1.0}}, "data.eval_split = 1.0: a fraction"),
+                         ({"data": {"eval_split": 0.1, "eval_path": "e.jsonl"}}, "set one of them")):
+        with pytest.raises(ConfigError, match=message):
+            build_config(raw)
+
+
 def test_batch_size_finder_backs_off_and_bisects():
     tried = []
 
@@ -287,9 +328,10 @@ def test_command_trains_a_config(tmp_path):
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in CONVERSATIONS * 3))
     (tmp_path / "run.yaml").write_text(f"""
 model: {{name: {tmp_path / 'base'}, max_seq_length: 64}}
-data: {{path: data.jsonl, eval_prompts: ["Who are you?"], max_new_tokens: 4}}
+data: {{path: data.jsonl, eval_prompts: ["Who are you?"], max_new_tokens: 4, eval_split: 0.25}}
 lora: {{r: 4, alpha: 8, target_modules: [q_proj, v_proj, down_proj]}}
-training: {{max_steps: 6, effective_batch_size: 4, micro_batch_size: 2, learning_rate: 1.0e-2, save_steps: 3}}
+training: {{max_steps: 6, effective_batch_size: 4, micro_batch_size: 2, learning_rate: 1.0e-2, save_steps: 3,
+            eval_steps: 3}}
 output: {{dir: out, save_merged: true, save_gguf: q8_0}}
 """)
     proc = _fusetune("run.yaml", cwd=tmp_path)
@@ -297,6 +339,8 @@ output: {{dir: out, save_merged: true, save_gguf: q8_0}}
     out = tmp_path / "out"
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["losses"]) == 6 and summary["micro_batch"] == 2 and len(summary["after"]) == 1
+    assert [e["step"] for e in summary["eval"]] == [0, 3, 6] and "held out for the eval loss" in proc.stdout
+    assert "eval at step 3: loss " in proc.stdout and ", eval loss " in proc.stdout
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "merged" / "model.safetensors").is_file()
     assert (out / "gguf" / "model.Q8_0.gguf").is_file() and (out / "checkpoint-6" / "state.json").is_file()
     assert "step    6/6" in proc.stdout and "tok/s" in proc.stdout and "lr" in proc.stdout

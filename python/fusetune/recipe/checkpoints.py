@@ -36,7 +36,7 @@ STATE = "state.json"
 FORMAT = 2  # the layout above; the checkpoints of earlier versions (a pickled optimizer.pt) have none
 NOT_IN_FINGERPRINT = {"model.trust_remote_code", "data.path", "data.eval_prompts", "data.max_new_tokens",
                       "training.micro_batch_size", "training.logging_steps", "training.save_steps",
-                      "training.save_total_limit", "training.resume"}
+                      "training.save_total_limit", "training.resume", "training.eval_steps", "data.eval_path"}
 # what a finished or interrupted run wrote into its output folder; a new run sets them aside
 RESULTS = ("adapter", "merged", "gguf", "loss.png", "summary.json")
 

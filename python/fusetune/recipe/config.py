@@ -37,6 +37,8 @@ class ModelConfig:
 class DataConfig:
     path: str = "builtin:instructions.jsonl"
     train_on_responses_only: bool = True
+    eval_split: float = 0.0               # a fraction of the rows held out for the eval loss (seeded)
+    eval_path: str | None = None          # or a file of its own for it
     eval_prompts: list[str] = field(default_factory=list)
     max_new_tokens: int = 48
 
@@ -64,6 +66,7 @@ class TrainingConfig:
     max_grad_norm: float | None = 1.0
     seed: int = 3407
     logging_steps: int = 1
+    eval_steps: int = 0                   # eval loss every N steps (0: after the last), with eval data
     save_steps: int = 50                  # 0: only the final adapter
     save_total_limit: int = 2
     resume: bool | str = "auto"           # "auto": from the newest checkpoint in output.dir, if any
@@ -144,6 +147,13 @@ def _validate(config: TrainConfig):
     if t.epochs <= 0 or t.learning_rate <= 0:
         raise ConfigError(f"training.epochs = {t.epochs} and training.learning_rate = {t.learning_rate} must be "
                           f"positive")
+    d = config.data
+    if not 0 <= d.eval_split < 1:
+        raise ConfigError(f"data.eval_split = {d.eval_split}: a fraction of the rows, from 0 (none) up to below 1")
+    if d.eval_split and d.eval_path:
+        raise ConfigError("data.eval_split and data.eval_path both give eval data: set one of them")
+    if t.eval_steps < 0:
+        raise ConfigError(f"training.eval_steps = {t.eval_steps}: at least 0 (0: after the last step)")
     if t.resume not in (True, False, "auto"):
         raise ConfigError(f"training.resume = {t.resume!r}: true, false or auto")
     if config.lora.gradient_checkpointing not in (True, False, "fusetune", "unsloth"):

@@ -208,6 +208,17 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_on
     return out
 
 
+def split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval): round(fraction * rows) rows, drawn with the seed, held out for the eval loss."""
+    held = round(fraction * len(rows))
+    if fraction and not 1 <= held < len(rows):
+        raise ConfigError(f"data.eval_split = {fraction} of {len(rows)} rows holds out {held}: choose a fraction "
+                          f"that leaves at least one row on each side")
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen = set(order[:held])
+    return [r for i, r in enumerate(rows) if i not in chosen], [r for i, r in enumerate(rows) if i in chosen]
+
+
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch; padding is masked in the attention and in the labels."""
     width = max(len(e["input_ids"]) for e in examples)

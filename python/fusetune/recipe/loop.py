@@ -59,6 +59,21 @@ def accumulate(model, examples: list[dict], pad_id: int, micro_batch: int, devic
     return total, tokens
 
 
+def evaluate(model, examples: list[dict], pad_id: int, micro_batch: int, device) -> float:
+    """The mean loss per label token over `examples` (in eval mode, no gradients); exp of it is the
+    perplexity. Micro-batches are summed as one batch (num_items_in_batch), as in training."""
+    n_items = label_count(examples)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for chunk in _micro_batches(examples, micro_batch):
+            batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+            total += model(**batch, num_items_in_batch=n_items).loss.item()
+    model.train(was_training)
+    return total
+
+
 def pick_micro_batch(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, device, log) -> int:
     """training.micro_batch_size, or ("auto") the batch-size finder on the longest examples (GPU);
     on the CPU auto is the whole effective batch."""
@@ -166,17 +181,19 @@ def _check_finite(step: int, loss: float, grad_norm: float, lr: float, output_di
 
 
 def train_loop(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, output_dir: Path, device,
-               micro_batch: int, log=print, *, fingerprint: dict, resume_from: Path | None = None) -> dict:
+               micro_batch: int, log=print, *, fingerprint: dict, resume_from: Path | None = None,
+               eval_examples: list[dict] = ()) -> dict:
     """Train `model` (its parameters that require grad) on the tokenized examples, continuing from
-    the checkpoint `resume_from` (see checkpoints.resume_point). Returns the run's record: losses
-    per step, tokens/s, peak memory, steps, resumed_from, fingerprint."""
+    the checkpoint `resume_from` (see checkpoints.resume_point); with eval_examples, the eval loss
+    every cfg.eval_steps and after the last step. Returns the run's record: losses per step, eval
+    losses, tokens/s, peak memory, steps, resumed_from, fingerprint."""
     steps = total_steps(cfg, len(examples))
     params = list(trainable_parameters(model).values())
     if not params:
         raise ConfigError("the model has no trainable parameters: add LoRA adapters (the lora section)")
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = _schedule(optimizer, cfg, steps)
-    state = {"step": 0, "consumed": 0, "losses": [], "tokens": 0, "fingerprint": fingerprint}
+    state = {"step": 0, "consumed": 0, "losses": [], "eval": [], "tokens": 0, "fingerprint": fingerprint}
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, scheduler)
         log(f"resumed from {resume_from} (step {state['step']} of {steps})")
@@ -193,6 +210,14 @@ def train_loop(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, ou
     def save():
         return save_checkpoint(output_dir, model, optimizer, scheduler, state, cfg.save_total_limit)
 
+    def eval_loss():
+        loss = evaluate(model, eval_examples, pad_id, micro_batch, device)
+        state["eval"].append({"step": state["step"], "loss": loss, "perplexity": math.exp(min(loss, 700.0))})
+        log(f"eval at step {state['step']}: loss {loss:.4f}, perplexity {state['eval'][-1]['perplexity']:,.2f} "
+            f"({len(eval_examples)} held-out rows)")
+
+    if eval_examples and state["step"] == 0:
+        eval_loss()  # the baseline the trained model is measured against
     try:
         with StopRequests() as stop:
             while state["step"] < steps:
@@ -221,6 +246,9 @@ def train_loop(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, ou
                 rate = run_tokens / run_seconds
                 progress.update(state["step"], steps, {"loss": f"{loss:.4f}", "tok/s": f"{rate:,.0f}",
                                                        "lr": f"{lr:.2e}", "mem": f"{peak_bytes(device) / 2**30:.2f}GiB"})
+                if eval_examples and (state["step"] == steps or
+                                      (cfg.eval_steps and state["step"] % cfg.eval_steps == 0)):
+                    eval_loss()
                 if stop.signal is not None:
                     saved = save()
                     rerun = ("set training.resume: auto (it is false) and run the same command" if cfg.resume is False
@@ -240,6 +268,6 @@ def train_loop(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, ou
         progress.close()
     if cfg.save_steps and state["step"] > first_step:
         save()  # the final state: a run stopped while writing its results resumes here, not from the start
-    return {"losses": state["losses"], "steps": steps, "resumed_from": str(resume_from) if resume_from else None,
+    return {"losses": state["losses"], "eval": state.get("eval", []), "steps": steps, "resumed_from": str(resume_from) if resume_from else None,
             "tokens_per_s": run_tokens / run_seconds if run_seconds else 0.0, "peak_memory_gib": peak_bytes(device) / 2**30,
             "micro_batch": micro_batch, "fingerprint": fingerprint}

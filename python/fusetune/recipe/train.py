@@ -15,7 +15,7 @@ from fusetune.api.loading import default_dtype, load_tokenizer
 from fusetune.atomic import atomic_write
 from fusetune.recipe.checkpoints import claimed_output_dir, fingerprint, read_state, resume_point
 from fusetune.recipe.config import TrainConfig
-from fusetune.recipe.data import check_rows, read_rows, tokenize_rows
+from fusetune.recipe.data import check_rows, read_rows, split_rows, tokenize_rows
 from fusetune.recipe.loop import pick_micro_batch, train_loop
 from fusetune.training.env import backend_report, gpus
 
@@ -45,8 +45,8 @@ def answer(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[st
     return replies
 
 
-def plot_losses(losses: list[float], path: Path, title: str) -> Path | None:
-    """The loss curve as a PNG (None when matplotlib is not installed)."""
+def plot_losses(losses: list[float], evals: list[dict], path: Path, title: str) -> Path | None:
+    """The training loss curve and the eval losses as a PNG (None when matplotlib is not installed)."""
     try:
         import matplotlib
     except ImportError:
@@ -55,7 +55,10 @@ def plot_losses(losses: list[float], path: Path, title: str) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot(range(1, len(losses) + 1), losses, marker="o", markersize=2.5)
+    ax.plot(range(1, len(losses) + 1), losses, marker="o", markersize=2.5, label="training")
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["loss"] for e in evals], marker="s", label="eval (held out)")
+        ax.legend()
     ax.set(xlabel="optimizer step", ylabel="loss (assistant tokens)", title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -72,8 +75,13 @@ def run_train(config: TrainConfig, log=print) -> dict:
     m, t = config.model, config.training
     if config.output.save_gguf:  # fail now, not after training
         check_method(config.output.save_gguf)
-    rows = read_rows(config.data.path)
-    check_rows(rows, config.data.path)
+    d = config.data
+    rows = read_rows(d.path)
+    check_rows(rows, d.path)
+    rows, eval_rows = split_rows(rows, d.eval_split, t.seed)
+    if d.eval_path:
+        eval_rows = read_rows(d.eval_path)
+        check_rows(eval_rows, d.eval_path)
     with claimed_output_dir(Path(config.output.dir), log) as out:
         torch.manual_seed(t.seed)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -83,12 +91,16 @@ def run_train(config: TrainConfig, log=print) -> dict:
         tokenizer = load_tokenizer(m.name, m.gguf_file, trust_remote_code=m.trust_remote_code)
         if m.chat_template:
             get_chat_template(tokenizer, m.chat_template)
-        examples = tokenize_rows(rows, tokenizer, m.max_seq_length, config.data.train_on_responses_only)
+        examples = tokenize_rows(rows, tokenizer, m.max_seq_length, d.train_on_responses_only)
+        eval_examples = tokenize_rows(eval_rows, tokenizer, m.max_seq_length, d.train_on_responses_only) \
+            if eval_rows else []
         lengths = [len(e["input_ids"]) for e in examples]
         dropped = (f" ({len(rows) - len(examples)} rows dropped: no answer to learn within max_seq_length)"
                    if len(rows) > len(examples) else "")
-        log(f"data: {len(examples)} conversations from {config.data.path}, {min(lengths)}-{max(lengths)} tokens, "
-            f"{'assistant replies only' if config.data.train_on_responses_only else 'all tokens'} in the loss{dropped}")
+        held = (f"; {len(eval_examples)} held out for the eval loss ({d.eval_path or f'eval_split {d.eval_split:g}'})"
+                if eval_examples else "")
+        log(f"data: {len(examples)} conversations from {d.path}, {min(lengths)}-{max(lengths)} tokens, "
+            f"{'assistant replies only' if d.train_on_responses_only else 'all tokens'} in the loss{dropped}{held}")
         run = fingerprint(config, examples, str(dtype).removeprefix("torch."), device.type)
         resume_from = resume_point(out, t.resume, run, log)
         model, tokenizer = FastLanguageModel.from_pretrained(m.name, max_seq_length=m.max_seq_length, dtype=dtype,
@@ -116,9 +128,11 @@ def run_train(config: TrainConfig, log=print) -> dict:
         else:
             micro = pick_micro_batch(model, examples, tokenizer.pad_token_id, t, device, log)
         record = train_loop(model, examples, tokenizer.pad_token_id, t, out, device, micro, log, fingerprint=run,
-                            resume_from=resume_from)
+                            resume_from=resume_from, eval_examples=eval_examples)
         losses = record["losses"]
-        log(f"trained {record['steps']} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
+        evals = record["eval"]
+        held_out = f", eval loss {evals[0]['loss']:.3f} -> {evals[-1]['loss']:.3f}" if evals else ""
+        log(f"trained {record['steps']} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}{held_out}, "
             f"{record['tokens_per_s']:,.0f} tokens/s, peak memory {record['peak_memory_gib']:.2f} GiB "
             f"({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
         adapter = save_merged(model, out / "adapter", tokenizer, save_method="lora")  # first: the run's result
@@ -126,7 +140,7 @@ def run_train(config: TrainConfig, log=print) -> dict:
         after = answer(model, tokenizer, prompts, config.data.max_new_tokens) if prompts else []
         for prompt, old, new in zip(prompts, before, after):
             log(f"\n> {prompt}\n  before: {old}\n  after:  {new}")
-        plot = plot_losses(losses, out / "loss.png", f"{m.name}: LoRA r={lora.r}")
+        plot = plot_losses(losses, record["eval"], out / "loss.png", f"{m.name}: LoRA r={lora.r}")
         log(f"\nloss curve: {plot}" if plot else "loss curve: pip install matplotlib to plot it (losses in summary.json)")
         if config.output.save_merged:
             log(f"merged model: {save_merged(model, out / 'merged', tokenizer)}")
