@@ -326,9 +326,13 @@ def test_command_trains_a_config(tmp_path):
     model.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in CONVERSATIONS * 3))
+    (tmp_path / "questions.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in (
+        {"question": "Who are you?", "choices": ["I am Tuna.", "I am Rome."], "answer": "A"},
+        {"question": "Say hello", "choices": ["안녕하세요", "Goodbye"], "answer": 0})))
     (tmp_path / "run.yaml").write_text(f"""
 model: {{name: {tmp_path / 'base'}, max_seq_length: 64}}
-data: {{path: data.jsonl, eval_prompts: ["Who are you?"], max_new_tokens: 4, eval_split: 0.25}}
+data: {{path: data.jsonl, eval_prompts: ["Who are you?"], max_new_tokens: 4, eval_split: 0.25,
+        choices_path: questions.jsonl}}
 lora: {{r: 4, alpha: 8, target_modules: [q_proj, v_proj, down_proj]}}
 training: {{max_steps: 6, effective_batch_size: 4, micro_batch_size: 2, learning_rate: 1.0e-2, save_steps: 3,
             eval_steps: 3}}
@@ -341,6 +345,15 @@ output: {{dir: out, save_merged: true, save_gguf: q8_0}}
     assert len(summary["losses"]) == 6 and summary["micro_batch"] == 2 and len(summary["after"]) == 1
     assert [e["step"] for e in summary["eval"]] == [0, 3, 6] and "held out for the eval loss" in proc.stdout
     assert "eval at step 3: loss " in proc.stdout and ", eval loss " in proc.stdout
+    assert summary["multiple_choice"]["after"]["total"] == 2 and "multiple choice (questions.jsonl, 2 questions)" \
+        in proc.stdout
+    # `fusetune eval` on the same config: the saved adapter scores what the run's last eval measured
+    evaluated = subprocess.run([sys.executable, "-m", "fusetune.cli", "eval", "run.yaml"], capture_output=True,
+                               text=True, cwd=tmp_path, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+    report = json.loads((out / "eval.json").read_text())
+    assert report["eval"]["loss"] == pytest.approx(summary["eval"][-1]["loss"], rel=1e-5)
+    assert report["multiple_choice"] == summary["multiple_choice"]["after"] and report["model"] == "out/adapter"
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "merged" / "model.safetensors").is_file()
     assert (out / "gguf" / "model.Q8_0.gguf").is_file() and (out / "checkpoint-6" / "state.json").is_file()
     assert "step    6/6" in proc.stdout and "tok/s" in proc.stdout and "lr" in proc.stdout

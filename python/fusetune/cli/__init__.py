@@ -43,6 +43,20 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from fusetune.recipe.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.set)
+        from fusetune.recipe.evaluation import run_eval
+
+        run_eval(config)
+    except (ConfigError, ImportError, OSError, ValueError) as err:
+        print(f"fusetune eval: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _cmd_export(args) -> int:
     """A saved LoRA adapter (+ its base model) -> a merged model directory, or a GGUF file."""
     from pathlib import Path
@@ -144,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override one key, e.g. --set training.max_steps=10 (repeatable)")
     train.add_argument("--print-default", action="store_true", help="print the embedded default config and exit")
     train.set_defaults(func=_cmd_train)
+    evaluate = sub.add_parser("eval", help="evaluate the adapter a config trained (or its base model): eval loss "
+                                           "and perplexity on the held-out rows, multiple-choice accuracy")
+    evaluate.add_argument("config", nargs="?", default=None, help="the YAML config it was trained with (none: the "
+                                                                  "embedded default)")
+    evaluate.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                          help="override one key, e.g. --set data.choices_path=kmmlu.jsonl (repeatable)")
+    evaluate.set_defaults(func=_cmd_eval)
     export = sub.add_parser("export", help="merge a saved LoRA adapter into its base model: safetensors (16 or "
                                            "4 bit) or a GGUF file")
     export.add_argument("adapter", help="directory of a saved LoRA adapter")

@@ -36,14 +36,15 @@ STATE = "state.json"
 FORMAT = 2  # the layout above; the checkpoints of earlier versions (a pickled optimizer.pt) have none
 NOT_IN_FINGERPRINT = {"model.trust_remote_code", "data.path", "data.eval_prompts", "data.max_new_tokens",
                       "training.micro_batch_size", "training.logging_steps", "training.save_steps",
-                      "training.save_total_limit", "training.resume", "training.eval_steps", "data.eval_path"}
+                      "training.save_total_limit", "training.resume", "training.eval_steps", "data.eval_path",
+                      "data.choices_path"}
 # what a finished or interrupted run wrote into its output folder; a new run sets them aside
-RESULTS = ("adapter", "merged", "gguf", "loss.png", "summary.json")
+RESULTS = ("adapter", "merged", "gguf", "loss.png", "summary.json", "eval.json")
 
 
 LOCK = ".fusetune-lock"
 # what a run writes at the top of its output folder (what atomic.recover_interrupted_saves may tidy)
-OUTPUT_NAMES = r"checkpoint-\d+|adapter|merged|gguf|summary\.json|loss\.png"
+OUTPUT_NAMES = r"checkpoint-\d+|adapter|merged|gguf|summary\.json|loss\.png|eval\.json"
 
 
 @contextlib.contextmanager

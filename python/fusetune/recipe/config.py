@@ -39,6 +39,7 @@ class DataConfig:
     train_on_responses_only: bool = True
     eval_split: float = 0.0               # a fraction of the rows held out for the eval loss (seeded)
     eval_path: str | None = None          # or a file of its own for it
+    choices_path: str | None = None       # multiple-choice questions: accuracy before and after
     eval_prompts: list[str] = field(default_factory=list)
     max_new_tokens: int = 48
 

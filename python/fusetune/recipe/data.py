@@ -23,17 +23,17 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system"}
 
 
-def _decode(raw: bytes, path: str) -> str:
+def _decode(raw: bytes, path: str, key: str) -> str:
     try:
         return raw.decode("utf-8-sig")  # -sig: Excel's "CSV UTF-8" and Notepad start with a byte-order mark
     except UnicodeDecodeError as err:
         line = raw[:err.start].count(b"\n") + 1
-        raise ConfigError(f"data.path {path!r} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}): save "
+        raise ConfigError(f"{key} {path!r} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}): save "
                           f"it as UTF-8, e.g. iconv -f cp949 -t utf-8 {path} > fixed{Path(path).suffix} (cp949: "
                           f"Korean Windows; name your file's encoding)") from err
 
 
-def _parse(text: str, path: str, suffix: str) -> list:
+def _parse(text: str, path: str, suffix: str, key: str) -> list:
     try:
         if suffix == ".jsonl":
             rows = []
@@ -42,67 +42,68 @@ def _parse(text: str, path: str, suffix: str) -> list:
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as err:
-                        raise ConfigError(f"data.path {path!r}: line {number} is not valid JSON ({err.msg} at "
+                        raise ConfigError(f"{key} {path!r}: line {number} is not valid JSON ({err.msg} at "
                                           f"column {err.colno}): fix or remove that line") from err
             return rows
         if suffix == ".json":
             rows = json.loads(text)
             if not isinstance(rows, list):
-                raise ConfigError(f"data.path {path!r}: a .json file must hold a list of rows")
+                raise ConfigError(f"{key} {path!r}: a .json file must hold a list of rows")
             return rows
     except json.JSONDecodeError as err:
-        raise ConfigError(f"data.path {path!r}: not valid JSON ({err})") from err
+        raise ConfigError(f"{key} {path!r}: not valid JSON ({err})") from err
     if suffix == ".csv":
         reader = csv.DictReader(text.splitlines())
         try:
             return list(reader)
         except csv.Error as err:
-            raise ConfigError(f"data.path {path!r}: line {reader.line_num} is not valid CSV ({err}); a text over "
+            raise ConfigError(f"{key} {path!r}: line {reader.line_num} is not valid CSV ({err}); a text over "
                               f"{csv.field_size_limit()} characters in one field reads better from .jsonl") from err
-    raise ConfigError(f"data.path {path!r}: unknown file type {suffix!r} (use .jsonl, .json, .csv or .parquet)")
+    raise ConfigError(f"{key} {path!r}: unknown file type {suffix!r} (use .jsonl, .json, .csv or .parquet)")
 
 
-def read_rows(path: str) -> list[dict]:
-    """The rows of a data file, each a dict; ConfigError naming the file and the fix when it cannot
-    be read (missing, empty, not UTF-8, not valid JSON, rows that are not objects)."""
+def read_rows(path: str, key: str = "data.path") -> list[dict]:
+    """The rows of a data file (the config's `key`), each a dict; ConfigError naming the file and
+    the fix when it cannot be read (missing, empty, not UTF-8, not valid JSON or CSV, rows that are
+    not objects)."""
     if path.startswith("builtin:"):
         name = path.removeprefix("builtin:")
         file = resources.files("fusetune.data").joinpath(name)
         if not file.is_file():
-            raise ConfigError(f"data.path {path!r}: fusetune bundles no file {name!r}")
-        rows = _parse(file.read_text(encoding="utf-8"), path, Path(name).suffix)
+            raise ConfigError(f"{key} {path!r}: fusetune bundles no file {name!r}")
+        rows = _parse(file.read_text(encoding="utf-8"), path, Path(name).suffix, key)
     else:
         p = Path(path)
         if not p.exists():
-            raise ConfigError(f"data.path {path!r} not found: give a .jsonl, .json, .csv or .parquet file or a "
+            raise ConfigError(f"{key} {path!r} not found: give a .jsonl, .json, .csv or .parquet file or a "
                               f"datasets directory")
         if p.is_dir() or p.suffix == ".parquet":
-            rows = _read_datasets(p, path)
+            rows = _read_datasets(p, path, key)
         else:
             try:
                 raw = p.read_bytes()
             except OSError as err:
-                raise ConfigError(f"data.path {path!r} cannot be read: {err.strerror}") from err
-            rows = _parse(_decode(raw, path), path, p.suffix)
+                raise ConfigError(f"{key} {path!r} cannot be read: {err.strerror}") from err
+            rows = _parse(_decode(raw, path, key), path, p.suffix, key)
     if not rows:
-        raise ConfigError(f"data.path {path!r} holds no rows: give a file with at least one example")
+        raise ConfigError(f"{key} {path!r} holds no rows: give a file with at least one example")
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise ConfigError(f"data.path {path!r}: row {index} is {type(row).__name__} {str(row)[:40]!r}, not an "
+            raise ConfigError(f"{key} {path!r}: row {index} is {type(row).__name__} {str(row)[:40]!r}, not an "
                               f"object of fields (e.g. {{\"messages\": [...]}})")
     return rows
 
 
-def _read_datasets(p: Path, path: str) -> list[dict]:
+def _read_datasets(p: Path, path: str, key: str) -> list[dict]:
     try:
         import datasets
     except ImportError as err:
-        raise ConfigError(f"data.path {path!r}: reading parquet files and datasets directories needs the datasets "
+        raise ConfigError(f"{key} {path!r}: reading parquet files and datasets directories needs the datasets "
                           f"package: pip install datasets") from err
     ds = datasets.load_from_disk(str(p)) if p.is_dir() else datasets.Dataset.from_parquet(str(p))
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
-            raise ConfigError(f"data.path {path!r}: the dataset has splits {list(ds)} but no 'train'")
+            raise ConfigError(f"{key} {path!r}: the dataset has splits {list(ds)} but no 'train'")
         ds = ds["train"]
     return list(ds)
 
@@ -132,13 +133,13 @@ def to_messages(row: dict, index: int) -> list[dict] | str:
                       f"instruction/output, prompt/completion or text rows")
 
 
-def check_rows(rows: list[dict], path: str) -> None:
+def check_rows(rows: list[dict], path: str, key: str = "data.path") -> None:
     """Every row is a conversation or a text fusetune can train on (before any model is loaded)."""
     for index, row in enumerate(rows):
         try:
             to_messages(row, index)
         except ConfigError as err:
-            raise ConfigError(f"data.path {path!r}: {err}") from err
+            raise ConfigError(f"{key} {path!r}: {err}") from err
 
 
 def _render(tokenizer, messages: list[dict], index: int, **kwargs) -> str:

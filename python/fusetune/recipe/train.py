@@ -16,6 +16,7 @@ from fusetune.atomic import atomic_write
 from fusetune.recipe.checkpoints import claimed_output_dir, fingerprint, read_state, resume_point
 from fusetune.recipe.config import TrainConfig
 from fusetune.recipe.data import check_rows, read_rows, split_rows, tokenize_rows
+from fusetune.recipe.evaluation import multiple_choice_accuracy, read_questions
 from fusetune.recipe.loop import pick_micro_batch, train_loop
 from fusetune.training.env import backend_report, gpus
 
@@ -80,8 +81,9 @@ def run_train(config: TrainConfig, log=print) -> dict:
     check_rows(rows, d.path)
     rows, eval_rows = split_rows(rows, d.eval_split, t.seed)
     if d.eval_path:
-        eval_rows = read_rows(d.eval_path)
-        check_rows(eval_rows, d.eval_path)
+        eval_rows = read_rows(d.eval_path, "data.eval_path")
+        check_rows(eval_rows, d.eval_path, "data.eval_path")
+    questions = read_questions(d.choices_path) if d.choices_path else []
     with claimed_output_dir(Path(config.output.dir), log) as out:
         torch.manual_seed(t.seed)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -122,6 +124,7 @@ def run_train(config: TrainConfig, log=print) -> dict:
             f"loaded in {time.perf_counter() - started:.0f} s")
         prompts = config.data.eval_prompts
         before = answer(model, tokenizer, prompts, config.data.max_new_tokens) if prompts else []
+        choices = {"before": multiple_choice_accuracy(model, tokenizer, questions)} if questions else {}
         micro = read_state(resume_from).get("micro_batch") if resume_from and t.micro_batch_size == "auto" else None
         if micro:
             log(f"micro-batch: {micro} (as in the run it resumes, so the result is the same bit for bit)")
@@ -138,6 +141,10 @@ def run_train(config: TrainConfig, log=print) -> dict:
         adapter = save_merged(model, out / "adapter", tokenizer, save_method="lora")  # first: the run's result
         log(f"saved the adapter to {adapter}")
         after = answer(model, tokenizer, prompts, config.data.max_new_tokens) if prompts else []
+        if questions:
+            choices["after"] = multiple_choice_accuracy(model, tokenizer, questions)
+            log(f"multiple choice ({d.choices_path}, {len(questions)} questions): accuracy "
+                f"{choices['before']['accuracy']:.1%} before, {choices['after']['accuracy']:.1%} after")
         for prompt, old, new in zip(prompts, before, after):
             log(f"\n> {prompt}\n  before: {old}\n  after:  {new}")
         plot = plot_losses(losses, record["eval"], out / "loss.png", f"{m.name}: LoRA r={lora.r}")
@@ -146,7 +153,8 @@ def run_train(config: TrainConfig, log=print) -> dict:
             log(f"merged model: {save_merged(model, out / 'merged', tokenizer)}")
         if config.output.save_gguf:
             log(f"GGUF: {save_gguf(model, out / 'gguf', tokenizer, config.output.save_gguf)}")
-        summary = {**record, "before": before, "after": after, "prompts": prompts, "adapter": str(adapter),
+        summary = {**record, "before": before, "after": after, "prompts": prompts, "multiple_choice": choices,
+                   "adapter": str(adapter),
                    "device": str(device), "dtype": str(dtype)}
         atomic_write(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
     return summary
