@@ -146,11 +146,19 @@ def test_llama_quantize_is_run_on_an_f16_file(tmp_path, monkeypatch):
     tokenizer = byte_level_tokenizer()
     path = save_gguf(lora_model("llama", tokenizer), tmp_path / "out", tokenizer, "q4_k_m")
     args = (path.parent / "args.txt").read_text().split()
-    assert path.name == "model.Q4_K_M.gguf" and ".f16-" in args[0] and args[2] == "Q4_K_M"
+    assert path.name == "model.Q4_K_M.gguf" and ".tmp-" in args[0] and args[0] != args[1] and args[2] == "Q4_K_M"
     assert sorted(p.name for p in path.parent.iterdir()) == ["args.txt", "model.Q4_K_M.gguf"]  # no partial files
-    # a second method lands beside the first
+    # a second method lands beside the first; what a killed export left (GBs) goes
+    (path.parent / ".model.Q8_0.gguf.tmp-k1ll3d00").write_bytes(b"GGUF half")
     monkeypatch.delenv("LLAMA_QUANTIZE")
     save_gguf(lora_model("llama", tokenizer), tmp_path / "out", tokenizer, "q8_0")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["args.txt", "model.Q4_K_M.gguf", "model.Q8_0.gguf"]
+    # a quantiser that fails: one line, nothing replaced, nothing left
+    script.write_text("#!/bin/sh\necho 'unknown type Q4_K_M' >&2\nexit 3\n")
+    monkeypatch.setenv("LLAMA_QUANTIZE", str(script))
+    with pytest.raises(OSError, match=r"llama-quantize could not write .*model.Q4_K_M.gguf \(exit code 3: unknown "
+                                      r"type Q4_K_M\); check that .*; nothing at .* was replaced"):
+        save_gguf(lora_model("llama", tokenizer), tmp_path / "out", tokenizer, "q4_k_m")
     assert sorted(p.name for p in path.parent.iterdir()) == ["args.txt", "model.Q4_K_M.gguf", "model.Q8_0.gguf"]
 
 
