@@ -358,6 +358,8 @@ output: {{dir: out, save_merged: true, save_gguf: q8_0}}
     assert (out / "gguf" / "model.Q8_0.gguf").is_file() and (out / "checkpoint-6" / "state.json").is_file()
     assert "step    6/6" in proc.stdout and "tok/s" in proc.stdout and "lr" in proc.stdout
     assert "micro-batch: 2 (training.micro_batch_size)" in proc.stdout
+    for chatter in ("Loading weights", "Writing model shards", "FutureWarning", "gemm_4bit_forward"):
+        assert chatter not in proc.stdout + proc.stderr, proc.stderr  # a quiet console (--verbose keeps it)
     if importlib.util.find_spec("matplotlib"):
         assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     # the saved adapter exported from the command line: merged into its base, as GGUF

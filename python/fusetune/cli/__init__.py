@@ -9,6 +9,32 @@ import sys
 INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
 
 
+def _quiet(args) -> None:
+    """The libraries' chatter off for a command's run (--verbose keeps it): transformers' info lines
+    and progress bars (weights loaded, shards written), the deprecation notices transformers and
+    PEFT raise about each other, bitsandbytes' optional-kernel warnings. fusetune's own lines and
+    every error stay."""
+    import logging
+    import os
+    import warnings
+
+    if getattr(args, "verbose", False):
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for module in ("transformers", "peft", "torch", "trl", "accelerate"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def _cmd_env(args) -> int:
     from fusetune.training.env import format_probe, probe
 
@@ -24,6 +50,7 @@ def _cmd_train(args) -> int:
     if args.print_default:
         print(default_config_text(), end="")
         return 0
+    _quiet(args)
     try:
         config = load_config(args.config, args.set)
         from fusetune.recipe.loop import TrainingInterrupted
@@ -46,6 +73,7 @@ def _cmd_train(args) -> int:
 def _cmd_eval(args) -> int:
     from fusetune.recipe.config import ConfigError, load_config
 
+    _quiet(args)
     try:
         config = load_config(args.config, args.set)
         from fusetune.recipe.evaluation import run_eval
@@ -146,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="fusetune", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fusetune {version('fusetune')}")
+    parser.add_argument("--verbose", action="store_true", help="keep the libraries' own warnings, info lines and "
+                                                               "progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
     env = sub.add_parser("env", help="print GPUs, versions and the backend each op would use")
     env.add_argument("--json", action="store_true", help="machine-readable output")
