@@ -202,6 +202,21 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
         _run(tmp_path / "resumed", micro_batch=2, r=8)
 
 
+def test_8bit_adamw_trains_and_resumes_bit_for_bit(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    straight, rec, _ = _run(tmp_path / "straight", micro_batch=2, optim="adamw_8bit")
+    assert rec["losses"][-1] < rec["losses"][0]
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "resumed", micro_batch=2, fail_at=3, optim="adamw_8bit")
+    resumed, _, log = _run(tmp_path / "resumed", micro_batch=2, optim="adamw_8bit")
+    assert any("resumed from" in line for line in log)
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), name  # the 8-bit states and their scales come back exactly
+    with pytest.raises(ConfigError, match="paged_adamw_8bit: paging .* needs a CUDA GPU; on this machine use "
+                                          "adamw_8bit"):
+        _run(tmp_path / "paged", micro_batch=2, optim="paged_adamw_8bit")
+
+
 def test_a_non_finite_loss_stops_the_run_before_anything_is_applied_or_saved(tmp_path):
     from fusetune.recipe import loop
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import yaml
 
 SCHEDULERS = ("linear", "cosine", "constant")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")  # the 8-bit ones are bitsandbytes'
+
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
@@ -61,6 +63,7 @@ class TrainingConfig:
     effective_batch_size: int = 8         # sequences per optimizer step
     micro_batch_size: int | str = "auto"  # "auto": the batch-size finder on a GPU
     learning_rate: float = 2e-4
+    optim: str = "adamw"                  # adamw_8bit / paged_adamw_8bit: bitsandbytes' 8-bit states
     lr_scheduler: str = "linear"
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -129,6 +132,8 @@ def _validate(config: TrainConfig):
     t = config.training
     if t.lr_scheduler not in SCHEDULERS:
         raise ConfigError(f"training.lr_scheduler = {t.lr_scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    if t.optim not in OPTIMIZERS:
+        raise ConfigError(f"training.optim = {t.optim!r}: choose one of {', '.join(OPTIMIZERS)}")
     if config.model.dtype not in DTYPES:
         raise ConfigError(f"model.dtype = {config.model.dtype!r}: choose one of {', '.join(DTYPES)}")
     if isinstance(t.micro_batch_size, str) and t.micro_batch_size != "auto":

@@ -86,8 +86,9 @@ def pick_micro_batch(model, examples: list[dict], pad_id: int, cfg: TrainingConf
         log(f"micro-batch: {upper} (auto on the CPU: no finder, the whole effective batch)")
         return upper
     longest = sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True)[:upper]
-    # the trials run no optimizer step: hold back what AdamW's two moments will take
-    moments = sum(2 * p.numel() * p.element_size() for p in trainable_parameters(model).values())
+    # the trials run no optimizer step: hold back what AdamW's two moments will take (a byte each in 8 bits)
+    moments = sum(2 * p.numel() * (1 if cfg.optim.endswith("8bit") else p.element_size())
+                  for p in trainable_parameters(model).values())
     reserve = torch.empty(moments, dtype=torch.uint8, device=device)
 
     def fits(size: int):
@@ -102,6 +103,22 @@ def pick_micro_batch(model, examples: list[dict], pad_id: int, cfg: TrainingConf
     log(f"micro-batch: {size} (batch-size finder, longest rows of {len(longest[0]['input_ids'])} tokens); "
         f"{math.ceil(upper / size)} micro-batches per step")
     return size
+
+
+def make_optimizer(params: list, cfg: TrainingConfig, device):
+    """torch's AdamW, or bitsandbytes' AdamW with 8-bit states (a quarter of the optimizer memory);
+    the paged one moves its states to host memory under GPU memory pressure (CUDA only)."""
+    if cfg.optim == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.optim.startswith("paged") and device.type != "cuda":
+        raise ConfigError(f"training.optim = {cfg.optim}: paging moves optimizer states between GPU and host memory "
+                          f"and needs a CUDA GPU; on this machine use adamw_8bit")
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        raise ConfigError(f"training.optim = {cfg.optim} needs bitsandbytes: pip install bitsandbytes") from err
+    kind = bnb.optim.PagedAdamW8bit if cfg.optim.startswith("paged") else bnb.optim.AdamW8bit
+    return kind(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
 def _schedule(optimizer, cfg: TrainingConfig, steps: int):
@@ -191,7 +208,7 @@ def train_loop(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, ou
     params = list(trainable_parameters(model).values())
     if not params:
         raise ConfigError("the model has no trainable parameters: add LoRA adapters (the lora section)")
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(params, cfg, device)
     scheduler = _schedule(optimizer, cfg, steps)
     state = {"step": 0, "consumed": 0, "losses": [], "eval": [], "tokens": 0, "fingerprint": fingerprint}
     if resume_from is not None:
