@@ -96,3 +96,18 @@ def test_a_second_ctrl_c_stops_at_once(job, reference):
     assert "stopped at once (SIGINT)" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # step 4 was lost, step 2 kept
     _finish_and_compare(job, config, out, reference)
+
+
+@pytest.mark.gpu
+def test_a_paged_8bit_optimizer_run_killed_on_the_gpu_resumes_bit_for_bit(job):
+    pytest.importorskip("bitsandbytes")
+    outs = {}
+    for name, kill in (("paged-straight", None), ("paged-killed", "step:4")):
+        config = job.config(f"{name}.yaml", name, training={"optim": "paged_adamw_8bit"})
+        if kill:
+            assert job.run(config, "--at", kill, "--how", "kill").returncode == -signal.SIGKILL
+        proc = job.run(config)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        outs[name] = (job.root / name / "adapter" / "adapter_model.safetensors").read_bytes()
+        assert "NVIDIA" in proc.stdout or "GPU" in proc.stdout  # it ran on the GPU
+    assert outs["paged-straight"] == outs["paged-killed"]
