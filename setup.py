@@ -6,6 +6,8 @@ imports torch, so build it with `pip install --no-build-isolation -e .` (pip's i
 environment has no torch).
 """
 import os
+import re
+from pathlib import Path
 
 from setuptools import setup
 
@@ -44,7 +46,7 @@ ext_modules, cmdclass = _cuda_extension()
 
 setup(
     name="fusetune",
-    version="0.1.0",
+    version=re.search(r'__version__ = "(.+)"', (Path(__file__).parent / "python/fusetune/version.py").read_text()).group(1),
     description="Fast, lean fine-tuning of Hugging Face LLMs with fused Triton kernels",
     package_dir=package_dir,
     packages=packages,

@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"fusetune": ROOT / "python" / "fusetune", "fusetune.triton_kernels": ROOT / "triton_kernels"}
 # each part of fusetune (a subpackage or a top-level module) and its layer: imports go to the same layer or below
-LAYERS = {"triton_kernels": 0, "reference": 0, "atomic": 0, "data": 0, "_C": 0, "backend": 1, "ops": 2,
+LAYERS = {"triton_kernels": 0, "reference": 0, "atomic": 0, "data": 0, "_C": 0, "version": 0, "backend": 1, "ops": 2,
           "patching": 3, "lora": 3, "quant": 3, "training": 4, "api": 4, "recipe": 5, "cli": 6}
 EXTENSIONS = {"fusetune._C"}  # compiled from csrc/: modules without a .py file
 

@@ -5,7 +5,7 @@ pay for torch, transformers or PEFT until a name that needs them is asked for.
 """
 import importlib
 
-__version__ = "0.1.0"
+from fusetune.version import __version__
 
 # public name -> the module that defines it
 _EXPORTS = {

@@ -170,10 +170,10 @@ def _cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from importlib.metadata import version
+    from fusetune.version import __version__
 
     parser = argparse.ArgumentParser(prog="fusetune", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"fusetune {version('fusetune')}")
+    parser.add_argument("--version", action="version", version=f"fusetune {__version__}")
     parser.add_argument("--verbose", action="store_true", help="keep the libraries' own warnings, info lines and "
                                                                "progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
