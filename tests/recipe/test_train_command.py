@@ -369,6 +369,13 @@ output: {{dir: out, save_merged: true, save_gguf: q8_0}}
     report = json.loads((out / "eval.json").read_text())
     assert report["eval"]["loss"] == pytest.approx(summary["eval"][-1]["loss"], rel=1e-5)
     assert report["multiple_choice"] == summary["multiple_choice"]["after"] and report["model"] == "out/adapter"
+    # `fusetune chat OUT`: the saved adapter answers as the trained model did
+    chat = subprocess.run([sys.executable, "-m", "fusetune.cli", "chat", "out", "--max-new-tokens", "4"],
+                          input="Who are you?\n/reset\nSay hello\n\n", capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert chat.returncode == 0, chat.stdout + chat.stderr
+    assert "chatting with out/adapter" in chat.stdout
+    assert f"> Who are you?\n{summary['after'][0]}\n> Say hello\n" in chat.stdout, chat.stdout
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "merged" / "model.safetensors").is_file()
     assert (out / "gguf" / "model.Q8_0.gguf").is_file() and (out / "checkpoint-6" / "state.json").is_file()
     assert "step    6/6" in proc.stdout and "tok/s" in proc.stdout and "lr" in proc.stdout

@@ -85,6 +85,19 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_chat(args) -> int:
+    _quiet(args)
+    try:
+        from fusetune.recipe.chat import run_chat
+
+        return run_chat(args.source, args.max_new_tokens, args.system)
+    except (ImportError, OSError, ValueError) as err:
+        print(f"fusetune chat: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return INTERRUPTED
+
+
 def _cmd_export(args) -> int:
     """A saved LoRA adapter (+ its base model) -> a merged model directory, or a GGUF file."""
     from pathlib import Path
@@ -195,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                           help="override one key, e.g. --set data.choices_path=kmmlu.jsonl (repeatable)")
     evaluate.set_defaults(func=_cmd_eval)
+    chat = sub.add_parser("chat", help="talk to a trained model in the terminal: the adapter in a `fusetune train` "
+                                       "output folder, an adapter or model folder, or a model name")
+    chat.add_argument("source", help="OUTPUT_DIR of fusetune train (its adapter), or a model/adapter folder or name")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--system", default=None, help="a system message to start each conversation with")
+    chat.set_defaults(func=_cmd_chat)
     export = sub.add_parser("export", help="merge a saved LoRA adapter into its base model: safetensors (16 or "
                                            "4 bit) or a GGUF file")
     export.add_argument("adapter", help="directory of a saved LoRA adapter")

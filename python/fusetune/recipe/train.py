@@ -13,6 +13,7 @@ from fusetune.api import FastLanguageModel, get_chat_template, save_merged
 from fusetune.api.gguf import check_exportable, check_method, save_gguf
 from fusetune.api.loading import default_dtype, load_tokenizer
 from fusetune.atomic import atomic_write
+from fusetune.recipe.chat import reply
 from fusetune.recipe.checkpoints import claimed_output_dir, fingerprint, read_state, resume_point
 from fusetune.recipe.config import TrainConfig
 from fusetune.recipe.data import check_rows, read_rows, split_rows, tokenize_rows
@@ -33,15 +34,7 @@ def describe_hardware(device: torch.device, dtype: torch.dtype) -> str:
 def answer(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy replies to each prompt as a one-turn chat (the model is left in training mode)."""
     FastLanguageModel.for_inference(model)
-    device = next(model.parameters()).device
-    replies = []
-    with torch.no_grad():
-        for prompt in prompts:
-            inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                   return_tensors="pt", return_dict=True).to(device)
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-            replies.append(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    replies = [reply(model, tokenizer, [{"role": "user", "content": p}], max_new_tokens) for p in prompts]
     FastLanguageModel.for_training(model)
     return replies
 
