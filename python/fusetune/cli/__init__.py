@@ -102,6 +102,8 @@ def _cmd_export(args) -> int:
     """A saved LoRA adapter (+ its base model) -> a merged model directory, or a GGUF file."""
     from pathlib import Path
 
+    _quiet(args)
+
     import torch
 
     from fusetune.api.gguf import check_method, save_gguf
@@ -230,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("which", choices=sorted(BENCHMARKS))
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script, e.g. --workloads W1,W2")
     bench.set_defaults(func=_cmd_bench)
+    for command in (train, evaluate, chat, export):  # `fusetune train --verbose` as well as `fusetune --verbose train`
+        command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="keep the libraries' own warnings, info lines and progress bars")
     return parser
 
 
