@@ -30,6 +30,17 @@ CONVERSATIONS = [
 
 
 # --- config -------------------------------------------------------------------------------------
+def test_the_config_reference_is_generated_from_the_config_classes():
+    from pathlib import Path
+
+    from fusetune.recipe.config import reference
+
+    documented = (Path(__file__).resolve().parents[2] / "docs" / "CONFIG.md").read_text(encoding="utf-8")
+    assert documented == reference() + "\n", "docs/CONFIG.md is stale: fusetune train --print-reference > docs/CONFIG.md"
+    for key in ("save_total_limit", "weight_decay", "max_grad_norm", "use_rslora", "gguf_file", "optim", "eval_split"):
+        assert f"| `{key}` |" in documented
+
+
 def test_embedded_default_config():
     config = load_config(None)
     assert config.model.name == "smollm2-135m-instruct" and config.data.eval_prompts

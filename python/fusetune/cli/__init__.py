@@ -50,6 +50,11 @@ def _cmd_train(args) -> int:
     if args.print_default:
         print(default_config_text(), end="")
         return 0
+    if args.print_reference:
+        from fusetune.recipe.config import reference
+
+        print(reference())
+        return 0
     _quiet(args)
     try:
         config = load_config(args.config, args.set)
@@ -202,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one key, e.g. --set training.max_steps=10 (repeatable)")
     train.add_argument("--print-default", action="store_true", help="print the embedded default config and exit")
+    train.add_argument("--print-reference", action="store_true", help="print every config key with its default and "
+                                                                      "meaning (docs/CONFIG.md) and exit")
     train.set_defaults(func=_cmd_train)
     evaluate = sub.add_parser("eval", help="evaluate the adapter a config trained (or its base model): eval loss "
                                            "and perplexity on the held-out rows, multiple-choice accuracy")

