@@ -203,6 +203,7 @@ def test_smollm2_merged_and_q8_0_gguf_match_the_adapter_model(tmp_path):
     reader = gguf.GGUFReader(path)
     assert len(reader.tensors) == 2 + 30 * 9  # token_embd, output_norm, 30 blocks of 9 (lm_head is tied)
     assert reader.fields["tokenizer.chat_template"].contents() == tokenizer.chat_template
+    assert reader.fields["general.name"].contents() == "smollm2-135m-instruct"  # the name, not a venv path
     plain.load_state_dict({k: q8_0_rounded(v) for k, v in merged.items()}, strict=False)
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     with torch.no_grad():

@@ -225,7 +225,7 @@ def write_gguf(model, tokenizer, path: Path, method: str, arch: str) -> Path:
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     names = gguf.get_tensor_name_map(arch_id, config.num_hidden_layers)
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_name(getattr(config, "_name_or_path", "") or type(hf).__name__)
+    writer.add_name(model_name(config) or type(hf).__name__)
     _write_hparams(writer, config, arch)
     writer.add_file_type(_file_type(method))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -269,6 +269,13 @@ def check_method(quantization_method: str) -> str:
                            f"llama-quantize on PATH (or set LLAMA_QUANTIZE=/path/to/llama-quantize); without it use "
                            f"one of {', '.join(PYTHON_METHODS)}")
     return method
+
+
+def model_name(config) -> str:
+    """general.name: what the user named (from_pretrained records it), a local folder by its own name
+    rather than the path into someone's disk."""
+    name = getattr(config, "_name_or_path", "") or ""
+    return Path(name).name if name and Path(name).expanduser().exists() else name
 
 
 GGUF_NAMES = r"model\.\w+\.gguf"  # the files save_gguf writes
