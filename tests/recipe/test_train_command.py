@@ -41,6 +41,14 @@ def test_the_config_reference_is_generated_from_the_config_classes():
         assert f"| `{key}` |" in documented
 
 
+@pytest.mark.parametrize("example", ["sft-lora.yaml", "qlora-8b.yaml", "korean-eval.yaml"])
+def test_the_example_configs_are_valid(example):
+    from pathlib import Path
+
+    config = load_config(str(Path(__file__).resolve().parents[2] / "examples" / example))
+    assert config.output.dir.endswith("-output")
+
+
 def test_embedded_default_config():
     config = load_config(None)
     assert config.model.name == "smollm2-135m-instruct" and config.data.eval_prompts
