@@ -433,3 +433,34 @@ def test_out_of_memory_in_training_says_what_to_change(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "accumulate", oom)
     with pytest.raises(ConfigError, match="out of GPU memory at step 1 .* no checkpoint was written yet"):
         _run(tmp_path, micro_batch=2)
+
+
+def test_command_full_finetuning(tmp_path):
+    """model.full_finetuning: every weight trains, the result is output.dir/model, chat and eval use it."""
+    tokenizer = byte_level_tokenizer()
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in CONVERSATIONS * 2))
+    (tmp_path / "full.yaml").write_text(f"""
+model: {{name: {tmp_path / 'base'}, max_seq_length: 64, full_finetuning: true}}
+data: {{path: data.jsonl, eval_split: 0.25}}
+training: {{max_steps: 3, effective_batch_size: 4, learning_rate: 1.0e-3, save_steps: 0}}
+""")
+    proc = _fusetune("full.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "(full fine-tuning)" in proc.stdout and "saved the model to fusetune-output/model" in proc.stdout
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "fusetune-output" / "model")
+    changed = [n for n, p in trained.named_parameters() if not torch.equal(p, base.get_parameter(n))]
+    assert "model.layers.0.mlp.down_proj.weight" in changed and "model.norm.weight" in changed  # not only adapters
+    summary = json.loads((tmp_path / "fusetune-output" / "summary.json").read_text())
+    evaluated = subprocess.run([sys.executable, "-m", "fusetune.cli", "eval", "full.yaml"], capture_output=True,
+                               text=True, cwd=tmp_path, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads((tmp_path / "fusetune-output" / "eval.json").read_text())
+    assert report["model"] == "fusetune-output/model"
+    assert report["eval"]["loss"] == pytest.approx(summary["eval"][-1]["loss"], rel=1e-5)
+    with pytest.raises(ConfigError, match="full_finetuning trains every weight, which cannot be quantised"):
+        build_config({"model": {"full_finetuning": True, "load_in_4bit": True}})

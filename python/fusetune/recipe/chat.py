@@ -20,16 +20,21 @@ def reply(model, tokenizer, messages: list[dict], max_new_tokens: int) -> str:
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def trained_model_path(source: str) -> str:
-    """OUTPUT_DIR -> its adapter folder; anything else (an adapter, a model folder, a name) as given."""
-    adapter = Path(source) / "adapter"
-    return str(adapter) if (adapter / "adapter_config.json").is_file() else source
+def trained_model_path(source: str) -> str | None:
+    """OUTPUT_DIR of `fusetune train` -> its adapter folder (LoRA) or model folder (full fine-tuning);
+    None when `source` holds neither."""
+    folder = Path(source)
+    if (folder / "adapter" / "adapter_config.json").is_file():
+        return str(folder / "adapter")
+    if (folder / "model" / "config.json").is_file():
+        return str(folder / "model")
+    return None
 
 
 def run_chat(source: str, max_new_tokens: int = 256, system: str | None = None, lines=None, write=print) -> int:
     from fusetune.api import FastLanguageModel
 
-    path = trained_model_path(source)
+    path = trained_model_path(source) or source  # else an adapter, a model folder or a name itself
     model, tokenizer = FastLanguageModel.from_pretrained(path)
     FastLanguageModel.for_inference(model)
     start = [{"role": "system", "content": system}] if system else []

@@ -39,12 +39,12 @@ NOT_IN_FINGERPRINT = {"model.trust_remote_code", "data.path", "data.eval_prompts
                       "training.save_total_limit", "training.resume", "training.eval_steps", "data.eval_path",
                       "data.choices_path"}
 # what a finished or interrupted run wrote into its output folder; a new run sets them aside
-RESULTS = ("adapter", "merged", "gguf", "loss.png", "summary.json", "eval.json")
+RESULTS = ("adapter", "model", "merged", "gguf", "loss.png", "summary.json", "eval.json")
 
 
 LOCK = ".fusetune-lock"
 # what a run writes at the top of its output folder (what atomic.recover_interrupted_saves may tidy)
-OUTPUT_NAMES = r"checkpoint-\d+|adapter|merged|gguf|summary\.json|loss\.png|eval\.json"
+OUTPUT_NAMES = r"checkpoint-\d+|adapter|model|merged|gguf|summary\.json|loss\.png|eval\.json"
 
 
 @contextlib.contextmanager

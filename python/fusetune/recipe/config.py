@@ -41,6 +41,9 @@ class ModelConfig:
     dtype: str = key("auto", "auto (bf16 where the GPU has it, fp16 on older GPUs, fp32 on a CPU), bfloat16, float16 "
                              "or float32")
     load_in_4bit: bool = key(False, "QLoRA: the base weights in NF4 through bitsandbytes")
+    load_in_8bit: bool = key(False, "the base weights in bitsandbytes' int8 (LoRA on them runs PEFT's path, unfused)")
+    full_finetuning: bool = key(False, "train every weight instead of LoRA adapters (the lora section is then "
+                                       "unused but for gradient_checkpointing); the result is output.dir/model")
     trust_remote_code: bool = key(False, "run modelling code the model ships (only for authors you trust)")
     chat_template: str | None = key(None, "one of fusetune.api.chat.TEMPLATES (e.g. chatml); null keeps the "
                                           "tokenizer's")
@@ -153,6 +156,12 @@ def _validate(config: TrainConfig):
         raise ConfigError(f"training.lr_scheduler = {t.lr_scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
     if t.optim not in OPTIMIZERS:
         raise ConfigError(f"training.optim = {t.optim!r}: choose one of {', '.join(OPTIMIZERS)}")
+    m = config.model
+    if m.load_in_4bit and m.load_in_8bit:
+        raise ConfigError("model.load_in_4bit and model.load_in_8bit are both true: choose one")
+    if m.full_finetuning and (m.load_in_4bit or m.load_in_8bit):
+        raise ConfigError("model.full_finetuning trains every weight, which cannot be quantised: set "
+                          "model.load_in_4bit and model.load_in_8bit to false (or train LoRA adapters)")
     if config.model.dtype not in DTYPES:
         raise ConfigError(f"model.dtype = {config.model.dtype!r}: choose one of {', '.join(DTYPES)}")
     if isinstance(t.micro_batch_size, str) and t.micro_batch_size != "auto":

@@ -81,6 +81,7 @@ def run_eval(config, log=print) -> dict:
     from fusetune.api import FastLanguageModel
     from fusetune.api.loading import default_dtype
     from fusetune.atomic import atomic_write
+    from fusetune.recipe.chat import trained_model_path
     from fusetune.recipe.data import check_rows, split_rows, tokenize_rows
     from fusetune.recipe.loop import evaluate
 
@@ -96,14 +97,15 @@ def run_eval(config, log=print) -> dict:
         raise ConfigError("nothing to evaluate: set data.eval_split (the rows training held out), data.eval_path or "
                           "data.choices_path")
     out = Path(config.output.dir)
-    adapter = out / "adapter"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = default_dtype(device.type) if m.dtype == "auto" else getattr(torch, m.dtype)
-    source = str(adapter) if (adapter / "adapter_config.json").is_file() else m.name
-    if source == m.name:
-        log(f"no trained adapter in {adapter}: evaluating the base model {m.name}")
+    source = trained_model_path(str(out))
+    if source is None:
+        source = m.name
+        log(f"no trained adapter or model in {out}: evaluating the base model {m.name}")
     model, tokenizer = FastLanguageModel.from_pretrained(source, max_seq_length=m.max_seq_length, dtype=dtype,
-                                                         load_in_4bit=m.load_in_4bit, gguf_file=m.gguf_file,
+                                                         load_in_4bit=m.load_in_4bit, load_in_8bit=m.load_in_8bit,
+                                                         gguf_file=m.gguf_file if source == m.name else None,
                                                          trust_remote_code=m.trust_remote_code)
     report = {"model": source}
     if eval_rows:

@@ -19,6 +19,7 @@ from fusetune.recipe.config import TrainConfig
 from fusetune.recipe.data import check_rows, read_rows, split_rows, tokenize_rows
 from fusetune.recipe.evaluation import multiple_choice_accuracy, read_questions
 from fusetune.recipe.loop import pick_micro_batch, train_loop
+from fusetune.training.checkpoint import enable_checkpointing, enable_offloaded_checkpointing
 from fusetune.training.env import backend_report, gpus
 
 
@@ -99,7 +100,8 @@ def run_train(config: TrainConfig, log=print) -> dict:
         run = fingerprint(config, examples, str(dtype).removeprefix("torch."), device.type)
         resume_from = resume_point(out, t.resume, run, log)
         model, tokenizer = FastLanguageModel.from_pretrained(m.name, max_seq_length=m.max_seq_length, dtype=dtype,
-                                                             load_in_4bit=m.load_in_4bit, gguf_file=m.gguf_file,
+                                                             load_in_4bit=m.load_in_4bit, load_in_8bit=m.load_in_8bit,
+                                                             full_finetuning=m.full_finetuning, gguf_file=m.gguf_file,
                                                              trust_remote_code=m.trust_remote_code,
                                                              tokenizer=tokenizer)
         if m.chat_template and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
@@ -107,13 +109,22 @@ def run_train(config: TrainConfig, log=print) -> dict:
         if config.output.save_gguf:
             check_exportable(model, tokenizer)
         lora = config.lora
-        model = FastLanguageModel.get_peft_model(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                 target_modules=lora.target_modules, use_rslora=lora.use_rslora,
-                                                 use_gradient_checkpointing=lora.gradient_checkpointing,
-                                                 random_state=t.seed)
+        if m.full_finetuning:  # every weight trains; the lora section's checkpointing still applies
+            if lora.gradient_checkpointing in ("fusetune", "unsloth"):
+                enable_offloaded_checkpointing(model)
+            elif lora.gradient_checkpointing:
+                enable_checkpointing(model)
+            what = "full fine-tuning"
+        else:
+            model = FastLanguageModel.get_peft_model(model, r=lora.r, lora_alpha=lora.alpha,
+                                                     lora_dropout=lora.dropout, target_modules=lora.target_modules,
+                                                     use_rslora=lora.use_rslora,
+                                                     use_gradient_checkpointing=lora.gradient_checkpointing,
+                                                     random_state=t.seed)
+            what = f"LoRA r={lora.r}"
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        log(f"model: {m.name}, {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable (LoRA r={lora.r}), "
+        log(f"model: {m.name}, {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({what}), "
             f"loaded in {time.perf_counter() - started:.0f} s")
         prompts = config.data.eval_prompts
         before = answer(model, tokenizer, prompts, config.data.max_new_tokens) if prompts else []
@@ -131,8 +142,11 @@ def run_train(config: TrainConfig, log=print) -> dict:
         log(f"trained {record['steps']} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}{held_out}, "
             f"{record['tokens_per_s']:,.0f} tokens/s, peak memory {record['peak_memory_gib']:.2f} GiB "
             f"({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
-        adapter = save_merged(model, out / "adapter", tokenizer, save_method="lora")  # first: the run's result
-        log(f"saved the adapter to {adapter}")
+        if m.full_finetuning:  # first: the run's result, in the dtype it trained in
+            adapter = save_merged(model, out / "model", tokenizer, dtype=model.get_input_embeddings().weight.dtype)
+        else:
+            adapter = save_merged(model, out / "adapter", tokenizer, save_method="lora")
+        log(f"saved the {'model' if m.full_finetuning else 'adapter'} to {adapter}")
         after = answer(model, tokenizer, prompts, config.data.max_new_tokens) if prompts else []
         if questions:
             choices["after"] = multiple_choice_accuracy(model, tokenizer, questions)
@@ -140,9 +154,9 @@ def run_train(config: TrainConfig, log=print) -> dict:
                 f"{choices['before']['accuracy']:.1%} before, {choices['after']['accuracy']:.1%} after")
         for prompt, old, new in zip(prompts, before, after):
             log(f"\n> {prompt}\n  before: {old}\n  after:  {new}")
-        plot = plot_losses(losses, record["eval"], out / "loss.png", f"{m.name}: LoRA r={lora.r}")
+        plot = plot_losses(losses, record["eval"], out / "loss.png", f"{m.name}: {what}")
         log(f"\nloss curve: {plot}" if plot else "loss curve: pip install matplotlib to plot it (losses in summary.json)")
-        if config.output.save_merged:
+        if config.output.save_merged and not m.full_finetuning:  # a full fine-tune's model is its result
             log(f"merged model: {save_merged(model, out / 'merged', tokenizer)}")
         if config.output.save_gguf:
             log(f"GGUF: {save_gguf(model, out / 'gguf', tokenizer, config.output.save_gguf)}")
