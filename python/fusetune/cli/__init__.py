@@ -103,6 +103,20 @@ def _cmd_chat(args) -> int:
         return INTERRUPTED
 
 
+def _cmd_data(args) -> int:
+    from fusetune.recipe.cleaning import Filters, run_clean
+    from fusetune.recipe.config import ConfigError
+
+    filters = Filters(min_chars=args.min_chars, min_hangul=args.min_hangul, max_repetition=args.max_repetition,
+                      near_duplicates=args.near_duplicates)
+    try:
+        run_clean(args.source, args.target, filters)
+    except (ConfigError, OSError) as err:
+        print(f"fusetune data: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _cmd_export(args) -> int:
     """A saved LoRA adapter (+ its base model) -> a merged model directory, or a GGUF file."""
     from pathlib import Path
@@ -217,6 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                           help="override one key, e.g. --set data.choices_path=kmmlu.jsonl (repeatable)")
     evaluate.set_defaults(func=_cmd_eval)
+    data = sub.add_parser("data", help="clean a data file: normalise (NFKC, HTML, spaces), drop short, non-Korean or "
+                                       "repetitive rows and duplicates; writes JSONL and a report")
+    data.add_argument("source", help="a data file fusetune train reads (.jsonl, .json, .csv, .parquet)")
+    data.add_argument("target", help="the cleaned JSONL to write (and TARGET.report.json)")
+    data.add_argument("--min-chars", type=int, default=1, help="drop rows with less text (default 1)")
+    data.add_argument("--min-hangul", type=float, default=None, help="drop rows whose letters are less Hangul than "
+                                                                     "this share, e.g. 0.3")
+    data.add_argument("--max-repetition", type=float, default=0.5, help="drop rows whose word 3-grams repeat more "
+                                                                        "than this share (default 0.5)")
+    data.add_argument("--near-duplicates", type=float, default=None, metavar="JACCARD",
+                      help="drop near duplicates above this MinHash similarity, e.g. 0.85 (pip install datasketch)")
+    data.set_defaults(func=_cmd_data)
     chat = sub.add_parser("chat", help="talk to a trained model in the terminal: the adapter in a `fusetune train` "
                                        "output folder, an adapter or model folder, or a model name")
     chat.add_argument("source", help="OUTPUT_DIR of fusetune train (its adapter), or a model/adapter folder or name")
