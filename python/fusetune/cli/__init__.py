@@ -117,6 +117,20 @@ def _cmd_data(args) -> int:
     return 0
 
 
+def _cmd_tokenizer(args) -> int:
+    from fusetune.recipe.config import ConfigError
+
+    _quiet(args)
+    try:
+        from fusetune.recipe.tokenizer_tools import run_tokenizer_report
+
+        run_tokenizer_report(args.data, args.model, args.add, args.out)
+    except (ConfigError, ImportError, OSError, ValueError) as err:
+        print(f"fusetune tokenizer: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _cmd_export(args) -> int:
     """A saved LoRA adapter (+ its base model) -> a merged model directory, or a GGUF file."""
     from pathlib import Path
@@ -243,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--near-duplicates", type=float, default=None, metavar="JACCARD",
                       help="drop near duplicates above this MinHash similarity, e.g. 0.85 (pip install datasketch)")
     data.set_defaults(func=_cmd_data)
+    tokens = sub.add_parser("tokenizer", help="how many characters and bytes a token carries, by script (Hangul, "
+                                             "Latin, digits), on your data; --add N picks the words to add")
+    tokens.add_argument("data", help="a data file fusetune train reads")
+    tokens.add_argument("--model", default="smollm2-135m-instruct", help="whose tokenizer (default: the built-in)")
+    tokens.add_argument("--add", type=int, default=0, metavar="N", help="add the N words that save the most tokens "
+                                                                        "and compare")
+    tokens.add_argument("--out", default=None, help="write tokens.json, tokens.png and new_tokens.txt here")
+    tokens.set_defaults(func=_cmd_tokenizer)
     chat = sub.add_parser("chat", help="talk to a trained model in the terminal: the adapter in a `fusetune train` "
                                        "output folder, an adapter or model folder, or a model name")
     chat.add_argument("source", help="OUTPUT_DIR of fusetune train (its adapter), or a model/adapter folder or name")
@@ -265,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("which", choices=sorted(BENCHMARKS))
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script, e.g. --workloads W1,W2")
     bench.set_defaults(func=_cmd_bench)
-    for command in (train, evaluate, chat, export):  # `fusetune train --verbose` as well as `fusetune --verbose train`
+    for command in (train, evaluate, chat, export, tokens):  # `fusetune train --verbose` as well as `fusetune --verbose train`
         command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="keep the libraries' own warnings, info lines and progress bars")
     return parser
