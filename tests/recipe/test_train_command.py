@@ -464,3 +464,38 @@ training: {{max_steps: 3, effective_batch_size: 4, learning_rate: 1.0e-3, save_s
     assert report["eval"]["loss"] == pytest.approx(summary["eval"][-1]["loss"], rel=1e-5)
     with pytest.raises(ConfigError, match="full_finetuning trains every weight, which cannot be quantised"):
         build_config({"model": {"full_finetuning": True, "load_in_4bit": True}})
+
+
+def test_command_adds_tokens_from_a_file(tmp_path):
+    """model.new_tokens: the tokenizer and the model grow before the data is tokenized, the new rows
+    train (embed_tokens / lm_head beside LoRA) and come back with the adapter for eval."""
+    tokenizer = byte_level_tokenizer()
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in CONVERSATIONS * 2))
+    (tmp_path / "new_tokens.txt").write_text("안녕하세요\nTuna\n")
+    (tmp_path / "tokens.yaml").write_text(f"""
+model: {{name: {tmp_path / 'base'}, max_seq_length: 64, new_tokens: new_tokens.txt}}
+data: {{path: data.jsonl, eval_split: 0.25}}
+lora: {{r: 4, target_modules: [q_proj, v_proj]}}
+training: {{max_steps: 3, effective_batch_size: 4, learning_rate: 1.0e-2, embedding_learning_rate: 1.0e-3,
+            save_steps: 0}}
+""")
+    proc = _fusetune("tokens.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "tokenizer: 2 new tokens of 2 listed (안녕하세요, Tuna); embed_tokens and lm_head train at 0.001" \
+        in proc.stdout
+    adapter = tmp_path / "fusetune-output" / "adapter"
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(adapter)) == len(tokenizer) + 2
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+        embedded = [k for k in f.keys() if "embed_tokens" in k]
+        assert embedded and f.get_tensor(embedded[0]).shape[0] == len(tokenizer) + 2
+    summary = json.loads((tmp_path / "fusetune-output" / "summary.json").read_text())
+    evaluated = subprocess.run([sys.executable, "-m", "fusetune.cli", "eval", "tokens.yaml"], capture_output=True,
+                               text=True, cwd=tmp_path, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads((tmp_path / "fusetune-output" / "eval.json").read_text())
+    assert report["eval"]["loss"] == pytest.approx(summary["eval"][-1]["loss"], rel=1e-5)

@@ -118,6 +118,8 @@ def _from_adapter(folder: Path, options: dict):
     except OSError as err:
         raise OSError(f"{folder} is a LoRA adapter of {base!r}, which cannot be loaded: {err}. Give the base's "
                       f"folder as base_model_name_or_path in {folder / 'adapter_config.json'}") from err
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # the adapter's tokenizer has added tokens
+        model.resize_token_embeddings(len(tokenizer))  # (their trained rows come with the adapter)
     with model_source_errors(str(folder)):
         model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
     print(f"fusetune: {folder} is a LoRA adapter of {base}: loaded the base and attached it (trainable)")

@@ -17,12 +17,19 @@ def add_new_tokens(model, tokenizer, new_tokens: list[str], special: bool = Fals
     """Add new_tokens to the tokenizer and the model (before get_peft_model); returns how many were new."""
     if isinstance(new_tokens, str):
         raise TypeError("add_new_tokens takes a list of tokens, got a string")
-    hf = hf_model(model)
     before = len(tokenizer)
     tokenizer.add_tokens(list(new_tokens), special_tokens=special)
     added = len(tokenizer) - before  # add_tokens' own count includes tokens the vocabulary already had
-    if added == 0:
-        return 0
+    if added:
+        fit_embeddings(model, tokenizer, before)
+    return added
+
+
+def fit_embeddings(model, tokenizer, first_new: int) -> None:
+    """The model's embeddings (input, and output when untied) grown to the tokenizer where it is
+    larger, rows first_new.. set to the mean of the rows before them (for tokens added to the
+    tokenizer before the model was loaded)."""
+    hf = hf_model(model)
     rows = hf.get_input_embeddings().weight.shape[0]  # may exceed the tokenizer (padded vocabularies)
     if len(tokenizer) > rows:
         hf.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -32,8 +39,7 @@ def add_new_tokens(model, tokenizer, new_tokens: list[str], special: bool = Fals
         if head is not None and head.weight is not embeddings[0]:
             embeddings.append(head.weight)
         for weight in embeddings:
-            weight[before:len(tokenizer)] = weight[:before].float().mean(0).to(weight.dtype)
-    return added
+            weight[first_new:len(tokenizer)] = weight[:first_new].float().mean(0).to(weight.dtype)
 
 
 def embedding_param_groups(model, learning_rate: float, embedding_learning_rate: float, **options):

@@ -47,6 +47,9 @@ class ModelConfig:
     trust_remote_code: bool = key(False, "run modelling code the model ships (only for authors you trust)")
     chat_template: str | None = key(None, "one of fusetune.api.chat.TEMPLATES (e.g. chatml); null keeps the "
                                           "tokenizer's")
+    new_tokens: list[str] | str | None = key(None, "tokens to add (a list, or a file of one per line, e.g. the "
+                                                   "new_tokens.txt of fusetune tokenizer --add): their embedding rows "
+                                                   "start at the mean and train with embed_tokens and lm_head")
 
 
 @dataclass
@@ -83,6 +86,8 @@ class TrainingConfig:
     micro_batch_size: int | str = key("auto", "rows per forward/backward; auto: the batch-size finder on a GPU, the "
                                               "whole effective batch on a CPU")
     learning_rate: float = key(2e-4, "the peak learning rate")
+    embedding_learning_rate: float | None = key(None, "the learning rate of trained embed_tokens / lm_head (with "
+                                                      "model.new_tokens); null: learning_rate / 10")
     optim: str = key("adamw", "adamw, adamw_8bit or paged_adamw_8bit (bitsandbytes' 8-bit states)")
     lr_scheduler: str = key("linear", "linear, cosine or constant (after the warm-up)")
     warmup_steps: int = key(0, "steps of linear warm-up")

@@ -209,6 +209,21 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_on
     return out
 
 
+def read_new_tokens(value: list[str] | str) -> list[str]:
+    """model.new_tokens: a list, or a UTF-8 file of one token per line."""
+    if isinstance(value, list):
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"model.new_tokens {value!r} is not a file: give a list of tokens or a file of one per line "
+                          f"(fusetune tokenizer DATA --add N --out DIR writes DIR/new_tokens.txt)")
+    tokens = [line.strip() for line in _decode(path.read_bytes(), value, "model.new_tokens").splitlines()
+              if line.strip()]
+    if not tokens:
+        raise ConfigError(f"model.new_tokens {value!r} lists no token")
+    return tokens
+
+
 def split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, eval): round(fraction * rows) rows, drawn with the seed, held out for the eval loss."""
     held = round(fraction * len(rows))

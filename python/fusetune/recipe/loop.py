@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from fusetune.api.tokens import embedding_param_groups
 from fusetune.recipe.batch_size import find_micro_batch
 from fusetune.recipe.checkpoints import checkpoints, load_checkpoint, save_checkpoint, trainable_parameters
 from fusetune.recipe.config import ConfigError, TrainingConfig
@@ -105,7 +106,7 @@ def pick_micro_batch(model, examples: list[dict], pad_id: int, cfg: TrainingConf
     return size
 
 
-def make_optimizer(params: list, cfg: TrainingConfig, device):
+def make_optimizer(params: list, cfg: TrainingConfig, device):  # params: tensors or parameter groups
     """torch's AdamW, or bitsandbytes' AdamW with 8-bit states (a quarter of the optimizer memory);
     the paged one moves its states to host memory under GPU memory pressure (CUDA only)."""
     if cfg.optim == "adamw":
@@ -208,7 +209,12 @@ def train_loop(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, ou
     params = list(trainable_parameters(model).values())
     if not params:
         raise ConfigError("the model has no trainable parameters: add LoRA adapters (the lora section)")
-    optimizer = make_optimizer(params, cfg, device)
+    # embed_tokens / lm_head beside LoRA (PEFT's modules_to_save, for added tokens) get their own, smaller
+    # learning rate; a full fine-tune trains every weight at one
+    beside_lora = any("modules_to_save" in name for name in trainable_parameters(model))
+    groups = embedding_param_groups(model, cfg.learning_rate, cfg.embedding_learning_rate or cfg.learning_rate / 10) \
+        if beside_lora else params
+    optimizer = make_optimizer(groups, cfg, device)
     scheduler = _schedule(optimizer, cfg, steps)
     state = {"step": 0, "consumed": 0, "losses": [], "eval": [], "tokens": 0, "fingerprint": fingerprint}
     if resume_from is not None:

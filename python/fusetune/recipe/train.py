@@ -12,11 +12,12 @@ import torch
 from fusetune.api import FastLanguageModel, get_chat_template, save_merged
 from fusetune.api.gguf import check_exportable, check_method, save_gguf
 from fusetune.api.loading import default_dtype, load_tokenizer
+from fusetune.api.tokens import fit_embeddings
 from fusetune.atomic import atomic_write
 from fusetune.recipe.chat import reply
 from fusetune.recipe.checkpoints import claimed_output_dir, fingerprint, read_state, resume_point
 from fusetune.recipe.config import TrainConfig
-from fusetune.recipe.data import check_rows, read_rows, split_rows, tokenize_rows
+from fusetune.recipe.data import check_rows, read_new_tokens, read_rows, split_rows, tokenize_rows
 from fusetune.recipe.evaluation import multiple_choice_accuracy, read_questions
 from fusetune.recipe.loop import pick_micro_batch, train_loop
 from fusetune.training.checkpoint import enable_checkpointing, enable_offloaded_checkpointing
@@ -78,6 +79,7 @@ def run_train(config: TrainConfig, log=print) -> dict:
         eval_rows = read_rows(d.eval_path, "data.eval_path")
         check_rows(eval_rows, d.eval_path, "data.eval_path")
     questions = read_questions(d.choices_path) if d.choices_path else []
+    new_tokens = read_new_tokens(m.new_tokens) if m.new_tokens else []
     with claimed_output_dir(Path(config.output.dir), log) as out:
         torch.manual_seed(t.seed)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -87,6 +89,12 @@ def run_train(config: TrainConfig, log=print) -> dict:
         tokenizer = load_tokenizer(m.name, m.gguf_file, trust_remote_code=m.trust_remote_code)
         if m.chat_template:
             get_chat_template(tokenizer, m.chat_template)
+        base_vocab = len(tokenizer)
+        if m.new_tokens:
+            tokenizer.add_tokens(new_tokens)
+            log(f"tokenizer: {len(tokenizer) - base_vocab} new tokens of {len(new_tokens)} listed "
+                f"({', '.join(new_tokens[:5])}{' ...' if len(new_tokens) > 5 else ''}); embed_tokens and lm_head "
+                f"train at {t.embedding_learning_rate or t.learning_rate / 10:g}")
         examples = tokenize_rows(rows, tokenizer, m.max_seq_length, d.train_on_responses_only)
         eval_examples = tokenize_rows(eval_rows, tokenizer, m.max_seq_length, d.train_on_responses_only) \
             if eval_rows else []
@@ -106,6 +114,8 @@ def run_train(config: TrainConfig, log=print) -> dict:
                                                              tokenizer=tokenizer)
         if m.chat_template and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
+        if len(tokenizer) > base_vocab:  # the new tokens' rows start at the mean of the others
+            fit_embeddings(model, tokenizer, base_vocab)
         if config.output.save_gguf:
             check_exportable(model, tokenizer)
         lora = config.lora
@@ -120,7 +130,9 @@ def run_train(config: TrainConfig, log=print) -> dict:
                                                      lora_dropout=lora.dropout, target_modules=lora.target_modules,
                                                      use_rslora=lora.use_rslora,
                                                      use_gradient_checkpointing=lora.gradient_checkpointing,
-                                                     random_state=t.seed)
+                                                     random_state=t.seed,
+                                                     modules_to_save=["embed_tokens", "lm_head"] if m.new_tokens
+                                                     else None)
             what = f"LoRA r={lora.r}"
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
