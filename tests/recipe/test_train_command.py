@@ -137,6 +137,14 @@ def test_data_files(tmp_path):
             path.write_text("x")
         with pytest.raises(ConfigError, match=message):
             read_rows(str(path))
+    with pytest.raises(ConfigError, match="'data/missing.jsonl' not found: give a .jsonl"):
+        read_rows("data/missing.jsonl")  # a path, not a Hub name: no network tried
+    probe = "from fusetune.recipe.data import read_rows\ntry:\n    read_rows('someone/korean-chat:train')\n" \
+            "except Exception as err:\n    print(err)"
+    offline = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert "'someone/korean-chat:train' is no local file, and the Hugging Face Hub could not provide it" \
+        in offline.stdout, offline.stdout + offline.stderr
     (tmp_path / "broken.jsonl").write_text("{not json\n")
     with pytest.raises(ConfigError, match="not valid JSON"):
         read_rows(str(tmp_path / "broken.jsonl"))

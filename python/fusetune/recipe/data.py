@@ -1,8 +1,9 @@
 """Training data for `fusetune train`: read rows from a file, turn them into conversations, and
 tokenize them with the chat template, labels on the assistant's replies only.
 
-Files: .jsonl, .json (a list of rows), .csv; .parquet and a `datasets` save_to_disk directory
-need the datasets package. "builtin:NAME" reads a file bundled in fusetune/data.
+Files: .jsonl, .json (a list of rows), .csv; .parquet, a `datasets` save_to_disk directory and a
+Hub dataset (owner/name[:split]) need the datasets package. "builtin:NAME" reads a file bundled in
+fusetune/data.
 Rows: {"messages": [{"role", "content"}, ...]} (OpenAI / TRL), {"conversations": [{"from",
 "value"}, ...]} (ShareGPT), {"instruction", "input"?, "output"} (Alpaca), {"prompt",
 "completion"}, or {"text"} (plain text: every token is a label).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -74,10 +76,12 @@ def read_rows(path: str, key: str = "data.path") -> list[dict]:
         rows = _parse(file.read_text(encoding="utf-8"), path, Path(name).suffix, key)
     else:
         p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"{key} {path!r} not found: give a .jsonl, .json, .csv or .parquet file or a "
-                              f"datasets directory")
-        if p.is_dir() or p.suffix == ".parquet":
+        if not p.exists() and HUB_NAME.fullmatch(path) and p.suffix not in (".jsonl", ".json", ".csv", ".parquet"):
+            rows = _read_hub(path, key)
+        elif not p.exists():
+            raise ConfigError(f"{key} {path!r} not found: give a .jsonl, .json, .csv or .parquet file, a datasets "
+                              f"directory, or a Hugging Face Hub dataset (owner/name)")
+        elif p.is_dir() or p.suffix == ".parquet":
             rows = _read_datasets(p, path, key)
         else:
             try:
@@ -92,6 +96,25 @@ def read_rows(path: str, key: str = "data.path") -> list[dict]:
             raise ConfigError(f"{key} {path!r}: row {index} is {type(row).__name__} {str(row)[:40]!r}, not an "
                               f"object of fields (e.g. {{\"messages\": [...]}})")
     return rows
+
+
+HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+(:[\w.-]+)?")  # owner/name, or owner/name:split
+
+
+def _read_hub(name: str, key: str) -> list[dict]:
+    """A Hub dataset's split (owner/name:split, train by default), through the datasets library."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise ConfigError(f"{key} {name!r} is no local file; reading it from the Hugging Face Hub needs the datasets "
+                          f"package: pip install datasets") from err
+    repo, _, split = name.partition(":")
+    try:
+        return list(datasets.load_dataset(repo, split=split or "train"))
+    except Exception as err:  # datasets raises many kinds: no network, no such dataset, no such split
+        raise ConfigError(f"{key} {name!r} is no local file, and the Hugging Face Hub could not provide it as a "
+                          f"dataset ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): check the "
+                          f"name and the network, or download it and give the file") from err
 
 
 def _read_datasets(p: Path, path: str, key: str) -> list[dict]:
