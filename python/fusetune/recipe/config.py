@@ -54,9 +54,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = key("builtin:instructions.jsonl", "the training rows: .jsonl, .json, .csv, .parquet or a datasets "
-                                                  "folder; messages, conversations, instruction/output, "
-                                                  "prompt/completion or text rows")
+    path: str = key("builtin:instructions.jsonl", "the training rows: .jsonl, .json, .csv, .parquet, a datasets "
+                                                  "folder or a Hub dataset (owner/name[:split]); messages, "
+                                                  "conversations, instruction/output, prompt/completion or text rows")
     train_on_responses_only: bool = key(True, "the loss covers the assistant's replies only (false: every token)")
     eval_split: float = key(0.0, "a fraction of the rows held out (seeded) for the eval loss and perplexity")
     eval_path: str | None = key(None, "or a file of its own for the eval loss")
