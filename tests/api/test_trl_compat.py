@@ -64,6 +64,20 @@ def test_translation_in_a_session_that_loaded_trl_first():
         with pytest.raises(TypeError, match=r"SFTTrainer\(packing=...\): the installed TRL takes these in its config: "
                                             r"pass args=SFTConfig"):
             SFTTrainer(model=None, packing=True)
+        # a plain TrainingArguments, given by position, as older guides write it: the moved values survive
+        import fusetune
+        from datasets import Dataset
+        from transformers import TrainingArguments
+
+        from tests.helpers import word_tokenizer
+        from tests.tiny_models import add_lora, tiny_model
+
+        plain = TrainingArguments(output_dir="unused", report_to=[], use_cpu=True, max_steps=1)
+        rows = Dataset.from_list([{"body": " ".join(f"w{i}" for i in range(2, 30))}] * 2)
+        trainer = SFTTrainer(fusetune.patch_model(add_lora(tiny_model("llama"), "llama")), plain, train_dataset=rows,
+                             processing_class=word_tokenizer(), dataset_text_field="body", max_seq_length=12)
+        assert trainer.args.max_length == 12 and trainer.args.dataset_text_field == "body"
+        assert not hasattr(plain, "max_length")  # the caller's object is unchanged
     finally:
         trl_compat.disable()
     with pytest.raises(TypeError, match="max_seq_length"):

@@ -8,10 +8,12 @@ and everything else reaches TRL unchanged; an argument the installed TRL still a
 alone. It rewrites no source: it wraps the classes' __init__ when TRL's modules load (an import
 hook, so fusetune never imports TRL itself) and `disable()` restores them.
 
-On by default when fusetune's facade is imported; FUSETUNE_TRL_COMPAT=0 keeps it off.
+On from the moment fusetune's facade is imported (`from fusetune import FastLanguageModel`, as guides
+start); FUSETUNE_TRL_COMPAT=0 keeps it off.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.abc
 import importlib.machinery
@@ -46,6 +48,8 @@ def _translating(cls: type):
     if not (renamed or to_config):
         return None
 
+    signature = inspect.signature(original)
+
     @functools.wraps(original)
     def __init__(self, *args, **kwargs):
         for old, new in renamed.items():
@@ -54,18 +58,33 @@ def _translating(cls: type):
                 kwargs[new] = kwargs.pop(old)
         moved = {new: kwargs.pop(old) for old, new in to_config.items() if old in kwargs}
         if moved:
-            config = kwargs.get("args")
+            bound = signature.bind_partial(self, *args, **kwargs)
+            config = bound.arguments.get("args")
             if config is None:
                 raise TypeError(f"{cls.__name__}({', '.join(moved)}=...): the installed TRL takes these in its "
                                 f"config: pass args=SFTConfig(output_dir=..., {', '.join(f'{k}=...' for k in moved)})")
             for old, new in to_config.items():
                 if new in moved:
                     _say_once(cls.__name__, old, f"args.{new}")
-            for name, value in moved.items():
-                setattr(config, name, value)
+            bound.arguments["args"] = _config_with(sys.modules[cls.__module__], config, moved)
+            args, kwargs = bound.args[1:], bound.kwargs
         original(self, *args, **kwargs)
 
     return __init__
+
+
+def _config_with(trainer_module, config, values: dict):
+    """A copy of the trainer's config with `values` set; a plain TrainingArguments (which TRL would
+    turn into its config, dropping anything set on it by hand) becomes that config first. The
+    caller's object is left as it was."""
+    config_cls = getattr(trainer_module, "SFTConfig", type(config))
+    if isinstance(config, config_cls):
+        return dataclasses.replace(config, **values)
+    fields = config.to_dict()
+    fields["hub_token"] = getattr(config, "hub_token", None)  # to_dict hides it
+    fields.pop("push_to_hub_token", None)
+    accepted = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    return config_cls(**{k: v for k, v in fields.items() if k in accepted}, **values)
 
 
 def _patch_module(module) -> None:
@@ -81,6 +100,9 @@ def _patch_module(module) -> None:
 class _PatchingLoader(importlib.abc.Loader):
     def __init__(self, loader):
         self.loader = loader
+
+    def __getattr__(self, name):  # get_code, get_source, is_package, get_data...: the wrapped loader's
+        return getattr(self.loader, name)
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
