@@ -15,7 +15,7 @@ import torch
 
 from fusetune.api.gguf import save_gguf
 from fusetune.api.loading import default_dtype, model_source_errors, quantization_config, resolve_model_name
-from fusetune.api.saving import save_merged, write_plain_model
+from fusetune.api.saving import read_load_settings, save_merged, write_plain_model
 from fusetune.patching import hf_model, patch_model
 from fusetune.patching.core import UnsupportedModelError, family_spec
 
@@ -113,6 +113,11 @@ def _from_adapter(folder: Path, options: dict):
                          f"from_pretrained(BASE), then peft.PeftModel.from_pretrained(model, {str(folder)!r})")
     if options["tokenizer"] is None and (folder / "tokenizer_config.json").is_file():
         options["tokenizer"] = AutoTokenizer.from_pretrained(folder)
+    trained = read_load_settings(folder)  # the base as it was trained: its length and RoPE scaling
+    if options["rope_scaling"] is None and trained.get("rope_parameters"):
+        rope = trained["rope_parameters"]
+        options["rope_scaling"] = rope.get("full_attention", rope)  # per layer type: the scaled full attention
+    options["max_seq_length"] = max(options["max_seq_length"], trained.get("max_seq_length") or 0)
     try:
         model, tokenizer = FastLanguageModel.from_pretrained(base, **options)
     except OSError as err:

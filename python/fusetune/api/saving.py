@@ -131,6 +131,27 @@ def _write_merged_4bit(model, directory: Path, dtype: torch.dtype | None):
     shutil.rmtree(staging)
 
 
+LOAD_SETTINGS = "fusetune.json"  # beside a saved adapter: how its base was loaded for training
+
+
+def write_load_settings(model, directory: Path) -> None:
+    """The max_seq_length and RoPE parameters the adapter was trained with (RoPE scaling changes every
+    position, so loading its base otherwise would run another model)."""
+    import json
+
+    hf = hf_model(model)
+    settings = {"max_seq_length": getattr(hf, "max_seq_length", None),
+                "rope_parameters": getattr(hf.config, "rope_parameters", None)}
+    (directory / LOAD_SETTINGS).write_text(json.dumps(settings, indent=1))
+
+
+def read_load_settings(directory: str | os.PathLike) -> dict:
+    import json
+
+    path = Path(directory) / LOAD_SETTINGS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def save_merged(model, save_directory: str | os.PathLike, tokenizer=None, save_method: str = "merged_16bit",
                 dtype: torch.dtype | None = None) -> Path:
     """Save `model` (a PEFT model, or a plain one) to save_directory, atomically.
@@ -153,6 +174,7 @@ def save_merged(model, save_directory: str | os.PathLike, tokenizer=None, save_m
     with atomic_directory(save_directory) as tmp:
         if save_method == "lora":
             model.save_pretrained(tmp)
+            write_load_settings(model, tmp)
         elif save_method == "merged_4bit":
             _write_merged_4bit(model, tmp, dtype)
         else:

@@ -141,7 +141,7 @@ def _cmd_export(args) -> int:
 
     from fusetune.api.gguf import check_method, save_gguf
     from fusetune.api.loading import model_source_errors, resolve_model_name
-    from fusetune.api.saving import save_merged
+    from fusetune.api.saving import read_load_settings, save_merged
 
     adapter = Path(args.adapter)
     config_file = adapter / "adapter_config.json"
@@ -158,7 +158,7 @@ def _cmd_export(args) -> int:
               f"writing there would replace them: choose another output folder", file=sys.stderr)
         return 2
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dtype = getattr(torch, args.dtype)
     try:
@@ -166,8 +166,12 @@ def _cmd_export(args) -> int:
             check_method(args.gguf)
         base, gguf_file = resolve_model_name(base, None)
         extra = {"gguf_file": gguf_file} if gguf_file else {}
+        trained = read_load_settings(adapter).get("rope_parameters")
         with model_source_errors(base):
-            model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **extra)
+            config = AutoConfig.from_pretrained(base, **extra)
+            if trained:  # the RoPE scaling the adapter was trained with
+                config.rope_parameters = trained
+            model = AutoModelForCausalLM.from_pretrained(base, config=config, dtype=dtype, **extra)
     except (OSError, ImportError) as err:
         print(f"fusetune export: the base model (pass --base to name another): {err}", file=sys.stderr)
         return 2
