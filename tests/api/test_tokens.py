@@ -35,3 +35,15 @@ def test_embedding_learning_rate_groups():
     assert [g["lr"] for g in groups] == [2e-4, 5e-5]
     assert len(groups[1]["params"]) == 2 and all(p.shape[0] == VOCAB + 1 for p in groups[1]["params"])
     torch.optim.AdamW(groups).step()  # a valid optimizer configuration
+
+
+def test_untie_embeddings_gives_the_head_its_own_copy():
+    from fusetune.api.tokens import untie_embeddings
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model("llama", tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert untie_embeddings(model) and not model.config.tie_word_embeddings
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    assert not untie_embeddings(model)  # once is enough

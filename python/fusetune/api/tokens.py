@@ -42,6 +42,19 @@ def fit_embeddings(model, tokenizer, first_new: int) -> None:
             weight[first_new:len(tokenizer)] = weight[:first_new].float().mean(0).to(weight.dtype)
 
 
+def untie_embeddings(model) -> bool:
+    """Give the output layer its own copy of a tied input embedding (returns whether it was tied):
+    trained apart (added tokens), the two must be saved, merged and exported apart too."""
+    hf = hf_model(model)
+    head, embed = hf.get_output_embeddings(), hf.get_input_embeddings()
+    if head is None or head.weight is not embed.weight:
+        return False
+    head.weight = torch.nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
+    hf.config.tie_word_embeddings = False
+    hf.config.get_text_config().tie_word_embeddings = False  # the same object, or a multimodal model's text part
+    return True
+
+
 def embedding_param_groups(model, learning_rate: float, embedding_learning_rate: float, **options):
     """Optimizer parameter groups: trainable embed_tokens / lm_head weights at embedding_learning_rate,
     every other trainable parameter at learning_rate (options, e.g. weight_decay, go to both)."""

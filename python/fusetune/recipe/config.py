@@ -183,6 +183,9 @@ def _validate(config: TrainConfig):
                                 ("data.max_new_tokens", config.data.max_new_tokens, 1)):
         if value is not None and value < least:
             raise ConfigError(f"{where} = {value}: must be at least {least}")
+    if t.embedding_learning_rate is not None and t.embedding_learning_rate <= 0:
+        raise ConfigError(f"training.embedding_learning_rate = {t.embedding_learning_rate}: positive, or null for "
+                          f"learning_rate / 10")
     if t.epochs <= 0 or t.learning_rate <= 0:
         raise ConfigError(f"training.epochs = {t.epochs} and training.learning_rate = {t.learning_rate} must be "
                           f"positive")

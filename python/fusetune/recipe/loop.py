@@ -106,6 +106,11 @@ def pick_micro_batch(model, examples: list[dict], pad_id: int, cfg: TrainingConf
     return size
 
 
+def embedding_lr(cfg: TrainingConfig) -> float:
+    """The learning rate of embed_tokens / lm_head trained beside LoRA: a tenth of the adapters' by default."""
+    return cfg.learning_rate / 10 if cfg.embedding_learning_rate is None else cfg.embedding_learning_rate
+
+
 def make_optimizer(params: list, cfg: TrainingConfig, device):  # params: tensors or parameter groups
     """torch's AdamW, or bitsandbytes' AdamW with 8-bit states (a quarter of the optimizer memory);
     the paged one moves its states to host memory under GPU memory pressure (CUDA only)."""
@@ -212,8 +217,7 @@ def train_loop(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, ou
     # embed_tokens / lm_head beside LoRA (PEFT's modules_to_save, for added tokens) get their own, smaller
     # learning rate; a full fine-tune trains every weight at one
     beside_lora = any("modules_to_save" in name for name in trainable_parameters(model))
-    groups = embedding_param_groups(model, cfg.learning_rate, cfg.embedding_learning_rate or cfg.learning_rate / 10) \
-        if beside_lora else params
+    groups = embedding_param_groups(model, cfg.learning_rate, embedding_lr(cfg)) if beside_lora else params
     optimizer = make_optimizer(groups, cfg, device)
     scheduler = _schedule(optimizer, cfg, steps)
     state = {"step": 0, "consumed": 0, "losses": [], "eval": [], "tokens": 0, "fingerprint": fingerprint}

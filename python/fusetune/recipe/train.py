@@ -12,14 +12,14 @@ import torch
 from fusetune.api import FastLanguageModel, get_chat_template, save_merged
 from fusetune.api.gguf import check_exportable, check_method, save_gguf
 from fusetune.api.loading import default_dtype, load_tokenizer
-from fusetune.api.tokens import fit_embeddings
+from fusetune.api.tokens import fit_embeddings, untie_embeddings
 from fusetune.atomic import atomic_write
 from fusetune.recipe.chat import reply
 from fusetune.recipe.checkpoints import claimed_output_dir, fingerprint, read_state, resume_point
 from fusetune.recipe.config import TrainConfig
 from fusetune.recipe.data import check_rows, read_new_tokens, read_rows, split_rows, tokenize_rows
 from fusetune.recipe.evaluation import multiple_choice_accuracy, read_questions
-from fusetune.recipe.loop import pick_micro_batch, train_loop
+from fusetune.recipe.loop import embedding_lr, pick_micro_batch, train_loop
 from fusetune.training.checkpoint import enable_checkpointing, enable_offloaded_checkpointing
 from fusetune.training.env import backend_report, gpus
 
@@ -87,14 +87,15 @@ def run_train(config: TrainConfig, log=print) -> dict:
         log(describe_hardware(device, dtype))
         started = time.perf_counter()
         tokenizer = load_tokenizer(m.name, m.gguf_file, trust_remote_code=m.trust_remote_code)
+        base_vocab = len(tokenizer)
         if m.chat_template:
             get_chat_template(tokenizer, m.chat_template)
-        base_vocab = len(tokenizer)
+        listed = len(tokenizer)
         if m.new_tokens:
             tokenizer.add_tokens(new_tokens)
-            log(f"tokenizer: {len(tokenizer) - base_vocab} new tokens of {len(new_tokens)} listed "
-                f"({', '.join(new_tokens[:5])}{' ...' if len(new_tokens) > 5 else ''}); embed_tokens and lm_head "
-                f"train at {t.embedding_learning_rate or t.learning_rate / 10:g}")
+            log(f"tokenizer: {len(tokenizer) - listed} new tokens of {len(new_tokens)} listed "
+                f"({', '.join(new_tokens[:5])}{' ...' if len(new_tokens) > 5 else ''})" +
+                ("" if m.full_finetuning else f"; embed_tokens and lm_head train at {embedding_lr(t):g}"))
         examples = tokenize_rows(rows, tokenizer, m.max_seq_length, d.train_on_responses_only)
         eval_examples = tokenize_rows(eval_rows, tokenizer, m.max_seq_length, d.train_on_responses_only) \
             if eval_rows else []
@@ -112,10 +113,11 @@ def run_train(config: TrainConfig, log=print) -> dict:
                                                              full_finetuning=m.full_finetuning, gguf_file=m.gguf_file,
                                                              trust_remote_code=m.trust_remote_code,
                                                              tokenizer=tokenizer)
-        if m.chat_template and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer))
-        if len(tokenizer) > base_vocab:  # the new tokens' rows start at the mean of the others
+        grew = len(tokenizer) > base_vocab  # a chat template's or model.new_tokens' tokens
+        if grew:  # their rows start at the mean of the others and train (beside LoRA), apart from a tied head
             fit_embeddings(model, tokenizer, base_vocab)
+            if not m.full_finetuning and untie_embeddings(model):
+                log("tokenizer: the output layer was tied to the input embeddings; it trains apart now (both saved)")
         if config.output.save_gguf:
             check_exportable(model, tokenizer)
         lora = config.lora
@@ -131,8 +133,7 @@ def run_train(config: TrainConfig, log=print) -> dict:
                                                      use_rslora=lora.use_rslora,
                                                      use_gradient_checkpointing=lora.gradient_checkpointing,
                                                      random_state=t.seed,
-                                                     modules_to_save=["embed_tokens", "lm_head"] if m.new_tokens
-                                                     else None)
+                                                     modules_to_save=["embed_tokens", "lm_head"] if grew else None)
             what = f"LoRA r={lora.r}"
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
