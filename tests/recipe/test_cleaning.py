@@ -17,7 +17,9 @@ def test_normalize():
     assert normalize("ＡＢＣ　１２３") == "ABC 123"  # full-width letters and the ideographic space
     assert normalize("Fish &amp; chips<br/>are <b>good</b>") == "Fish & chips are good"
     assert normalize("  one \t two  \n\n\n\n three  ") == "one two\n\nthree"
-    assert normalize("ᄒᆞᆫ글 ㈜") == normalize(normalize("ᄒᆞᆫ글 ㈜"))  # idempotent on compatibility forms
+    assert normalize("ㅋㅋㅋ 좋아요 ㅠㅠ") == "ㅋㅋㅋ 좋아요 ㅠㅠ"  # compatibility jamo stay as typed
+    assert normalize("if x<5 and y>3 then") == "if x<5 and y>3 then"  # not a tag
+    assert normalize("use &lt;br&gt; for breaks") == "use <br> for breaks"  # written markup stays text
 
 
 def test_measures():

@@ -1,7 +1,8 @@
 """Cleaning a training corpus before `fusetune train` (`fusetune data IN OUT`): each piece usable alone.
 
-- normalize(text): Unicode NFKC (full-width letters, compatibility jamo), HTML entities decoded and
-  tags dropped, spaces collapsed and runs of blank lines cut to one.
+- normalize(text): Unicode NFKC (full-width letters and digits; Hangul compatibility jamo such as
+  ㅋㅋ are kept as typed), HTML tags dropped and entities decoded, spaces collapsed and runs of blank
+  lines cut to one.
 - quality: too short, too little Hangul (for a Korean corpus), too repetitive (the share of
   repeated word 3-grams, as web-corpus filters measure it).
 - dedup: exact duplicates after normalisation, and near duplicates by MinHash over character
@@ -22,15 +23,24 @@ from dataclasses import dataclass
 
 from fusetune.recipe.config import ConfigError
 
-TAG = re.compile(r"<[^>\n]{1,200}>")
+# an HTML tag: a name after < or </, attributes, > (not "x<5 and y>3")
+TAG = re.compile(r"</?[A-Za-z][\w-]*(\s[^<>]*)?/?>")
 SPACES = re.compile(r"[ \t\u00a0\u3000]+")
 BLANK_LINES = re.compile(r"\n\s*\n+")
 HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
+# Hangul compatibility jamo (ㅋㅋ, ㅠㅠ) stay as typed: NFKC would turn them into conjoining jamo
+COMPATIBILITY_JAMO = re.compile(r"([\u3130-\u318f]+)")
+
+
+def _nfkc(text: str) -> str:
+    parts = COMPATIBILITY_JAMO.split(text)  # odd indices: the jamo runs
+    return "".join(part if i % 2 else unicodedata.normalize("NFKC", part) for i, part in enumerate(parts))
 
 
 def normalize(text: str) -> str:
-    text = unicodedata.normalize("NFKC", html.unescape(text))
-    text = TAG.sub(" ", text)
+    """Tags dropped (before entities are decoded, so "&lt;br&gt;" stays as the text "<br>"), entities
+    decoded, NFKC (but compatibility jamo), spaces collapsed, runs of blank lines cut to one."""
+    text = _nfkc(html.unescape(TAG.sub(" ", text)))
     text = "\n".join(SPACES.sub(" ", line).strip() for line in text.split("\n"))
     return BLANK_LINES.sub("\n\n", text).strip()
 
