@@ -362,6 +362,9 @@ def test_fused_linear_loss_returns_no_logits_and_keeps_the_class_name(device, tm
         both = model(input_ids=ids, labels=labels)
         assert both["logits"].shape == (*ids.shape, model.config.vocab_size)
         assert_close(both.loss.detach(), out.loss.detach(), torch.float32, "loss with logits")
+        logits = both.logits.detach().clone()
+        both.loss.backward()
+        assert torch.equal(both.logits.detach(), logits)  # the backward left them as they were
     assert type(model).__name__ == "LlamaForCausalLM"  # save_pretrained writes it into config.json
     model.save_pretrained(tmp_path)
     assert '"LlamaForCausalLM"' in (tmp_path / "config.json").read_text()

@@ -189,7 +189,7 @@ class FastLanguageModel:
                 tokenizer=tokenizer, **kwargs))
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = dtype or default_dtype(device_type)
-        named = model_name  # what the user named: saved adapters record it as their base
+        named = str(model_name)  # what the user named: saved adapters record it as their base
         model_name, gguf_file = resolve_model_name(model_name, gguf_file)
         common = dict(token=token, trust_remote_code=trust_remote_code)
         if gguf_file is not None:

@@ -10,10 +10,10 @@ INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
 
 
 def _quiet(args) -> None:
-    """The libraries' chatter off for a command's run (--verbose keeps it): transformers' info lines
-    and progress bars (weights loaded, shards written), the deprecation notices transformers and
-    PEFT raise about each other, bitsandbytes' optional-kernel warnings. fusetune's own lines and
-    every error stay."""
+    """The libraries' chatter off for a command's run (--verbose keeps it): progress bars (weights
+    loaded, shards written), the deprecation notices transformers and PEFT raise about each other,
+    bitsandbytes' optional-kernel warnings. fusetune's own lines, transformers' warnings (a load
+    report of missing or unexpected weights) and every error stay."""
     import logging
     import os
     import warnings
@@ -21,8 +21,6 @@ def _quiet(args) -> None:
     if getattr(args, "verbose", False):
         return
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     for module in ("transformers", "peft", "torch", "trl", "accelerate"):
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
@@ -31,7 +29,6 @@ def _quiet(args) -> None:
         from transformers.utils import logging as hf_logging
     except ImportError:
         return
-    hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
 
@@ -111,7 +108,7 @@ def _cmd_data(args) -> int:
                       near_duplicates=args.near_duplicates)
     try:
         run_clean(args.source, args.target, filters)
-    except (ConfigError, OSError) as err:
+    except (ConfigError, OSError, ValueError) as err:  # ValueError: datasketch's, for a threshold outside 0-1
         print(f"fusetune data: {err}", file=sys.stderr)
         return 2
     return 0
@@ -221,6 +218,13 @@ def _cmd_bench(args) -> int:
     return subprocess.call([sys.executable, str(script), *args.args], cwd=root)
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: a count, 0 or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fusetune.version import __version__
 
@@ -265,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "Latin, digits), on your data; --add N picks the words to add")
     tokens.add_argument("data", help="a data file fusetune train reads")
     tokens.add_argument("--model", default="smollm2-135m-instruct", help="whose tokenizer (default: the built-in)")
-    tokens.add_argument("--add", type=int, default=0, metavar="N", help="add the N words that save the most tokens "
+    tokens.add_argument("--add", type=_count, default=0, metavar="N", help="add the N words that save the most tokens "
                                                                         "and compare")
     tokens.add_argument("--out", default=None, help="write tokens.json, tokens.png and new_tokens.txt here")
     tokens.set_defaults(func=_cmd_tokenizer)
@@ -291,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("which", choices=sorted(BENCHMARKS))
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script, e.g. --workloads W1,W2")
     bench.set_defaults(func=_cmd_bench)
-    for command in (train, evaluate, chat, export, tokens):  # `fusetune train --verbose` as well as `fusetune --verbose train`
+    for command in (train, evaluate, chat, export, tokens, data):  # `fusetune train --verbose` as well as `fusetune --verbose train`
         command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="keep the libraries' own warnings, info lines and progress bars")
     return parser

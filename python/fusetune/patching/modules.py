@@ -152,6 +152,9 @@ class FusedAttention:
         return out, attn_weights
 
 
+RETURN_LOGITS = "FUSETUNE_RETURN_LOGITS"  # =1: a forward with labels returns the logits too (memory)
+
+
 class FusedCausalLMLoss:
     """Drop-in for transformers' ForCausalLMLoss, installed as the model's `loss_function`.
 
@@ -173,15 +176,14 @@ class FusedCausalLMLoss:
         if shift_labels is None:
             shift_labels = _shift(labels, ignore_index)
         targets = shift_labels.reshape(-1).to(logits.device)
+        # the backward may write the gradient over the logits, unless the caller asked to keep them
+        keep = os.environ.get(RETURN_LOGITS) == "1"
         return cross_entropy(logits.reshape(-1, vocab_size), targets, ignore_index=ignore_index,
-                             reduction="mean", num_items_in_batch=num_items_in_batch, inplace_backward=True)
+                             reduction="mean", num_items_in_batch=num_items_in_batch, inplace_backward=not keep)
 
     def __repr__(self):
         return "FusedCausalLMLoss()"
 
-
-
-RETURN_LOGITS = "FUSETUNE_RETURN_LOGITS"  # =1: a forward with labels returns the logits too (memory)
 
 
 @functools.cache

@@ -98,9 +98,29 @@ def fingerprint(config: TrainConfig, examples: list[dict], dtype: str, device: s
     return {k: v for k, v in flat.items() if k not in NOT_IN_FINGERPRINT}
 
 
+def _default(key: str):
+    """The default of a config key ("section.key"), or a marker no value equals."""
+    section, _, name = key.partition(".")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == section:
+            for g in dataclasses.fields(f.default_factory):
+                if g.name == name:
+                    return g.default_factory() if g.default is dataclasses.MISSING else g.default
+    return object()
+
+
 def differences(saved: dict, now: dict) -> list[str]:
-    return [f"{key} {saved.get(key, '(unset)')!r} then, {now.get(key, '(unset)')!r} now"
-            for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+    """The keys whose values differ; a key an older fusetune did not record matches its default."""
+    missing = object()
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        then, current = saved.get(key, missing), now.get(key, missing)
+        if then is missing and current == _default(key):
+            continue
+        if then != current:
+            out.append(f"{key} {'(unset)' if then is missing else repr(then)} then, "
+                       f"{'(unset)' if current is missing else repr(current)} now")
+    return out
 
 
 def _step(path: Path) -> int:
@@ -263,7 +283,7 @@ def resume_point(output_dir: Path, resume: bool | str, now: dict, log) -> Path |
                           f"(or false) to train from the start")
     if intact is not None and not finished and resume is not False:
         saved = read_state(intact)["fingerprint"]
-        if saved != now:
+        if differences(saved, now):
             raise ConfigError(f"{intact} belongs to a run with other settings: {'; '.join(differences(saved, now))}. "
                               f"Restore them to resume, set training.resume: false to start over (its checkpoints "
                               f"are kept aside), or choose another output.dir")

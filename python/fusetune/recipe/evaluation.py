@@ -78,8 +78,9 @@ def run_eval(config, log=print) -> dict:
     import math
     from pathlib import Path
 
-    from fusetune.api import FastLanguageModel
+    from fusetune.api import FastLanguageModel, get_chat_template
     from fusetune.api.loading import default_dtype
+    from fusetune.api.tokens import fit_embeddings
     from fusetune.atomic import atomic_write
     from fusetune.recipe.chat import trained_model_path
     from fusetune.recipe.data import check_rows, split_rows, tokenize_rows
@@ -107,10 +108,14 @@ def run_eval(config, log=print) -> dict:
                                                          load_in_4bit=m.load_in_4bit, load_in_8bit=m.load_in_8bit,
                                                          gguf_file=m.gguf_file if source == m.name else None,
                                                          trust_remote_code=m.trust_remote_code)
+    if source == m.name and m.chat_template:  # the base, laid out as training laid it out
+        get_chat_template(tokenizer, m.chat_template)
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            fit_embeddings(model, tokenizer, model.get_input_embeddings().weight.shape[0])
     report = {"model": source}
     if eval_rows:
         examples = tokenize_rows(eval_rows, tokenizer, m.max_seq_length, d.train_on_responses_only)
-        micro = t.micro_batch_size if isinstance(t.micro_batch_size, int) else t.effective_batch_size
+        micro = t.micro_batch_size if isinstance(t.micro_batch_size, int) else min(t.effective_batch_size, 4)
         loss = evaluate(model, examples, tokenizer.pad_token_id, micro, device)
         report["eval"] = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "rows": len(examples)}
         log(f"eval loss {loss:.4f}, perplexity {report['eval']['perplexity']:,.2f} ({len(examples)} held-out rows)")

@@ -238,7 +238,12 @@ def train_loop(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, ou
         return save_checkpoint(output_dir, model, optimizer, scheduler, state, cfg.save_total_limit)
 
     def eval_loss():
-        loss = evaluate(model, eval_examples, pad_id, micro_batch, device)
+        try:
+            loss = evaluate(model, eval_examples, pad_id, micro_batch, device)
+        except torch.cuda.OutOfMemoryError as err:  # evaluation holds the logits of whole rows
+            raise ConfigError(f"out of GPU memory measuring the eval loss at step {state['step']} (micro-batch "
+                              f"{micro_batch}): set training.micro_batch_size lower, or hold out fewer or shorter "
+                              f"rows (data.eval_split)") from err
         state["eval"].append({"step": state["step"], "loss": loss, "perplexity": math.exp(min(loss, 700.0))})
         log(f"eval at step {state['step']}: loss {loss:.4f}, perplexity {state['eval'][-1]['perplexity']:,.2f} "
             f"({len(eval_examples)} held-out rows)")

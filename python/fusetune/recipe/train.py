@@ -16,7 +16,7 @@ from fusetune.api.tokens import fit_embeddings, untie_embeddings
 from fusetune.atomic import atomic_write
 from fusetune.recipe.chat import reply
 from fusetune.recipe.checkpoints import claimed_output_dir, fingerprint, read_state, resume_point
-from fusetune.recipe.config import TrainConfig
+from fusetune.recipe.config import ConfigError, TrainConfig
 from fusetune.recipe.data import check_rows, read_new_tokens, read_rows, split_rows, tokenize_rows
 from fusetune.recipe.evaluation import multiple_choice_accuracy, read_questions
 from fusetune.recipe.loop import embedding_lr, pick_micro_batch, train_loop
@@ -84,6 +84,9 @@ def run_train(config: TrainConfig, log=print) -> dict:
         torch.manual_seed(t.seed)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = default_dtype(device.type) if m.dtype == "auto" else getattr(torch, m.dtype)
+        if m.full_finetuning and dtype == torch.float16:
+            raise ConfigError("model.full_finetuning updates the weights themselves, and AdamW on float16 weights "
+                              "underflows (this GPU has no bf16): set model.dtype: float32")
         log(describe_hardware(device, dtype))
         started = time.perf_counter()
         tokenizer = load_tokenizer(m.name, m.gguf_file, trust_remote_code=m.trust_remote_code)
@@ -107,6 +110,8 @@ def run_train(config: TrainConfig, log=print) -> dict:
         log(f"data: {len(examples)} conversations from {d.path}, {min(lengths)}-{max(lengths)} tokens, "
             f"{'assistant replies only' if d.train_on_responses_only else 'all tokens'} in the loss{dropped}{held}")
         run = fingerprint(config, examples, str(dtype).removeprefix("torch."), device.type)
+        if new_tokens:
+            run["model.new_tokens"] = new_tokens  # the tokens, not the file naming them
         resume_from = resume_point(out, t.resume, run, log)
         model, tokenizer = FastLanguageModel.from_pretrained(m.name, max_seq_length=m.max_seq_length, dtype=dtype,
                                                              load_in_4bit=m.load_in_4bit, load_in_8bit=m.load_in_8bit,
