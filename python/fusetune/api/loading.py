@@ -25,6 +25,11 @@ def default_dtype(device_type: str) -> torch.dtype:
     return torch.float32
 
 
+def resolve_dtype(name: str, device_type: str) -> torch.dtype:
+    """A config's dtype name ("auto" or a torch dtype's name) on this device."""
+    return default_dtype(device_type) if name == "auto" else getattr(torch, name)
+
+
 def resolve_model_name(model_name: str, gguf_file: str | None) -> tuple[str, str | None]:
     """A built-in name -> (directory, gguf file) of the installed package; a directory with one GGUF
     file and no config.json -> (directory, that file); others pass through."""

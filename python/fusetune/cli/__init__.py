@@ -72,60 +72,56 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _cmd_eval(args) -> int:
-    from fusetune.recipe.config import ConfigError, load_config
-
+def _run(command: str, args, job) -> int:
+    """A sub-command's job, quiet unless --verbose; a user's error (a bad config, file or value, a
+    missing package) is one line and exit code 2 (ConfigError is a ValueError), Ctrl-C is 130."""
     _quiet(args)
     try:
-        config = load_config(args.config, args.set)
-        from fusetune.recipe.evaluation import run_eval
-
-        run_eval(config)
-    except (ConfigError, ImportError, OSError, ValueError) as err:
-        print(f"fusetune eval: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _cmd_chat(args) -> int:
-    _quiet(args)
-    try:
-        from fusetune.recipe.chat import run_chat
-
-        return run_chat(args.source, args.max_new_tokens, args.system)
+        return job() or 0
     except (ImportError, OSError, ValueError) as err:
-        print(f"fusetune chat: {err}", file=sys.stderr)
+        print(f"fusetune {command}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return INTERRUPTED
 
 
-def _cmd_data(args) -> int:
-    from fusetune.recipe.cleaning import Filters, run_clean
-    from fusetune.recipe.config import ConfigError
+def _cmd_eval(args) -> int:
+    def job():
+        from fusetune.recipe.config import load_config
+        from fusetune.recipe.evaluation import run_eval
 
-    filters = Filters(min_chars=args.min_chars, min_hangul=args.min_hangul, max_repetition=args.max_repetition,
-                      near_duplicates=args.near_duplicates)
-    try:
-        run_clean(args.source, args.target, filters)
-    except (ConfigError, OSError, ValueError) as err:  # ValueError: datasketch's, for a threshold outside 0-1
-        print(f"fusetune data: {err}", file=sys.stderr)
-        return 2
-    return 0
+        run_eval(load_config(args.config, args.set))
+
+    return _run("eval", args, job)
+
+
+def _cmd_chat(args) -> int:
+    def job():
+        from fusetune.recipe.chat import run_chat
+
+        return run_chat(args.source, args.max_new_tokens, args.system)
+
+    return _run("chat", args, job)
+
+
+def _cmd_data(args) -> int:
+    def job():  # a ValueError here may be datasketch's, for a threshold outside 0-1
+        from fusetune.recipe.cleaning import Filters, run_clean
+
+        run_clean(args.source, args.target, Filters(min_chars=args.min_chars, min_hangul=args.min_hangul,
+                                                    max_repetition=args.max_repetition,
+                                                    near_duplicates=args.near_duplicates))
+
+    return _run("data", args, job)
 
 
 def _cmd_tokenizer(args) -> int:
-    from fusetune.recipe.config import ConfigError
-
-    _quiet(args)
-    try:
+    def job():
         from fusetune.recipe.tokenizer_tools import run_tokenizer_report
 
         run_tokenizer_report(args.data, args.model, args.add, args.out)
-    except (ConfigError, ImportError, OSError, ValueError) as err:
-        print(f"fusetune tokenizer: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return _run("tokenizer", args, job)
 
 
 def _cmd_export(args) -> int:

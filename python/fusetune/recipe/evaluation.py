@@ -16,6 +16,21 @@ from fusetune.recipe.config import ConfigError
 from fusetune.recipe.data import read_rows
 
 
+def read_run_data(config) -> tuple[list[dict], list[dict], list[dict]]:
+    """(training rows, held-out rows, multiple-choice questions) of a config, checked: what
+    `fusetune train` trains and measures on, and `fusetune eval` measures again."""
+    from fusetune.recipe.data import check_rows, split_rows
+
+    d = config.data
+    rows = read_rows(d.path)
+    check_rows(rows, d.path)
+    rows, eval_rows = split_rows(rows, d.eval_split, config.training.seed)
+    if d.eval_path:
+        eval_rows = read_rows(d.eval_path, "data.eval_path")
+        check_rows(eval_rows, d.eval_path, "data.eval_path")
+    return rows, eval_rows, read_questions(d.choices_path) if d.choices_path else []
+
+
 def read_questions(path: str) -> list[dict]:
     """The questions of `path` as {"question", "choices", "answer": index}; ConfigError naming the
     file and row otherwise."""
@@ -79,27 +94,21 @@ def run_eval(config, log=print) -> dict:
     from pathlib import Path
 
     from fusetune.api import FastLanguageModel, get_chat_template
-    from fusetune.api.loading import default_dtype
+    from fusetune.api.loading import resolve_dtype
     from fusetune.api.tokens import fit_embeddings
     from fusetune.atomic import atomic_write
     from fusetune.recipe.chat import trained_model_path
-    from fusetune.recipe.data import check_rows, split_rows, tokenize_rows
+    from fusetune.recipe.data import tokenize_rows
     from fusetune.recipe.loop import evaluate
 
     m, d, t = config.model, config.data, config.training
-    rows = read_rows(d.path)
-    check_rows(rows, d.path)
-    _, eval_rows = split_rows(rows, d.eval_split, t.seed)  # the rows `fusetune train` held out
-    if d.eval_path:
-        eval_rows = read_rows(d.eval_path, "data.eval_path")
-        check_rows(eval_rows, d.eval_path, "data.eval_path")
-    questions = read_questions(d.choices_path) if d.choices_path else []
+    _, eval_rows, questions = read_run_data(config)  # the rows `fusetune train` held out
     if not eval_rows and not questions:
         raise ConfigError("nothing to evaluate: set data.eval_split (the rows training held out), data.eval_path or "
                           "data.choices_path")
     out = Path(config.output.dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = default_dtype(device.type) if m.dtype == "auto" else getattr(torch, m.dtype)
+    dtype = resolve_dtype(m.dtype, device.type)
     source = trained_model_path(str(out))
     if source is None:
         source = m.name

@@ -300,6 +300,6 @@ def train_loop(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, ou
         progress.close()
     if cfg.save_steps and state["step"] > first_step:
         save()  # the final state: a run stopped while writing its results resumes here, not from the start
-    return {"losses": state["losses"], "eval": state.get("eval", []), "steps": steps, "resumed_from": str(resume_from) if resume_from else None,
+    return {"losses": state["losses"], "eval": state["eval"], "steps": steps, "resumed_from": str(resume_from) if resume_from else None,
             "tokens_per_s": run_tokens / run_seconds if run_seconds else 0.0, "peak_memory_gib": peak_bytes(device) / 2**30,
             "micro_batch": micro_batch, "fingerprint": fingerprint}

@@ -11,14 +11,14 @@ import torch
 
 from fusetune.api import FastLanguageModel, get_chat_template, save_merged
 from fusetune.api.gguf import check_exportable, check_method, save_gguf
-from fusetune.api.loading import default_dtype, load_tokenizer
+from fusetune.api.loading import load_tokenizer, resolve_dtype
 from fusetune.api.tokens import fit_embeddings, untie_embeddings
 from fusetune.atomic import atomic_write
 from fusetune.recipe.chat import reply
 from fusetune.recipe.checkpoints import claimed_output_dir, fingerprint, read_state, resume_point
 from fusetune.recipe.config import ConfigError, TrainConfig
-from fusetune.recipe.data import check_rows, read_new_tokens, read_rows, split_rows, tokenize_rows
-from fusetune.recipe.evaluation import multiple_choice_accuracy, read_questions
+from fusetune.recipe.data import read_new_tokens, tokenize_rows
+from fusetune.recipe.evaluation import multiple_choice_accuracy, read_run_data
 from fusetune.recipe.loop import embedding_lr, pick_micro_batch, train_loop
 from fusetune.training.checkpoint import enable_checkpointing, enable_offloaded_checkpointing
 from fusetune.training.env import backend_report, gpus
@@ -72,18 +72,12 @@ def run_train(config: TrainConfig, log=print) -> dict:
     if config.output.save_gguf:  # fail now, not after training
         check_method(config.output.save_gguf)
     d = config.data
-    rows = read_rows(d.path)
-    check_rows(rows, d.path)
-    rows, eval_rows = split_rows(rows, d.eval_split, t.seed)
-    if d.eval_path:
-        eval_rows = read_rows(d.eval_path, "data.eval_path")
-        check_rows(eval_rows, d.eval_path, "data.eval_path")
-    questions = read_questions(d.choices_path) if d.choices_path else []
+    rows, eval_rows, questions = read_run_data(config)
     new_tokens = read_new_tokens(m.new_tokens) if m.new_tokens else []
     with claimed_output_dir(Path(config.output.dir), log) as out:
         torch.manual_seed(t.seed)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = default_dtype(device.type) if m.dtype == "auto" else getattr(torch, m.dtype)
+        dtype = resolve_dtype(m.dtype, device.type)
         if m.full_finetuning and dtype == torch.float16:
             raise ConfigError("model.full_finetuning updates the weights themselves, and AdamW on float16 weights "
                               "underflows (this GPU has no bf16): set model.dtype: float32")
