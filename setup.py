@@ -58,9 +58,11 @@ setup(
                       "accelerate>=1.15,<2", "safetensors>=0.4,<1", "pyyaml>=6,<7"],
     # train: the embedded default of `fusetune train` reads a GGUF file and plots the loss
     extras_require={"train": ["gguf>=0.17,<1", "matplotlib>=3.7,<4"],
-                    "data": ["datasketch>=1.6,<3"],  # near-duplicate removal in `fusetune data`
+                    # near-duplicate removal in `fusetune data`; ROUGE of data.generation_path
+                    "data": ["datasketch>=1.6,<3", "rouge-score>=0.1.2,<1"],
+                    "tensorboard": ["tensorboard>=2.14,<3"],  # training.report_to: [tensorboard]
                     "test": ["pytest>=8,<10", "gguf>=0.17,<1", "matplotlib>=3.7,<4", "bitsandbytes>=0.50,<1",
-                             "trl>=1.15,<2", "datasketch>=1.6,<3"]},
+                             "trl>=1.15,<2", "datasketch>=1.6,<3", "rouge-score>=0.1.2,<1", "tensorboard>=2.14,<3"]},
     entry_points={"console_scripts": ["fusetune=fusetune.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

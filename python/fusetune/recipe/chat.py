@@ -3,6 +3,7 @@ in OUTPUT_DIR/adapter (or a merged model folder, or any model name) answers each
 conversation kept; an empty line or Ctrl-D ends it, /reset starts a new conversation."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -21,9 +22,13 @@ def reply(model, tokenizer, messages: list[dict], max_new_tokens: int) -> str:
 
 
 def trained_model_path(source: str) -> str | None:
-    """OUTPUT_DIR of `fusetune train` -> its adapter folder (LoRA) or model folder (full fine-tuning);
-    None when `source` holds neither."""
+    """OUTPUT_DIR of `fusetune train` -> its adapter folder (LoRA) or model folder (full fine-tuning),
+    a recipe's the result of its last stage (stages.json); None when `source` holds neither."""
     folder = Path(source)
+    try:
+        return json.loads((folder / "stages.json").read_text(encoding="utf-8"))["result"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     if (folder / "adapter" / "adapter_config.json").is_file():
         return str(folder / "adapter")
     if (folder / "model" / "config.json").is_file():

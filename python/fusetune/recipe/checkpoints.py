@@ -36,8 +36,8 @@ STATE = "state.json"
 FORMAT = 2  # the layout above; the checkpoints of earlier versions (a pickled optimizer.pt) have none
 NOT_IN_FINGERPRINT = {"model.trust_remote_code", "data.path", "data.eval_prompts", "data.max_new_tokens",
                       "training.micro_batch_size", "training.logging_steps", "training.save_steps",
-                      "training.save_total_limit", "training.resume", "training.eval_steps", "data.eval_path",
-                      "data.choices_path"}
+                      "training.save_total_limit", "training.resume", "training.report_to", "training.eval_steps", "data.eval_path",
+                      "data.choices_path", "data.generation_path"}
 # what a finished or interrupted run wrote into its output folder; a new run sets them aside
 RESULTS = ("adapter", "model", "merged", "gguf", "loss.png", "summary.json", "eval.json")
 
@@ -92,7 +92,8 @@ def fingerprint(config: TrainConfig, examples: list[dict], dtype: str, device: s
             if section != "output" for key, value in values.items()}
     digest = hashlib.sha256()
     for e in examples:
-        digest.update(json.dumps([e["input_ids"], e["labels"]]).encode())
+        # sft/cpt rows as earlier fusetune digested them; pairs and prompts whole
+        digest.update(json.dumps([e["input_ids"], e["labels"]] if "input_ids" in e else e, sort_keys=True).encode())
     flat["data.tokens"] = f"{len(examples)} rows, sha256 {digest.hexdigest()[:16]}"
     flat["run.dtype"], flat["run.device"] = dtype, device
     return {k: v for k, v in flat.items() if k not in NOT_IN_FINGERPRINT}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -18,6 +19,8 @@ SCHEDULERS = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")  # the 8-bit ones are bitsandbytes'
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+STAGE_KINDS = ("cpt", "sft", "dpo", "orpo", "grpo")
+REPORTERS = ("tensorboard", "wandb")
 
 
 class ConfigError(ValueError):
@@ -62,8 +65,12 @@ class DataConfig:
     eval_path: str | None = key(None, "or a file of its own for the eval loss")
     choices_path: str | None = key(None, "multiple-choice questions (question, choices, answer): accuracy before "
                                          "and after training")
+    generation_path: str | None = key(None, "a local .jsonl of {prompt, reference} rows: each prompt answered "
+                                            "greedily as a one-turn chat, scored by ROUGE-1/2/L F1 against its "
+                                            "reference, before and after training and by fusetune eval (pip install "
+                                            "rouge-score)")
     eval_prompts: list[str] = key([], "prompts answered before and after training (not trained on)")
-    max_new_tokens: int = key(48, "the length of those answers")
+    max_new_tokens: int = key(48, "the length of the answers to eval_prompts and generation_path")
 
 
 @dataclass
@@ -95,6 +102,9 @@ class TrainingConfig:
     max_grad_norm: float | None = key(1.0, "clip the gradient norm to this (null: no clipping)")
     seed: int = key(3407, "the seed of the adapters' initialisation, the data order and the eval split")
     logging_steps: int = key(1, "a progress line every N steps (when not on a terminal)")
+    report_to: list[str] | str = key([], "also log the loss, learning rate, tokens/s, memory and eval loss of every step to "
+                                   "tensorboard (output.dir/runs; pip install tensorboard) and/or wandb (pip install "
+                                   "wandb; its project: WANDB_PROJECT, default fusetune)")
     eval_steps: int = key(0, "the eval loss every N steps (0: before and after training only), with eval data")
     save_steps: int = key(50, "a resumable checkpoint every N steps and after the last (0: none)")
     save_total_limit: int = key(2, "checkpoints kept")
@@ -111,12 +121,41 @@ class OutputConfig:
 
 
 @dataclass
+class StageSection:
+    kind: str = key("sft", "cpt (continued pre-training: text rows packed into max_seq_length blocks, every token in "
+                           "the loss, embed_tokens and lm_head trained beside LoRA), sft, dpo, orpo (rows of prompt, "
+                           "chosen, rejected) or grpo (rows of prompt, rewarded by `reward`)")
+    beta: float = key(0.1, "dpo: how strongly the model is held to the reference (itself at the stage's start); "
+                           "orpo: the weight of the odds-ratio term beside the chosen reply's loss")
+    reward: str | None = key(None, "grpo: the reward function as module:function, importable from the working folder "
+                                   "(e.g. rewards:length for rewards.py), called as f(prompts, completions, **columns) "
+                                   "-> one number per completion")
+    generations: int = key(4, "grpo: completions sampled per prompt (their mean reward is the baseline)")
+    temperature: float = key(1.0, "grpo: the sampling temperature of the completions")
+    max_completion_length: int = key(64, "grpo: the longest completion sampled, in tokens")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraSection = field(default_factory=LoraSection)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    stage: StageSection = field(default_factory=StageSection)
+
+
+# a recipe's `stages:` item: the stage keys above, plus these and data/training overrides
+STAGE_ITEM_KEYS = ("name", "from", "data", "training")
+
+
+@dataclass
+class Recipe:
+    """A config with `stages:`: each stage a TrainConfig of its own (the shared sections with the
+    stage's data/training keys over them), trained from the output of the stage it names in
+    `from` (by default the one before; the first starts from model.name)."""
+    stages: list[tuple[str, str | None, TrainConfig]]  # (name, the stage it starts from, its config)
+    output_dir: str
 
 
 def _suggest(key: str, known) -> str:
@@ -159,6 +198,12 @@ def _validate(config: TrainConfig):
     t = config.training
     if t.lr_scheduler not in SCHEDULERS:
         raise ConfigError(f"training.lr_scheduler = {t.lr_scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    if isinstance(t.report_to, str):  # as transformers' TrainingArguments take it
+        t.report_to = [] if t.report_to == "none" else [t.report_to]
+    unknown = [r for r in t.report_to if r not in REPORTERS]
+    if unknown:
+        raise ConfigError(f"training.report_to: {', '.join(map(repr, unknown))} unknown; choose from "
+                          f"{', '.join(REPORTERS)} (or [] for neither)")
     if t.optim not in OPTIMIZERS:
         raise ConfigError(f"training.optim = {t.optim!r}: choose one of {', '.join(OPTIMIZERS)}")
     m = config.model
@@ -194,10 +239,29 @@ def _validate(config: TrainConfig):
         raise ConfigError(f"data.eval_split = {d.eval_split}: a fraction of the rows, from 0 (none) up to below 1")
     if d.eval_split and d.eval_path:
         raise ConfigError("data.eval_split and data.eval_path both give eval data: set one of them")
+    if d.generation_path is not None and not d.generation_path.endswith(".jsonl"):
+        raise ConfigError(f"data.generation_path = {d.generation_path!r}: a .jsonl file, one {{\"prompt\": ..., "
+                          f"\"reference\": ...}} row a line")
     if t.eval_steps < 0:
         raise ConfigError(f"training.eval_steps = {t.eval_steps}: at least 0 (0: after the last step)")
     if t.resume not in (True, False, "auto"):
         raise ConfigError(f"training.resume = {t.resume!r}: true, false or auto")
+    stage = config.stage
+    if stage.kind not in STAGE_KINDS:
+        raise ConfigError(f"stage.kind = {stage.kind!r}: choose one of {', '.join(STAGE_KINDS)}")
+    if stage.kind == "grpo" and not stage.reward:
+        raise ConfigError("a grpo stage needs stage.reward: a function as module:function (e.g. rewards:length for "
+                          "a rewards.py in the working folder) that scores each completion")
+    if stage.generations < 2 or stage.max_completion_length < 1 or stage.temperature <= 0 or stage.beta <= 0:
+        raise ConfigError(f"stage: generations {stage.generations} (at least 2), max_completion_length "
+                          f"{stage.max_completion_length} (at least 1), temperature {stage.temperature} and beta "
+                          f"{stage.beta} (positive) are out of range")
+    if stage.kind == "grpo" and stage.max_completion_length >= m.max_seq_length:
+        raise ConfigError(f"stage.max_completion_length = {stage.max_completion_length} leaves no room for the prompt "
+                          f"in model.max_seq_length = {m.max_seq_length}: raise max_seq_length or lower it")
+    if stage.kind == "grpo" and (d.eval_split or d.eval_path):
+        raise ConfigError("a grpo stage measures its rewards, not an eval loss: drop data.eval_split and "
+                          "data.eval_path from it")
     if config.lora.gradient_checkpointing not in (True, False, "fusetune", "unsloth"):
         raise ConfigError(f"lora.gradient_checkpointing = {config.lora.gradient_checkpointing!r}: true, false or "
                           f"fusetune")
@@ -214,8 +278,48 @@ def _parse_override(item: str) -> tuple[list[str], object]:
     return key.strip().split("."), value
 
 
-def build_config(raw: dict | None, overrides: list[str] = ()) -> TrainConfig:
-    raw = dict(raw or {})
+def _stage_configs(raw: dict, items, overrides) -> Recipe:
+    """The stages of a recipe, each checked as a config of its own; a stage that names an unknown
+    or later stage, or a name used twice, is refused."""
+    if not isinstance(items, list) or not items or not all(isinstance(i, dict) for i in items):
+        raise ConfigError("stages must be a list of mappings, e.g. [{name: sft, kind: sft}, {name: dpo, kind: dpo, "
+                          "data: {path: pairs.jsonl}}]")
+    stage_keys = {f.name for f in dataclasses.fields(StageSection)}
+    names, stages = [], []
+    for index, item in enumerate(items):
+        name = item.get("name", item.get("kind", "sft") if index == 0 else None)
+        if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name) or name.startswith("previous-"):
+            raise ConfigError(f"stages[{index}] needs a name (letters, digits, _ . -; it names its output folder), "
+                              f"got {name!r}")
+        if name in names:
+            raise ConfigError(f"stages: the name {name!r} is used twice; give each stage its own")
+        for k in item:
+            if k not in stage_keys and k not in STAGE_ITEM_KEYS:
+                raise ConfigError(f"unknown key stages[{index}].{k} (stage {name!r}): "
+                                  f"{_suggest(k, [*stage_keys, *STAGE_ITEM_KEYS])}known keys: "
+                                  f"{', '.join([*STAGE_ITEM_KEYS, *stage_keys])}")
+        source = item.get("from", names[-1] if names else None)
+        if source is not None and source not in names:
+            later = [i.get("name") for i in items[index + 1:]]
+            raise ConfigError(f"stage {name!r} starts from {source!r}, which is "
+                              f"{'a later stage' if source in later else 'no stage'}: name an earlier one "
+                              f"({_suggest(str(source), names)}earlier stages: {', '.join(names) or 'none'})")
+        stage_raw = {**raw, "stage": {**(raw.get("stage") or {}), **{k: v for k, v in item.items() if k in stage_keys}}}
+        for section in ("data", "training"):
+            if section in item:
+                if not isinstance(item[section], dict):
+                    raise ConfigError(f"stages[{index}].{section} must be a mapping of {section} keys")
+                stage_raw[section] = {**(raw.get(section) or {}), **item[section]}
+        try:
+            config = build_config(stage_raw, overrides)
+        except ConfigError as err:
+            raise ConfigError(f"stage {name!r}: {err}") from err
+        names.append(name)
+        stages.append((name, source, config))
+    return Recipe(stages, stages[0][2].output.dir)
+
+
+def _apply_overrides(raw: dict, overrides) -> dict:
     for item in overrides:
         path, value = _parse_override(item)
         if len(path) != 2:
@@ -224,11 +328,22 @@ def build_config(raw: dict | None, overrides: list[str] = ()) -> TrainConfig:
         if not isinstance(section, dict):
             raise ConfigError(f"--set {item!r}: {path[0]} is not a section")
         section[path[1]] = value
+    return raw
+
+
+def build_config(raw: dict | None, overrides: list[str] = ()) -> TrainConfig | Recipe:
+    """The config of a mapping of sections (a Recipe when it has `stages:`; --set overrides then
+    apply to every stage, over the stage's own keys)."""
+    raw = dict(raw or {})
+    if "stages" in raw:
+        return _stage_configs(raw, raw.pop("stages"), overrides)
+    raw = _apply_overrides(raw, overrides)
     config = TrainConfig()
     sections = {f.name for f in dataclasses.fields(config)}
     for name, values in raw.items():
         if name not in sections:
-            raise ConfigError(f"unknown section {name!r}: {_suggest(name, sections)}sections: {', '.join(sections)}")
+            raise ConfigError(f"unknown section {name!r}: {_suggest(name, [*sections, 'stages'])}sections: "
+                              f"{', '.join(sections)}, stages")
         _fill(getattr(config, name), values or {}, name)
     _validate(config)
     return config
@@ -276,4 +391,16 @@ def reference() -> str:
                 .strip()
             lines.append(f"| `{f.name}` | {f.type.replace('|', 'or')} | `{shown}` | {f.metadata['help']} |")
         lines.append("")
+    lines += ["## stages", "",
+              "A recipe: a list of stages trained one after another, each from the output of the one before "
+              "(or of the stage its `from` names), each in output.dir/NAME with checkpoints of its own; a rerun "
+              "skips the stages that finished with the same settings and resumes the one that was stopped. An "
+              "item holds `name` (its folder; default: its kind), `from`, the keys of the stage section above, "
+              "and `data` / `training` keys that override the shared sections for this stage; the model, lora "
+              "and output sections are shared (LoRA stages train one adapter on). A report comparing the "
+              "stages goes to output.dir/stages.json.", "",
+              "```yaml", "stages:", "  - {name: cpt, kind: cpt, data: {path: corpus.jsonl}, training: {learning_rate: 5.0e-5}}",
+              "  - {name: sft, kind: sft, data: {path: chats.jsonl}}",
+              "  - {name: dpo, kind: dpo, beta: 0.1, data: {path: pairs.jsonl}, training: {learning_rate: 5.0e-6}}",
+              "```", ""]
     return "\n".join(lines)

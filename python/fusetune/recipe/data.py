@@ -156,11 +156,36 @@ def to_messages(row: dict, index: int) -> list[dict] | str:
                       f"instruction/output, prompt/completion or text rows")
 
 
-def check_rows(rows: list[dict], path: str, key: str = "data.path") -> None:
-    """Every row is a conversation or a text fusetune can train on (before any model is loaded)."""
+ROW_FIELDS = {"cpt": ("text",), "dpo": ("prompt", "chosen", "rejected"), "orpo": ("prompt", "chosen", "rejected"),
+              "grpo": ("prompt",)}  # the fields a stage kind reads (sft: any conversation format above)
+
+
+def _chat(value, role: str, where: str) -> list[dict]:
+    """A prompt or reply as chat messages: a text becomes one message of `role`."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                 and isinstance(m.get("content"), str) for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise ConfigError(f"{where}: a text or a list of messages (each a role and a content), got {value!r:.60}")
+
+
+def check_rows(rows: list[dict], path: str, key: str = "data.path", kind: str = "sft") -> None:
+    """Every row is something a stage of this kind can train on (before any model is loaded)."""
+    fields = ROW_FIELDS.get(kind)
     for index, row in enumerate(rows):
         try:
-            to_messages(row, index)
+            if fields is None:
+                to_messages(row, index)
+                continue
+            missing = [f for f in fields if f not in row]
+            if missing:
+                raise ConfigError(f"data row {index} has keys {sorted(row)} but a {kind} stage reads "
+                                  f"{', '.join(fields)} (missing: {', '.join(missing)})")
+            if kind == "cpt" and not isinstance(row["text"], str):
+                raise ConfigError(f"data row {index}: text must be a text")
+            for field in fields if kind != "cpt" else ():
+                _chat(row[field], "user" if field == "prompt" else "assistant", f"data row {index} {field}")
         except ConfigError as err:
             raise ConfigError(f"{key} {path!r}: {err}") from err
 
@@ -230,6 +255,80 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_on
         raise ConfigError("no row has an answer to learn (every row's labels are masked): check data.path and "
                           "data.train_on_responses_only")
     return out
+
+
+def pack_texts(rows: list[dict], tokenizer, block: int) -> list[dict]:
+    """cpt: the text rows tokenized (each ending with the end-of-sequence token) and joined into rows
+    of `block` tokens, every token a label: no padding, and documents meet at their end-of-sequence
+    token as in pre-training (a short last row is kept)."""
+    stream = [t for e in tokenize_rows(rows, tokenizer, 1 << 62, responses_only=False) for t in e["input_ids"]]
+    blocks = [stream[i:i + block] for i in range(0, len(stream), block)]
+    return [{"input_ids": b, "labels": list(b)} for b in blocks if len(b) > 1]
+
+
+def _labelled_reply(tokenizer, prompt: list[dict], reply: list[dict], index: int, max_len: int) -> dict | None:
+    """prompt + reply rendered with the chat template and tokenized, the reply's tokens labelled
+    (None when the cut to max_len leaves none of them)."""
+    head = _render(tokenizer, prompt, index, add_generation_prompt=True)
+    text = _render(tokenizer, prompt + reply, index)
+    if not text.startswith(head):
+        raise ConfigError(f"data row {index}: the chat template renders the prompt differently once a reply follows, "
+                          f"so the reply cannot be located; choose another model.chat_template")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [t if start >= len(head) else IGNORE_INDEX for t, (start, _) in zip(enc["input_ids"], enc["offset_mapping"])]
+    ids, labels = enc["input_ids"][:max_len], labels[:max_len]
+    return {"input_ids": ids, "labels": labels} if any(label != IGNORE_INDEX for label in labels[1:]) else None
+
+
+def _require_template(tokenizer):
+    if tokenizer.chat_template is None:
+        raise ConfigError("the tokenizer has no chat template: set model.chat_template (e.g. chatml)")
+
+
+def tokenize_pairs(rows: list[dict], tokenizer, max_seq_length: int) -> list[dict]:
+    """dpo / orpo rows (prompt, chosen, rejected) -> {"chosen": {input_ids, labels}, "rejected": ...},
+    the labels on the reply only; a pair is dropped when either reply is cut away entirely."""
+    _require_template(tokenizer)
+    out = []
+    for index, row in enumerate(rows):
+        prompt = _chat(row["prompt"], "user", f"data row {index} prompt")
+        pair = {side: _labelled_reply(tokenizer, prompt, _chat(row[side], "assistant", f"data row {index} {side}"),
+                                      index, max_seq_length) for side in ("chosen", "rejected")}
+        if pair["chosen"] is not None and pair["rejected"] is not None:
+            out.append(pair)
+    if not out:
+        raise ConfigError(f"model.max_seq_length = {max_seq_length} cuts every pair's replies away: raise it")
+    return out
+
+
+def tokenize_prompts(rows: list[dict], tokenizer, max_prompt_length: int) -> list[dict]:
+    """grpo rows -> {"prompt": as written, "prompt_ids", "columns": the other fields, for the reward
+    function}; a prompt longer than max_prompt_length (max_seq_length less the completion) is dropped."""
+    _require_template(tokenizer)
+    out = []
+    for index, row in enumerate(rows):
+        text = _render(tokenizer, _chat(row["prompt"], "user", f"data row {index} prompt"), index,
+                       add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= max_prompt_length:
+            out.append({"prompt": row["prompt"], "prompt_ids": ids,
+                        "columns": {k: v for k, v in row.items() if k != "prompt"}})
+    if not out:
+        raise ConfigError(f"every prompt is longer than model.max_seq_length less stage.max_completion_length "
+                          f"({max_prompt_length} tokens): raise model.max_seq_length")
+    return out
+
+
+def stage_examples(kind: str, rows: list[dict], tokenizer, config) -> list[dict]:
+    """The rows tokenized as a stage of this kind trains on them."""
+    m, d, stage = config.model, config.data, config.stage
+    if kind == "cpt":
+        return pack_texts(rows, tokenizer, m.max_seq_length)
+    if kind in ("dpo", "orpo"):
+        return tokenize_pairs(rows, tokenizer, m.max_seq_length)
+    if kind == "grpo":
+        return tokenize_prompts(rows, tokenizer, m.max_seq_length - stage.max_completion_length)
+    return tokenize_rows(rows, tokenizer, m.max_seq_length, d.train_on_responses_only)
 
 
 def read_new_tokens(value: list[str] | str) -> list[str]:

@@ -1,19 +1,28 @@
-"""Multiple-choice accuracy from log-likelihoods (the way KMMLU-style benchmarks are scored), for
-`fusetune train` (before and after) and `fusetune eval`.
+"""Multiple-choice accuracy from log-likelihoods (the way KMMLU-style benchmarks are scored) and
+ROUGE of generated answers, for `fusetune train` (before and after) and `fusetune eval`.
 
 A question file is JSONL (or .json/.csv) of {"question", "choices": [...], "answer"}, the answer an
 index (0-based), a letter (A, B, ...) or the text of the right choice. Each choice is scored by the
 sum of the log-probabilities of its tokens as the assistant's reply to the question (a one-turn
 chat with the tokenizer's template); the highest-scoring choice is the model's answer.
+
+A generation file (data.generation_path) is JSONL of {"prompt", "reference"}: the model answers each
+prompt greedily as a one-turn chat, and the answer is scored against the reference by ROUGE-1, -2
+and -L F1 (Google's rouge-score package) over Unicode words, so Korean text counts.
 """
 from __future__ import annotations
 
+import json
 import string
+import unicodedata
+from pathlib import Path
 
 import torch
 
 from fusetune.recipe.config import ConfigError
-from fusetune.recipe.data import read_rows
+from fusetune.recipe.data import _decode, read_rows
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 
 def read_run_data(config) -> tuple[list[dict], list[dict], list[dict]]:
@@ -23,11 +32,11 @@ def read_run_data(config) -> tuple[list[dict], list[dict], list[dict]]:
 
     d = config.data
     rows = read_rows(d.path)
-    check_rows(rows, d.path)
+    check_rows(rows, d.path, kind=config.stage.kind)
     rows, eval_rows = split_rows(rows, d.eval_split, config.training.seed)
     if d.eval_path:
         eval_rows = read_rows(d.eval_path, "data.eval_path")
-        check_rows(eval_rows, d.eval_path, "data.eval_path")
+        check_rows(eval_rows, d.eval_path, "data.eval_path", config.stage.kind)
     return rows, eval_rows, read_questions(d.choices_path) if d.choices_path else []
 
 
@@ -85,13 +94,124 @@ def multiple_choice_accuracy(model, tokenizer, questions: list[dict]) -> dict:
     return {"accuracy": correct / len(questions), "correct": correct, "total": len(questions)}
 
 
+class UnicodeWords:
+    """A tokenizer for rouge-score (it calls .tokenize): its default keeps only [a-z0-9] runs, so
+    Korean, or any text outside ASCII, has no tokens and scores 0. Here a word is a run of Unicode
+    letters and digits (Hangul syllables included; a combining mark stays with the letter before it,
+    as Devanagari vowel signs and Thai tone marks must), after NFKC (full-width forms, Hangul typed
+    as separate jamo composed) and lowercasing. stem: Porter stemming, as rouge-score's use_stemmer,
+    but on ASCII words only: its suffix rules are English ones."""
+
+    def __init__(self, stem: bool = False):
+        self._stemmer = None
+        if stem:
+            from nltk.stem import porter  # a rouge-score dependency
+
+            self._stemmer = porter.PorterStemmer()
+
+    def tokenize(self, text: str) -> list[str]:
+        words, word = [], []
+        for ch in unicodedata.normalize("NFKC", text).lower() + " ":  # the space ends the last word
+            if ch.isalnum() or (word and unicodedata.category(ch).startswith("M")):
+                word.append(ch)
+            elif word:
+                words.append("".join(word))
+                word = []
+        if self._stemmer:  # rouge-score stems words longer than 3 characters only; so does this
+            words = [self._stemmer.stem(w) if len(w) > 3 and w.isascii() and w.isalpha() else w for w in words]
+        return words
+
+
+def _rouge_scorer(stem: bool = False):
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError as err:
+        raise ConfigError("ROUGE (data.generation_path) is computed by Google's rouge-score package: pip install "
+                          "rouge-score (or leave data.generation_path unset)") from err
+    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), tokenizer=UnicodeWords(stem))
+
+
+def rouge(references: list[str], predictions: list[str], stem: bool = False) -> dict:
+    """ROUGE-1/2/L F1 of each prediction against its reference ("per_row") and their means."""
+    scorer = _rouge_scorer(stem)
+    per_row = []
+    for reference, prediction in zip(references, predictions, strict=True):
+        scores = scorer.score(reference, prediction)  # rouge-score's order: (target, prediction)
+        per_row.append({name: float(scores[name].fmeasure) for name in ROUGE_TYPES})  # an int 0 for no words
+    means = {name: sum(r[name] for r in per_row) / len(per_row) if per_row else 0.0 for name in ROUGE_TYPES}
+    return {**means, "rows": len(per_row), "per_row": per_row}
+
+
+def read_generations(path: str) -> list[dict]:
+    """The {"prompt", "reference"} rows of the JSONL file `path` (data.generation_path); ConfigError
+    naming the file and line otherwise. It checks that rouge-score is installed too, so that
+    `fusetune train` stops before the model loads rather than after training."""
+    key, want = "data.generation_path", '{"prompt": ..., "reference": ...}'
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{key} {path!r} not found: give a local .jsonl file, one {want} row a line")
+    try:
+        raw = file.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{key} {path!r} cannot be read: {err.strerror}") from err
+    words = UnicodeWords()
+    rows = []
+    for number, line in enumerate(_decode(raw, path, key).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{key} {path!r}: line {number} is not valid JSON ({err.msg} at column {err.colno}): "
+                              f"fix or remove that line") from err
+        where = f"{key} {path!r} line {number}"
+        if not isinstance(row, dict):
+            raise ConfigError(f"{where}: {type(row).__name__} {line.strip()[:40]!r}, not a row {want}")
+        missing = [name for name in ("prompt", "reference") if not isinstance(row.get(name), str)]
+        if missing:
+            raise ConfigError(f"{where}: needs {' and '.join(repr(m) for m in missing)} (text), got keys "
+                              f"{sorted(row)}")
+        if not row["prompt"].strip():
+            raise ConfigError(f"{where}: the prompt is empty")
+        if not words.tokenize(row["reference"]):  # it would score 0 whatever the model said
+            raise ConfigError(f"{where}: the reference {row['reference']!r:.40} has no letters or digits to score")
+        rows.append({"prompt": row["prompt"], "reference": row["reference"]})
+    if not rows:
+        raise ConfigError(f"{key} {path!r} holds no rows: give at least one {want} row")
+    _rouge_scorer()
+    return rows
+
+
+def generation_rouge(model, tokenizer, rows: list[dict], max_new_tokens: int) -> dict:
+    """The model's greedy one-turn-chat answer to each row's prompt, scored by ROUGE against its
+    reference: the means and, per row, the prompt, reference, prediction and scores."""
+    from fusetune.api import FastLanguageModel
+    from fusetune.recipe.chat import reply
+
+    was_training = model.training
+    FastLanguageModel.for_inference(model)
+    predictions = [reply(model, tokenizer, [{"role": "user", "content": r["prompt"]}], max_new_tokens) for r in rows]
+    model.train(was_training)
+    report = rouge([r["reference"] for r in rows], predictions)
+    report["per_row"] = [{**row, "prediction": p, **scores}
+                         for row, p, scores in zip(rows, predictions, report["per_row"])]
+    return report
+
+
+def rouge_line(path: str, before: dict, after: dict | None = None) -> str:
+    """The log line of a ROUGE measurement (and of the one after training, if given)."""
+    def f1(r: dict) -> str:
+        return "/".join(f"{r[name]:.3f}" for name in ROUGE_TYPES)
+
+    measured = f"{f1(before)} before, {f1(after)} after" if after else f1(before)
+    return f"ROUGE-1/2/L F1 ({path}, {before['rows']} prompts): {measured}"
+
+
 def run_eval(config, log=print) -> dict:
     """`fusetune eval CONFIG`: the adapter `fusetune train` saved in output.dir (or, with none, the
-    base model) on the config's held-out rows (eval loss, perplexity) and multiple-choice
-    questions; the report goes to output.dir/eval.json."""
-    import json
+    base model) on the config's held-out rows (eval loss, perplexity), multiple-choice questions and
+    generation prompts (ROUGE); the report goes to output.dir/eval.json."""
     import math
-    from pathlib import Path
 
     from fusetune.api import FastLanguageModel, get_chat_template
     from fusetune.api.loading import resolve_dtype
@@ -99,13 +219,14 @@ def run_eval(config, log=print) -> dict:
     from fusetune.atomic import atomic_write
     from fusetune.recipe.chat import trained_model_path
     from fusetune.recipe.data import tokenize_rows
-    from fusetune.recipe.loop import evaluate
+    from fusetune.recipe.objectives import LanguageModeling
 
     m, d, t = config.model, config.data, config.training
     _, eval_rows, questions = read_run_data(config)  # the rows `fusetune train` held out
-    if not eval_rows and not questions:
-        raise ConfigError("nothing to evaluate: set data.eval_split (the rows training held out), data.eval_path or "
-                          "data.choices_path")
+    generations = read_generations(d.generation_path) if d.generation_path else []
+    if not eval_rows and not questions and not generations:
+        raise ConfigError("nothing to evaluate: set data.eval_split (the rows training held out), data.eval_path, "
+                          "data.choices_path or data.generation_path")
     out = Path(config.output.dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(m.dtype, device.type)
@@ -125,13 +246,16 @@ def run_eval(config, log=print) -> dict:
     if eval_rows:
         examples = tokenize_rows(eval_rows, tokenizer, m.max_seq_length, d.train_on_responses_only)
         micro = t.micro_batch_size if isinstance(t.micro_batch_size, int) else min(t.effective_batch_size, 4)
-        loss = evaluate(model, examples, tokenizer.pad_token_id, micro, device)
+        loss = LanguageModeling(tokenizer.pad_token_id).evaluate(model, examples, micro, device)
         report["eval"] = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "rows": len(examples)}
         log(f"eval loss {loss:.4f}, perplexity {report['eval']['perplexity']:,.2f} ({len(examples)} held-out rows)")
     if questions:
         report["multiple_choice"] = multiple_choice_accuracy(model, tokenizer, questions)
         r = report["multiple_choice"]
         log(f"multiple choice ({d.choices_path}): accuracy {r['accuracy']:.1%} ({r['correct']} of {r['total']})")
+    if generations:
+        report["rouge"] = generation_rouge(model, tokenizer, generations, d.max_new_tokens)
+        log(rouge_line(d.generation_path, report["rouge"]))
     out.mkdir(parents=True, exist_ok=True)
     log(f"report: {atomic_write(out / 'eval.json', json.dumps(report, indent=1, ensure_ascii=False))}")
     return report

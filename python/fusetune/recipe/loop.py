@@ -20,8 +20,8 @@ from fusetune.api.tokens import embedding_param_groups
 from fusetune.recipe.batch_size import find_micro_batch
 from fusetune.recipe.checkpoints import checkpoints, load_checkpoint, save_checkpoint, trainable_parameters
 from fusetune.recipe.config import ConfigError, TrainingConfig
-from fusetune.recipe.data import collate, label_count
 from fusetune.recipe.memory import peak_bytes
+from fusetune.recipe.reporting import Reporters
 
 
 def total_steps(cfg: TrainingConfig, n_examples: int) -> int:
@@ -41,41 +41,13 @@ def sample_indices(n: int, seed: int, start: int, count: int) -> list[int]:
     return out
 
 
-def _micro_batches(examples: list[dict], size: int):
-    for i in range(0, len(examples), size):
-        yield examples[i:i + size]
+def accumulate(objective, model, examples: list[dict], micro_batch: int, device) -> tuple[float, int, dict]:
+    """Forward + backward of one effective batch in micro-batches (recipe/objectives.py); grads as
+    for the whole batch. Returns (loss, tokens processed, the objective's metrics)."""
+    return objective.accumulate(model, examples, micro_batch, device)
 
 
-def accumulate(model, examples: list[dict], pad_id: int, micro_batch: int, device) -> tuple[float, int]:
-    """Forward + backward of one effective batch in micro-batches; grads as for the whole batch.
-    Returns (mean loss per label token, tokens processed)."""
-    n_items = label_count(examples)
-    total, tokens = 0.0, 0
-    for chunk in _micro_batches(examples, micro_batch):
-        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-        loss = model(**batch, num_items_in_batch=n_items).loss
-        loss.backward()
-        total += loss.item()
-        tokens += int(batch["attention_mask"].sum())
-    return total, tokens
-
-
-def evaluate(model, examples: list[dict], pad_id: int, micro_batch: int, device) -> float:
-    """The mean loss per label token over `examples` (in eval mode, no gradients); exp of it is the
-    perplexity. Micro-batches are summed as one batch (num_items_in_batch), as in training."""
-    n_items = label_count(examples)
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    with torch.no_grad():
-        for chunk in _micro_batches(examples, micro_batch):
-            batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-            total += model(**batch, num_items_in_batch=n_items).loss.item()
-    model.train(was_training)
-    return total
-
-
-def pick_micro_batch(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, device, log) -> int:
+def pick_micro_batch(model, examples: list[dict], objective, cfg: TrainingConfig, device, log) -> int:
     """training.micro_batch_size, or ("auto") the batch-size finder on the longest examples (GPU);
     on the CPU auto is the whole effective batch."""
     upper = cfg.effective_batch_size
@@ -86,7 +58,7 @@ def pick_micro_batch(model, examples: list[dict], pad_id: int, cfg: TrainingConf
     if device.type != "cuda":
         log(f"micro-batch: {upper} (auto on the CPU: no finder, the whole effective batch)")
         return upper
-    longest = sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True)[:upper]
+    longest = sorted(examples, key=objective.length, reverse=True)[:upper]
     # the trials run no optimizer step: hold back what AdamW's two moments will take (a byte each in 8 bits)
     moments = sum(2 * p.numel() * (1 if cfg.optim.endswith("8bit") else p.element_size())
                   for p in trainable_parameters(model).values())
@@ -95,13 +67,13 @@ def pick_micro_batch(model, examples: list[dict], pad_id: int, cfg: TrainingConf
     def fits(size: int):
         rows = (longest * size)[:size]
         try:
-            accumulate(model, rows, pad_id, size, device)
+            accumulate(objective, model, rows, size, device)
         finally:
             model.zero_grad(set_to_none=True)
 
     size = find_micro_batch(fits, upper, log)
     del reserve
-    log(f"micro-batch: {size} (batch-size finder, longest rows of {len(longest[0]['input_ids'])} tokens); "
+    log(f"micro-batch: {size} (batch-size finder, longest rows of {objective.length(longest[0])} tokens); "
         f"{math.ceil(upper / size)} micro-batches per step")
     return size
 
@@ -203,13 +175,14 @@ def _check_finite(step: int, loss: float, grad_norm: float, lr: float, output_di
                       + (f", the last good checkpoint is {saved[-1]}" if saved else ""))
 
 
-def train_loop(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, output_dir: Path, device,
+def train_loop(model, examples: list[dict], objective, cfg: TrainingConfig, output_dir: Path, device,
                micro_batch: int, log=print, *, fingerprint: dict, resume_from: Path | None = None,
                eval_examples: list[dict] = ()) -> dict:
     """Train `model` (its parameters that require grad) on the tokenized examples, continuing from
-    the checkpoint `resume_from` (see checkpoints.resume_point); with eval_examples, the eval loss
-    every cfg.eval_steps and after the last step. Returns the run's record: losses per step, eval
-    losses, tokens/s, peak memory, steps, resumed_from, fingerprint."""
+    the checkpoint `resume_from` (see checkpoints.resume_point) with `objective` (recipe/objectives.py);
+    with eval_examples, the eval loss every cfg.eval_steps and after the last step. Returns the run's
+    record: losses and the objective's metrics per step, eval losses, tokens/s, peak memory, steps,
+    resumed_from, fingerprint."""
     steps = total_steps(cfg, len(examples))
     params = list(trainable_parameters(model).values())
     if not params:
@@ -220,10 +193,12 @@ def train_loop(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, ou
     groups = embedding_param_groups(model, cfg.learning_rate, embedding_lr(cfg)) if beside_lora else params
     optimizer = make_optimizer(groups, cfg, device)
     scheduler = _schedule(optimizer, cfg, steps)
-    state = {"step": 0, "consumed": 0, "losses": [], "eval": [], "tokens": 0, "fingerprint": fingerprint}
+    state = {"step": 0, "consumed": 0, "losses": [], "metrics": [], "eval": [], "tokens": 0, "fingerprint": fingerprint}
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, scheduler)
         log(f"resumed from {resume_from} (step {state['step']} of {steps})")
+    objective.prepare(model, examples, list(eval_examples), state, micro_batch, device, log)
+    reporters = Reporters(cfg.report_to, output_dir, fingerprint)
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -239,7 +214,7 @@ def train_loop(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, ou
 
     def eval_loss():
         try:
-            loss = evaluate(model, eval_examples, pad_id, micro_batch, device)
+            loss = objective.evaluate(model, eval_examples, micro_batch, device)
         except torch.cuda.OutOfMemoryError as err:  # evaluation holds the logits of whole rows
             raise ConfigError(f"out of GPU memory measuring the eval loss at step {state['step']} (micro-batch "
                               f"{micro_batch}): set training.micro_batch_size lower, or hold out fewer or shorter "
@@ -247,6 +222,7 @@ def train_loop(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, ou
         state["eval"].append({"step": state["step"], "loss": loss, "perplexity": math.exp(min(loss, 700.0))})
         log(f"eval at step {state['step']}: loss {loss:.4f}, perplexity {state['eval'][-1]['perplexity']:,.2f} "
             f"({len(eval_examples)} held-out rows)")
+        reporters.log(state["step"], {"eval/loss": loss, "eval/perplexity": state["eval"][-1]["perplexity"]})
 
     if eval_examples and state["step"] == 0:
         eval_loss()  # the baseline the trained model is measured against
@@ -256,12 +232,13 @@ def train_loop(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, ou
                 start = time.perf_counter()
                 batch = [examples[i] for i in sample_indices(len(examples), cfg.seed, state["consumed"],
                                                              cfg.effective_batch_size)]
-                loss, tokens = accumulate(model, batch, pad_id, micro_batch, device)
+                loss, tokens, metrics = accumulate(objective, model, batch, micro_batch, device)
                 lr = scheduler.get_last_lr()[0]
                 # the norm is measured even without clipping: a non-finite one must stop the run
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
                 _check_finite(state["step"] + 1, loss, grad_norm, lr, output_dir)
-                if state["losses"] and not warned and loss > DIVERGENCE * state["losses"][0]:
+                if objective.watch_divergence and state["losses"] and not warned and \
+                        loss > DIVERGENCE * state["losses"][0]:
                     warned = True
                     log(f"warning: the loss {loss:.4f} at step {state['step'] + 1} is over {DIVERGENCE:g}x the first "
                         f"step's {state['losses'][0]:.4f}: training may be diverging; lower training.learning_rate "
@@ -272,12 +249,17 @@ def train_loop(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, ou
                 state["step"] += 1
                 state["consumed"] += len(batch)
                 state["losses"].append(loss)
+                state.setdefault("metrics", []).append(metrics)  # (absent from checkpoints of before stages)
                 state["tokens"] += tokens
                 run_tokens += tokens
                 run_seconds += time.perf_counter() - start
                 rate = run_tokens / run_seconds
-                progress.update(state["step"], steps, {"loss": f"{loss:.4f}", "tok/s": f"{rate:,.0f}",
-                                                       "lr": f"{lr:.2e}", "mem": f"{peak_bytes(device) / 2**30:.2f}GiB"})
+                memory = peak_bytes(device) / 2**30
+                progress.update(state["step"], steps, {"loss": f"{loss:.4f}", **{k: f"{v:.3g}" for k, v in metrics.items()},
+                                                       "tok/s": f"{rate:,.0f}", "lr": f"{lr:.2e}", "mem": f"{memory:.2f}GiB"})
+                reporters.log(state["step"], {"train/loss": loss, "train/learning_rate": lr, "train/tokens_per_s": rate,
+                                              "train/grad_norm": grad_norm, "train/peak_memory_gib": memory,
+                                              **{f"train/{k}": v for k, v in metrics.items()}})
                 if eval_examples and (state["step"] == steps or
                                       (cfg.eval_steps and state["step"] % cfg.eval_steps == 0)):
                     eval_loss()
@@ -298,8 +280,9 @@ def train_loop(model, examples: list[dict], pad_id: int, cfg: TrainingConfig, ou
                           ) from err
     finally:
         progress.close()
+        reporters.close()
     if cfg.save_steps and state["step"] > first_step:
         save()  # the final state: a run stopped while writing its results resumes here, not from the start
-    return {"losses": state["losses"], "eval": state["eval"], "steps": steps, "resumed_from": str(resume_from) if resume_from else None,
+    return {"losses": state["losses"], "metrics": state.get("metrics", []), "eval": state["eval"], "steps": steps, "resumed_from": str(resume_from) if resume_from else None,
             "tokens_per_s": run_tokens / run_seconds if run_seconds else 0.0, "peak_memory_gib": peak_bytes(device) / 2**30,
             "micro_batch": micro_batch, "fingerprint": fingerprint}

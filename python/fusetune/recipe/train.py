@@ -15,11 +15,14 @@ from fusetune.api.loading import load_tokenizer, resolve_dtype
 from fusetune.api.tokens import fit_embeddings, untie_embeddings
 from fusetune.atomic import atomic_write
 from fusetune.recipe.chat import reply
-from fusetune.recipe.checkpoints import claimed_output_dir, fingerprint, read_state, resume_point
+from fusetune.recipe.checkpoints import claimed_output_dir, differences, fingerprint, read_state, resume_point
 from fusetune.recipe.config import ConfigError, TrainConfig
-from fusetune.recipe.data import read_new_tokens, tokenize_rows
-from fusetune.recipe.evaluation import multiple_choice_accuracy, read_run_data
+from fusetune.recipe.data import read_new_tokens, stage_examples
+from fusetune.recipe.evaluation import (generation_rouge, multiple_choice_accuracy, read_generations, read_run_data,
+                                        rouge_line)
 from fusetune.recipe.loop import embedding_lr, pick_micro_batch, train_loop
+from fusetune.recipe.objectives import load_reward, objective_for
+from fusetune.recipe.reporting import check_reporters
 from fusetune.training.checkpoint import enable_checkpointing, enable_offloaded_checkpointing
 from fusetune.training.env import backend_report, gpus
 
@@ -41,7 +44,7 @@ def answer(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[st
     return replies
 
 
-def plot_losses(losses: list[float], evals: list[dict], path: Path, title: str) -> Path | None:
+def plot_losses(losses: list[float], evals: list[dict], path: Path, title: str, ylabel: str) -> Path | None:
     """The training loss curve and the eval losses as a PNG (None when matplotlib is not installed)."""
     try:
         import matplotlib
@@ -55,7 +58,7 @@ def plot_losses(losses: list[float], evals: list[dict], path: Path, title: str) 
     if evals:
         ax.plot([e["step"] for e in evals], [e["loss"] for e in evals], marker="s", label="eval (held out)")
         ax.legend()
-    ax.set(xlabel="optimizer step", ylabel="loss (assistant tokens)", title=title)
+    ax.set(xlabel="optimizer step", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     image = io.BytesIO()
@@ -64,15 +67,33 @@ def plot_losses(losses: list[float], evals: list[dict], path: Path, title: str) 
     return atomic_write(path, image.getvalue())
 
 
-def run_train(config: TrainConfig, log=print) -> dict:
+def _finished(out: Path, run: dict) -> dict | None:
+    """The summary of a finished run in `out` with the fingerprint `run` (None: none such)."""
+    try:
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary.get("fingerprint"), dict) and not differences(summary["fingerprint"], run) \
+        else None
+
+
+def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None, keep_finished: bool = False) -> dict:
     """The whole job. Everything a user can get wrong (the config, the data, the output folder, a
     checkpoint of other settings) is checked before the model loads. The results are written
-    atomically, summary.json last: it marks the run finished."""
-    m, t = config.model, config.training
+    atomically, summary.json last: it marks the run finished.
+
+    start_from: {"adapter": the result of the recipe stage this one continues (its adapter trains
+    on, or its full model), "digest": that stage's settings}. keep_finished (recipes): a finished
+    run of the same settings from the same start is kept rather than trained again."""
+    m, t, kind = config.model, config.training, config.stage.kind
     if config.output.save_gguf:  # fail now, not after training
         check_method(config.output.save_gguf)
+    if kind == "grpo":
+        load_reward(config.stage.reward)
+    check_reporters(t.report_to)
     d = config.data
     rows, eval_rows, questions = read_run_data(config)
+    generations = read_generations(d.generation_path) if d.generation_path else []
     new_tokens = read_new_tokens(m.new_tokens) if m.new_tokens else []
     with claimed_output_dir(Path(config.output.dir), log) as out:
         torch.manual_seed(t.seed)
@@ -83,7 +104,8 @@ def run_train(config: TrainConfig, log=print) -> dict:
                               "underflows (this GPU has no bf16): set model.dtype: float32")
         log(describe_hardware(device, dtype))
         started = time.perf_counter()
-        tokenizer = load_tokenizer(m.name, m.gguf_file, trust_remote_code=m.trust_remote_code)
+        source = start_from["adapter"] if start_from else m.name  # a stage's saved adapter holds its tokenizer
+        tokenizer = load_tokenizer(source, None if start_from else m.gguf_file, trust_remote_code=m.trust_remote_code)
         base_vocab = len(tokenizer)
         if m.chat_template:
             get_chat_template(tokenizer, m.chat_template)
@@ -93,30 +115,46 @@ def run_train(config: TrainConfig, log=print) -> dict:
             log(f"tokenizer: {len(tokenizer) - listed} new tokens of {len(new_tokens)} listed "
                 f"({', '.join(new_tokens[:5])}{' ...' if len(new_tokens) > 5 else ''})" +
                 ("" if m.full_finetuning else f"; embed_tokens and lm_head train at {embedding_lr(t):g}"))
-        examples = tokenize_rows(rows, tokenizer, m.max_seq_length, d.train_on_responses_only)
-        eval_examples = tokenize_rows(eval_rows, tokenizer, m.max_seq_length, d.train_on_responses_only) \
-            if eval_rows else []
-        lengths = [len(e["input_ids"]) for e in examples]
+        examples = stage_examples(kind, rows, tokenizer, config)
+        eval_examples = stage_examples(kind, eval_rows, tokenizer, config) if eval_rows else []
+        objective = objective_for(config.stage, tokenizer)
+        lengths = [objective.length(e) for e in examples]
         dropped = (f" ({len(rows) - len(examples)} rows dropped: no answer to learn within max_seq_length)"
                    if len(rows) > len(examples) else "")
         held = (f"; {len(eval_examples)} held out for the eval loss ({d.eval_path or f'eval_split {d.eval_split:g}'})"
                 if eval_examples else "")
-        log(f"data: {len(examples)} conversations from {d.path}, {min(lengths)}-{max(lengths)} tokens, "
-            f"{'assistant replies only' if d.train_on_responses_only else 'all tokens'} in the loss{dropped}{held}")
+        what_rows = {"sft": "conversations", "cpt": f"blocks of text (from {len(rows)} rows, packed)",
+                     "dpo": "preference pairs", "orpo": "preference pairs", "grpo": "prompts"}[kind]
+        in_loss = {"sft": 'assistant replies only' if d.train_on_responses_only else 'all tokens',
+                   "cpt": "all tokens", "dpo": "the replies", "orpo": "the replies",
+                   "grpo": f"{config.stage.generations} sampled completions each"}[kind]
+        if kind == "cpt":
+            dropped = ""
+        log(f"data: {len(examples)} {what_rows} from {d.path}, {min(lengths)}-{max(lengths)} tokens, "
+            f"{in_loss} in the loss{dropped}{held}")
         run = fingerprint(config, examples, str(dtype).removeprefix("torch."), device.type)
         if new_tokens:
             run["model.new_tokens"] = new_tokens  # the tokens, not the file naming them
+        if start_from:
+            run["stage.from"] = start_from["digest"]
+        finished = _finished(out, run) if keep_finished else None
+        if finished is not None:
+            log(f"{out} holds this stage finished with the same settings: kept (delete it to train it again)")
+            return finished
         resume_from = resume_point(out, t.resume, run, log)
-        model, tokenizer = FastLanguageModel.from_pretrained(m.name, max_seq_length=m.max_seq_length, dtype=dtype,
+        model, tokenizer = FastLanguageModel.from_pretrained(source, max_seq_length=m.max_seq_length, dtype=dtype,
                                                              load_in_4bit=m.load_in_4bit, load_in_8bit=m.load_in_8bit,
-                                                             full_finetuning=m.full_finetuning, gguf_file=m.gguf_file,
+                                                             full_finetuning=m.full_finetuning,
+                                                             gguf_file=None if start_from else m.gguf_file,
                                                              trust_remote_code=m.trust_remote_code,
                                                              tokenizer=tokenizer)
         grew = len(tokenizer) > base_vocab  # a chat template's or model.new_tokens' tokens
-        if grew:  # their rows start at the mean of the others and train (beside LoRA), apart from a tied head
+        if grew:  # their rows start at the mean of the others
             fit_embeddings(model, tokenizer, base_vocab)
-            if not m.full_finetuning and untie_embeddings(model):
-                log("tokenizer: the output layer was tied to the input embeddings; it trains apart now (both saved)")
+        # new tokens' rows and a cpt stage's vocabulary train beside LoRA, apart from a tied head
+        train_embeddings = (grew or kind == "cpt") and not m.full_finetuning and not start_from
+        if train_embeddings and untie_embeddings(model):
+            log("tokenizer: the output layer was tied to the input embeddings; it trains apart now (both saved)")
         if config.output.save_gguf:
             check_exportable(model, tokenizer)
         lora = config.lora
@@ -126,13 +164,20 @@ def run_train(config: TrainConfig, log=print) -> dict:
             elif lora.gradient_checkpointing:
                 enable_checkpointing(model)
             what = "full fine-tuning"
+        elif start_from:  # the earlier stage's adapter, attached trainable by from_pretrained, trains on
+            if lora.gradient_checkpointing in ("fusetune", "unsloth"):
+                enable_offloaded_checkpointing(model)
+            elif lora.gradient_checkpointing:
+                enable_checkpointing(model)
+            what = f"LoRA r={lora.r}, continued"
         else:
             model = FastLanguageModel.get_peft_model(model, r=lora.r, lora_alpha=lora.alpha,
                                                      lora_dropout=lora.dropout, target_modules=lora.target_modules,
                                                      use_rslora=lora.use_rslora,
                                                      use_gradient_checkpointing=lora.gradient_checkpointing,
                                                      random_state=t.seed,
-                                                     modules_to_save=["embed_tokens", "lm_head"] if grew else None)
+                                                     modules_to_save=["embed_tokens", "lm_head"] if train_embeddings
+                                                     else None)
             what = f"LoRA r={lora.r}"
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
@@ -141,12 +186,13 @@ def run_train(config: TrainConfig, log=print) -> dict:
         prompts = config.data.eval_prompts
         before = answer(model, tokenizer, prompts, config.data.max_new_tokens) if prompts else []
         choices = {"before": multiple_choice_accuracy(model, tokenizer, questions)} if questions else {}
+        rouge = {"before": generation_rouge(model, tokenizer, generations, d.max_new_tokens)} if generations else {}
         micro = read_state(resume_from).get("micro_batch") if resume_from and t.micro_batch_size == "auto" else None
         if micro:
             log(f"micro-batch: {micro} (as in the run it resumes, so the result is the same bit for bit)")
         else:
-            micro = pick_micro_batch(model, examples, tokenizer.pad_token_id, t, device, log)
-        record = train_loop(model, examples, tokenizer.pad_token_id, t, out, device, micro, log, fingerprint=run,
+            micro = pick_micro_batch(model, examples, objective, t, device, log)
+        record = train_loop(model, examples, objective, t, out, device, micro, log, fingerprint=run,
                             resume_from=resume_from, eval_examples=eval_examples)
         losses = record["losses"]
         evals = record["eval"]
@@ -164,16 +210,19 @@ def run_train(config: TrainConfig, log=print) -> dict:
             choices["after"] = multiple_choice_accuracy(model, tokenizer, questions)
             log(f"multiple choice ({d.choices_path}, {len(questions)} questions): accuracy "
                 f"{choices['before']['accuracy']:.1%} before, {choices['after']['accuracy']:.1%} after")
+        if generations:
+            rouge["after"] = generation_rouge(model, tokenizer, generations, d.max_new_tokens)
+            log(rouge_line(d.generation_path, rouge["before"], rouge["after"]))
         for prompt, old, new in zip(prompts, before, after):
             log(f"\n> {prompt}\n  before: {old}\n  after:  {new}")
-        plot = plot_losses(losses, record["eval"], out / "loss.png", f"{m.name}: {what}")
+        plot = plot_losses(losses, record["eval"], out / "loss.png", f"{m.name}: {kind}, {what}", objective.label)
         log(f"\nloss curve: {plot}" if plot else "loss curve: pip install matplotlib to plot it (losses in summary.json)")
         if config.output.save_merged and not m.full_finetuning:  # a full fine-tune's model is its result
             log(f"merged model: {save_merged(model, out / 'merged', tokenizer)}")
         if config.output.save_gguf:
             log(f"GGUF: {save_gguf(model, out / 'gguf', tokenizer, config.output.save_gguf)}")
-        summary = {**record, "before": before, "after": after, "prompts": prompts, "multiple_choice": choices,
-                   "adapter": str(adapter),
+        summary = {**record, "stage": kind, "before": before, "after": after, "prompts": prompts, "multiple_choice": choices,
+                   "rouge": rouge, "adapter": str(adapter),
                    "device": str(device), "dtype": str(dtype)}
         atomic_write(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
     return summary

@@ -1,0 +1,285 @@
+"""What a stage of `fusetune train` minimises, one class per stage kind.
+
+The loop (recipe/loop.py) draws each effective batch; the objective runs its forwards and
+backwards in micro-batches with every term divided by a count over the whole effective batch, so
+the micro-batch size never changes the update. Each returns (loss, tokens processed, metrics).
+
+- LanguageModeling (sft, cpt): the mean cross-entropy per label token.
+- Preference (dpo, orpo) on (prompt, chosen, rejected) pairs. DPO: -log sigmoid(beta * ((c - c_ref)
+  - (r - r_ref))) with c, r the summed log-probabilities of the chosen and rejected replies and the
+  reference the model at the stage's start (computed once, kept in the run's state so a resumed
+  run uses the same). ORPO: the chosen reply's cross-entropy + beta * -log sigmoid(log odds(c) -
+  log odds(r)), odds from the mean per-token probability, p / (1 - p); no reference.
+- GroupRelative (grpo): per prompt, `generations` sampled completions scored by the user's reward
+  function; each completion's advantage is its reward minus the group's mean, over the group's
+  standard deviation; the loss -sum(advantage * log-prob of its tokens) / completion tokens (one
+  policy update per sampling, so the clipped ratio of PPO is 1 and drops out; no KL term, as TRL's
+  default beta = 0).
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import importlib
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from fusetune.ops.cross_entropy import cross_entropy
+from fusetune.recipe.config import ConfigError, StageSection
+from fusetune.recipe.data import IGNORE_INDEX, collate, label_count
+
+
+def micro_batches(examples: list, size: int):
+    for i in range(0, len(examples), size):
+        yield examples[i:i + size]
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """Eval mode (no dropout) without gradients, the mode before restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def token_logprobs(model, rows: list[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log P of each label token given the tokens before it, [rows, length - 1], 0 off the labels;
+    the label mask) for right-padded rows of input_ids and labels."""
+    batch = _to(collate(rows, pad_id), device)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    losses = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    mask = targets != IGNORE_INDEX
+    return -losses.view(targets.shape) * mask, mask
+
+
+class LanguageModeling:
+    """sft and cpt: the mean cross-entropy per label token of the effective batch."""
+
+    label = "loss (label tokens)"
+    watch_divergence = True
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    @staticmethod
+    def length(example: dict) -> int:
+        return len(example["input_ids"])
+
+    def prepare(self, model, examples, eval_examples, state, micro_batch, device, log):
+        pass
+
+    def _passes(self, model, examples, micro_batch, device):
+        n_items = label_count(examples)
+        for chunk in micro_batches(examples, micro_batch):
+            batch = _to(collate(chunk, self.pad_id), device)
+            yield model(**batch, num_items_in_batch=n_items).loss, int(batch["attention_mask"].sum())
+
+    def accumulate(self, model, examples, micro_batch, device):
+        total, tokens = 0.0, 0
+        for loss, n in self._passes(model, examples, micro_batch, device):
+            loss.backward()
+            total += loss.item()
+            tokens += n
+        return total, tokens, {}
+
+    def evaluate(self, model, examples, micro_batch, device) -> float:
+        """The mean loss per label token of `examples`, summed over micro-batches as one batch; exp
+        of it is the perplexity."""
+        with evaluating(model):
+            return sum(loss.item() for loss, _ in self._passes(model, examples, micro_batch, device))
+
+
+class Preference:
+    """dpo and orpo on examples {"chosen": {input_ids, labels}, "rejected": {...}}."""
+
+    watch_divergence = True
+
+    def __init__(self, kind: str, beta: float, pad_id: int):
+        self.kind, self.beta, self.pad_id = kind, beta, pad_id
+        self.label = "DPO loss" if kind == "dpo" else "ORPO loss (chosen cross-entropy + odds-ratio term)"
+
+    @staticmethod
+    def length(example: dict) -> int:
+        return max(len(example["chosen"]["input_ids"]), len(example["rejected"]["input_ids"]))
+
+    def _sums(self, model, chunk, device):
+        """Summed log-probabilities and label counts of the chosen and the rejected replies."""
+        logp, mask = token_logprobs(model, [e["chosen"] for e in chunk] + [e["rejected"] for e in chunk],
+                                    self.pad_id, device)
+        sums, counts = logp.sum(-1), mask.sum(-1)
+        k = len(chunk)
+        return sums[:k], sums[k:], counts[:k], counts[k:]
+
+    def prepare(self, model, examples, eval_examples, state, micro_batch, device, log):
+        """DPO's reference: the log-probabilities of every pair under the model as the stage starts
+        (kept in the state: a resumed run, whose model has moved, reads them back)."""
+        if self.kind != "dpo":
+            return
+        for name, rows in (("reference", examples), ("eval_reference", eval_examples)):
+            if name not in state:
+                state[name] = self._reference(model, rows, micro_batch, device)
+            for e, ref in zip(rows, state[name]):
+                e["reference"] = ref
+        log(f"dpo: reference log-probabilities of {len(examples) + len(eval_examples)} pairs (the model at the "
+            f"stage's start)")
+
+    def _reference(self, model, rows, micro_batch, device) -> list[list[float]]:
+        out = []
+        with evaluating(model):
+            for chunk in micro_batches(rows, micro_batch):
+                c, r, _, _ = self._sums(model, chunk, device)
+                out += [[a, b] for a, b in zip(c.tolist(), r.tolist())]
+        return out
+
+    def _loss(self, model, chunk, n_pairs: int, chosen_tokens: int, device):
+        c, r, nc, nr = self._sums(model, chunk, device)
+        if self.kind == "dpo":
+            ref = torch.tensor([e["reference"] for e in chunk], dtype=c.dtype, device=c.device)
+            margin = self.beta * ((c - ref[:, 0]) - (r - ref[:, 1]))
+            return -F.logsigmoid(margin).sum() / n_pairs, margin
+        mean_c, mean_r = c / nc, r / nr  # mean per-token log-probability: log p
+        # log odds = log p - log(1 - p); expm1 keeps 1 - p exact where p is near 1
+        log_odds = (mean_c - torch.log(-torch.expm1(mean_c.clamp(max=-1e-6)))) - \
+                   (mean_r - torch.log(-torch.expm1(mean_r.clamp(max=-1e-6))))
+        return -c.sum() / chosen_tokens - self.beta * F.logsigmoid(log_odds).sum() / n_pairs, log_odds
+
+    def _passes(self, model, examples, micro_batch, device):
+        chosen_tokens = label_count([e["chosen"] for e in examples])
+        for chunk in micro_batches(examples, micro_batch):
+            yield self._loss(model, chunk, len(examples), chosen_tokens, device), chunk
+
+    def accumulate(self, model, examples, micro_batch, device):
+        total, tokens, wins = 0.0, 0, 0
+        for (loss, margin), chunk in self._passes(model, examples, micro_batch, device):
+            loss.backward()
+            total += loss.item()
+            wins += int((margin > 0).sum())
+            tokens += sum(len(e["chosen"]["input_ids"]) + len(e["rejected"]["input_ids"]) for e in chunk)
+        return total, tokens, {"chosen_wins": wins / len(examples)}
+
+    def evaluate(self, model, examples, micro_batch, device) -> float:
+        with evaluating(model):
+            return sum(loss.item() for (loss, _), _ in self._passes(model, examples, micro_batch, device))
+
+
+def load_reward(spec: str):
+    """The function `spec` names (module:function or module.function), importable from the working
+    folder; ConfigError naming what is missing otherwise."""
+    module_name, sep, function = spec.partition(":") if ":" in spec else spec.rpartition(".")
+    if not sep or not module_name or not function:
+        raise ConfigError(f"stage.reward = {spec!r}: write module:function, e.g. rewards:length for a function "
+                          f"length in rewards.py in the working folder")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` would: the user's rewards.py beside the config
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # a missing module, or one that fails as it imports
+        raise ConfigError(f"stage.reward = {spec!r}: module {module_name!r} cannot be imported from "
+                          f"{os.getcwd()} ({type(err).__name__}: {err}); run from the folder that holds it, or "
+                          f"install it") from err
+    fn = getattr(module, function, None)
+    if not callable(fn):
+        names = [n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_")]
+        close = difflib.get_close_matches(function, names, n=1)
+        raise ConfigError(f"stage.reward = {spec!r}: {module_name} has no function {function!r}"
+                          f"{f' (did you mean {close[0]!r}?)' if close else ''}")
+    return fn
+
+
+class GroupRelative:
+    """grpo on examples {"prompt": as written, "prompt_ids", "columns": the row's other fields}."""
+
+    label = "GRPO policy loss"
+    watch_divergence = False  # the loss is advantage-weighted: its scale says nothing of divergence
+
+    def __init__(self, stage: StageSection, tokenizer):
+        self.stage, self.tokenizer, self.pad_id = stage, tokenizer, tokenizer.pad_token_id
+        self.reward = load_reward(stage.reward)
+
+    @staticmethod
+    def length(example: dict) -> int:
+        return len(example["prompt_ids"])
+
+    def prepare(self, model, examples, eval_examples, state, micro_batch, device, log):
+        pass
+
+    def _sample(self, model, chunk, device) -> list[list[int]]:
+        """`generations` completions of each prompt (left-padded together), each cut after its
+        first end-of-sequence token."""
+        from transformers import GenerationConfig
+
+        g, eos = self.stage.generations, self.tokenizer.eos_token_id
+        width = max(len(e["prompt_ids"]) for e in chunk)
+        ids = torch.tensor([[self.pad_id] * (width - len(e["prompt_ids"])) + e["prompt_ids"] for e in chunk],
+                           device=device)
+        mask = torch.tensor([[0] * (width - len(e["prompt_ids"])) + [1] * len(e["prompt_ids"]) for e in chunk],
+                            device=device)
+        config = GenerationConfig(do_sample=True, temperature=self.stage.temperature, top_k=0, top_p=1.0,
+                                  max_new_tokens=self.stage.max_completion_length, num_return_sequences=g,
+                                  pad_token_id=self.pad_id, eos_token_id=eos)
+        with evaluating(model):
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, width:].tolist()
+        return [row[:row.index(eos) + 1] if eos in row else row for row in out]
+
+    def _rewards(self, chunk, texts: list[str]) -> list[float]:
+        g = self.stage.generations
+        prompts = [e["prompt"] for e in chunk for _ in range(g)]
+        columns = {k: [e["columns"][k] for e in chunk for _ in range(g)] for k in chunk[0]["columns"]}
+        values = self.reward(prompts=prompts, completions=texts, **columns)
+        try:
+            values = [float(v) for v in values]
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"stage.reward {self.stage.reward}: returned {values!r:.80}, not a list of numbers") \
+                from err
+        if len(values) != len(texts) or not all(math.isfinite(v) for v in values):
+            raise ConfigError(f"stage.reward {self.stage.reward}: returned {len(values)} values for {len(texts)} "
+                              f"completions{'' if len(values) != len(texts) else ', some not finite'}: give one "
+                              f"finite number per completion")
+        return values
+
+    def accumulate(self, model, examples, micro_batch, device):
+        g = self.stage.generations
+        groups = []  # (rows to train on, advantages) per micro-batch of prompts
+        rewards = []
+        for chunk in micro_batches(examples, micro_batch):
+            completions = self._sample(model, chunk, device)
+            values = self._rewards(chunk, self.tokenizer.batch_decode(completions, skip_special_tokens=True))
+            rewards += values
+            r = torch.tensor(values, dtype=torch.float64).view(len(chunk), g)
+            advantages = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)
+            rows = [{"input_ids": e["prompt_ids"] + c, "labels": [IGNORE_INDEX] * len(e["prompt_ids"]) + c}
+                    for e, c in zip((e for e in chunk for _ in range(g)), completions)]
+            groups.append((rows, advantages.view(-1)))
+        completion_tokens = sum(label_count(rows) for rows, _ in groups)
+        total, tokens = 0.0, 0
+        for rows, advantages in groups:
+            logp, _ = token_logprobs(model, rows, self.pad_id, device)
+            loss = -(advantages.to(logp.device, logp.dtype)[:, None] * logp).sum() / completion_tokens
+            loss.backward()
+            total += loss.item()
+            tokens += sum(len(row["input_ids"]) for row in rows)
+        return total, tokens, {"reward": sum(rewards) / len(rewards)}
+
+    def evaluate(self, model, examples, micro_batch, device) -> float:
+        raise ConfigError("a grpo stage has no eval loss")  # config validation refuses its eval data
+
+
+def objective_for(stage: StageSection, tokenizer):
+    if stage.kind in ("dpo", "orpo"):
+        return Preference(stage.kind, stage.beta, tokenizer.pad_token_id)
+    if stage.kind == "grpo":
+        return GroupRelative(stage, tokenizer)
+    return LanguageModeling(tokenizer.pad_token_id)

