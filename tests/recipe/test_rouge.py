@@ -57,16 +57,16 @@ def test_the_tokenizer_keeps_every_script():
 
 
 @pytest.mark.parametrize("text, message", [
-    ('{"prompt": "Hi", "reference": "Hello"}\n{"prompt": "Bye"}\n', r"line 2: needs 'reference' \(text\), got keys "
+    ('{"prompt": "Hi", "reference": "Hello"}\n{"prompt": "Bye"}\n', r"row 1: needs 'reference' \(text\), got keys "
                                                                     r"\['prompt'\]"),
-    ('{"question": "Hi", "answer": "Hello"}\n', r"line 1: needs 'prompt' and 'reference' \(text\)"),
+    ('{"question": "Hi", "answer": "Hello"}\n', r"row 0: needs 'prompt' and 'reference' \(text\)"),
     ('{"prompt": "Hi", "reference": "Hello"}\n\n{"prompt": "Bye", "reference": }\n',
      r"line 3 is not valid JSON \(Expecting value at column 32\): fix or remove that line"),
-    ("\n  \n", "holds no rows: give at least one"),
-    ('["Hi", "Hello"]\n', "line 1: list '.*', not a row"),
-    ('{"prompt": "Hi", "reference": "..."}\n', "line 1: the reference '...' has no letters or digits to score"),
+    ("\n  \n", "holds no rows: give a file with at least one example"),
+    ('["Hi", "Hello"]\n', "row 0 is list .*, not an object of fields"),
+    ('{"prompt": "Hi", "reference": "..."}\n', "row 0: the reference '...' has no letters or digits to score"),
 ])
-def test_bad_generation_files_name_the_line_and_the_fix(tmp_path, text, message):
+def test_bad_generation_files_name_the_row_and_the_fix(tmp_path, text, message):
     (tmp_path / "gen.jsonl").write_text(text, encoding="utf-8")
     with pytest.raises(ConfigError, match=f"^data.generation_path '.*gen.jsonl'.*{message}") as err:
         read_generations(str(tmp_path / "gen.jsonl"))
@@ -74,8 +74,6 @@ def test_bad_generation_files_name_the_line_and_the_fix(tmp_path, text, message)
 
 
 def test_generation_path_config_and_a_missing_package(tmp_path, monkeypatch):
-    with pytest.raises(ConfigError, match="data.generation_path = 'gen.json': a .jsonl file"):
-        build_config({"data": {"generation_path": "gen.json"}})
     assert build_config({"data": {"generation_path": "gen.jsonl"}}).data.generation_path == "gen.jsonl"
     with pytest.raises(ConfigError, match="data.generation_path 'nowhere.jsonl' not found"):
         read_generations("nowhere.jsonl")

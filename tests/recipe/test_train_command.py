@@ -42,12 +42,20 @@ def test_the_config_reference_is_generated_from_the_config_classes():
         assert f"| `{key}` |" in documented
 
 
-@pytest.mark.parametrize("example", ["sft-lora.yaml", "qlora-8b.yaml", "korean-eval.yaml"])
+@pytest.mark.parametrize("example", ["sft-lora.yaml", "qlora-8b.yaml", "korean-eval.yaml", "cpt-sft-dpo.yaml",
+                                     "grpo.yaml", "korean-tokenizer.yaml"])
 def test_the_example_configs_are_valid(example):
     from pathlib import Path
 
+    from fusetune.recipe.config import Recipe
+    from fusetune.recipe.data import check_rows, read_rows
+
     config = load_config(str(Path(__file__).resolve().parents[2] / "examples" / example))
-    assert config.output.dir.endswith("-output")
+    stages = config.stages if isinstance(config, Recipe) else [(None, None, config)]
+    assert (config.output_dir if isinstance(config, Recipe) else config.output.dir).endswith("-output")
+    for _, _, stage in stages:
+        if stage.data.path.startswith("builtin:"):  # the data bundled for the examples fits its stage kind
+            check_rows(read_rows(stage.data.path), stage.data.path, kind=stage.stage.kind)
 
 
 def test_embedded_default_config():

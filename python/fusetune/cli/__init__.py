@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -55,6 +56,8 @@ def _cmd_train(args) -> int:
     _quiet(args)
     try:
         config = load_config(args.config, args.set)
+        if args.config:  # a grpo stage's reward function may live beside the config (rewards.py)
+            sys.path.insert(0, os.path.dirname(os.path.abspath(args.config)))
         from fusetune.recipe.config import Recipe
         from fusetune.recipe.loop import TrainingInterrupted
 

@@ -65,10 +65,10 @@ class DataConfig:
     eval_path: str | None = key(None, "or a file of its own for the eval loss")
     choices_path: str | None = key(None, "multiple-choice questions (question, choices, answer): accuracy before "
                                          "and after training")
-    generation_path: str | None = key(None, "a local .jsonl of {prompt, reference} rows: each prompt answered "
-                                            "greedily as a one-turn chat, scored by ROUGE-1/2/L F1 against its "
-                                            "reference, before and after training and by fusetune eval (pip install "
-                                            "rouge-score)")
+    generation_path: str | None = key(None, "a file of {prompt, reference} rows (read as data.path is): each "
+                                            "prompt answered greedily as a one-turn chat, scored by ROUGE-1/2/L F1 "
+                                            "against its reference, before and after training and by fusetune eval "
+                                            "(pip install rouge-score)")
     eval_prompts: list[str] = key([], "prompts answered before and after training (not trained on)")
     max_new_tokens: int = key(48, "the length of the answers to eval_prompts and generation_path")
 
@@ -127,8 +127,8 @@ class StageSection:
                            "chosen, rejected) or grpo (rows of prompt, rewarded by `reward`)")
     beta: float = key(0.1, "dpo: how strongly the model is held to the reference (itself at the stage's start); "
                            "orpo: the weight of the odds-ratio term beside the chosen reply's loss")
-    reward: str | None = key(None, "grpo: the reward function as module:function, importable from the working folder "
-                                   "(e.g. rewards:length for rewards.py), called as f(prompts, completions, **columns) "
+    reward: str | None = key(None, "grpo: the reward function as module:function, importable from the config's or the "
+                                   "working folder (e.g. rewards:length for rewards.py), called as f(prompts, completions, **columns) "
                                    "-> one number per completion")
     generations: int = key(4, "grpo: completions sampled per prompt (their mean reward is the baseline)")
     temperature: float = key(1.0, "grpo: the sampling temperature of the completions")
@@ -239,9 +239,6 @@ def _validate(config: TrainConfig):
         raise ConfigError(f"data.eval_split = {d.eval_split}: a fraction of the rows, from 0 (none) up to below 1")
     if d.eval_split and d.eval_path:
         raise ConfigError("data.eval_split and data.eval_path both give eval data: set one of them")
-    if d.generation_path is not None and not d.generation_path.endswith(".jsonl"):
-        raise ConfigError(f"data.generation_path = {d.generation_path!r}: a .jsonl file, one {{\"prompt\": ..., "
-                          f"\"reference\": ...}} row a line")
     if t.eval_steps < 0:
         raise ConfigError(f"training.eval_steps = {t.eval_steps}: at least 0 (0: after the last step)")
     if t.resume not in (True, False, "auto"):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from fusetune.recipe.config import ConfigError
-from fusetune.recipe.data import _decode, read_rows
+from fusetune.recipe.data import read_rows
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
@@ -143,30 +143,13 @@ def rouge(references: list[str], predictions: list[str], stem: bool = False) -> 
 
 
 def read_generations(path: str) -> list[dict]:
-    """The {"prompt", "reference"} rows of the JSONL file `path` (data.generation_path); ConfigError
-    naming the file and line otherwise. It checks that rouge-score is installed too, so that
-    `fusetune train` stops before the model loads rather than after training."""
-    key, want = "data.generation_path", '{"prompt": ..., "reference": ...}'
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"{key} {path!r} not found: give a local .jsonl file, one {want} row a line")
-    try:
-        raw = file.read_bytes()
-    except OSError as err:
-        raise ConfigError(f"{key} {path!r} cannot be read: {err.strerror}") from err
+    """The {"prompt", "reference"} rows of `path` (data.generation_path, read as data.path is);
+    ConfigError naming the file and row otherwise. It checks that rouge-score is installed too, so
+    that `fusetune train` stops before the model loads rather than after training."""
     words = UnicodeWords()
     rows = []
-    for number, line in enumerate(_decode(raw, path, key).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{key} {path!r}: line {number} is not valid JSON ({err.msg} at column {err.colno}): "
-                              f"fix or remove that line") from err
-        where = f"{key} {path!r} line {number}"
-        if not isinstance(row, dict):
-            raise ConfigError(f"{where}: {type(row).__name__} {line.strip()[:40]!r}, not a row {want}")
+    for index, row in enumerate(read_rows(path, "data.generation_path")):
+        where = f"data.generation_path {path!r} row {index}"
         missing = [name for name in ("prompt", "reference") if not isinstance(row.get(name), str)]
         if missing:
             raise ConfigError(f"{where}: needs {' and '.join(repr(m) for m in missing)} (text), got keys "
@@ -176,8 +159,6 @@ def read_generations(path: str) -> list[dict]:
         if not words.tokenize(row["reference"]):  # it would score 0 whatever the model said
             raise ConfigError(f"{where}: the reference {row['reference']!r:.40} has no letters or digits to score")
         rows.append({"prompt": row["prompt"], "reference": row["reference"]})
-    if not rows:
-        raise ConfigError(f"{key} {path!r} holds no rows: give at least one {want} row")
     _rouge_scorer()
     return rows
 

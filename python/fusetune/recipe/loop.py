@@ -255,10 +255,12 @@ def train_loop(model, examples: list[dict], objective, cfg: TrainingConfig, outp
                 run_seconds += time.perf_counter() - start
                 rate = run_tokens / run_seconds
                 memory = peak_bytes(device) / 2**30
-                progress.update(state["step"], steps, {"loss": f"{loss:.4f}", **{k: f"{v:.3g}" for k, v in metrics.items()},
-                                                       "tok/s": f"{rate:,.0f}", "lr": f"{lr:.2e}", "mem": f"{memory:.2f}GiB"})
-                reporters.log(state["step"], {"train/loss": loss, "train/learning_rate": lr, "train/tokens_per_s": rate,
-                                              "train/grad_norm": grad_norm, "train/peak_memory_gib": memory,
+                shown = {k: f"{v:.3g}" for k, v in metrics.items()}
+                progress.update(state["step"], steps, {"loss": f"{loss:.4f}", **shown, "tok/s": f"{rate:,.0f}",
+                                                       "lr": f"{lr:.2e}", "mem": f"{memory:.2f}GiB"})
+                reporters.log(state["step"], {"train/loss": loss, "train/learning_rate": lr,
+                                              "train/tokens_per_s": rate, "train/grad_norm": grad_norm,
+                                              "train/peak_memory_gib": memory,
                                               **{f"train/{k}": v for k, v in metrics.items()}})
                 if eval_examples and (state["step"] == steps or
                                       (cfg.eval_steps and state["step"] % cfg.eval_steps == 0)):
@@ -283,6 +285,7 @@ def train_loop(model, examples: list[dict], objective, cfg: TrainingConfig, outp
         reporters.close()
     if cfg.save_steps and state["step"] > first_step:
         save()  # the final state: a run stopped while writing its results resumes here, not from the start
-    return {"losses": state["losses"], "metrics": state.get("metrics", []), "eval": state["eval"], "steps": steps, "resumed_from": str(resume_from) if resume_from else None,
-            "tokens_per_s": run_tokens / run_seconds if run_seconds else 0.0, "peak_memory_gib": peak_bytes(device) / 2**30,
-            "micro_batch": micro_batch, "fingerprint": fingerprint}
+    return {"losses": state["losses"], "metrics": state.get("metrics", []), "eval": state["eval"], "steps": steps,
+            "resumed_from": str(resume_from) if resume_from else None,
+            "tokens_per_s": run_tokens / run_seconds if run_seconds else 0.0,
+            "peak_memory_gib": peak_bytes(device) / 2**30, "micro_batch": micro_batch, "fingerprint": fingerprint}

@@ -187,9 +187,9 @@ def load_reward(spec: str):
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # a missing module, or one that fails as it imports
-        raise ConfigError(f"stage.reward = {spec!r}: module {module_name!r} cannot be imported from "
-                          f"{os.getcwd()} ({type(err).__name__}: {err}); run from the folder that holds it, or "
-                          f"install it") from err
+        raise ConfigError(f"stage.reward = {spec!r}: module {module_name!r} cannot be imported "
+                          f"({type(err).__name__}: {err}); put it beside the config or in the working folder "
+                          f"({os.getcwd()}), or install it") from err
     fn = getattr(module, function, None)
     if not callable(fn):
         names = [n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_")]

@@ -39,13 +39,12 @@ def _table(rows: list[dict]) -> str:
     def show(value, fmt):
         return "-" if value is None else fmt.format(value)
 
-    lines = [f"{'stage':<12}{'kind':<6}{'steps':>6}  {'loss first -> last':<20}{'eval loss':>10}{'choice acc':>11}"
-             f"{'ROUGE-L':>9}{'reward':>16}"]
+    lines = [f"{'stage':<12} {'kind':<5} {'steps':>5}  {'loss first -> last':<20} {'eval loss':>9} {'choice acc':>10} "
+             f"{'ROUGE-L':>7}  {'reward first -> last'}"]
     for r in rows:
-        reward = show(r.get("reward"), "{0[0]:.3f} -> {0[1]:.3f}")
-        lines.append(f"{r['stage']:<12}{r['kind']:<6}{r['steps']:>6}  {r['loss'][0]:>7.4f} -> {r['loss'][1]:<9.4f}"
-                     f"{show(r['eval_loss'], '{:.4f}'):>10}{show(r['multiple_choice'], '{:.1%}'):>11}"
-                     f"{show(r['rouge_l'], '{:.3f}'):>9}{reward:>16}")
+        lines.append(f"{r['stage']:<12} {r['kind']:<5} {r['steps']:>5}  {r['loss'][0]:>7.4f} -> {r['loss'][1]:<9.4f} "
+                     f"{show(r['eval_loss'], '{:.4f}'):>9} {show(r['multiple_choice'], '{:.1%}'):>10} "
+                     f"{show(r['rouge_l'], '{:.3f}'):>7}  {show(r.get('reward'), '{0[0]:.3f} -> {0[1]:.3f}')}")
     return "\n".join(lines)
 
 
