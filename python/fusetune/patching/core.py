@@ -15,15 +15,19 @@ import sys
 
 from fusetune.lora.adapters import lora_report
 from fusetune.ops.glu import HF_ACTIVATIONS, op_name
-from fusetune.patching import gemma, gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3
+from fusetune.patching import gemma, gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3, t5
 from fusetune.patching.modules import (FusedAttention, FusedCausalLM, FusedCausalLMLoss, FusedGatedMLP,
-                                       FusedRMSNorm, is_trl_fused_head)
+                                       FusedRMSNorm, FusedSeq2SeqLM, FusedT5GatedMLP, is_trl_fused_head)
 
 logger = logging.getLogger("fusetune")
 
-SPECS = {spec.model_type: spec for spec in (llama.SPEC, mistral.SPEC, qwen2.SPEC, qwen3.SPEC, gemma.SPEC,
-                                            gemma2.SPEC, gemma3.SPEC, phi3.SPEC)}
-SUPPORTED = "Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3 (text: Gemma3ForCausalLM), Phi3"
+# model_type -> spec; an image-text checkpoint's type maps to its language model's family
+SPECS = {model_type: spec for spec in (llama.SPEC, mistral.SPEC, qwen2.SPEC, qwen3.SPEC, gemma.SPEC, gemma2.SPEC,
+                                       gemma3.SPEC, phi3.SPEC, t5.SPEC)
+         for model_type in (spec.model_type, *spec.multimodal)}
+SUPPORTED = ("Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3 (text and image-text: Gemma3ForCausalLM, "
+             "Gemma3ForConditionalGeneration), Phi3, T5 (encoder-decoder)")
+MLP_MIXINS = {"gated": FusedGatedMLP, "t5": FusedT5GatedMLP}  # FamilySpec.mlp_kind -> its fused forward
 
 
 class UnsupportedModelError(ValueError):
@@ -88,7 +92,11 @@ def _swap(model, original, mixin, options_for):
 
 
 def _norm_options(spec, hf_model, lora):
-    options = (("_fusetune_variant", spec.norm_variant), ("_fusetune_eps_attr", spec.norm_eps))
+    # "t5": llama's formula, then FusedRMSNorm casts the output to a 16-bit weight's dtype
+    variant = "llama" if spec.norm_variant == "t5" else spec.norm_variant
+    options = (("_fusetune_variant", variant), ("_fusetune_eps_attr", spec.norm_eps))
+    if spec.norm_variant == "t5":
+        options += (("_fusetune_weight_dtype", True),)
     return lambda module: options
 
 
@@ -118,6 +126,17 @@ _MODULE_KINDS = {
 }
 
 
+def _patch_seq2seq_loss(hf_model, spec, modeling):
+    """The encoder-decoder LM forward with the fused cross-entropy on its logits; returns (newly
+    patched, already patched, reason left alone or None)."""
+    if isinstance(hf_model, FusedSeq2SeqLM):
+        return 0, 1, None
+    if type(hf_model) is not getattr(modeling, spec.seq2seq_lm, None):
+        return 0, 0, f"{type(hf_model).__name__} computes no language-model loss"
+    hf_model.__class__ = fused_class(type(hf_model), FusedSeq2SeqLM, (), keep_name=True)
+    return 1, 0, None
+
+
 def _patch_loss(hf_model, fused_linear: bool):
     """Install the fused loss (and, with fused_linear, the causal-LM forward that computes it from
     the hidden states without logits); returns (newly patched, already patched, reason left alone
@@ -131,7 +150,8 @@ def _patch_loss(hf_model, fused_linear: bool):
         return 0, 1, None
     if current is not None and current is not LOSS_MAPPING["ForCausalLM"]:
         return 0, 0, f"{type(hf_model).__name__} has a custom loss_function {current!r}"
-    if getattr(hf_model, "loss_type", None) != "ForCausalLM":
+    # image-text models (loss_type "ForConditionalGeneration") compute the same causal-LM loss
+    if LOSS_MAPPING.get(getattr(hf_model, "loss_type", None)) is not LOSS_MAPPING["ForCausalLM"]:
         return 0, 0, f"{type(hf_model).__name__} computes no causal-LM loss"
     hf_model.loss_function = FusedCausalLMLoss(previous=current)
     if fused_linear:
@@ -141,15 +161,17 @@ def _patch_loss(hf_model, fused_linear: bool):
 
 def patch_model(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, cross_entropy: bool = True,
                 fused_linear_cross_entropy: bool = True, lora: bool = True, strict: bool = True):
-    """Swap fused kernels into a supported Hugging Face causal LM, in place; returns the model.
+    """Swap fused kernels into a supported Hugging Face model, in place; returns the model.
 
     model: a transformers model of a supported family (Llama, Mistral, Qwen2, Qwen3, Gemma,
-    Gemma2, Gemma3 text, Phi3), plain or wrapped by PEFT (get_peft_model may come before or
-    after patching). Switches turn each kind off:
-      rms_norm       every RMSNorm (decoder, final, q/k head norms) -> fusetune rms_norm
+    Gemma2, Gemma3 text and image-text, Phi3, T5), plain or wrapped by PEFT (get_peft_model may
+    come before or after patching). Switches turn each kind off:
+      rms_norm       every RMSNorm (decoder, final, q/k head norms; T5LayerNorm) -> fusetune rms_norm
       rope           every attention module -> one generic forward with the fused RoPE; the
-                     attention itself stays the one HF picks (config._attn_implementation)
-      mlp            gated MLPs -> fused SwiGLU / GeGLU between the projections
+                     attention itself stays the one HF picks (config._attn_implementation).
+                     T5 has no RoPE: its attention stays as is
+      mlp            gated MLPs -> fused SwiGLU / GeGLU between the projections (T5's gated-GELU
+                     FFN too, with its dropout before wo)
       cross_entropy  the model's causal-LM loss -> fused cross-entropy. With
                      fused_linear_cross_entropy (default), a forward given labels computes the loss
                      from the last hidden states and the lm_head weight in chunks: no
@@ -157,10 +179,12 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = 
                      final_logit_softcapping is applied inside). Without it, or where the lm_head
                      carries adapters, HF's forward makes the logits (softcapped once there) and
                      the fused loss's backward overwrites outputs.logits with d(loss)/d(logits).
+                     T5ForConditionalGeneration: the fused cross-entropy on HF's logits, the same way.
       lora           in the patched attention (rope) and MLP (mlp) modules, PEFT LoRA adapters on
                      nn.Linear or bitsandbytes NF4 Linear4bit run as fused blocks with a
                      hand-written backward (fusetune.lora): q/k/v (or qkv) as one group, o alone,
-                     gate/up/down (or gate_up/down) with the GLU as one block. Checked at every
+                     gate/up/down (or gate_up/down) with the GLU as one block (T5: wi_0/wi_1 as one
+                     group, wo alone; its attention's q/k/v/o run PEFT's path). Checked at every
                      forward: adapters added after patching fuse too; disabled or merged adapters,
                      DoRA and other variants, several active adapters, lora_bias run PEFT's path
                      (named in the summary line). The LoRA products run in the activations' dtype
@@ -189,11 +213,18 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = 
             left.append(f"{kind}: switched off")
             continue
         if kind == "cross_entropy":
-            new, already, reason = _patch_loss(hf, fused_linear_cross_entropy)
+            if spec.seq2seq_lm:
+                new, already, reason = _patch_seq2seq_loss(hf, spec, modeling)
+            else:
+                new, already, reason = _patch_loss(hf, fused_linear_cross_entropy)
             reasons = collections.Counter([reason] if reason else [])
         else:
             field, mixin, options_factory = _MODULE_KINDS[kind]
             what = getattr(spec, field)
+            if what is None:
+                left.append(f"{kind}: {spec.name}'s attention has no RoPE")
+                continue
+            mixin = MLP_MIXINS[spec.mlp_kind] if kind == "mlp" else mixin  # T5's FFN has its own forward
             original = getattr(modeling, what, None)
             if original is None:
                 left.append(f"{kind}: {spec.modeling} has no class {what}")
@@ -203,7 +234,7 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = 
             detail = [f"{already} already"] if already else []
             if kind == "mlp":
                 detail += sorted({op_name(type(m)._fusetune_activation) for m in model.modules()
-                                  if isinstance(m, FusedGatedMLP)})
+                                  if isinstance(m, tuple(MLP_MIXINS.values()))})
             if kind == "cross_entropy":
                 detail.append("fused linear, no logits" if isinstance(hf, FusedCausalLM) else "on logits")
             done.append(f"{kind} {new + already}" + (f" ({', '.join(detail)})" if detail else ""))
@@ -213,7 +244,7 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = 
             left.append(f"{kind}: no {what} in the model")
 
     if lora:
-        fused, reasons = lora_report(model, (FusedAttention, FusedGatedMLP))
+        fused, reasons = lora_report(model, (FusedAttention, *MLP_MIXINS.values()))
         if fused:
             done.append(f"lora {fused} projections")
         for reason, count in reasons.items():

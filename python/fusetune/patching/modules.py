@@ -42,13 +42,18 @@ def _project(module, names, x):
 
 
 class FusedRMSNorm:
-    """RMSNorm over the last dim through fusetune.ops.rms_norm (class options: variant, eps attribute)."""
+    """RMSNorm over the last dim through fusetune.ops.rms_norm (class options: variant, eps attribute,
+    and whether the output takes a 16-bit weight's dtype, as T5LayerNorm's does)."""
 
     _fusetune_variant = "llama"
     _fusetune_eps_attr = "variance_epsilon"
+    _fusetune_weight_dtype = False
 
     def forward(self, hidden_states):
-        return rms_norm(hidden_states, self.weight, getattr(self, self._fusetune_eps_attr), self._fusetune_variant)
+        out = rms_norm(hidden_states, self.weight, getattr(self, self._fusetune_eps_attr), self._fusetune_variant)
+        if self._fusetune_weight_dtype and self.weight.dtype in (torch.float16, torch.bfloat16):
+            out = out.to(self.weight.dtype)  # as T5LayerNorm: its input may be fp32 (after a wo kept in fp32)
+        return out
 
 
 class FusedGatedMLP:
@@ -87,6 +92,25 @@ class FusedGatedMLP:
             upper_specs = dict(gate=specs[0], up=specs[1])
         with torch.autocast(x.device.type, enabled=False):
             return lora_mlp(x.to(dtype), down=specs[-1], activation=self._fusetune_activation, **upper_specs)
+
+
+class FusedT5GatedMLP:
+    """T5's gated FFN (T5DenseGatedActDense): wo(dropout(act(wi_0(x)) * wi_1(x))) with the GLU fused,
+    and, with LoRA, wi_0/wi_1 as one fused group and wo alone. As in Hugging Face's forward, the
+    product is cast to wo's weight dtype first (T5 keeps wo in fp32 for 16-bit and 8-bit models).
+    The dropout sits between the GLU and wo, so the whole-block fused LoRA MLP does not apply."""
+
+    _fusetune_activation = "gelu_tanh"
+    _fusetune_lora = False
+
+    def forward(self, hidden_states):
+        gate, up = _project(self, ("wi_0", "wi_1"), hidden_states)
+        hidden = self.dropout(glu(gate, up, self._fusetune_activation))
+        weight = self.wo.weight
+        if isinstance(weight, torch.Tensor) and hidden.dtype != weight.dtype and weight.dtype != torch.int8:
+            hidden = hidden.to(weight.dtype)
+        (out,) = _project(self, ("wo",), hidden)
+        return out
 
 
 class FusedAttention:
@@ -206,7 +230,27 @@ def _fused_loss_output():
     return FusedLossOutput
 
 
-class FusedCausalLM:
+class _OriginalSignature:
+    """Base of the mixins of a whole model (FusedCausalLM, FusedSeq2SeqLM): transformers reads
+    forward's signature (Trainer's column filter, generate's position ids and logits_to_keep, TRL's
+    wrapper), so the fused class's forward shows the original's."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        original = cls.__dict__.get("_fusetune_original")
+        if original is None:
+            return
+        mixin = cls.__bases__[0]  # core.fused_class: (mixin, original)
+
+        def forward(self, *args, **kwargs):
+            return mixin.forward(self, *args, **kwargs)
+
+        forward.__signature__ = _forward_signature(original)
+        forward.__doc__ = mixin.forward.__doc__
+        cls.forward = forward
+
+
+class FusedCausalLM(_OriginalSignature):
     """The causal-LM forward with the fused linear cross-entropy.
 
     When gradients are being recorded and labels are given, the loss comes straight from the
@@ -255,27 +299,43 @@ class FusedCausalLM:
         use_dict = return_dict if return_dict is not None else self.config.return_dict
         return out if use_dict else out.to_tuple()
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        original = cls.__dict__.get("_fusetune_original")
-        if original is None:
-            return
-
-        def forward(self, *args, **kwargs):
-            return FusedCausalLM.forward(self, *args, **kwargs)
-
-        # transformers reads forward's signature (Trainer's column filter, generate's position ids and
-        # logits_to_keep, TRL's wrapper): the fused class shows the original's
-        forward.__signature__ = _forward_signature(original)
-        forward.__doc__ = FusedCausalLM.forward.__doc__
-        cls.forward = forward
-
     def __setattr__(self, name, value):
         if name == "forward" and is_trl_fused_head(value):
             print(f"fusetune: TRL's fused LM head now computes the loss of {type(self).__name__} (its SFTTrainer "
                   f"installs it for per-token log-probabilities, entropy and accuracy), not fusetune's fused linear "
                   f"cross-entropy; fusetune's kernels still run in the decoder and its LoRA layers")
         super().__setattr__(name, value)
+
+
+class FusedSeq2SeqLM(_OriginalSignature):
+    """The encoder-decoder LM forward (T5ForConditionalGeneration) with fusetune's cross-entropy.
+
+    Given labels, Hugging Face's forward runs without them (decoder inputs made from the labels as
+    it would: shifted right), then the loss is the fused cross-entropy of its logits against the
+    unshifted labels, mean over the tokens not ignored (-100), or over num_items_in_batch when the
+    caller passes it (gradient accumulation; T5's own loss ignores it). As with FusedCausalLMLoss,
+    backward writes d(loss)/d(logits) over outputs.logits unless FUSETUNE_RETURN_LOGITS=1.
+    """
+
+    def forward(self, *args, **kwargs):
+        call = _forward_signature(self._fusetune_original).bind(self, *args, **kwargs).arguments
+        del call["self"]
+        call.update(call.pop("kwargs", {}))
+        labels = call.pop("labels", None)
+        if labels is None:
+            return super().forward(*args, **kwargs)
+        num_items_in_batch = call.pop("num_items_in_batch", None)
+        return_dict = call.pop("return_dict", None)
+        if call.get("decoder_input_ids") is None and call.get("decoder_inputs_embeds") is None:
+            call["decoder_input_ids"] = self._shift_right(labels)
+        outputs = super().forward(**call, return_dict=True)
+        logits = outputs.logits
+        loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device),
+                             reduction="mean", num_items_in_batch=num_items_in_batch,
+                             inplace_backward=os.environ.get(RETURN_LOGITS) != "1")
+        out = type(outputs)(loss=loss, **outputs)  # a new output: loss first in its tuple form, as HF's
+        use_dict = return_dict if return_dict is not None else self.config.return_dict
+        return out if use_dict else out.to_tuple()
 
 
 @functools.lru_cache(maxsize=None)
