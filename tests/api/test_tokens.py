@@ -47,3 +47,30 @@ def test_untie_embeddings_gives_the_head_its_own_copy():
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
     assert not untie_embeddings(model)  # once is enough
+
+
+def test_a_reloaded_adapter_keeps_its_trained_head_apart_from_a_tied_embedding(tmp_path):
+    """An adapter that trained embed_tokens and lm_head of a tied model (a cpt stage, added tokens)
+    reloads with the two apart: training on, merging and the merged save keep the trained head."""
+    from fusetune.api import FastLanguageModel
+    from fusetune.api.tokens import untie_embeddings
+    from tests.helpers import save_model_dir
+
+    base = save_model_dir(tiny_model("llama", tie_word_embeddings=True), tmp_path / "base")
+    model, tokenizer = FastLanguageModel.from_pretrained(str(base), dtype=torch.float32)
+    untie_embeddings(model)
+    model = FastLanguageModel.get_peft_model(model, r=4, target_modules=["q_proj"],
+                                             modules_to_save=["embed_tokens", "lm_head"],
+                                             use_gradient_checkpointing=False)
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.5)  # as training would move it
+    head = model.base_model.model.lm_head.modules_to_save["default"].weight.clone()
+    model.save_pretrained_merged(str(tmp_path / "adapter"), tokenizer, save_method="lora")
+    again, _ = FastLanguageModel.from_pretrained(str(tmp_path / "adapter"), dtype=torch.float32)
+    hf = again.base_model.model
+    assert not hf.config.tie_word_embeddings
+    torch.testing.assert_close(hf.lm_head.modules_to_save["default"].weight, head)
+    again.save_pretrained_merged(str(tmp_path / "merged"), tokenizer)
+    merged, _ = FastLanguageModel.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
+    torch.testing.assert_close(merged.lm_head.weight, head.bfloat16().float())  # merged_16bit: bf16
+    assert not torch.equal(merged.lm_head.weight, merged.model.embed_tokens.weight)

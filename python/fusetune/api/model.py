@@ -19,6 +19,7 @@ import torch
 from fusetune.api.gguf import save_gguf
 from fusetune.api.loading import default_dtype, model_source_errors, quantization_config, resolve_model_name
 from fusetune.api.saving import read_load_settings, save_merged, write_plain_model
+from fusetune.api.tokens import untie_embeddings
 from fusetune.patching import hf_model, patch_model
 from fusetune.patching.core import UnsupportedModelError, family_spec
 
@@ -171,7 +172,8 @@ def _from_adapter(folder: Path, options: dict, loader):
     from peft import PeftModel
     from transformers import AutoProcessor, AutoTokenizer
 
-    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    adapter = json.loads((folder / "adapter_config.json").read_text())
+    base = adapter.get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{folder} holds a LoRA adapter that does not name its base model: load the base with "
                          f"from_pretrained(BASE), then peft.PeftModel.from_pretrained(model, {str(folder)!r})")
@@ -191,6 +193,8 @@ def _from_adapter(folder: Path, options: dict, loader):
     size = len(_text_tokenizer(tokenizer))
     if size > model.get_input_embeddings().weight.shape[0]:  # the adapter's tokenizer has added tokens
         model.resize_token_embeddings(size)  # (their trained rows come with the adapter)
+    if "lm_head" in (adapter.get("modules_to_save") or ()):  # trained apart from a tied input embedding: keep
+        untie_embeddings(model)  # it apart, or a merged save would tie the trained head back to embed_tokens
     with model_source_errors(str(folder)):
         model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
     print(f"fusetune: {folder} is a LoRA adapter of {base}: loaded the base and attached it (trainable)")
