@@ -37,6 +37,11 @@ _CONFIGS = {
     "phi3": ("Phi3Config", dict(rope_parameters=dict(_ROPE, partial_rotary_factor=1.0),
                                 sliding_window=SLIDING_WINDOW)),
     "phi3_partial": ("Phi3Config", dict(rope_parameters=dict(_ROPE, partial_rotary_factor=0.75))),
+    # MoE families (tests/patching/test_moe.py), not in FAMILIES: 4 experts, 2 per token
+    "mixtral": ("MixtralConfig", dict(rope_parameters=_ROPE, sliding_window=SLIDING_WINDOW, num_local_experts=4,
+                                      num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(rope_parameters=_ROPE, num_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=48, norm_topk_prob=True)),
 }
 
 # LoRA targets per family: every attention and MLP projection

@@ -203,8 +203,9 @@ def _from_adapter(folder: Path, options: dict, loader):
 
 def _adapt_targets(model, target_modules):
     """The family's names for the usual projection list (Phi-3: qkv_proj, gate_up_proj; T5: q, k,
-    v, o, wi_0, wi_1, wo); for a family fusetune does not patch, those of the usual names it has
-    as linear layers, else PEFT's "all-linear"."""
+    v, o, wi_0, wi_1, wo), by default only those the model has as linear layers (a MoE model's
+    experts are 3-D parameters: its attention's); for a family fusetune does not patch, those of
+    the usual names it has, else PEFT's "all-linear"."""
     default = target_modules is None
     if default:
         target_modules = PROJECTIONS
@@ -214,17 +215,20 @@ def _adapt_targets(model, target_modules):
     try:
         spec = family_spec(model)
     except UnsupportedModelError:
+        spec = None
         if not default:
             return names  # the caller's own names, as PEFT reads them
-        # bitsandbytes' 4- and 8-bit linears are nn.Linear subclasses
-        present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-        return [n for n in names if n in present] or "all-linear"
-    renamed = dict(spec.projections)
-    names = list(dict.fromkeys(renamed.get(n, n) for n in names))
-    for fused, parts in ((spec.qkv, ("q_proj", "k_proj", "v_proj")), (spec.gate_up, ("gate_proj", "up_proj"))):
-        if fused and any(p in names for p in parts):
-            names = [n for n in names if n not in parts] + [fused]
-    return names
+    if spec is not None:
+        renamed = dict(spec.projections)
+        names = list(dict.fromkeys(renamed.get(n, n) for n in names))
+        for fused, parts in ((spec.qkv, ("q_proj", "k_proj", "v_proj")), (spec.gate_up, ("gate_proj", "up_proj"))):
+            if fused and any(p in names for p in parts):
+                names = [n for n in names if n not in parts] + [fused]
+    if not default:
+        return names
+    # bitsandbytes' 4- and 8-bit linears are nn.Linear subclasses
+    present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return [n for n in names if n in present] or "all-linear"
 
 
 class FastLanguageModel:

@@ -15,19 +15,20 @@ import sys
 
 from fusetune.lora.adapters import lora_report
 from fusetune.ops.glu import HF_ACTIVATIONS, op_name
-from fusetune.patching import gemma, gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3, t5
-from fusetune.patching.modules import (FusedAttention, FusedCausalLM, FusedCausalLMLoss, FusedGatedMLP,
+from fusetune.patching import gemma, gemma2, gemma3, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe, t5
+from fusetune.patching.modules import (FusedAttention, FusedCausalLM, FusedCausalLMLoss, FusedExperts, FusedGatedMLP,
                                        FusedRMSNorm, FusedSeq2SeqLM, FusedT5GatedMLP, is_trl_fused_head)
 
 logger = logging.getLogger("fusetune")
 
 # model_type -> spec; an image-text checkpoint's type maps to its language model's family
 SPECS = {model_type: spec for spec in (llama.SPEC, mistral.SPEC, qwen2.SPEC, qwen3.SPEC, gemma.SPEC, gemma2.SPEC,
-                                       gemma3.SPEC, phi3.SPEC, t5.SPEC)
+                                       gemma3.SPEC, phi3.SPEC, t5.SPEC, mixtral.SPEC, qwen3_moe.SPEC)
          for model_type in (spec.model_type, *spec.multimodal)}
 SUPPORTED = ("Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3 (text and image-text: Gemma3ForCausalLM, "
-             "Gemma3ForConditionalGeneration), Phi3, T5 (encoder-decoder)")
-MLP_MIXINS = {"gated": FusedGatedMLP, "t5": FusedT5GatedMLP}  # FamilySpec.mlp_kind -> its fused forward
+             "Gemma3ForConditionalGeneration), Phi3, T5 (encoder-decoder), Mixtral, Qwen3-MoE")
+# FamilySpec.mlp_kind -> its fused forward (MoE experts: the gate's product only)
+MLP_MIXINS = {"gated": FusedGatedMLP, "t5": FusedT5GatedMLP, "experts": FusedExperts}
 
 
 class UnsupportedModelError(ValueError):

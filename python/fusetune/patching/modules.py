@@ -113,6 +113,19 @@ class FusedT5GatedMLP:
         return out
 
 
+class FusedExperts:
+    """MoE experts (transformers' experts classes with gate_up_proj as [gate | up]): act(gate) * up of
+    every routed token in one fused op, through the `_apply_gate` hook transformers' grouped_mm and
+    batched_mm implementations call (grouped_mm is its default); the grouped GEMMs stay its own. Its
+    eager implementation, a loop over experts, computes the product inline and is unchanged."""
+
+    _fusetune_activation = "silu"
+
+    def _apply_gate(self, gate_up_out):
+        gate, up = gate_up_out.chunk(2, dim=-1)
+        return glu(gate, up, self._fusetune_activation)
+
+
 class FusedAttention:
     """The attention forward of every supported family, with the fused RoPE.
 
@@ -257,7 +270,8 @@ class FusedCausalLM(_OriginalSignature):
     decoder's last hidden states and the lm_head weight (fusetune.linear_cross_entropy): the
     (tokens x vocab) logits are never held, and outputs.logits is None (outputs["logits"] raises
     a KeyError saying so); FUSETUNE_RETURN_LOGITS=1 in the environment runs the unfused head
-    instead, for code that reads the logits of a training forward. Gemma2/3's
+    instead, for code that reads the logits of a training forward; so does a MoE model asked for
+    its router logits (their auxiliary loss is added in Hugging Face's forward). Gemma2/3's
     final_logit_softcapping is applied inside the loss. Otherwise (no labels, evaluation under
     no_grad, where callers want logits for metrics, or an lm_head with LoRA adapters),
     Hugging Face's own forward runs and its loss goes through FusedCausalLMLoss. An lm_head that
@@ -272,7 +286,10 @@ class FusedCausalLM(_OriginalSignature):
         call.update(call.pop("kwargs", {}))
         labels = call.pop("labels", None)
         head = _plain_head(self.get_output_embeddings())
-        if labels is None or not torch.is_grad_enabled() or head is None or os.environ.get(RETURN_LOGITS) == "1":
+        # a MoE model asked for its router logits adds their load-balancing loss in its own forward
+        router = call.get("output_router_logits", getattr(self.config, "output_router_logits", False))
+        if labels is None or not torch.is_grad_enabled() or head is None or router or \
+                os.environ.get(RETURN_LOGITS) == "1":
             return super().forward(*args, **kwargs)
         output_class = _fused_loss_output()
 
