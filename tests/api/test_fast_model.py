@@ -237,6 +237,25 @@ def test_t5_bf16_with_wo_kept_in_fp32(tmp_path):
     _train_step(model, input_ids=ids, labels=labels)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["t5", "mixtral"])
+def test_qlora_t5_and_mixtral_train_on_the_gpu(family, tmp_path, capsys):
+    """QLoRA (NF4 base through bitsandbytes) for the encoder-decoder and a MoE model, bf16, with
+    the fused kernels: a finite loss and non-zero LoRA gradients."""
+    pytest.importorskip("bitsandbytes")
+    if family == "t5":
+        folder, (ids, labels) = _t5_folder(tmp_path), _t5_batch()
+    else:
+        name, fields = _MOE[family]
+        hf = getattr(transformers, name)(**{**_TEXT, **fields})
+        folder = save_model_dir(transformers.AutoModelForCausalLM.from_config(hf), tmp_path / family)
+        ids = labels = torch.randint(2, VOCAB, (2, 12))
+    model, _ = FastModel.from_pretrained(str(folder), load_in_4bit=True)
+    assert "patched" in capsys.readouterr().out
+    model = FastModel.get_peft_model(model, r=4)
+    _train_step(model, input_ids=ids.cuda(), labels=labels.cuda())
+
+
 def test_a_model_without_an_auto_class_is_one_clear_line(tmp_path):
     vit = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                        intermediate_size=37, image_size=8, patch_size=4))

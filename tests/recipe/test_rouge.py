@@ -100,7 +100,8 @@ def test_eval_command_reports_rouge(tmp_path):
 
     _base(tmp_path)
     (tmp_path / "run.yaml").write_text(f"model: {{name: {tmp_path / 'base'}, max_seq_length: 64}}\n"
-                                       "data: {generation_path: gen.jsonl, max_new_tokens: 3}\noutput: {dir: out}\n")
+                                       "data: {generation_path: gen.jsonl, max_new_tokens: 3, path: not-here.jsonl}\n"
+                                       "output: {dir: out}\n")  # eval reads no training data it does not measure
     proc = subprocess.run([sys.executable, "-m", "fusetune.cli", "eval", "run.yaml"], capture_output=True, text=True,
                           cwd=tmp_path, env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr

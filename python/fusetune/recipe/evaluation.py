@@ -25,15 +25,18 @@ from fusetune.recipe.data import read_rows
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 
-def read_run_data(config) -> tuple[list[dict], list[dict], list[dict]]:
+def read_run_data(config, training: bool = True) -> tuple[list[dict], list[dict], list[dict]]:
     """(training rows, held-out rows, multiple-choice questions) of a config, checked: what
-    `fusetune train` trains and measures on, and `fusetune eval` measures again."""
+    `fusetune train` trains and measures on, and `fusetune eval` measures again (training=False:
+    data.path is read only for the rows eval_split holds out of it)."""
     from fusetune.recipe.data import check_rows, split_rows
 
     d = config.data
-    rows = read_rows(d.path)
-    check_rows(rows, d.path, kind=config.stage.kind)
-    rows, eval_rows = split_rows(rows, d.eval_split, config.training.seed)
+    rows, eval_rows = [], []
+    if training or d.eval_split:
+        rows = read_rows(d.path)
+        check_rows(rows, d.path, kind=config.stage.kind)
+        rows, eval_rows = split_rows(rows, d.eval_split, config.training.seed)
     if d.eval_path:
         eval_rows = read_rows(d.eval_path, "data.eval_path")
         check_rows(eval_rows, d.eval_path, "data.eval_path", config.stage.kind)
@@ -203,7 +206,7 @@ def run_eval(config, log=print) -> dict:
     from fusetune.recipe.objectives import LanguageModeling
 
     m, d, t = config.model, config.data, config.training
-    _, eval_rows, questions = read_run_data(config)  # the rows `fusetune train` held out
+    _, eval_rows, questions = read_run_data(config, training=False)  # the rows `fusetune train` held out
     generations = read_generations(d.generation_path) if d.generation_path else []
     if not eval_rows and not questions and not generations:
         raise ConfigError("nothing to evaluate: set data.eval_split (the rows training held out), data.eval_path, "
