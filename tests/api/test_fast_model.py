@@ -37,7 +37,7 @@ def _perturb_norms(model):
 def _train_step(model, **batch):
     """One forward with labels and backward: the loss is finite and every LoRA B matrix (A's
     gradient is 0 while B starts at 0) gets a finite, non-zero gradient."""
-    loss = model(**batch).loss
+    loss = model(**{k: v.to(model.device) for k, v in batch.items()}).loss  # on a GPU machine: the GPU
     loss.backward()
     assert torch.isfinite(loss), loss
     grads = {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}

@@ -307,3 +307,19 @@ def test_recipe_of_every_stage_kind_in_bf16_at_smollm2_shapes(tmp_path, monkeypa
     want = -torch.nn.functional.logsigmoid(0.1 * (c - r)).mean().item()
     assert got == pytest.approx(want, abs=2e-2)
     assert any("bfloat16, fused ops on the triton backend" in line for line in log)
+
+
+def test_dpo_runs_for_the_batch_size_finder_before_its_reference_exists():
+    """The finder (on a GPU) measures a step before prepare() computed the reference: inside
+    sizing() the policy's detached log-probabilities stand in (margin 0, loss ln 2); outside it a
+    missing reference is an error, never a silent zero."""
+    tokenizer = byte_level_tokenizer()
+    pairs = tokenize_pairs(PAIRS, tokenizer, 64)
+    objective = Preference("dpo", 0.1, tokenizer.pad_token_id)
+    model = _policy(tokenizer)
+    with use_backend("torch"):
+        with objective.sizing():
+            loss, _, _ = objective.accumulate(model, pairs, 2, torch.device("cpu"))
+        assert loss == pytest.approx(math.log(2), rel=1e-6)
+        with pytest.raises(KeyError, match="reference"):
+            objective.accumulate(model, pairs, 2, torch.device("cpu"))

@@ -67,7 +67,8 @@ def pick_micro_batch(model, examples: list[dict], objective, cfg: TrainingConfig
     def fits(size: int):
         rows = (longest * size)[:size]
         try:
-            accumulate(objective, model, rows, size, device)
+            with objective.sizing():
+                accumulate(objective, model, rows, size, device)
         finally:
             model.zero_grad(set_to_none=True)
 

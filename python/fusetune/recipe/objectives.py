@@ -65,11 +65,23 @@ def token_logprobs(model, rows: list[dict], pad_id: int, device) -> tuple[torch.
     return -losses.view(targets.shape) * mask, mask
 
 
-class LanguageModeling:
+class Objective:
+    """What every objective shares: nothing to prepare, nothing to change for the batch-size finder."""
+
+    watch_divergence = True  # a loss over twice the first step's is reported as divergence
+
+    def prepare(self, model, examples, eval_examples, state, micro_batch, device, log):
+        """Before the first step (and again on resume, with the checkpoint's state)."""
+
+    def sizing(self):
+        """A context in which accumulate runs for the batch-size finder, before prepare."""
+        return contextlib.nullcontext()
+
+
+class LanguageModeling(Objective):
     """sft and cpt: the mean cross-entropy per label token of the effective batch."""
 
     label = "loss (label tokens)"
-    watch_divergence = True
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -77,9 +89,6 @@ class LanguageModeling:
     @staticmethod
     def length(example: dict) -> int:
         return len(example["input_ids"])
-
-    def prepare(self, model, examples, eval_examples, state, micro_batch, device, log):
-        pass
 
     def _passes(self, model, examples, micro_batch, device):
         n_items = label_count(examples)
@@ -102,13 +111,12 @@ class LanguageModeling:
             return sum(loss.item() for loss, _ in self._passes(model, examples, micro_batch, device))
 
 
-class Preference:
+class Preference(Objective):
     """dpo and orpo on examples {"chosen": {input_ids, labels}, "rejected": {...}}."""
-
-    watch_divergence = True
 
     def __init__(self, kind: str, beta: float, pad_id: int):
         self.kind, self.beta, self.pad_id = kind, beta, pad_id
+        self._sizing = False
         self.label = "DPO loss" if kind == "dpo" else "ORPO loss (chosen cross-entropy + odds-ratio term)"
 
     @staticmethod
@@ -136,6 +144,16 @@ class Preference:
         log(f"dpo: reference log-probabilities of {len(examples) + len(eval_examples)} pairs (the model at the "
             f"stage's start)")
 
+    @contextlib.contextmanager
+    def sizing(self):
+        """The batch-size finder runs before the reference exists: the policy's own log-probabilities,
+        detached, stand in for it (the same work and memory)."""
+        self._sizing = True
+        try:
+            yield
+        finally:
+            self._sizing = False
+
     def _reference(self, model, rows, micro_batch, device) -> list[list[float]]:
         out = []
         with evaluating(model):
@@ -147,7 +165,8 @@ class Preference:
     def _loss(self, model, chunk, n_pairs: int, chosen_tokens: int, device):
         c, r, nc, nr = self._sums(model, chunk, device)
         if self.kind == "dpo":
-            ref = torch.tensor([e["reference"] for e in chunk], dtype=c.dtype, device=c.device)
+            ref = torch.stack([c.detach(), r.detach()], 1) if self._sizing else \
+                torch.tensor([e["reference"] for e in chunk], dtype=c.dtype, device=c.device)
             margin = self.beta * ((c - ref[:, 0]) - (r - ref[:, 1]))
             return -F.logsigmoid(margin).sum() / n_pairs, margin
         mean_c, mean_r = c / nc, r / nr  # mean per-token log-probability: log p
@@ -199,7 +218,7 @@ def load_reward(spec: str):
     return fn
 
 
-class GroupRelative:
+class GroupRelative(Objective):
     """grpo on examples {"prompt": as written, "prompt_ids", "columns": the row's other fields}."""
 
     label = "GRPO policy loss"
@@ -212,9 +231,6 @@ class GroupRelative:
     @staticmethod
     def length(example: dict) -> int:
         return len(example["prompt_ids"])
-
-    def prepare(self, model, examples, eval_examples, state, micro_batch, device, log):
-        pass
 
     def _sample(self, model, chunk, device) -> list[list[int]]:
         """`generations` completions of each prompt (left-padded together), each cut after its
