@@ -9,6 +9,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from fusetune import patch_model, unpatch_model, use_backend
+from fusetune.patching.core import fused_class
+from fusetune.patching.modules import FusedExperts
 from tests.numerics import assert_close
 from tests.tiny_models import random_batch, tiny_model
 
@@ -64,21 +66,34 @@ def test_router_logits_keep_their_auxiliary_loss(device):
     assert_close(out.loss.detach(), expected.loss.detach(), torch.float32, "loss with the auxiliary loss")
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("family", MOE)
-def test_moe_bf16_experts_within_band_of_float64(family):
-    """bf16 on the GPU: the patched model's loss and gradients are no further from the float64
-    truth than twice HF's own bf16 error (plus 2e-3)."""
+def test_fused_experts_bf16_within_band_of_float64(family, device):
+    """The experts alone in bf16, routing given (a whole model's bf16 loss is no measure: a rounding
+    difference flips a token's top-k experts, a discrete jump; seen on an H100 for tiny Mixtral):
+    the fused gate's output and input gradient are no further from the float64 truth than
+    BF16_BAND times transformers' own bf16 experts, plus 2e-3."""
     from tests.numerics import rel_err
 
-    ref = tiny_model(family, dtype=torch.bfloat16).cuda()
-    truth = copy.deepcopy(ref).double()
+    hf = tiny_model(family, dtype=torch.bfloat16).to(device).model.layers[0].mlp.experts
+    truth = copy.deepcopy(hf).double()
+    truth.config = copy.copy(truth.config)
     truth.config._experts_implementation = "eager"  # grouped GEMMs take no float64 on the GPU
-    fused = patch_model(copy.deepcopy(ref))
-    ids, labels = random_batch(device="cuda")
-    (loss, _, grads), (hf_loss, _, hf_grads), (true_loss, _, true_grads) = (
-        _loss_logits_grads(fused, ids, labels, "triton"), _loss_logits_grads(ref, ids, labels),
-        _loss_logits_grads(truth, ids, labels))
-    for name, out, hf, true in [("loss", loss, hf_loss, true_loss)] + [
-            (n, grads[n], hf_grads[n], true_grads[n]) for n in true_grads]:
-        assert rel_err(out, true) <= 2 * rel_err(hf, true) + 2e-3, name
+    fused = copy.deepcopy(hf)
+    fused.__class__ = fused_class(type(hf), FusedExperts, (("_fusetune_activation", "silu"),))
+    tokens, k = 64, 2
+    x = torch.randn(tokens, hf.hidden_dim, device=device, dtype=torch.bfloat16)
+    top_k = torch.stack([torch.randperm(hf.num_experts, device=device)[:k] for _ in range(tokens)])
+    weights = torch.softmax(torch.randn(tokens, k, device=device), -1).to(torch.bfloat16)
+    dy = torch.randn_like(x)
+    results = {}
+    for name, module, dtype in (("fused", fused, torch.bfloat16), ("hf", hf, torch.bfloat16),
+                                ("truth", truth, torch.float64)):
+        xi = x.detach().clone().to(dtype).requires_grad_()
+        with use_backend("triton"):
+            y = module(xi, top_k, weights.to(dtype))
+        y.backward(dy.to(dtype))
+        results[name] = (y.detach(), xi.grad)
+    band = 4.0 if device.type == "cpu" else 2.0  # the interpreter truncates fp32 -> bf16 (tests/patching)
+    for i, what in enumerate(("output", "input gradient")):
+        err, hf_err = rel_err(results["fused"][i], results["truth"][i]), rel_err(results["hf"][i], results["truth"][i])
+        assert err <= band * hf_err + 2e-3, f"{family} {what}: {err:.2e} vs transformers' bf16 {hf_err:.2e}"
