@@ -21,6 +21,7 @@ import torch
 
 from fusetune.recipe.config import ConfigError
 from fusetune.recipe.data import read_rows
+from fusetune.recipe.objectives import LanguageModeling, evaluating
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
@@ -86,14 +87,11 @@ def choice_logprobs(model, tokenizer, question: str, choices: list[str]) -> list
 
 def multiple_choice_accuracy(model, tokenizer, questions: list[dict]) -> dict:
     """{"accuracy", "correct", "total"} of the model's highest-likelihood choices."""
-    was_training = model.training
-    model.eval()
     correct = 0
-    with torch.no_grad():
+    with evaluating(model):
         for q in questions:
             scores = choice_logprobs(model, tokenizer, q["question"], q["choices"])
             correct += max(range(len(scores)), key=scores.__getitem__) == q["answer"]
-    model.train(was_training)
     return {"accuracy": correct / len(questions), "correct": correct, "total": len(questions)}
 
 
@@ -203,7 +201,6 @@ def run_eval(config, log=print) -> dict:
     from fusetune.atomic import atomic_write
     from fusetune.recipe.chat import trained_model_path
     from fusetune.recipe.data import tokenize_rows
-    from fusetune.recipe.objectives import LanguageModeling
 
     m, d, t = config.model, config.data, config.training
     _, eval_rows, questions = read_run_data(config, training=False)  # the rows `fusetune train` held out

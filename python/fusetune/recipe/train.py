@@ -21,7 +21,7 @@ from fusetune.recipe.data import read_new_tokens, stage_examples
 from fusetune.recipe.evaluation import (generation_rouge, multiple_choice_accuracy, read_generations, read_run_data,
                                         rouge_line)
 from fusetune.recipe.loop import embedding_lr, pick_micro_batch, train_loop
-from fusetune.recipe.objectives import load_reward, objective_for
+from fusetune.recipe.objectives import objective_for
 from fusetune.recipe.reporting import check_reporters
 from fusetune.training.checkpoint import enable_checkpointing, enable_offloaded_checkpointing
 from fusetune.training.env import backend_report, gpus
@@ -88,8 +88,6 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
     m, t, kind = config.model, config.training, config.stage.kind
     if config.output.save_gguf:  # fail now, not after training
         check_method(config.output.save_gguf)
-    if kind == "grpo":
-        load_reward(config.stage.reward)
     check_reporters(t.report_to)
     d = config.data
     rows, eval_rows, questions = read_run_data(config)
@@ -119,8 +117,9 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
         eval_examples = stage_examples(kind, eval_rows, tokenizer, config) if eval_rows else []
         objective = objective_for(config.stage, tokenizer)
         lengths = [objective.length(e) for e in examples]
+        # (cpt packs its rows into blocks: their count is no row count)
         dropped = (f" ({len(rows) - len(examples)} rows dropped: no answer to learn within max_seq_length)"
-                   if len(rows) > len(examples) else "")
+                   if len(rows) > len(examples) and kind != "cpt" else "")
         held = (f"; {len(eval_examples)} held out for the eval loss ({d.eval_path or f'eval_split {d.eval_split:g}'})"
                 if eval_examples else "")
         what_rows = {"sft": "conversations", "cpt": f"blocks of text (from {len(rows)} rows, packed)",
@@ -128,8 +127,6 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
         in_loss = {"sft": 'assistant replies only' if d.train_on_responses_only else 'all tokens',
                    "cpt": "all tokens", "dpo": "the replies", "orpo": "the replies",
                    "grpo": f"{config.stage.generations} sampled completions each"}[kind]
-        if kind == "cpt":
-            dropped = ""
         log(f"data: {len(examples)} {what_rows} from {d.path}, {min(lengths)}-{max(lengths)} tokens, "
             f"{in_loss} in the loss{dropped}{held}")
         run = fingerprint(config, examples, str(dtype).removeprefix("torch."), device.type)
