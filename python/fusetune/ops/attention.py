@@ -1,0 +1,119 @@
+"""Attention: autograd Function over the Triton flash-attention kernels, and `attention`."""
+import torch
+
+from fusetune.backend import resolve
+from fusetune.reference.attention import attention as attention_reference
+
+CUDA_OPS = ()  # no CUDA C++ implementation yet
+MAX_HEAD_DIM = 256
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def segments(segment_ids: torch.Tensor):
+    """(run ids, run start, run end) of (B, S) segment ids, each (B, S) int32 on their device.
+
+    A run is a stretch of equal ids (a packed document); start / end are the first and one past
+    the last index of each token's run: the kernels' block ranges. No host sync.
+    """
+    batch, seq = segment_ids.shape
+    index = torch.arange(seq, device=segment_ids.device).expand(batch, seq)
+    begins = torch.ones_like(segment_ids, dtype=torch.bool)
+    begins[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    ends = torch.ones_like(begins)
+    ends[:, :-1] = begins[:, 1:]
+    runs = begins.cumsum(1) - 1
+    start = torch.where(begins, index, 0).cummax(1).values
+    end = torch.where(ends, index + 1, seq).flip(1).cummin(1).values.flip(1)
+    return tuple(t.to(torch.int32).contiguous() for t in (runs, start, end))
+
+
+def _check(q, k, v, scale, softcap, window, segment_ids):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in DTYPES:
+            raise TypeError(f"attention: {name} is {t.dtype}; the kernels take float16, bfloat16 or float32")
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be 4-D (batch, heads, seq, head_dim), got "
+                             f"{tuple(t.shape)}; pass Hugging Face's (batch, seq, heads, head_dim) as x.transpose(1, 2)")
+    if len({q.dtype, k.dtype, v.dtype}) > 1:
+        raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if len({q.device, k.device, v.device}) > 1:
+        raise ValueError(f"attention: q, k, v are on {q.device}, {k.device}, {v.device}; move them to one device")
+    batch, heads, sq, head_dim = q.shape
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must agree in batch "
+                         f"and head_dim, and k and v in every dim")
+    if k.shape[1] == 0 or heads % k.shape[1]:
+        raise ValueError(f"attention: {heads} query heads are not a multiple of {k.shape[1]} key/value heads")
+    if k.shape[2] < sq:
+        raise ValueError(f"attention: {sq} queries but only {k.shape[2]} keys; queries are the last Sq positions "
+                         f"of the keys (Sk >= Sq)")
+    if not 0 < head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"attention: head_dim {head_dim} is not supported (1 to {MAX_HEAD_DIM}); use torch's "
+                         f"scaled_dot_product_attention for it")
+    if scale is not None and not scale > 0:
+        raise ValueError(f"attention: scale must be positive, got {scale}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"attention: softcap must be positive or None, got {softcap}")
+    if window is not None and (int(window) != window or window < 1):
+        raise ValueError(f"attention: window must be a positive int or None, got {window}")
+    if segment_ids is not None:
+        if segment_ids.shape != (batch, sq) or k.shape[2] != sq:
+            raise ValueError(f"attention: segment_ids {tuple(segment_ids.shape)} must be (batch, seq) = "
+                             f"({batch}, {sq}), with as many keys as queries (got {k.shape[2]} keys)")
+        if segment_ids.dtype.is_floating_point or segment_ids.dtype == torch.bool:
+            raise TypeError(f"attention: segment_ids must be integers, got {segment_ids.dtype}")
+        if segment_ids.device != q.device:
+            raise ValueError(f"attention: segment_ids are on {segment_ids.device}, q on {q.device}")
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, softcap, window, runs):
+        from fusetune.triton_kernels.attention import attention_fwd
+
+        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+        out, lse = attention_fwd(q, k, v, causal, scale, softcap, window, runs)
+        ctx.save_for_backward(q, k, v, out, lse, *(runs or ()))
+        ctx.options = (causal, scale, softcap, window)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from fusetune.triton_kernels.attention import attention_bwd
+
+        q, k, v, out, lse, *runs = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(_unit_last(dout), q, k, v, out, lse, *ctx.options, segments=tuple(runs) or None)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None,
+              softcap: float | None = None, window: int | None = None, segment_ids: torch.Tensor | None = None,
+              runs=None) -> torch.Tensor:
+    """Scaled dot-product attention without the (Sq x Sk) scores in memory (flash attention).
+
+    q (B, Hq, Sq, D), k and v (B, Hk, Sk, D): Hq a multiple of Hk (GQA/MQA, k/v never repeated),
+    Sk >= Sq (query i sits at position i + Sk - Sq), D up to 256, any strides (Hugging Face's
+    (B, S, H, D).transpose(1, 2) views need no copy); float16, bfloat16 or float32, fp32 softmax.
+    scale: multiplies q k^T (default D**-0.5; Gemma's query_pre_attn_scalar**-0.5 goes here).
+    softcap: c * tanh(x / c) on the scaled scores (Gemma-2). window: a key j is seen by the query
+    at position i only if i - j < window (Hugging Face's sliding window). segment_ids (B, S):
+    packed documents; a token sees only tokens of its own run of equal ids (needs Sq == Sk);
+    `runs` may pass segments(segment_ids) computed once for many layers instead.
+    Returns out (B, Hq, Sq, D) in q's dtype; its memory is (B, Sq, Hq, D), so
+    out.transpose(1, 2) is contiguous, the layout Hugging Face's attention functions return.
+    """
+    if runs is not None:
+        segment_ids = runs[0]
+    _check(q, k, v, scale, softcap, window, segment_ids)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if resolve("attention", q.device, CUDA_OPS) == "triton":
+        if segment_ids is not None and runs is None:
+            runs = segments(segment_ids)
+        return AttentionFunction.apply(q, k, v, causal, scale, softcap and float(softcap), window and int(window),
+                                       runs)
+    out, _ = attention_reference(q, k, v, causal, scale, softcap, window, segment_ids)
+    return out
