@@ -280,10 +280,12 @@ def test_the_fused_forward_shows_the_original_signature(family):
 def test_summary_line(capsys):
     patch_model(tiny_model("llama"))
     assert capsys.readouterr().out.strip() == (
-        "fusetune: patched LlamaForCausalLM [Llama]: rms_norm 5, rope 2, mlp 2 (swiglu), "
-        "cross_entropy 1 (fused linear, no logits); left alone: nothing")
+        "fusetune: patched LlamaForCausalLM [Llama]: rms_norm 5, rope 2, attention (flash kernel: packed, padded, "
+        "softcap, window; SDPA: plain causal), mlp 2 (swiglu), cross_entropy 1 (fused linear, no logits); "
+        "left alone: nothing")
     patch_model(tiny_model("gemma3"), fused_linear_cross_entropy=False)
-    assert "rms_norm 13, rope 2, mlp 2 (geglu), cross_entropy 1 (on logits);" in capsys.readouterr().out
+    assert "rms_norm 13, rope 2, attention (flash kernel: packed, padded, softcap, window; SDPA: plain causal), " \
+           "mlp 2 (geglu), cross_entropy 1 (on logits);" in capsys.readouterr().out
 
 
 def test_summary_names_what_was_left_alone_and_why(capsys):
@@ -291,9 +293,10 @@ def test_summary_names_what_was_left_alone_and_why(capsys):
     patch_model(model, rope=False)
     out = capsys.readouterr().out
     assert out.count("\n") == 1
-    assert "rms_norm 5, cross_entropy 1 (fused linear, no logits);" in out
+    assert "rms_norm 5, attention (flash kernel: packed, padded, softcap, window; SDPA: plain causal), " \
+           "cross_entropy 1 (fused linear, no logits);" in out
     assert "rope: switched off" in out and "mlp: hidden_act 'relu' has no fused kernel (2 modules)" in out
-    patch_model(model, rope=False, mlp=False, rms_norm=False, cross_entropy=False)
+    patch_model(model, rope=False, attention=False, mlp=False, rms_norm=False, cross_entropy=False)
     assert "patched LlamaForCausalLM [Llama]: nothing; left alone: rms_norm: switched off" in capsys.readouterr().out
 
     from transformers import LlamaModel

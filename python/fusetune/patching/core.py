@@ -15,6 +15,7 @@ import sys
 
 from fusetune.lora.adapters import lora_report
 from fusetune.ops.glu import HF_ACTIVATIONS, op_name
+from fusetune.patching import attention as fused_attention
 from fusetune.patching import gemma, gemma2, gemma3, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe, t5
 from fusetune.patching.modules import (FusedAttention, FusedCausalLM, FusedCausalLMLoss, FusedExperts, FusedGatedMLP,
                                        FusedRMSNorm, FusedSeq2SeqLM, FusedT5GatedMLP, is_trl_fused_head)
@@ -111,12 +112,39 @@ def _mlp_options(spec, hf_model, lora):
     return options_for
 
 
-def _attention_options(spec, hf_model, lora):
+def _attention_options(spec, hf_model, lora, attention):
     eager = importlib.import_module(spec.modeling).eager_attention_forward
     options = (("_fusetune_qkv", spec.qkv), ("_fusetune_qk_norm", spec.qk_norm),
                ("_fusetune_sliding_window", spec.sliding_window), ("_fusetune_softcap", spec.attn_softcap),
-               ("_fusetune_eager", eager), ("_fusetune_lora", lora))
+               ("_fusetune_eager", eager), ("_fusetune_lora", lora), ("_fusetune_attention", attention))
     return lambda module: options
+
+
+ATTENTION_MODES = (True, False, "always")
+
+
+def _use_fused_attention(hf_model, spec, modeling):
+    """Make fusetune's attention (patching/attention.py) the implementation of every config the
+    model's attention modules read; returns (configs switched, already, reason left alone or None)."""
+    if hf_model.config.model_type in spec.multimodal:
+        return 0, 0, "image tokens attend both ways (a mask the kernel does not take): transformers' attention"
+    key = fused_attention.register()
+    configs = {id(m.config): m.config for m in hf_model.modules()
+               if isinstance(m, getattr(modeling, spec.attention)) and getattr(m, "config", None) is not None}
+    configs = configs or {id(hf_model.config): hf_model.config}
+    before = hf_model.__dict__.setdefault("_fusetune_attention_before", [])
+    new = already = 0
+    for config in configs.values():
+        if config._attn_implementation == key:
+            already += 1
+            continue
+        before.append((config, config._attn_implementation))
+        config._attn_implementation = key
+        new += 1
+    if hf_model.config._attn_implementation != key:  # the top-level config builds the masks
+        before.append((hf_model.config, hf_model.config._attn_implementation))
+        hf_model.config._attn_implementation = key
+    return new, already, None
 
 
 # kind -> (spec field naming the class, mixin, options factory)
@@ -160,8 +188,9 @@ def _patch_loss(hf_model, fused_linear: bool):
     return 1, 0, None
 
 
-def patch_model(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, cross_entropy: bool = True,
-                fused_linear_cross_entropy: bool = True, lora: bool = True, strict: bool = True):
+def patch_model(model, *, rms_norm: bool = True, rope: bool = True, attention: bool | str = True, mlp: bool = True,
+                cross_entropy: bool = True, fused_linear_cross_entropy: bool = True, lora: bool = True,
+                strict: bool = True):
     """Swap fused kernels into a supported Hugging Face model, in place; returns the model.
 
     model: a transformers model of a supported family (Llama, Mistral, Qwen2, Qwen3, Gemma,
@@ -171,6 +200,12 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = 
       rope           every attention module -> one generic forward with the fused RoPE; the
                      attention itself stays the one HF picks (config._attn_implementation).
                      T5 has no RoPE: its attention stays as is
+      attention      the attention itself -> fusetune's implementation (patching/attention.py):
+                     its flash-attention kernel for packed rows (position ids that restart per
+                     document: no token attends across a document), padded rows, softcaps and
+                     sliding windows; torch SDPA (cuDNN / flash) for plain causal rows, where it
+                     is faster; no (tokens x tokens) mask is ever built. "always": the kernel for
+                     plain causal rows too. Image-text models keep transformers' attention
       mlp            gated MLPs -> fused SwiGLU / GeGLU between the projections (T5's gated-GELU
                      FFN too, with its dropout before wo)
       cross_entropy  the model's causal-LM loss -> fused cross-entropy. With
@@ -206,7 +241,11 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = 
         print(f"fusetune: left {name} unpatched: {err}; it trains through transformers and PEFT, unfused")
         return model
     modeling = importlib.import_module(spec.modeling)
-    switches = {"rms_norm": rms_norm, "rope": rope, "mlp": mlp, "cross_entropy": cross_entropy}
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"patch_model: attention={attention!r}; choose True (fusetune's attention where it is "
+                         f"faster), 'always' (its kernel for every training shape) or False (transformers' own)")
+    switches = {"rms_norm": rms_norm, "rope": rope, "attention": attention, "mlp": mlp,
+                "cross_entropy": cross_entropy}
 
     done, left = [], []
     for kind, enabled in switches.items():
@@ -219,6 +258,12 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = 
             else:
                 new, already, reason = _patch_loss(hf, fused_linear_cross_entropy)
             reasons = collections.Counter([reason] if reason else [])
+        elif kind == "attention":
+            if spec.attention is None:
+                left.append(f"attention: {spec.name}'s attention stays transformers' (no RoPE attention)")
+                continue
+            new, already, reason = _use_fused_attention(hf, spec, modeling)
+            reasons = collections.Counter([reason] if reason else [])
         else:
             field, mixin, options_factory = _MODULE_KINDS[kind]
             what = getattr(spec, field)
@@ -230,7 +275,8 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = 
             if original is None:
                 left.append(f"{kind}: {spec.modeling} has no class {what}")
                 continue
-            new, already, reasons = _swap(model, original, mixin, options_factory(spec, hf, lora))
+            factory = options_factory(spec, hf, lora, attention) if kind == "rope" else options_factory(spec, hf, lora)
+            new, already, reasons = _swap(model, original, mixin, factory)
         if new or already:
             detail = [f"{already} already"] if already else []
             if kind == "mlp":
@@ -238,7 +284,11 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = 
                                   if isinstance(m, tuple(MLP_MIXINS.values()))})
             if kind == "cross_entropy":
                 detail.append("fused linear, no logits" if isinstance(hf, FusedCausalLM) else "on logits")
-            done.append(f"{kind} {new + already}" + (f" ({', '.join(detail)})" if detail else ""))
+            if kind == "attention":
+                detail.append("flash kernel always" if attention == "always" else
+                              "flash kernel: packed, padded, softcap, window; SDPA: plain causal")
+            count = "" if kind == "attention" else f" {new + already}"
+            done.append(f"{kind}{count}" + (f" ({', '.join(detail)})" if detail else ""))
         for reason, count in reasons.items():
             left.append(f"{kind}: {reason}" + (f" ({count} modules)" if count > 1 else ""))
         if not (new or already or reasons):
@@ -276,6 +326,9 @@ def unpatch_model(model):
             module.__class__ = original
             restored += 1
     hf = hf_model(model)
+    for config, implementation in reversed(hf.__dict__.pop("_fusetune_attention_before", [])):
+        config._attn_implementation = implementation
+        restored += 1
     loss = hf.__dict__.get("_loss_function")
     if isinstance(loss, FusedCausalLMLoss):
         if loss.previous is None:

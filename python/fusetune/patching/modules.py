@@ -27,6 +27,7 @@ from fusetune.ops.glu import glu
 from fusetune.ops.linear_cross_entropy import linear_cross_entropy
 from fusetune.ops.rms_norm import rms_norm
 from fusetune.ops.rope import rope
+from fusetune.patching import attention as fused_attention
 
 
 def _project(module, names, x):
@@ -284,6 +285,12 @@ class FusedCausalLM(_OriginalSignature):
         call = _forward_signature(self._fusetune_original).bind(self, *args, **kwargs).arguments
         del call["self"]
         call.update(call.pop("kwargs", {}))
+        if self.config._attn_implementation == fused_attention.KEY and "fusetune_documents" not in call:
+            # the packed documents, once for every layer (none when the caller gave no position ids)
+            tokens = call.get("input_ids") if call.get("input_ids") is not None else call.get("inputs_embeds")
+            if tokens is not None:
+                kwargs["fusetune_documents"] = call["fusetune_documents"] = fused_attention.documents(
+                    call.get("position_ids"), tokens.shape[0])
         labels = call.pop("labels", None)
         head = _plain_head(self.get_output_embeddings())
         # a MoE model asked for its router logits adds their load-balancing loss in its own forward

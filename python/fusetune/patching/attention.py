@@ -1,0 +1,117 @@
+"""fusetune's attention as a Hugging Face attention implementation ("fusetune").
+
+patch_model registers it with transformers' AttentionInterface (the extension point transformers
+offers for custom kernels) together with transformers' own flash-attention mask function, and sets
+it as the patched model's `config._attn_implementation`. Nothing then builds (tokens x tokens) masks:
+each layer gets the 2-D padding mask (or None) and the position ids, and `attention_forward` routes:
+
+- the flash-attention kernel (fusetune.ops.attention) for packed rows (documents are the runs of
+  consecutive position ids, as transformers detects them), padded rows, Gemma-2's logit softcap
+  and sliding windows: the cases torch's fast SDPA backends cannot take without a dense mask;
+- torch SDPA with is_causal (its cuDNN / flash backends) for plain causal rows without padding:
+  measured faster there (bench/attention.py, H100: cuDNN 434-559 TFLOP/s forward + backward at
+  4k-32k against the kernel's 258-330);
+- a dense mask with SDPA (or the plain-torch softcap formula) for what the kernel does not do:
+  a KV cache (decoding), attention dropout, head dims over 256, tensors it cannot run on.
+With `attention="always"` the kernel takes the plain causal rows too.
+
+FusedCausalLM computes the documents once per forward and passes them down as the keyword
+`fusetune_documents` (transformers hands unknown keywords through to the attention); a layer called
+without it derives them from its position ids.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fusetune.backend import resolve
+from fusetune.ops.attention import CUDA_OPS, DTYPES, MAX_HEAD_DIM, attention, segments
+from fusetune.reference.attention import allowed
+
+KEY = "fusetune"
+
+
+@dataclass(frozen=True)
+class Documents:
+    """The packed documents of a batch: segments() of the position-id runs, or None (one per row)."""
+    runs: tuple | None
+
+
+def position_runs(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, S) ids of the runs of consecutive positions: a new document wherever a position is not
+    the previous one plus 1 (transformers' packed-sequence rule). No host sync."""
+    step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    return (step != 1).cumsum(-1)
+
+
+def documents(position_ids: torch.Tensor | None, batch: int) -> Documents:
+    """The documents of a forward given these position ids (None: every row one sequence)."""
+    if position_ids is None:
+        return Documents(None)
+    return Documents(segments(position_runs(position_ids.expand(batch, -1))))
+
+
+@functools.cache
+def register() -> str:
+    """Register the implementation with transformers (once per process); returns its key."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(KEY, attention_forward)
+    AttentionMaskInterface.register(KEY, flash_attention_mask)
+    return KEY
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+                      softcap=None, position_ids=None, fusetune_documents=None, **kwargs):
+    """Hugging Face's attention-function contract: query (B, Hq, Sq, D), key/value (B, Hk, Sk, D),
+    attention_mask the 2-D padding mask of the keys or None; returns ((B, Sq, Hq, D), None)."""
+    batch, _, sq, head_dim = query.shape
+    sk = key.shape[2]
+    window = sliding_window or None
+    softcap = softcap or None
+    causal = getattr(module, "is_causal", True)
+    kernel = (sq == sk and not dropout and head_dim <= MAX_HEAD_DIM and query.dtype in DTYPES
+              and resolve("attention", query.device, CUDA_OPS) == "triton")
+    if not kernel:
+        return _dense(query, key, value, attention_mask, dropout, scaling, window, softcap, causal,
+                      position_ids if sq == sk else None), None
+    if fusetune_documents is None:
+        fusetune_documents = documents(position_ids, batch)
+    runs = fusetune_documents.runs
+    if attention_mask is not None:
+        # padding: a padded key is its own segment (-1); bounds span the row (holes may sit anywhere)
+        ids = runs[0] if runs is not None else torch.zeros_like(attention_mask, dtype=torch.int32)
+        ids = torch.where(attention_mask.bool(), ids, -1).to(torch.int32)
+        runs = (ids, torch.zeros_like(ids), torch.full_like(ids, sq))
+    elif (runs is None and window is None and softcap is None and causal
+          and getattr(module, "_fusetune_attention", True) != "always"):
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                             enable_gqa=query.shape[1] != key.shape[1])
+        return out.transpose(1, 2), None
+    out = attention(query, key, value, causal=causal, scale=scaling, softcap=softcap, window=window, runs=runs)
+    return out.transpose(1, 2), None
+
+
+def _dense(query, key, value, attention_mask, dropout, scaling, window, softcap, causal, position_ids):
+    """The fallback: the explicit (B, 1, Sq, Sk) mask (causal from the cache offset, window, documents
+    of the position ids, padding), then SDPA, or the plain formula where a softcap applies."""
+    sq, sk = query.shape[2], key.shape[2]
+    ids = None if position_ids is None else position_runs(position_ids.expand(query.shape[0], -1))
+    mask = allowed(sq, sk, causal, window, ids, query.device)
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, None, -sk:]
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+        return out.transpose(1, 2)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(value.dtype)
+    probs = F.dropout(probs, p=dropout, training=dropout > 0)
+    return torch.matmul(probs, value).transpose(1, 2)
