@@ -83,3 +83,29 @@ def test_translation_in_a_session_that_loaded_trl_first():
     with pytest.raises(TypeError, match="max_seq_length"):
         SFTConfig(output_dir="unused", max_seq_length=8, use_cpu=True)
     trl_compat.enable()  # as the package leaves it
+
+
+def test_sft_trainer_padding_free_trains_a_patched_model_as_padded(tmp_path):
+    """TRL's padding-free batches (one row, position ids restarting per example) on a patched model:
+    the first step's loss equals the padded run's (nothing attends across examples)."""
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    import fusetune
+    from tests.helpers import word_tokenizer
+    from tests.tiny_models import add_lora, tiny_model
+
+    rows = Dataset.from_list([{"text": " ".join(f"w{i}" for i in range(2, n))} for n in (9, 20, 4, 14)])
+    losses = {}
+    for padding_free in (False, True):
+        torch.manual_seed(0)
+        model = fusetune.patch_model(add_lora(tiny_model("llama"), "llama"))
+        config = SFTConfig(output_dir=str(tmp_path / str(padding_free)), per_device_train_batch_size=4, max_steps=1,
+                           report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, padding_free=padding_free,
+                           dataloader_num_workers=0, learning_rate=0.0, max_length=None)
+        trainer = SFTTrainer(model=model, processing_class=word_tokenizer(), train_dataset=rows, args=config)
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert ("position_ids" in batch) == padding_free
+        losses[padding_free] = trainer.train().training_loss
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)

@@ -169,7 +169,7 @@ def _lora_model(tokenizer, r=4):
                                             init_lora_weights=False)
 
 
-def _run(tmp_path, micro_batch, steps=4, save_steps=2, fail_at=None, r=4, **cfg):
+def _run(tmp_path, micro_batch, steps=4, save_steps=2, fail_at=None, r=4, packing_length=None, **cfg):
     """The loop on a tiny LoRA model; fail_at=N: a KeyboardInterrupt inside step N."""
     import dataclasses
 
@@ -195,7 +195,8 @@ def _run(tmp_path, micro_batch, steps=4, save_steps=2, fail_at=None, r=4, **cfg)
     tmp_path.mkdir(parents=True, exist_ok=True)
     with pytest.MonkeyPatch.context() as mp, use_backend("torch"):  # the loop's logic; the kernels have their tests
         mp.setattr(loop, "accumulate", interrupted)
-        record = loop.train_loop(model, examples, LanguageModeling(tokenizer.pad_token_id), config, tmp_path,
+        objective = LanguageModeling(tokenizer.pad_token_id, packing_length)
+        record = loop.train_loop(model, examples, objective, config, tmp_path,
                                  torch.device("cpu"),
                                  micro_batch, log.append, fingerprint=run,
                                  resume_from=resume_point(tmp_path, config.resume, run, log.append))
@@ -211,6 +212,17 @@ def test_any_micro_batch_gives_the_same_update(tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=name)
     assert rec_whole["losses"] == pytest.approx(rec_split["losses"], rel=1e-5)
     assert rec_whole["losses"][-1] < rec_whole["losses"][0]
+
+
+def test_packed_micro_batches_give_the_padded_update(tmp_path):
+    """data.packing: the micro-batches' examples in padding-free rows (budget micro_batch x 16 tokens,
+    so rows hold different example counts than the padded micro-batches): the same losses and weights."""
+    padded, rec_padded, _ = _run(tmp_path / "a", micro_batch=2, save_steps=0)
+    packed, rec_packed, _ = _run(tmp_path / "b", micro_batch=2, save_steps=0, packing_length=16)
+    for (name, a), (_, b) in zip(padded.named_parameters(), packed.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=name)
+    assert rec_packed["losses"] == pytest.approx(rec_padded["losses"], rel=1e-5)
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):

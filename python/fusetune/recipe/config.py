@@ -61,6 +61,9 @@ class DataConfig:
                                                   "folder or a Hub dataset (owner/name[:split]); messages, "
                                                   "conversations, instruction/output, prompt/completion or text rows")
     train_on_responses_only: bool = key(True, "the loss covers the assistant's replies only (false: every token)")
+    packing: bool = key(True, "sft/cpt micro-batches as packed rows without padding: the examples of a "
+                              "micro-batch (up to its size times max_seq_length tokens) in one row, each attending "
+                              "only to itself (position ids restart per example); the loss equals the padded one's")
     eval_split: float = key(0.0, "a fraction of the rows held out (seeded) for the eval loss and perplexity")
     eval_path: str | None = key(None, "or a file of its own for the eval loss")
     choices_path: str | None = key(None, "multiple-choice questions (question, choices, answer): accuracy before "

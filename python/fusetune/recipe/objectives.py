@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from fusetune.ops.cross_entropy import cross_entropy
 from fusetune.recipe.config import ConfigError, StageSection
 from fusetune.recipe.data import IGNORE_INDEX, collate, label_count
+from fusetune.training.packing import pack_examples, pack_groups
 
 
 def micro_batches(examples: list, size: int):
@@ -83,8 +84,11 @@ class LanguageModeling(Objective):
 
     label = "loss (label tokens)"
 
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, packing_length: int | None = None):
+        """packing_length: pack each micro-batch's examples into rows without padding, a micro-batch
+        being up to micro_batch * packing_length tokens (None: padded micro-batches of micro_batch rows)."""
         self.pad_id = pad_id
+        self.packing_length = packing_length
 
     @staticmethod
     def length(example: dict) -> int:
@@ -92,6 +96,13 @@ class LanguageModeling(Objective):
 
     def _passes(self, model, examples, micro_batch, device):
         n_items = label_count(examples)
+        if self.packing_length:
+            groups = pack_groups([len(e["input_ids"]) for e in examples], micro_batch * self.packing_length)
+            for group in groups:
+                batch = _to(pack_examples([examples[i] for i in group]), device)
+                # no KV cache: with one, transformers' own attention (an unpatched model) ignores the restarts
+                yield model(**batch, num_items_in_batch=n_items, use_cache=False).loss, batch["input_ids"].shape[1]
+            return
         for chunk in micro_batches(examples, micro_batch):
             batch = _to(collate(chunk, self.pad_id), device)
             yield model(**batch, num_items_in_batch=n_items).loss, int(batch["attention_mask"].sum())
@@ -293,9 +304,9 @@ class GroupRelative(Objective):
         raise ConfigError("a grpo stage has no eval loss")  # config validation refuses its eval data
 
 
-def objective_for(stage: StageSection, tokenizer):
+def objective_for(stage: StageSection, tokenizer, packing_length: int | None = None):
     if stage.kind in ("dpo", "orpo"):
         return Preference(stage.kind, stage.beta, tokenizer.pad_token_id)
     if stage.kind == "grpo":
         return GroupRelative(stage, tokenizer)
-    return LanguageModeling(tokenizer.pad_token_id)
+    return LanguageModeling(tokenizer.pad_token_id, packing_length)

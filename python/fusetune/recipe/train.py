@@ -115,7 +115,7 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
                 ("" if m.full_finetuning else f"; embed_tokens and lm_head train at {embedding_lr(t):g}"))
         examples = stage_examples(kind, rows, tokenizer, config)
         eval_examples = stage_examples(kind, eval_rows, tokenizer, config) if eval_rows else []
-        objective = objective_for(config.stage, tokenizer)
+        objective = objective_for(config.stage, tokenizer, m.max_seq_length if d.packing else None)
         lengths = [objective.length(e) for e in examples]
         # (cpt packs its rows into blocks: their count is no row count)
         dropped = (f" ({len(rows) - len(examples)} rows dropped: no answer to learn within max_seq_length)"
