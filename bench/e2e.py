@@ -75,29 +75,22 @@ def flops_per_token(model, cfg: dict, seq: int) -> float:
     return 6 * n_dec + 4 * n_head + 8 * n_lora + attn
 
 
-def worker(stack: str, workload: str, profile: bool = False, seq: int | None = None,
-           steps: tuple[int, int] = (WARMUP, TIMED)) -> dict:
-    name, batch, default_seq, qlora = WORKLOADS[workload]
-    seq = seq or default_seq
-    if seq is None:
-        raise ValueError(f"{workload} needs a sequence length (--seq)")
-    if qlora:
-        from bench.qlora import import_bnb, prepare_qlora
-
-        import_bnb()  # fail before building the model when bitsandbytes is missing
+def build_model(stack: str, name: str, qlora: bool = False):
+    """The benchmark's Llama of MODELS[name] (random bf16 weights, SDPA), QLoRA'd if asked, with LoRA
+    on TARGETS and checkpointing; a fusetune stack patched ("fusetune": its offloaded checkpointing)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fusetune.training.checkpoint import enable_checkpointing, enable_offloaded_checkpointing
 
-    warmup, timed = steps
-    cfg = MODELS[name]
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="sdpa"))
+        model = LlamaForCausalLM(LlamaConfig(**MODELS[name], attn_implementation="sdpa"))
     torch.set_default_dtype(torch.float32)
     if qlora:
+        from bench.qlora import prepare_qlora
+
         prepare_qlora(model)  # decoder linears -> bitsandbytes NF4 (see bench/qlora.py)
     enable_checkpointing(model)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
@@ -106,8 +99,24 @@ def worker(stack: str, workload: str, profile: bool = False, seq: int | None = N
         import fusetune
 
         fusetune.patch_model(model)
-        if stack == "fusetune":  # its own checkpointing; "fusetune-recompute" keeps Hugging Face's
+        if not stack.endswith("-recompute"):  # its own checkpointing; "fusetune-recompute" keeps Hugging Face's
             enable_offloaded_checkpointing(model)
+    return model
+
+
+def worker(stack: str, workload: str, profile: bool = False, seq: int | None = None,
+           steps: tuple[int, int] = (WARMUP, TIMED)) -> dict:
+    name, batch, default_seq, qlora = WORKLOADS[workload]
+    seq = seq or default_seq
+    if seq is None:
+        raise ValueError(f"{workload} needs a sequence length (--seq)")
+    if qlora:
+        from bench.qlora import import_bnb
+
+        import_bnb()  # fail before building the model when bitsandbytes is missing
+    warmup, timed = steps
+    cfg = MODELS[name]
+    model = build_model(stack, name, qlora)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     gen = torch.Generator(device="cuda").manual_seed(1)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import interpreting, next_power_of_2
+from .utils import interpreting, next_power_of_2, program_count
 
 # a finite running-max start: a row whose first block is all masked gives p = 0, not nan
 _NEG_INIT: tl.constexpr = tl.constexpr(-1.0e30)
@@ -182,16 +182,21 @@ def _attention_bwd_preprocess_kernel(O, DO, DELTA, so_b, so_h, so_m, sdo_b, sdo_
 def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEG, START, END,
                                sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                                sdo_b, sdo_h, sdo_m, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
-                               H, HK, GROUP, SQ, SK, offset, scale, softcap, window,
+                               H, HK, SPLIT, GROUP, SQ, SK, offset, scale, softcap, window,
                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SEQ_BUCKET: tl.constexpr,
                                GROUP_BUCKET: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
                                WINDOW: tl.constexpr, SEGMENTS: tl.constexpr, PRECISION: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dk, dv of one (key block, batch x key head), summed over the query heads that read it."""
+    """dk, dv of one (key block, batch x key head x part), summed over the query heads of its part:
+    the GROUP query heads reading a key head in SPLIT parts of GROUP / SPLIT each (SPLIT > 1 writes
+    each part's sums to its own slot, head index hk * SPLIT + part, for the launcher to add up)."""
     n0 = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
-    b = (bhk // HK).to(tl.int64)
-    hk = bhk % HK
+    bhs = tl.program_id(1)
+    b = (bhs // (HK * SPLIT)).to(tl.int64)
+    slot = bhs % (HK * SPLIT)
+    hk = slot // SPLIT
+    per_part = GROUP // SPLIT
+    first_head = hk * GROUP + (slot % SPLIT) * per_part
     cols = n0 + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims[None, :] < HEAD_DIM
@@ -220,8 +225,8 @@ def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEG, START, END,
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for g in range(0, GROUP):
-        h = hk * GROUP + g
+    for g in range(0, per_part):
+        h = first_head + g
         bh = b * H + h
         q_base = Q + b * sq_b + h.to(tl.int64) * sq_h
         do_base = DO + b * sdo_b + h.to(tl.int64) * sdo_h
@@ -246,9 +251,9 @@ def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEG, START, END,
                 ds = ds * (1.0 - t * t)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     out_ok = col_ok & dim_ok
-    tl.store(DK + b * sdk_b + hk.to(tl.int64) * sdk_h + cols[:, None].to(tl.int64) * sdk_n + dims[None, :],
+    tl.store(DK + b * sdk_b + slot.to(tl.int64) * sdk_h + cols[:, None].to(tl.int64) * sdk_n + dims[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=out_ok)
-    tl.store(DV + b * sdv_b + hk.to(tl.int64) * sdv_h + cols[:, None].to(tl.int64) * sdv_n + dims[None, :],
+    tl.store(DV + b * sdv_b + slot.to(tl.int64) * sdv_h + cols[:, None].to(tl.int64) * sdv_n + dims[None, :],
              dv.to(DV.dtype.element_ty), mask=out_ok)
 
 
@@ -377,13 +382,26 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, scale: float, softcap: 
         out, dout, delta, *_strides(out), *_strides(dout), heads, sq, HEAD_DIM=head_dim,
         BLOCK_D=constants["BLOCK_D"], BLOCK_M=block_m)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # few key blocks x key heads fill the GPU poorly: split each key head's query heads across programs
+    # (fp32 partial sums added up below: deterministic, no atomics)
+    group = heads // kv_heads
+    split = group if triton.cdiv(sk, 128) * batch * kv_heads < 2 * program_count(q.device, per_sm=1) else 1
+    if split > 1:
+        dk_parts = torch.empty(batch, kv_heads * split, sk, head_dim, dtype=torch.float32, device=q.device)
+        dv_parts = torch.empty_like(dk_parts)
+    else:
+        dk_parts, dv_parts = dk, dv
 
     def key_grid(meta):
-        return triton.cdiv(sk, meta["BLOCK_N"]), batch * kv_heads
+        return triton.cdiv(sk, meta["BLOCK_N"]), batch * kv_heads * split
 
-    _attention_bwd_dkdv_kernel[key_grid](q, k, v, dout, lse, delta, dk, dv, seg, start, end,
+    _attention_bwd_dkdv_kernel[key_grid](q, k, v, dout, lse, delta, dk_parts, dv_parts, seg, start, end,
                                          *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
-                                         *_strides(dk), *_strides(dv), heads, kv_heads, **scalars, **constants)
+                                         *_strides(dk_parts), *_strides(dv_parts), heads, kv_heads, split,
+                                         **scalars, **constants)
+    if split > 1:
+        dk.copy_(dk_parts.view(batch, kv_heads, split, sk, head_dim).sum(2))
+        dv.copy_(dv_parts.view(batch, kv_heads, split, sk, head_dim).sum(2))
 
     def query_grid(meta):
         return triton.cdiv(sq, meta["BLOCK_M"]), batch * heads

@@ -101,6 +101,12 @@ def test_documents_equal_separate_calls(device):
         start += n
 
 
+def test_rows_long_enough_for_one_program_per_key_head(device):
+    """Enough key blocks that the backward runs one program per key head (short rows split each key
+    head's query heads across programs): both paths are covered."""
+    check(2, 4, 2, 300, 300, 64, torch.float32, device, segment_ids=random_documents(2, 300, [90, 7, 130]))
+
+
 def test_queries_after_a_cache(device):
     """Sq < Sk: the queries are the last positions (a block appended to a KV cache)."""
     check(2, 4, 2, 9, 30, 64, torch.float32, device)
