@@ -18,17 +18,6 @@ def _examples(seed=0):
     return [{"input_ids": torch.randint(2, 257, (n,), generator=gen).tolist()} for n in LENGTHS]
 
 
-def _padded(examples):
-    width = max(LENGTHS)
-    ids = torch.zeros(len(examples), width, dtype=torch.long)
-    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
-    for row, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[row, :n] = labels[row, :n] = torch.tensor(e["input_ids"])
-        mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 def _loss_and_grads(model, batch, device):
     model.zero_grad(set_to_none=True)
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -43,9 +32,9 @@ def test_packed_equals_padded_in_every_family(family, device):
     patched = fusetune.patch_model(copy.deepcopy(reference))
     assert patched.config._attn_implementation == "fusetune"
     examples = _examples()
-    loss, grads = _loss_and_grads(reference, _padded(examples), device)
+    loss, grads = _loss_and_grads(reference, _padded_rows(examples), device)
     packed_loss, packed_grads = _loss_and_grads(patched, pack_examples(examples), device)
-    padded_loss, padded_grads = _loss_and_grads(patched, _padded(examples), device)
+    padded_loss, padded_grads = _loss_and_grads(patched, _padded_rows(examples), device)
     assert_close(packed_loss, loss, torch.float32, "packed loss")
     assert_close(padded_loss, loss, torch.float32, "padded loss (patched)")
     assert packed_grads.keys() == grads.keys()
@@ -57,7 +46,7 @@ def test_packed_equals_padded_in_every_family(family, device):
 def test_packed_lora_equals_padded(device):
     reference = add_lora(tiny_model("qwen3"), "qwen3").to(device)
     patched = fusetune.patch_model(copy.deepcopy(reference))
-    loss, grads = _loss_and_grads(reference, _padded(_examples(1)), device)
+    loss, grads = _loss_and_grads(reference, _padded_rows(_examples(1)), device)
     packed_loss, packed_grads = _loss_and_grads(patched, pack_examples(_examples(1)), device)
     assert_close(packed_loss, loss, torch.float32, "loss")
     for name in grads:
@@ -100,3 +89,55 @@ def test_attention_switch_off_and_bad_value(capsys):
     assert "attention: switched off" in capsys.readouterr().out
     with pytest.raises(ValueError, match="attention='maybe'; choose True"):
         fusetune.patch_model(tiny_model("llama"), attention="maybe")
+
+
+@pytest.mark.gpu
+def test_8b_widths_packed_curve_follows_padded_transformers_in_bf16(device):
+    """Llama-3.1-8B widths (4 layers), LoRA, bf16, 20 AdamW steps of 16 conversations from the W8
+    length distribution: fusetune packed against transformers + PEFT padded (SDPA), same start."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench.sft_real import conversations
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=128256, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).to(device, torch.bfloat16)
+    data = [row[:1024] for row in conversations(320)]
+    curves = {}
+    for packed in (False, True):
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(r=16, lora_alpha=16, target_modules=[
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], init_lora_weights=False))
+        if packed:
+            fusetune.patch_model(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        curves[packed] = []
+        for step in range(20):
+            rows = [{"input_ids": r} for r in data[16 * step:16 * (step + 1)]]
+            n_items = sum(len(r["input_ids"]) - 1 for r in rows)
+            batches = [pack_examples(rows)] if packed else [_padded_rows(rows[i:i + 4]) for i in range(0, 16, 4)]
+            total = 0.0
+            for batch in batches:
+                loss = model(**{k: v.to(device) for k, v in batch.items()}, num_items_in_batch=n_items,
+                             use_cache=False).loss
+                loss.backward()
+                total += loss.item()
+            optimizer.step()
+            optimizer.zero_grad()
+            curves[packed].append(total)
+        del model, optimizer
+    padded, ours = torch.tensor(curves[False]), torch.tensor(curves[True])
+    assert ((ours - padded).abs() / padded).max() < 1e-2, (curves[False], curves[True])
+    assert ours[-1] < ours[0]
+
+
+def _padded_rows(rows):
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = labels[i, :n] = torch.tensor(r["input_ids"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
