@@ -46,7 +46,11 @@ def sdpa_runner(q, k, v, backend, mask=None):
 
     def run():
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            if mask is None:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            group = q.shape[1] // k.shape[1]  # the memory-efficient backend takes no enable_gqa
+            return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                                  attn_mask=mask)
     return run
 
 

@@ -128,6 +128,35 @@ def search_lines(data) -> list[str]:
     return lines
 
 
+def attention_section(path, data) -> list[str]:
+    lines = [f"## Attention kernel ({path.name})", "", env_line(data["environment"]), "",
+             "bf16, batch 1, causal; TFLOP/s of the useful work (4 x heads x D x allowed pairs forward, "
+             "3.5x that forward + backward). `python -m bench.attention`.", "",
+             "| feature | D | seq | stack | fwd TFLOP/s | fwd+bwd TFLOP/s |", "|---|---:|---:|---|---:|---:|"]
+    for r in data["results"]:
+        figures = (f"{r['fwd_tflops']:.0f} | {r['fwdbwd_tflops']:.0f}" if "error" not in r
+                   else f"{r['error'][:60]} | -")
+        lines.append(f"| {r['feature']} | {r['head_dim']} | {r['seq']} | {r['stack']} | {figures} |")
+    return lines + [""]
+
+
+def sft_real_section(path, data) -> list[str]:
+    lines = [f"## W8, real-data SFT ({path.name})", "", env_line(data["environment"]), "",
+             f"Effective batch {data['effective_batch']} conversations (lognormal lengths, median 250, clipped at "
+             f"2048), micro-batch {data['micro_batch']}; {data['warmup']} warm-up + {data['timed']} timed steps. "
+             "`python -m bench.sft_real`.", "",
+             "| workload | stack | real tokens/s | peak GiB | computed / real tokens | first loss | last loss |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in data["results"]:
+        if "error" in r:
+            lines.append(f"| {r['workload']} | {r['stack']} | error: {r['error'][-80:].strip()} | | | | |")
+            continue
+        ratio = f"{r['computed_tokens'] / r['real_tokens']:.2f}" if r.get("computed_tokens") else "-"
+        lines.append(f"| {r['workload']} | {r['stack']} | {r['real_tokens_per_s']:,.0f} | "
+                     f"{r['peak_bytes'] / 2**30:.1f} | {ratio} | {r['losses'][0]:.4f} | {r['losses'][-1]:.4f} |")
+    return lines + [""]
+
+
 def main():
     try:
         import matplotlib
@@ -140,6 +169,11 @@ def main():
     kernels = by_date("kernels")
     if kernels:
         lines += kernel_section(*kernels[-1], plt)
+    attention = by_date("attention")
+    if attention:
+        lines += attention_section(*attention[-1])
+    for path, data in by_date("sft-real"):
+        lines += sft_real_section(path, data)
     for path, data in by_date("e2e"):
         workloads = sorted(dict.fromkeys(r["workload"] for r in data["rows"]))
         lines += e2e_section(path, data, plt, f"e2e-{'-'.join(workloads)}.png")
