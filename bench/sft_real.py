@@ -184,17 +184,19 @@ def main():
     lengths = torch.tensor([len(r) for r in data], dtype=torch.float64)
     print(f"W8 data: {len(data)} conversations, median {lengths.median():.0f}, mean {lengths.mean():.0f}, "
           f"max {lengths.max():.0f} tokens")
-    rows = []
+    rows, env = [], environment()
     for size in args.models.split(","):
         for stack in args.stacks.split(","):
             rows.append(run_worker(stack, size))
             r = rows[-1]
             if "error" not in r:
+                computed = f"{r['computed_tokens'] / r['real_tokens']:.2f}" if r["computed_tokens"] else "-"
                 print(f"{r['workload']:>6} {stack:>16}: {r['real_tokens_per_s']:8.0f} real tok/s, "
-                      f"peak {r['peak_bytes'] / 2**30:5.1f} GiB, computed/real {((r['computed_tokens'] or 0) / r['real_tokens']):.2f}, "
+                      f"peak {r['peak_bytes'] / 2**30:5.1f} GiB, computed/real {computed}, "
                       f"losses {r['losses'][0]:.4f} .. {r['losses'][-1]:.4f}", flush=True)
-    write_results("sft-real", {"environment": environment(), "effective_batch": EFFECTIVE, "micro_batch": MICRO,
-                               "warmup": WARMUP, "timed": TIMED, "results": rows})
+            # after every row: a run cut short keeps what it measured
+            write_results("sft-real", {"environment": env, "effective_batch": EFFECTIVE, "micro_batch": MICRO,
+                                       "warmup": WARMUP, "timed": TIMED, "results": rows})
 
 
 if __name__ == "__main__":

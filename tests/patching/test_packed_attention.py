@@ -43,6 +43,24 @@ def test_packed_equals_padded_in_every_family(family, device):
         assert_close(padded_grads[name], grads[name], torch.float32, f"padded grad {name}")
 
 
+def test_padded_rows_through_the_kernel(device, monkeypatch):
+    """Padded rows long enough for the kernel (here: all) match transformers, left and right padding."""
+    from fusetune.patching import attention as fused_attention
+
+    monkeypatch.setattr(fused_attention, "PADDED_KERNEL_FROM", 0)
+    reference = tiny_model("llama").to(device)
+    patched = fusetune.patch_model(copy.deepcopy(reference))
+    batch = _padded_rows(_examples())
+    loss, grads = _loss_and_grads(reference, batch, device)
+    ours, our_grads = _loss_and_grads(patched, batch, device)
+    assert_close(ours, loss, torch.float32, "loss")
+    for name in grads:
+        assert_close(our_grads[name], grads[name], torch.float32, name)
+    left = {k: v.flip(1) for k, v in batch.items()}  # left padding (the reversed rows: another input)
+    assert_close(_loss_and_grads(patched, left, device)[0], _loss_and_grads(reference, left, device)[0],
+                 torch.float32, "left-padded loss")
+
+
 def test_packed_lora_equals_padded(device):
     reference = add_lora(tiny_model("qwen3"), "qwen3").to(device)
     patched = fusetune.patch_model(copy.deepcopy(reference))

@@ -6,8 +6,9 @@ it as the patched model's `config._attn_implementation`. Nothing then builds (to
 each layer gets the 2-D padding mask (or None) and the position ids, and `attention_forward` routes:
 
 - the flash-attention kernel (fusetune.ops.attention) for packed rows (documents are the runs of
-  consecutive position ids, as transformers detects them), padded rows, Gemma-2's logit softcap
-  and sliding windows: the cases torch's fast SDPA backends cannot take without a dense mask;
+  consecutive position ids, as transformers detects them), padded rows of 4k tokens or more,
+  Gemma-2's logit softcap and sliding windows: the cases torch's fast SDPA backends cannot take
+  without a dense mask (shorter padded rows take SDPA with the padding mask, as transformers does);
 - torch SDPA with is_causal (its cuDNN / flash backends) for plain causal rows without padding:
   measured faster there (bench/attention.py, H100: cuDNN 434-559 TFLOP/s forward + backward at
   4k-32k against the kernel's 258-330);
@@ -32,6 +33,10 @@ from fusetune.ops.attention import CUDA_OPS, DTYPES, MAX_HEAD_DIM, attention, se
 from fusetune.reference.attention import allowed
 
 KEY = "fusetune"
+# padded rows (no packing, softcap or window) at least this long take the kernel, shorter ones SDPA with
+# the padding mask: on the H100 the kernel's forward + backward passes SDPA flash from 4k tokens on, and
+# padded 1B micro-batches of 300-1000 tokens trained at half transformers' speed through the kernel
+PADDED_KERNEL_FROM = 4096
 
 
 @dataclass(frozen=True)
@@ -82,13 +87,16 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if fusetune_documents is None:
         fusetune_documents = documents(position_ids, batch)
     runs = fusetune_documents.runs
+    plain = window is None and softcap is None and causal and getattr(module, "_fusetune_attention", True) != "always"
+    if plain and runs is None and attention_mask is not None and sq < PADDED_KERNEL_FROM:
+        # short padded rows: SDPA with the padding mask, as transformers runs them (measured faster there)
+        return _dense(query, key, value, attention_mask, dropout, scaling, window, softcap, causal, None), None
     if attention_mask is not None:
         # padding: a padded key is its own segment (-1); bounds span the row (holes may sit anywhere)
         ids = runs[0] if runs is not None else torch.zeros_like(attention_mask, dtype=torch.int32)
         ids = torch.where(attention_mask.bool(), ids, -1).to(torch.int32)
         runs = (ids, torch.zeros_like(ids), torch.full_like(ids, sq))
-    elif (runs is None and window is None and softcap is None and causal
-          and getattr(module, "_fusetune_attention", True) != "always"):
+    elif plain and runs is None:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
                                              enable_gqa=query.shape[1] != key.shape[1])
         return out.transpose(1, 2), None
@@ -104,6 +112,9 @@ def _dense(query, key, value, attention_mask, dropout, scaling, window, softcap,
     mask = allowed(sq, sk, causal, window, ids, query.device)
     if attention_mask is not None:
         mask = mask & attention_mask.bool()[:, None, None, -sk:]
+        # a padded query that sees no key would give NaN, and NaN values spread through 0-weights later:
+        # such rows see every key instead (their outputs are never used), as transformers does
+        mask = mask | ~mask.any(-1, keepdim=True)
     group = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
     if softcap is None:
