@@ -11,10 +11,11 @@ from fusetune.version import __version__
 _EXPORTS = {
     "BackendUnavailableError": "fusetune.backend", "get_backend": "fusetune.backend",
     "set_backend": "fusetune.backend", "use_backend": "fusetune.backend",
-    "cross_entropy": "fusetune.ops", "geglu": "fusetune.ops", "linear_cross_entropy": "fusetune.ops",
+    "attention": "fusetune.ops", "cross_entropy": "fusetune.ops", "geglu": "fusetune.ops", "linear_cross_entropy": "fusetune.ops",
     "rms_norm": "fusetune.ops", "rope": "fusetune.ops", "swiglu": "fusetune.ops",
     "patch_model": "fusetune.patching", "unpatch_model": "fusetune.patching",
     "FastLanguageModel": "fusetune.api", "FastModel": "fusetune.api",
+    "PackingCollator": "fusetune.training.packing", "pack_examples": "fusetune.training.packing",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -105,24 +105,33 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
 
 
 def _dense(query, key, value, attention_mask, dropout, scaling, window, softcap, causal, position_ids):
-    """The fallback: the explicit (B, 1, Sq, Sk) mask (causal from the cache offset, window, documents
-    of the position ids, padding), then SDPA, or the plain formula where a softcap applies."""
+    """The fallback: SDPA (or the plain formula where a softcap applies) with the explicit
+    (B, 1, Sq, Sk) mask of what limits the keys (causal from the cache offset, window, documents of
+    the position ids, padding); no mask where nothing does (one decoding query without padding)."""
     sq, sk = query.shape[2], key.shape[2]
     ids = None if position_ids is None else position_runs(position_ids.expand(query.shape[0], -1))
-    mask = allowed(sq, sk, causal, window, ids, query.device)
+    limited = (causal and sq > 1) or (window is not None and window < sk) or ids is not None
+    mask = allowed(sq, sk, causal, window, ids, query.device) if limited else None
     if attention_mask is not None:
-        mask = mask & attention_mask.bool()[:, None, None, -sk:]
+        keys = attention_mask.bool()[:, None, None, -sk:]
+        mask = keys if mask is None else mask & keys
         # a padded query that sees no key would give NaN, and NaN values spread through 0-weights later:
         # such rows see every key instead (their outputs are never used), as transformers does
         mask = mask | ~mask.any(-1, keepdim=True)
     group = query.shape[1] // key.shape[1]
+    if softcap is None and mask is None:
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, enable_gqa=group > 1)
+        return out.transpose(1, 2)
+    # SDPA's fused backends take a mask only without enable_gqa: repeat k/v, as transformers does
     key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
     if softcap is None:
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
-        return out.transpose(1, 2)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
+                                              scale=scaling).transpose(1, 2)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale
     scores = softcap * torch.tanh(scores / softcap)
-    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(value.dtype)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
     probs = F.dropout(probs, p=dropout, training=dropout > 0)
     return torch.matmul(probs, value).transpose(1, 2)

@@ -189,6 +189,9 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
             log(f"micro-batch: {micro} (as in the run it resumes, so the result is the same bit for bit)")
         else:
             micro = pick_micro_batch(model, examples, objective, t, device, log)
+        if getattr(objective, "packing_length", None):
+            log(f"packing: each micro-batch's rows in one padding-free row of up to {micro * m.max_seq_length} "
+                f"tokens (data.packing)")
         record = train_loop(model, examples, objective, t, out, device, micro, log, fingerprint=run,
                             resume_from=resume_from, eval_examples=eval_examples)
         losses = record["losses"]

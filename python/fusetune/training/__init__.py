@@ -1,1 +1,2 @@
-"""Library helpers for training: offloaded activation checkpointing, the hardware and backend probe."""
+"""Library helpers for training: offloaded activation checkpointing, padding-free packing, the hardware and
+backend probe."""
