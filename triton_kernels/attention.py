@@ -46,6 +46,8 @@ else:
     _FWD = _configs((128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3))
     _DKDV = _configs((64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2))
     _DQ = _configs((128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 8, 2))
+# SEQ_BUCKET / GROUP_BUCKET: plain int arguments the kernels never read, for the autotuner's key only
+# (constexprs would compile a kernel per bucket)
 _KEY = ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "SOFTCAP", "WINDOW", "SEGMENTS", "GROUP_BUCKET"]
 
 
@@ -109,8 +111,8 @@ def _key_span(m0, SQ, SK, offset, window, START, END, seg_b,
 def _attention_fwd_kernel(Q, K, V, O, LSE, SEG, START, END,
                           sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_m,
                           H, GROUP, SQ, SK, offset, scale, softcap, window,
-                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SEQ_BUCKET: tl.constexpr,
-                          GROUP_BUCKET: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SEQ_BUCKET,
+                          GROUP_BUCKET, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
                           WINDOW: tl.constexpr, SEGMENTS: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """O and base-2 LSE of one (query block, batch x head). Gradient: the two kernels below."""
@@ -183,8 +185,8 @@ def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEG, START, END,
                                sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                                sdo_b, sdo_h, sdo_m, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
                                H, HK, SPLIT, GROUP, SQ, SK, offset, scale, softcap, window,
-                               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SEQ_BUCKET: tl.constexpr,
-                               GROUP_BUCKET: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
+                               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SEQ_BUCKET,
+                               GROUP_BUCKET, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
                                WINDOW: tl.constexpr, SEGMENTS: tl.constexpr, PRECISION: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dk, dv of one (key block, batch x key head x part), summed over the query heads of its part:
@@ -263,8 +265,8 @@ def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEG, START, END,
                              sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                              sdo_b, sdo_h, sdo_m, sdq_b, sdq_h, sdq_m,
                              H, GROUP, SQ, SK, offset, scale, softcap, window,
-                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SEQ_BUCKET: tl.constexpr,
-                             GROUP_BUCKET: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
+                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SEQ_BUCKET,
+                             GROUP_BUCKET, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
                              WINDOW: tl.constexpr, SEGMENTS: tl.constexpr, PRECISION: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dq of one (query block, batch x head)."""
@@ -324,9 +326,8 @@ def _options(q, k, causal, scale, softcap, window, segments):
     group = heads // k.shape[1]
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     scalars = dict(GROUP=group, SQ=sq, SK=sk, offset=sk - sq, scale=scale, softcap=softcap or 1.0,
-                   window=window or 0)
+                   window=window or 0, SEQ_BUCKET=min(next_power_of_2(sq), 1 << 16), GROUP_BUCKET=min(group, 8))
     constants = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)),
-                     SEQ_BUCKET=min(next_power_of_2(sq), 1 << 16), GROUP_BUCKET=min(group, 8),
                      CAUSAL=causal, SOFTCAP=bool(softcap), WINDOW=bool(window), SEGMENTS=segments is not None,
                      PRECISION=precision)
     if segments is None:

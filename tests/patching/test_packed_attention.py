@@ -91,6 +91,24 @@ def test_generation_through_the_cache_matches_transformers(family, device):
     assert torch.equal(patched.generate(ids, **kwargs), reference.generate(ids, **kwargs))
 
 
+def test_static_cache_generation_matches_transformers(device):
+    """A static cache holds empty slots past the filled ones: transformers' SDPA mask keeps them out."""
+    reference = tiny_model("llama").to(device).eval()
+    patched = fusetune.patch_model(copy.deepcopy(reference))
+    ids = torch.randint(2, 257, (2, 7), device=device)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                  cache_implementation="static")
+    assert torch.equal(patched.generate(ids, **kwargs), reference.generate(ids, **kwargs))
+
+
+def test_bidirectional_gemma3_keeps_transformers_attention(capsys):
+    model = fusetune.patch_model(tiny_model("gemma3", use_bidirectional_attention=True))
+    assert model.config._attn_implementation != "fusetune"
+    assert "attention: bidirectional attention (its window is two-sided)" in capsys.readouterr().out
+
+
 def test_unpatch_restores_the_implementation_and_saving_keeps_it(tmp_path):
     model = tiny_model("mistral")
     before = model.config._attn_implementation

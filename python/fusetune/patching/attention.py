@@ -12,8 +12,9 @@ each layer gets the 2-D padding mask (or None) and the position ids, and `attent
 - torch SDPA with is_causal (its cuDNN / flash backends) for plain causal rows without padding:
   measured faster there (bench/attention.py, H100: cuDNN 434-559 TFLOP/s forward + backward at
   4k-32k against the kernel's 258-330);
-- a dense mask with SDPA (or the plain-torch softcap formula) for what the kernel does not do:
-  a KV cache (decoding), attention dropout, head dims over 256, tensors it cannot run on.
+- with a KV cache (decoding, static or dynamic) transformers' own SDPA mask and SDPA (the plain
+  softcap formula where one applies); a dense mask for what the kernel does not do otherwise:
+  attention dropout, head dims over 256, tensors it cannot run on.
 With `attention="always"` the kernel takes the plain causal rows too.
 
 FusedCausalLM computes the documents once per forward and passes them down as the keyword
@@ -59,14 +60,25 @@ def documents(position_ids: torch.Tensor | None, batch: int) -> Documents:
     return Documents(segments(position_runs(position_ids.expand(batch, -1))))
 
 
+def attention_mask(**kwargs):
+    """The mask transformers builds for this implementation: for training shapes (as many keys as
+    queries) only the 2-D padding mask or None (flash attention's), so no (tokens x tokens) mask is
+    made; with a KV cache, static or dynamic, SDPA's own mask (filled slots, offsets, windows)."""
+    from transformers.masking_utils import flash_attention_mask, sdpa_mask
+
+    if kwargs["q_length"] != kwargs["kv_length"]:
+        return sdpa_mask(**kwargs)
+    return flash_attention_mask(**kwargs)
+
+
 @functools.cache
 def register() -> str:
     """Register the implementation with transformers (once per process); returns its key."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(KEY, attention_forward)
-    AttentionMaskInterface.register(KEY, flash_attention_mask)
+    AttentionMaskInterface.register(KEY, attention_mask)
     return KEY
 
 
@@ -79,6 +91,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     window = sliding_window or None
     softcap = softcap or None
     causal = getattr(module, "is_causal", True)
+    if attention_mask is not None and attention_mask.dim() == 4:  # a KV cache: transformers' SDPA mask
+        return _sdpa(query, key, value, attention_mask, dropout, scaling, softcap), None
     kernel = (sq == sk and not dropout and head_dim <= MAX_HEAD_DIM and query.dtype in DTYPES
               and resolve("attention", query.device, CUDA_OPS) == "triton")
     if not kernel:
@@ -118,6 +132,11 @@ def _dense(query, key, value, attention_mask, dropout, scaling, window, softcap,
         # a padded query that sees no key would give NaN, and NaN values spread through 0-weights later:
         # such rows see every key instead (their outputs are never used), as transformers does
         mask = mask | ~mask.any(-1, keepdim=True)
+    return _sdpa(query, key, value, mask, dropout, scaling, softcap)
+
+
+def _sdpa(query, key, value, mask, dropout, scaling, softcap):
+    """SDPA with a boolean (B, 1, Sq, Sk) mask or None, or the plain formula where a softcap applies."""
     group = query.shape[1] // key.shape[1]
     if softcap is None and mask is None:
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, enable_gqa=group > 1)

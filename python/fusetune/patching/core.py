@@ -128,6 +128,8 @@ def _use_fused_attention(hf_model, spec, modeling):
     model's attention modules read; returns (configs switched, already, reason left alone or None)."""
     if hf_model.config.model_type in spec.multimodal:
         return 0, 0, "image tokens attend both ways (a mask the kernel does not take): transformers' attention"
+    if getattr(hf_model.config.get_text_config(), "use_bidirectional_attention", False):
+        return 0, 0, "bidirectional attention (its window is two-sided): transformers' attention"
     key = fused_attention.register()
     configs = {id(m.config): m.config for m in hf_model.modules()
                if isinstance(m, getattr(modeling, spec.attention)) and getattr(m, "config", None) is not None}

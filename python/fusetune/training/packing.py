@@ -31,7 +31,8 @@ def _tokens(example, index: int) -> tuple[list[int], list[int]]:
         raise ValueError(f"packing: example {index} has no input_ids (got {type(example).__name__}"
                          f"{' with keys ' + ', '.join(map(str, example)) if isinstance(example, dict) else ''})") from None
     ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-    labels = example.get("labels", ids) if isinstance(example, dict) else ids
+    labels = example.get("labels") if isinstance(example, dict) else None
+    labels = ids if labels is None else labels
     labels = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
     if not ids:
         raise ValueError(f"packing: example {index} has no tokens (empty input_ids); drop it from the data")
@@ -43,7 +44,8 @@ def _tokens(example, index: int) -> tuple[list[int], list[int]]:
 def pack_examples(examples: list, max_length: int | None = None) -> dict[str, torch.Tensor]:
     """One row (1, total tokens) of input_ids, labels and position_ids, no padding.
 
-    max_length: an example longer than this is cut to it, with a warning naming it (None: no cap).
+    max_length: an example longer than this is cut to it, with a warning naming it (None: no cap); it
+    caps each example, not the row (the row holds all the examples given).
     Raises ValueError naming an example without tokens or with labels of another length.
     """
     if not examples:
