@@ -1,9 +1,10 @@
 """fusetune's attention as a Hugging Face attention implementation ("fusetune").
 
 patch_model registers it with transformers' AttentionInterface (the extension point transformers
-offers for custom kernels) together with transformers' own flash-attention mask function, and sets
-it as the patched model's `config._attn_implementation`. Nothing then builds (tokens x tokens) masks:
-each layer gets the 2-D padding mask (or None) and the position ids, and `attention_forward` routes:
+offers for custom kernels) together with a mask function (`attention_mask`: transformers' flash-
+attention one for training shapes, its SDPA one with a KV cache), and sets it as the patched model's
+`config._attn_implementation`. No (tokens x tokens) mask is built for training shapes: each layer
+gets the 2-D padding mask (or None) and the position ids, and `attention_forward` routes:
 
 - the flash-attention kernel (fusetune.ops.attention) for packed rows (documents are the runs of
   consecutive position ids, as transformers detects them), padded rows of 4k tokens or more,
