@@ -31,7 +31,6 @@ def one_process(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_ranks_train_as_one_process(mode, one_process, tmp_path):
     result = _run(mode, tmp_path, 2)
-    assert one_process["losses"][-1] < one_process["losses"][0]  # it trains
     assert result["losses"] == pytest.approx(one_process["losses"], rel=1e-5)
     assert result["lora"].keys() == one_process["lora"].keys() and result["lora"]
     for name, weight in one_process["lora"].items():
