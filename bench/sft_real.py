@@ -49,23 +49,16 @@ def conversations(n: int = 2000, seed: int = 0, vocab: int = 128256) -> list[lis
     return [torch.randint(3, vocab, (k,), generator=gen).tolist() for k in lengths]
 
 
-def _padded(rows):
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = labels[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 def micro_batches(stack: str, rows):
     if stack == "fusetune":
         from fusetune.training.packing import pack_examples, pack_groups
 
         groups = pack_groups([len(r) for r in rows], MICRO * MAX_LEN)
         return [dict(pack_examples([{"input_ids": rows[i]} for i in g]), use_cache=False) for g in groups]
-    return [_padded(rows[i:i + MICRO]) for i in range(0, len(rows), MICRO)]
+    from fusetune.recipe.data import collate
+
+    examples = [{"input_ids": r, "labels": r} for r in rows]  # right-padded, padding masked in the labels
+    return [collate(examples[i:i + MICRO], pad_id=0) for i in range(0, len(rows), MICRO)]
 
 
 def worker(stack: str, size: str) -> dict:

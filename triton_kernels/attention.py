@@ -106,6 +106,30 @@ def _key_span(m0, SQ, SK, offset, window, START, END, seg_b,
     return (lo // BLOCK_N) * BLOCK_N, hi
 
 
+@triton.jit
+def _query_block(Q, SEG, START, END, sq_b, sq_h, sq_m, H, GROUP, SQ, SK, offset, window,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                 SEGMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What a (query block, batch x head) program starts from: its indices, q tile, segment ids and
+    the span [lo, hi) of keys it visits."""
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // GROUP
+    rows = m0 + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims[None, :] < HEAD_DIM
+    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None].to(tl.int64) * sq_m + dims[None, :],
+                mask=(rows[:, None] < SQ) & dim_ok, other=0.0)
+    seg_b = b * SQ
+    seg_rows = rows
+    if SEGMENTS:
+        seg_rows = tl.load(SEG + seg_b + rows, mask=rows < SQ, other=-1)
+    lo, hi = _key_span(m0, SQ, SK, offset, window, START, END, seg_b, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SEGMENTS)
+    return bh, b, h, hk, rows, dims, dim_ok, q, seg_b, seg_rows, lo, hi
+
+
 @triton.autotune(configs=_FWD, key=_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attention_fwd_kernel(Q, K, V, O, LSE, SEG, START, END,
@@ -116,21 +140,9 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, SEG, START, END,
                           WINDOW: tl.constexpr, SEGMENTS: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """O and base-2 LSE of one (query block, batch x head). Gradient: the two kernels below."""
-    m0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    hk = (h // GROUP).to(tl.int64)
-    rows = m0 + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims[None, :] < HEAD_DIM
-    q = tl.load(Q + b * sq_b + h.to(tl.int64) * sq_h + rows[:, None].to(tl.int64) * sq_m + dims[None, :],
-                mask=(rows[:, None] < SQ) & dim_ok, other=0.0)
-    seg_b = b * SQ
-    seg_rows = rows
-    if SEGMENTS:
-        seg_rows = tl.load(SEG + seg_b + rows, mask=rows < SQ, other=-1)
-    lo, hi = _key_span(m0, SQ, SK, offset, window, START, END, seg_b, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SEGMENTS)
+    bh, b, h, hk, rows, dims, dim_ok, q, seg_b, seg_rows, lo, hi = _query_block(
+        Q, SEG, START, END, sq_b, sq_h, sq_m, H, GROUP, SQ, SK, offset, window,
+        HEAD_DIM, BLOCK_D, CAUSAL, WINDOW, SEGMENTS, BLOCK_M, BLOCK_N)
 
     k_base = K + b * sk_b + hk * sk_h
     v_base = V + b * sv_b + hk * sv_h
@@ -157,7 +169,7 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, SEG, START, END,
     row_ok = rows < SQ
     l_i = tl.where(row_ok, l_i, 1.0)  # rows past the end saw no key
     acc = acc / l_i[:, None]
-    tl.store(O + b * so_b + h.to(tl.int64) * so_h + rows[:, None].to(tl.int64) * so_m + dims[None, :],
+    tl.store(O + b * so_b + h * so_h + rows[:, None].to(tl.int64) * so_m + dims[None, :],
              acc.to(O.dtype.element_ty), mask=row_ok[:, None] & dim_ok)
     tl.store(LSE + bh.to(tl.int64) * SQ + rows, m_i + tl.log2(l_i), mask=row_ok)
 
@@ -270,26 +282,14 @@ def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEG, START, END,
                              WINDOW: tl.constexpr, SEGMENTS: tl.constexpr, PRECISION: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dq of one (query block, batch x head)."""
-    m0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    hk = (h // GROUP).to(tl.int64)
-    rows = m0 + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims[None, :] < HEAD_DIM
+    bh, b, h, hk, rows, dims, dim_ok, q, seg_b, seg_rows, lo, hi = _query_block(
+        Q, SEG, START, END, sq_b, sq_h, sq_m, H, GROUP, SQ, SK, offset, window,
+        HEAD_DIM, BLOCK_D, CAUSAL, WINDOW, SEGMENTS, BLOCK_M, BLOCK_N)
     row_ok = rows[:, None] < SQ
-    q = tl.load(Q + b * sq_b + h.to(tl.int64) * sq_h + rows[:, None].to(tl.int64) * sq_m + dims[None, :],
-                mask=row_ok & dim_ok, other=0.0)
-    do = tl.load(DO + b * sdo_b + h.to(tl.int64) * sdo_h + rows[:, None].to(tl.int64) * sdo_m + dims[None, :],
+    do = tl.load(DO + b * sdo_b + h * sdo_h + rows[:, None].to(tl.int64) * sdo_m + dims[None, :],
                  mask=row_ok & dim_ok, other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * SQ + rows, mask=rows < SQ, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * SQ + rows, mask=rows < SQ, other=0.0)
-    seg_b = b * SQ
-    seg_rows = rows
-    if SEGMENTS:
-        seg_rows = tl.load(SEG + seg_b + rows, mask=rows < SQ, other=-1)
-    lo, hi = _key_span(m0, SQ, SK, offset, window, START, END, seg_b, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SEGMENTS)
 
     k_base = K + b * sk_b + hk * sk_h
     v_base = V + b * sv_b + hk * sv_h
@@ -310,7 +310,7 @@ def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEG, START, END,
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(DQ + b * sdq_b + h.to(tl.int64) * sdq_h + rows[:, None].to(tl.int64) * sdq_m + dims[None, :],
+    tl.store(DQ + b * sdq_b + h * sdq_h + rows[:, None].to(tl.int64) * sdq_m + dims[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=row_ok & dim_ok)
 
 

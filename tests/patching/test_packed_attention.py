@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fusetune
+from fusetune.recipe.data import collate
 from fusetune.training.packing import pack_examples
 from tests.numerics import assert_close
 from tests.tiny_models import FAMILIES, add_lora, tiny_model
@@ -169,11 +170,5 @@ def test_8b_widths_packed_curve_follows_padded_transformers_in_bf16(device):
 
 
 def _padded_rows(rows):
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = labels[i, :n] = torch.tensor(r["input_ids"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    """Right-padded rows, every token a label (the recipe's collate)."""
+    return collate([{"input_ids": r["input_ids"], "labels": r["input_ids"]} for r in rows], pad_id=0)

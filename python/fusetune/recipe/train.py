@@ -184,8 +184,8 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
         before = answer(model, tokenizer, prompts, config.data.max_new_tokens) if prompts else []
         choices = {"before": multiple_choice_accuracy(model, tokenizer, questions)} if questions else {}
         rouge = {"before": generation_rouge(model, tokenizer, generations, d.max_new_tokens)} if generations else {}
-        packing_off = getattr(objective, "packing_length", None) and model.config._attn_implementation != "fusetune"
-        if packing_off:  # transformers' attention would need a (tokens x tokens) mask to keep packed rows apart
+        if getattr(objective, "packing_length", None) and model.config._attn_implementation != "fusetune":
+            # transformers' attention would need a (tokens x tokens) mask to keep packed rows apart
             objective.packing_length = None
             log(f"packing: off, padded micro-batches: the model runs transformers' "
                 f"{model.config._attn_implementation} attention, not fusetune's (see the patch line above)")
