@@ -90,8 +90,9 @@ def drive_ops():
             for kwargs in ({}, {"softcap": 30.0, "logit_scale": 0.5}, {"reduction": "none"}):
                 ops.cross_entropy(logits, targets, **kwargs).sum().backward()
             ops.linear_cross_entropy(x, torch.randn(vocab, hidden, dtype=dtype), targets[:1].expand(3)).backward()
-    # flash attention: the packed-causal Llama shape, and Gemma-2's softcap + window at head dim 256
-    for heads, kv_heads, head_dim, options in ((32, 8, 128, dict(segment_ids=torch.zeros(1, 3, dtype=torch.long))),
+    # flash attention: the plain and packed causal Llama shapes, and Gemma-2's softcap + window at head dim 256
+    for heads, kv_heads, head_dim, options in ((32, 8, 128, dict()),
+                                                (32, 8, 128, dict(segment_ids=torch.zeros(1, 3, dtype=torch.long))),
                                                 (8, 4, 256, dict(softcap=50.0, window=4096))):
         q, k, v = (torch.randn(1, h, 3, head_dim, dtype=torch.bfloat16, requires_grad=True)
                    for h in (heads, kv_heads, kv_heads))

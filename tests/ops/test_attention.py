@@ -113,6 +113,16 @@ def test_queries_after_a_cache(device):
     check(1, 2, 1, 1, 21, 64, torch.float32, device, window=6)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("sq", [70, 41, 1])
+def test_mask_edges_and_blocks_seen_whole(sq, causal, device):
+    """Key blocks every query of a block sees whole skip the mask, the rest (causal diagonal, the
+    window's edge, a partial last block, queries after a cache) keep it: rows of several blocks,
+    windows of random widths."""
+    for window in (None, int(torch.randint(1, 70, ()))):
+        check(1, 2, 1, sq, 70, 64, torch.float32, device, causal=causal, window=window)
+
+
 def test_fp16_matches_float64(device):
     check(2, 4, 2, 37, 37, 64, torch.float16, device, segment_ids=random_documents(2, 37))
 
@@ -159,5 +169,8 @@ def test_bad_input_is_named(bad, message):
 @pytest.mark.parametrize("d", [64, 80, 96, 128, 256])
 def test_real_shapes_bf16_on_gpu(d, device):
     ids = random_documents(1, 4099, [700, 1, 2, 1400, 33])
-    check(1, 32 if d <= 128 else 8, 8 if d <= 128 else 4, 4099, 4099, d, torch.bfloat16, device, segment_ids=ids)
+    heads = (32, 8) if d <= 128 else (8, 4)
+    check(1, *heads, 4099, 4099, d, torch.bfloat16, device, segment_ids=ids)
+    check(1, *heads, 4099, 4099, d, torch.bfloat16, device)  # plain causal: most key blocks seen whole
+    check(2, *heads, 1000, 3001, d, torch.bfloat16, device, causal=False)
     check(2, 16, 8, 2048, 2048, d, torch.bfloat16, device, softcap=50.0, window=1024, scale=0.0625)
