@@ -12,11 +12,14 @@ gate,up,down, checkpointing, AdamW fused lr 1e-4); models llama-3.2-1b (W8-1B) a
   fusetune-padded  the same batches through a patched model (fusetune's offloaded checkpointing)
   fusetune         patched, packed: each micro-batch up to 4 x 2048 tokens in one row without padding
                    (fusetune.training.packing, as `fusetune train` with data.packing)
+  fusetune-micro4  patched, packed, each micro-batch the same 4 conversations as hf's and unsloth's (one
+                   row each): the same activations per micro-batch as the other stacks, so peak memory
+                   compares like for like
   unsloth          the best-known library through its own SFT path: its FastLanguageModel on the same
                    random model saved to disk, TRL's SFTTrainer with padding_free=True (its
                    uncontaminated packing), per-device batch 4 x 4 accumulation, conversations in order
 
-    python -m bench.sft_real [--models 1b,8b] [--stacks hf,fusetune-padded,fusetune,unsloth]
+    python -m bench.sft_real [--models 1b,8b] [--stacks hf,fusetune-padded,fusetune,fusetune-micro4,unsloth]
 """
 from __future__ import annotations
 
@@ -50,10 +53,13 @@ def conversations(n: int = 2000, seed: int = 0, vocab: int = 128256) -> list[lis
 
 
 def micro_batches(stack: str, rows):
-    if stack == "fusetune":
+    if stack in ("fusetune", "fusetune-micro4"):
         from fusetune.training.packing import pack_examples, pack_groups
 
-        groups = pack_groups([len(r) for r in rows], MICRO * MAX_LEN)
+        if stack == "fusetune":
+            groups = pack_groups([len(r) for r in rows], MICRO * MAX_LEN)
+        else:
+            groups = [range(i, min(i + MICRO, len(rows))) for i in range(0, len(rows), MICRO)]
         return [dict(pack_examples([{"input_ids": rows[i]} for i in g]), use_cache=False) for g in groups]
     from fusetune.recipe.data import collate
 
@@ -165,7 +171,7 @@ def run_worker(stack: str, size: str) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="1b,8b")
-    parser.add_argument("--stacks", default="hf,fusetune-padded,fusetune,unsloth")
+    parser.add_argument("--stacks", default="hf,fusetune-padded,fusetune,fusetune-micro4,unsloth")
     parser.add_argument("--worker", nargs=2, metavar=("STACK", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

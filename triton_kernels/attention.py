@@ -48,7 +48,7 @@ if interpreting():
     _FWD = _DKDV = _DQ = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
 else:
     # (BLOCK_M, BLOCK_N, warps, stages): Hopper-sized tiles, the 64 x 64 ones for head dim 256
-    _FWD = _configs((128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3))
+    _FWD = _configs((128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3))
     _DKDV = _configs((64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2))
     _DQ = _configs((128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 8, 2))
 # SEQ_BUCKET / GROUP_BUCKET: plain int arguments the kernels never read, for the autotuner's key only
@@ -206,14 +206,18 @@ def _query_block(Q, SEG, START, END, sq_b, sq_h, sq_m, H, GROUP, SQ, SK, offset,
 
 @triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, sk_n, sv_n, SEG, seg_b, rows, seg_rows, start, stop,
-                SQ, SK, offset, scale, softcap, window, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                SQ, SK, offset, scale, qk_scale, softcap, window, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, SEGMENTS: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """The online softmax over key blocks start .. stop (MASKED: blocks at an edge of the mask)."""
     for n0 in range(start, stop, BLOCK_N):
         k = _tile(k_base, n0, sk_n, SK, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED)
         v = _tile(v_base, n0, sv_n, SK, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED)
-        s, _ = _scores(q, k, scale, softcap, SOFTCAP, PRECISION)
+        # x: the scores before the base-2 factor (softcapped, or raw with the scale in qk_scale), so
+        # x * qk_scale - m is one fused multiply-add
+        x = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if SOFTCAP:
+            x = _tanh(x * (scale / softcap)) * softcap
         if MASKED:
             cols = n0 + tl.arange(0, BLOCK_N)
             seg_cols = cols
@@ -221,10 +225,10 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, sk_n, sv_n, SEG, seg_b, rows, 
                 seg_cols = tl.load(SEG + seg_b + cols, mask=cols < SK, other=-2)
             ok = _allowed(rows[:, None], cols[None, :], SQ, SK, offset, window, seg_rows[:, None],
                           seg_cols[None, :], CAUSAL, WINDOW, SEGMENTS)
-            s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+            x = tl.where(ok, x, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(x, 1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(x * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
@@ -249,15 +253,16 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, SEG, START, END,
     m_i = tl.full([BLOCK_M], _NEG_INIT, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    qk_scale = 1.4426950408889634 if SOFTCAP else scale * 1.4426950408889634
     # the window's edge, the blocks seen whole, the causal diagonal (and documents: all masked)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, sk_n, sv_n, SEG, seg_b, rows, seg_rows, lo,
-                                full_lo, SQ, SK, offset, scale, softcap, window, HEAD_DIM, BLOCK_D, CAUSAL,
+                                full_lo, SQ, SK, offset, scale, qk_scale, softcap, window, HEAD_DIM, BLOCK_D, CAUSAL,
                                 SOFTCAP, WINDOW, SEGMENTS, PRECISION, BLOCK_N, True)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, sk_n, sv_n, SEG, seg_b, rows, seg_rows, full_lo,
-                                full_hi, SQ, SK, offset, scale, softcap, window, HEAD_DIM, BLOCK_D, CAUSAL,
+                                full_hi, SQ, SK, offset, scale, qk_scale, softcap, window, HEAD_DIM, BLOCK_D, CAUSAL,
                                 SOFTCAP, WINDOW, SEGMENTS, PRECISION, BLOCK_N, False)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, sk_n, sv_n, SEG, seg_b, rows, seg_rows, full_hi,
-                                hi, SQ, SK, offset, scale, softcap, window, HEAD_DIM, BLOCK_D, CAUSAL,
+                                hi, SQ, SK, offset, scale, qk_scale, softcap, window, HEAD_DIM, BLOCK_D, CAUSAL,
                                 SOFTCAP, WINDOW, SEGMENTS, PRECISION, BLOCK_N, True)
     row_ok = rows < SQ
     l_i = tl.where(row_ok, l_i, 1.0)  # rows past the end saw no key

@@ -29,6 +29,13 @@ def check(batch, hq, hk, sq, sk, d, dtype, device, *, causal=True, scale=None, s
         kb = leaf(torch.randn(batch, sk, hk, d, dtype=dtype, device=device))
         vb = leaf(torch.randn(batch, sk, hk, d, dtype=dtype, device=device))
         views = lambda t: t.transpose(1, 2)  # noqa: E731
+    elif layout == "nan-margins":  # views into NaN-filled buffers: a read past seq or head_dim poisons the result
+        def inside(seq, heads):
+            buffer = torch.full((batch, seq + 17, heads, d + 16), float("nan"), dtype=dtype, device=device)
+            buffer[:, :seq, :, :d] = torch.randn(batch, seq, heads, d, dtype=dtype, device=device)
+            return buffer[:, :seq, :, :d].detach().requires_grad_()  # a leaf that keeps the margins
+        qb, kb, vb = inside(sq, hq), inside(sk, hk), inside(sk, hk)
+        views = lambda t: t.transpose(1, 2)  # noqa: E731
     else:
         qb = leaf(torch.randn(batch, hq, sq, d, dtype=dtype, device=device))
         kb = leaf(torch.randn(batch, hk, sk, d, dtype=dtype, device=device))
@@ -120,7 +127,8 @@ def test_mask_edges_and_blocks_seen_whole(sq, causal, device):
     window's edge, a partial last block, queries after a cache) keep it: rows of several blocks,
     windows of random widths."""
     for window in (None, int(torch.randint(1, 70, ()))):
-        check(1, 2, 1, sq, 70, 64, torch.float32, device, causal=causal, window=window)
+        check(1, 2, 1, sq, 70, 64, torch.float32, device, causal=causal, window=window, layout="nan-margins")
+    check(1, 2, 1, sq, 70, 80, torch.float32, device, causal=causal, layout="nan-margins")  # head dim padded in the tile
 
 
 def test_fp16_matches_float64(device):

@@ -72,12 +72,22 @@ def test_packed_lora_equals_padded(device):
         assert_close(packed_grads[name], grads[name], torch.float32, name)
 
 
-def test_kernel_always_equals_sdpa_on_plain_rows(device):
+@pytest.mark.parametrize("rope", [True, False], ids=["rope", "no-rope-patch"])
+def test_kernel_always_equals_sdpa_on_plain_rows(rope, device, monkeypatch):
+    """attention="always" sends plain causal rows to the kernel, with or without the RoPE patch."""
+    from fusetune.patching import attention as fused_attention
+
+    calls = []
+    kernel = fused_attention.attention
+    monkeypatch.setattr(fused_attention, "attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     ids = torch.randint(2, 257, (2, 16), device=device)
     reference = tiny_model("llama").to(device)
-    always = fusetune.patch_model(copy.deepcopy(reference), attention="always")
+    always = fusetune.patch_model(copy.deepcopy(reference), attention="always", rope=rope)
     with torch.no_grad():
         assert_close(always(input_ids=ids).logits, reference(input_ids=ids).logits, torch.float32, "logits")
+    assert len(calls) == reference.config.num_hidden_layers
+    fusetune.unpatch_model(always)
+    assert not any("_fusetune_attention" in m.__dict__ for m in always.modules())
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])

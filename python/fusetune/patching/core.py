@@ -116,23 +116,26 @@ def _attention_options(spec, hf_model, lora, attention):
     eager = importlib.import_module(spec.modeling).eager_attention_forward
     options = (("_fusetune_qkv", spec.qkv), ("_fusetune_qk_norm", spec.qk_norm),
                ("_fusetune_sliding_window", spec.sliding_window), ("_fusetune_softcap", spec.attn_softcap),
-               ("_fusetune_eager", eager), ("_fusetune_lora", lora), ("_fusetune_attention", attention))
+               ("_fusetune_eager", eager), ("_fusetune_lora", lora))
     return lambda module: options
 
 
 ATTENTION_MODES = (True, False, "always")
 
 
-def _use_fused_attention(hf_model, spec, modeling):
+def _use_fused_attention(hf_model, spec, modeling, mode):
     """Make fusetune's attention (patching/attention.py) the implementation of every config the
-    model's attention modules read; returns (configs switched, already, reason left alone or None)."""
+    model's attention modules read, each module told the mode (True / "always"); returns (configs
+    switched, already, reason left alone or None)."""
     if hf_model.config.model_type in spec.multimodal:
         return 0, 0, "image tokens attend both ways (a mask the kernel does not take): transformers' attention"
     if getattr(hf_model.config.get_text_config(), "use_bidirectional_attention", False):
         return 0, 0, "bidirectional attention (its window is two-sided): transformers' attention"
     key = fused_attention.register()
-    configs = {id(m.config): m.config for m in hf_model.modules()
-               if isinstance(m, getattr(modeling, spec.attention)) and getattr(m, "config", None) is not None}
+    modules = [m for m in hf_model.modules() if isinstance(m, getattr(modeling, spec.attention))]
+    for module in modules:  # an instance attribute: it holds with or without the RoPE patch
+        module._fusetune_attention = mode
+    configs = {id(m.config): m.config for m in modules if getattr(m, "config", None) is not None}
     configs = configs or {id(hf_model.config): hf_model.config}
     before = hf_model.__dict__.setdefault("_fusetune_attention_before", [])
     new = already = 0
@@ -264,7 +267,7 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, attention: b
             if spec.attention is None:
                 left.append(f"attention: {spec.name}'s attention stays transformers' (no RoPE attention)")
                 continue
-            new, already, reason = _use_fused_attention(hf, spec, modeling)
+            new, already, reason = _use_fused_attention(hf, spec, modeling, attention)
             reasons = collections.Counter([reason] if reason else [])
         else:
             field, mixin, options_factory = _MODULE_KINDS[kind]
@@ -323,6 +326,7 @@ def unpatch_model(model):
     returns the model. A model that was never patched is returned unchanged."""
     restored = 0
     for module in model.modules():
+        module.__dict__.pop("_fusetune_attention", None)
         original = type(module).__dict__.get("_fusetune_original")
         if original is not None:
             module.__class__ = original
