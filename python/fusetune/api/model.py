@@ -289,7 +289,8 @@ class FastLanguageModel:
             text.max_position_embeddings = max(text.max_position_embeddings or 0, max_seq_length)
         quantization = quantization_config(load_in_4bit, load_in_8bit, dtype,
                                            given=kwargs.pop("quantization_config", None))
-        device_map = device_map or (device_type if device_type == "cuda" else None)
+        # the current GPU: a data-parallel process's own (torch.cuda.set_device), not GPU 0
+        device_map = device_map or ({"": torch.cuda.current_device()} if device_type == "cuda" else None)
         with model_source_errors(model_name):
             if quantization is not None and gguf_file is not None:
                 model = _quantized_from_gguf(auto, model_name, config, dtype, device_map, quantization, common,

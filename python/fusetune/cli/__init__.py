@@ -54,6 +54,8 @@ def _cmd_train(args) -> int:
         print(reference())
         return 0
     _quiet(args)
+    from fusetune.training import distributed
+
     try:
         config = load_config(args.config, args.set)
         if args.config:  # a grpo stage's reward function may live beside the config (rewards.py)
@@ -61,6 +63,10 @@ def _cmd_train(args) -> int:
         from fusetune.recipe.config import Recipe
         from fusetune.recipe.loop import TrainingInterrupted
 
+        if args.nproc < 1:
+            raise ConfigError(f"--nproc {args.nproc}: at least one process")
+        if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            return _launch_processes(args, config)
         if isinstance(config, Recipe):
             from fusetune.recipe.stages import run_recipe
 
@@ -79,7 +85,30 @@ def _cmd_train(args) -> int:
         print(f"\nfusetune train: stopped at once ({err or 'SIGINT'}); the saves that completed are intact, and the "
               f"same command resumes from the newest checkpoint if one was written", file=sys.stderr)
         return INTERRUPTED
+    finally:
+        distributed.finish(distributed.launched_ranks())
     return 0
+
+
+def _launch_processes(args, config) -> int:
+    """`fusetune train --nproc N`: the same command in N processes under torchrun (one per GPU, or
+    CPU processes on gloo without GPUs); their exit code (0 when all finished)."""
+    import subprocess
+
+    import torch
+
+    from fusetune.recipe.config import ConfigError, Recipe
+    from fusetune.recipe.train import check_data_parallel
+    from fusetune.training.distributed import Ranks
+
+    check_data_parallel(config, Ranks(world=args.nproc), recipe_stage=isinstance(config, Recipe))  # once, not N times
+    if torch.cuda.is_available() and torch.cuda.device_count() < args.nproc:
+        raise ConfigError(f"--nproc {args.nproc} asks for a process per GPU, but {torch.cuda.device_count()} GPUs are "
+                          f"visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+               "-m", "fusetune.cli", *(["--verbose"] if args.verbose else []), "train",
+               *([args.config] if args.config else []), *(a for item in args.set for a in ("--set", item))]
+    return subprocess.run(command).returncode
 
 
 def _run(command: str, args, job) -> int:
@@ -254,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "output); see --print-default")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one key, e.g. --set training.max_steps=10 (repeatable)")
+    train.add_argument("--nproc", type=_count, default=1, metavar="N", help="data parallel: N processes under torchrun, "
+                       "one per GPU (CPU processes on gloo without GPUs), each training its share of every batch")
     train.add_argument("--print-default", action="store_true", help="print the embedded default config and exit")
     train.add_argument("--print-reference", action="store_true", help="print every config key with its default and "
                                                                       "meaning (docs/CONFIG.md) and exit")

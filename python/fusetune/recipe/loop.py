@@ -22,6 +22,8 @@ from fusetune.recipe.checkpoints import checkpoints, load_checkpoint, save_check
 from fusetune.recipe.config import ConfigError, TrainingConfig
 from fusetune.recipe.memory import peak_bytes
 from fusetune.recipe.reporting import Reporters
+from fusetune.training import distributed
+from fusetune.training.distributed import Ranks
 
 
 def total_steps(cfg: TrainingConfig, n_examples: int) -> int:
@@ -41,10 +43,16 @@ def sample_indices(n: int, seed: int, start: int, count: int) -> list[int]:
     return out
 
 
-def accumulate(objective, model, examples: list[dict], micro_batch: int, device) -> tuple[float, int, dict]:
+def accumulate(objective, model, examples: list[dict], micro_batch: int, device, ranks: Ranks = Ranks()
+               ) -> tuple[float, int, dict]:
     """Forward + backward of one effective batch in micro-batches (recipe/objectives.py); grads as
-    for the whole batch. Returns (loss, tokens processed, the objective's metrics)."""
-    return objective.accumulate(model, examples, micro_batch, device)
+    for the whole batch. Returns (loss, tokens processed, the objective's metrics). With several
+    processes each trains its share, and the loss, tokens and gradients are summed across them."""
+    if ranks.world == 1:
+        return objective.accumulate(model, examples, micro_batch, device)
+    loss, tokens, metrics = objective.accumulate(model, examples, micro_batch, device, ranks)
+    distributed.sum_gradients(ranks, list(trainable_parameters(model).values()))
+    return distributed.all_sum(ranks, loss, device), int(distributed.all_sum(ranks, tokens, device)), metrics
 
 
 def pick_micro_batch(model, examples: list[dict], objective, cfg: TrainingConfig, device, log) -> int:
@@ -178,12 +186,14 @@ def _check_finite(step: int, loss: float, grad_norm: float, lr: float, output_di
 
 def train_loop(model, examples: list[dict], objective, cfg: TrainingConfig, output_dir: Path, device,
                micro_batch: int, log=print, *, fingerprint: dict, resume_from: Path | None = None,
-               eval_examples: list[dict] = ()) -> dict:
+               eval_examples: list[dict] = (), ranks: Ranks = Ranks()) -> dict:
     """Train `model` (its parameters that require grad) on the tokenized examples, continuing from
     the checkpoint `resume_from` (see checkpoints.resume_point) with `objective` (recipe/objectives.py);
-    with eval_examples, the eval loss every cfg.eval_steps and after the last step. Returns the run's
-    record: losses and the objective's metrics per step, eval losses, tokens/s, peak memory, steps,
-    resumed_from, fingerprint."""
+    with eval_examples, the eval loss every cfg.eval_steps and after the last step. With several
+    processes (`ranks`, training/distributed.py) each trains its share of every batch and only rank 0
+    writes or measures the eval loss. Returns the run's record: losses and the objective's metrics per
+    step, eval losses, tokens/s (of all processes), peak memory (of this one), steps, resumed_from,
+    fingerprint."""
     steps = total_steps(cfg, len(examples))
     params = list(trainable_parameters(model).values())
     if not params:
@@ -199,7 +209,7 @@ def train_loop(model, examples: list[dict], objective, cfg: TrainingConfig, outp
         state = load_checkpoint(resume_from, model, optimizer, scheduler)
         log(f"resumed from {resume_from} (step {state['step']} of {steps})")
     objective.prepare(model, examples, list(eval_examples), state, micro_batch, device, log)
-    reporters = Reporters(cfg.report_to, output_dir, fingerprint)
+    reporters = Reporters(cfg.report_to if ranks.main else [], output_dir, fingerprint)
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -211,9 +221,13 @@ def train_loop(model, examples: list[dict], objective, cfg: TrainingConfig, outp
     state["micro_batch"] = micro_batch  # a resumed run with micro_batch_size auto takes the same (bit for bit)
 
     def save():
-        return save_checkpoint(output_dir, model, optimizer, scheduler, state, cfg.save_total_limit)
+        saved = save_checkpoint(output_dir, model, optimizer, scheduler, state, cfg.save_total_limit) \
+            if ranks.main else None
+        return distributed.from_main(ranks, saved)  # every process goes on (or stops) once it is written
 
     def eval_loss():
+        if not ranks.main:
+            return
         try:
             loss = objective.evaluate(model, eval_examples, micro_batch, device)
         except torch.cuda.OutOfMemoryError as err:  # evaluation holds the logits of whole rows
@@ -233,7 +247,7 @@ def train_loop(model, examples: list[dict], objective, cfg: TrainingConfig, outp
                 start = time.perf_counter()
                 batch = [examples[i] for i in sample_indices(len(examples), cfg.seed, state["consumed"],
                                                              cfg.effective_batch_size)]
-                loss, tokens, metrics = accumulate(objective, model, batch, micro_batch, device)
+                loss, tokens, metrics = accumulate(objective, model, batch, micro_batch, device, ranks)
                 lr = scheduler.get_last_lr()[0]
                 # the norm is measured even without clipping: a non-finite one must stop the run
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
@@ -266,12 +280,12 @@ def train_loop(model, examples: list[dict], objective, cfg: TrainingConfig, outp
                 if eval_examples and (state["step"] == steps or
                                       (cfg.eval_steps and state["step"] % cfg.eval_steps == 0)):
                     eval_loss()
-                if stop.signal is not None:
+                if distributed.any_rank(ranks, stop.signal is not None, device):
                     saved = save()
                     rerun = ("set training.resume: auto (it is false) and run the same command" if cfg.resume is False
                              else "run the same command again")
                     raise TrainingInterrupted(
-                        f"stopped by {stop.signal} after step {state['step']} of {steps}, before writing the results; "
+                        f"stopped by {stop.signal or 'another process'} after step {state['step']} of {steps}, before writing the results; "
                         f"saved {saved}: {rerun} to resume from it")
                 if cfg.save_steps and state["step"] % cfg.save_steps == 0 and state["step"] < steps:
                     save()

@@ -70,6 +70,7 @@ class Objective:
     """What every objective shares: nothing to prepare, nothing to change for the batch-size finder."""
 
     watch_divergence = True  # a loss over twice the first step's is reported as divergence
+    data_parallel = False  # whether accumulate can train a share of the batch (`fusetune train --nproc`)
 
     def prepare(self, model, examples, eval_examples, state, micro_batch, device, log):
         """Before the first step (and again on resume, with the checkpoint's state)."""
@@ -83,6 +84,7 @@ class LanguageModeling(Objective):
     """sft and cpt: the mean cross-entropy per label token of the effective batch."""
 
     label = "loss (label tokens)"
+    data_parallel = True
 
     def __init__(self, pad_id: int, packing_length: int | None = None):
         """packing_length: pack each micro-batch's examples into rows without padding, a micro-batch
@@ -94,8 +96,12 @@ class LanguageModeling(Objective):
     def length(example: dict) -> int:
         return len(example["input_ids"])
 
-    def _passes(self, model, examples, micro_batch, device):
+    def _passes(self, model, examples, micro_batch, device, ranks=None):
+        """(loss, tokens) of each micro-batch of this process's share of examples (all of them
+        without ranks), every loss divided by the label count of all examples."""
         n_items = label_count(examples)
+        if ranks is not None:
+            examples = ranks.share(examples)
         if self.packing_length:
             groups = pack_groups([len(e["input_ids"]) for e in examples], micro_batch * self.packing_length)
             for group in groups:
@@ -107,9 +113,9 @@ class LanguageModeling(Objective):
             batch = _to(collate(chunk, self.pad_id), device)
             yield model(**batch, num_items_in_batch=n_items).loss, int(batch["attention_mask"].sum())
 
-    def accumulate(self, model, examples, micro_batch, device):
+    def accumulate(self, model, examples, micro_batch, device, ranks=None):
         total, tokens = 0.0, 0
-        for loss, n in self._passes(model, examples, micro_batch, device):
+        for loss, n in self._passes(model, examples, micro_batch, device, ranks):
             loss.backward()
             total += loss.item()
             tokens += n

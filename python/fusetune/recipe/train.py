@@ -2,6 +2,7 @@
 after, save the adapter (and, if asked, a merged model or a GGUF), plot the loss."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import time
@@ -23,6 +24,7 @@ from fusetune.recipe.evaluation import (generation_rouge, multiple_choice_accura
 from fusetune.recipe.loop import embedding_lr, pick_micro_batch, train_loop
 from fusetune.recipe.objectives import objective_for
 from fusetune.recipe.reporting import check_reporters
+from fusetune.training import distributed
 from fusetune.training.checkpoint import enable_checkpointing, enable_offloaded_checkpointing
 from fusetune.training.env import backend_report, gpus
 
@@ -77,6 +79,32 @@ def _finished(out: Path, run: dict) -> dict | None:
         else None
 
 
+@contextlib.contextmanager
+def _output_dir(path: Path, ranks: distributed.Ranks, log):
+    """Rank 0 claims the output folder (its lock, the clean-up of interrupted saves); the other
+    processes of a data-parallel run wait for that and write nothing there."""
+    if ranks.main:
+        with claimed_output_dir(path, log) as out:
+            distributed.barrier(ranks)
+            yield out
+    else:
+        distributed.barrier(ranks)
+        yield path
+
+
+def check_data_parallel(config, ranks: distributed.Ranks, recipe_stage: bool) -> None:
+    """What `--nproc` runs: one sft or cpt stage, with an example per process and step at least."""
+    if recipe_stage:
+        raise ConfigError(f"recipes (stages:) train on one process; --nproc {ranks.world} runs a single sft or cpt "
+                          f"stage")
+    kind, batch = config.stage.kind, config.training.effective_batch_size
+    if kind not in ("sft", "cpt"):
+        raise ConfigError(f"stage.kind {kind} trains on one process; --nproc {ranks.world} runs sft and cpt")
+    if batch < ranks.world:
+        raise ConfigError(f"training.effective_batch_size {batch} is less than the {ranks.world} processes: each "
+                          f"needs at least one example per step; raise it or lower --nproc")
+
+
 def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None, keep_finished: bool = False) -> dict:
     """The whole job. Everything a user can get wrong (the config, the data, the output folder, a
     checkpoint of other settings) is checked before the model loads. The results are written
@@ -93,14 +121,23 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
     rows, eval_rows, questions = read_run_data(config)
     generations = read_generations(d.generation_path) if d.generation_path else []
     new_tokens = read_new_tokens(m.new_tokens) if m.new_tokens else []
-    with claimed_output_dir(Path(config.output.dir), log) as out:
+    prompts = config.data.eval_prompts
+    ranks = distributed.launched_ranks()  # torchrun's processes (fusetune train --nproc), or one
+    if ranks.world > 1:
+        check_data_parallel(config, ranks, recipe_stage=bool(start_from or keep_finished))
+        if not ranks.main:  # rank 0 alone reports, answers, scores and writes
+            log, prompts, questions, generations = (lambda *_: None), [], [], []
+    device = distributed.start(ranks)
+    with _output_dir(Path(config.output.dir), ranks, log) as out:
         torch.manual_seed(t.seed)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = resolve_dtype(m.dtype, device.type)
         if m.full_finetuning and dtype == torch.float16:
             raise ConfigError("model.full_finetuning updates the weights themselves, and AdamW on float16 weights "
                               "underflows (this GPU has no bf16): set model.dtype: float32")
         log(describe_hardware(device, dtype))
+        if ranks.world > 1:
+            log(f"data parallel: {ranks.world} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}), each "
+                f"training its share of every batch of {t.effective_batch_size}; gradients summed once per step")
         started = time.perf_counter()
         source = start_from["adapter"] if start_from else m.name  # a stage's saved adapter holds its tokenizer
         tokenizer = load_tokenizer(source, None if start_from else m.gguf_file, trust_remote_code=m.trust_remote_code)
@@ -138,7 +175,7 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
         if finished is not None:
             log(f"{out} holds this stage finished with the same settings: kept (delete it to train it again)")
             return finished
-        resume_from = resume_point(out, t.resume, run, log)
+        resume_from = distributed.from_main(ranks, resume_point(out, t.resume, run, log) if ranks.main else None)
         model, tokenizer = FastLanguageModel.from_pretrained(source, max_seq_length=m.max_seq_length, dtype=dtype,
                                                              load_in_4bit=m.load_in_4bit, load_in_8bit=m.load_in_8bit,
                                                              full_finetuning=m.full_finetuning,
@@ -180,7 +217,6 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
         total = sum(p.numel() for p in model.parameters())
         log(f"model: {m.name}, {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({what}), "
             f"loaded in {time.perf_counter() - started:.0f} s")
-        prompts = config.data.eval_prompts
         before = answer(model, tokenizer, prompts, config.data.max_new_tokens) if prompts else []
         choices = {"before": multiple_choice_accuracy(model, tokenizer, questions)} if questions else {}
         rouge = {"before": generation_rouge(model, tokenizer, generations, d.max_new_tokens)} if generations else {}
@@ -198,7 +234,9 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
             log(f"packing: each micro-batch's rows in one padding-free row of up to {micro * m.max_seq_length} "
                 f"tokens (data.packing)")
         record = train_loop(model, examples, objective, t, out, device, micro, log, fingerprint=run,
-                            resume_from=resume_from, eval_examples=eval_examples)
+                            resume_from=resume_from, eval_examples=eval_examples, ranks=ranks)
+        if not ranks.main:
+            return record
         losses = record["losses"]
         evals = record["eval"]
         held_out = f", eval loss {evals[0]['loss']:.3f} -> {evals[-1]['loss']:.3f}" if evals else ""

@@ -1,0 +1,102 @@
+"""Data parallelism for `fusetune train --nproc N`, on torch.distributed.
+
+torchrun starts N copies of the command; each trains on its share of every effective batch
+(examples rank, rank + N, ...), every loss term divided by the label count of the whole effective
+batch, and the trainable gradients are summed across the processes once per step (one all_reduce
+each), so the update is the one a single process computes on the whole batch. Summing once per
+step, rather than per backward as DistributedDataParallel does, lets the processes run different
+numbers of micro-batches (packing makes them differ) and any checkpointing. Only rank 0 writes
+(checkpoints, adapter, summary, logs); every rank reads the same checkpoint to resume.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, items: list) -> list:
+        """This process's part of a list the processes split (every world-th item from rank)."""
+        return items[self.rank::self.world]
+
+
+def launched_ranks() -> Ranks:
+    """The ranks torchrun's environment gives this process (one process without it)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return Ranks(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def start(ranks: Ranks) -> torch.device:
+    """Join the process group (NCCL on GPUs, gloo on CPUs); returns this process's device."""
+    cuda = torch.cuda.is_available()
+    if ranks.world == 1:
+        return torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        if ranks.local >= torch.cuda.device_count():
+            raise RuntimeError(f"process {ranks.rank} wants GPU {ranks.local}, but {torch.cuda.device_count()} are "
+                               f"visible: run at most that many processes (--nproc)")
+        torch.cuda.set_device(ranks.local)
+    device = torch.device("cuda", ranks.local) if cuda else torch.device("cpu")
+    if not dist.is_initialized():
+        backend = "nccl" if cuda else "gloo"
+        if not dist.is_backend_available(backend):
+            raise RuntimeError(f"torch.distributed has no {backend} backend in this build of torch: install a "
+                               f"torch with {backend}, or train with one process")
+        dist.init_process_group(backend, device_id=device if cuda else None)
+    return device
+
+
+def finish(ranks: Ranks) -> None:
+    if ranks.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.world > 1:
+        dist.barrier()
+
+
+def from_main(ranks: Ranks, value):
+    """Rank 0's value (any picklable object) on every process."""
+    if ranks.world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_sum(ranks: Ranks, value: float, device) -> float:
+    """The sum of a number over the processes."""
+    if ranks.world == 1:
+        return value
+    total = torch.tensor(float(value), dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total)
+
+
+def any_rank(ranks: Ranks, flag: bool, device) -> bool:
+    """True on every process if it is true on any (a stop request one process received)."""
+    return all_sum(ranks, float(flag), device) > 0
+
+
+def sum_gradients(ranks: Ranks, params: list[torch.Tensor]) -> None:
+    """Add up the gradients of params across the processes, in place (a parameter without a
+    gradient on this process counts as zeros)."""
+    if ranks.world == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)

@@ -1,0 +1,84 @@
+"""`fusetune train --nproc 2` on the CPU (2 gloo processes under torchrun): the run trains to one
+process's losses and adapter, only rank 0 reports and writes, and a checkpoint the two processes
+wrote resumes on one process to the same adapter."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.recipe.test_train_command import CONVERSATIONS
+from tests.tiny_models import byte_level_tokenizer, tiny_model
+
+
+def _fusetune(*args, cwd):
+    env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}  # the torch backend, as a CPU user's
+    return subprocess.run([sys.executable, "-m", "fusetune.cli", "train", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=900)
+
+
+def _adapter(out):
+    from safetensors.torch import load_file
+
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("nproc")
+    tokenizer = byte_level_tokenizer()
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(tmp / "base")
+    tokenizer.save_pretrained(tmp / "base")
+    (tmp / "data.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in CONVERSATIONS * 3))
+    (tmp / "run.yaml").write_text(f"""
+model: {{name: {tmp / 'base'}, max_seq_length: 64}}
+data: {{path: data.jsonl, eval_prompts: ["Who are you?"], max_new_tokens: 4}}
+lora: {{r: 4, alpha: 8, target_modules: [q_proj, v_proj, down_proj]}}
+training: {{max_steps: 4, effective_batch_size: 5, micro_batch_size: 2, learning_rate: 1.0e-2, save_steps: 2}}
+output: {{dir: two}}
+""")
+    two = _fusetune("run.yaml", "--nproc", "2", cwd=tmp)
+    one = _fusetune("run.yaml", "--set", "output.dir=one", cwd=tmp)
+    return tmp, two, one
+
+
+def test_two_processes_train_as_one(runs):
+    tmp, two, one = runs
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-5000:]
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    assert "data parallel: 2 processes (gloo)" in two.stdout, two.stdout[-3000:]
+    # rank 0 alone reports
+    assert two.stdout.count("\ndata: ") == 1 and two.stdout.count("  before: ") == 1, two.stdout[-3000:]
+    summary_two = json.loads((tmp / "two" / "summary.json").read_text())
+    summary_one = json.loads((tmp / "one" / "summary.json").read_text())
+    assert summary_two["losses"] == pytest.approx(summary_one["losses"], rel=1e-5)
+    ours, truth = _adapter(tmp / "two"), _adapter(tmp / "one")
+    assert ours.keys() == truth.keys() and ours
+    for name in truth:
+        torch.testing.assert_close(ours[name], truth[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_a_checkpoint_of_two_processes_resumes_on_one(runs):
+    tmp, two, _ = runs
+    assert two.returncode == 0
+    resumed = tmp / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp / "two" / "checkpoint-2", resumed / "checkpoint-2")
+    proc = _fusetune("run.yaml", "--set", "output.dir=resumed", cwd=tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout
+    ours, truth = _adapter(resumed), _adapter(tmp / "two")
+    for name in truth:
+        torch.testing.assert_close(ours[name], truth[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_bad_process_counts_are_named(tmp_path):
+    for args, message in ((["--nproc", "0"], "--nproc 0: at least one process"),
+                          (["--nproc", "9", "--set", "training.effective_batch_size=4"],
+                           "effective_batch_size 4 is less than the 9 processes")):
+        proc = _fusetune(*args, cwd=tmp_path)
+        assert proc.returncode != 0
+        assert message in proc.stderr, proc.stderr[-3000:]
