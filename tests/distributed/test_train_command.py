@@ -4,6 +4,7 @@ wrote resumes on one process to the same adapter."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -82,3 +83,27 @@ def test_bad_process_counts_are_named(tmp_path):
         proc = _fusetune(*args, cwd=tmp_path)
         assert proc.returncode != 0
         assert message in proc.stderr, proc.stderr[-3000:]
+
+
+def test_sigterm_to_the_command_stops_every_process_with_a_checkpoint(runs):
+    """A scheduler's SIGTERM to `fusetune train --nproc 2` reaches the processes through torchrun: they
+    stop at the next step, rank 0 writes a checkpoint, and nothing keeps running."""
+    tmp, _, _ = runs
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "fusetune.cli", "train", "run.yaml", "--nproc", "2",
+                             "--set", "output.dir=stopped", "--set", "training.max_steps=400",
+                             "--set", "training.save_steps=1000", "--set", "training.logging_steps=1"],
+                            cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # rank 0's progress lines
+        if line.startswith("step "):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "stopped by SIGTERM" in err, err[-3000:]
+    saved = sorted((tmp / "stopped").glob("checkpoint-*"))
+    assert saved and (saved[-1] / "state.json").is_file()
+    assert not (tmp / "stopped" / "summary.json").exists()
+    if shutil.which("pgrep"):
+        left = subprocess.run(["pgrep", "-f", "output.dir=stopped"], capture_output=True, text=True).stdout.split()
+        assert not left, f"processes still running: {left}"

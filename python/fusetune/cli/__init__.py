@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import warnings
 
 
 INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
@@ -15,10 +17,6 @@ def _quiet(args) -> None:
     loaded, shards written), the deprecation notices transformers and PEFT raise about each other,
     bitsandbytes' optional-kernel warnings. fusetune's own lines, transformers' warnings (a load
     report of missing or unexpected weights) and every error stay."""
-    import logging
-    import os
-    import warnings
-
     if getattr(args, "verbose", False):
         return
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -56,6 +54,10 @@ def _cmd_train(args) -> int:
     _quiet(args)
     from fusetune.training import distributed
 
+    if not distributed.launched_ranks().main:  # a data-parallel process other than rank 0: its errors only
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the process's life)
+        logging.getLogger("fusetune").setLevel(logging.ERROR)
+        warnings.simplefilter("ignore")
     try:
         config = load_config(args.config, args.set)
         if args.config:  # a grpo stage's reward function may live beside the config (rewards.py)
@@ -93,6 +95,7 @@ def _cmd_train(args) -> int:
 def _launch_processes(args, config) -> int:
     """`fusetune train --nproc N`: the same command in N processes under torchrun (one per GPU, or
     CPU processes on gloo without GPUs); their exit code (0 when all finished)."""
+    import signal
     import subprocess
 
     import torch
@@ -108,7 +111,18 @@ def _launch_processes(args, config) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
                "-m", "fusetune.cli", *(["--verbose"] if args.verbose else []), "train",
                *([args.config] if args.config else []), *(a for item in args.set for a in ("--set", item))]
-    return subprocess.run(command).returncode
+    # torchrun would pin every process to one thread: share the cores instead (CPU processes)
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.nproc)), **os.environ}
+    launcher = subprocess.Popen(command, env=env)
+    # torchrun passes Ctrl-C and SIGTERM to the processes, which stop at the next step with a checkpoint:
+    # a terminal's Ctrl-C reaches it directly (so it is not sent twice), a SIGTERM to this process is passed on
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, _: launcher.send_signal(signum))}
+    try:
+        return launcher.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _run(command: str, args, job) -> int:

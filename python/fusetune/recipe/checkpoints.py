@@ -246,8 +246,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["rng_cpu"])
-    if extra["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(extra["rng_cuda"])
+    if extra["rng_cuda"] and torch.cuda.is_available():  # (a run resumed on fewer GPUs: theirs)
+        for index, rng in enumerate(extra["rng_cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(rng, index)
     return state
 
 

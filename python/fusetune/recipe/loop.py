@@ -152,11 +152,12 @@ class StopRequests:
 class Progress:
     """A tqdm bar on a terminal; plain log lines every logging_steps elsewhere (logs, CI)."""
 
-    def __init__(self, total: int, start: int, every: int, log):
+    def __init__(self, total: int, start: int, every: int, log, shown: bool = True):
         from tqdm.auto import tqdm
 
         self.every, self.log = every, log
-        self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True) if sys.stderr.isatty() else None
+        self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True) \
+            if shown and sys.stderr.isatty() else None
 
     def update(self, step: int, total: int, fields: dict):
         if self.bar is not None:
@@ -214,7 +215,7 @@ def train_loop(model, examples: list[dict], objective, cfg: TrainingConfig, outp
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     first_step = state["step"]
-    progress = Progress(steps, first_step, cfg.logging_steps, log)
+    progress = Progress(steps, first_step, cfg.logging_steps, log, shown=ranks.main)
     run_tokens, run_seconds = 0, 0.0  # this process's training steps only (not loading, not saving)
     warned = False
 

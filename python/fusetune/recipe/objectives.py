@@ -70,7 +70,6 @@ class Objective:
     """What every objective shares: nothing to prepare, nothing to change for the batch-size finder."""
 
     watch_divergence = True  # a loss over twice the first step's is reported as divergence
-    data_parallel = False  # whether accumulate can train a share of the batch (`fusetune train --nproc`)
 
     def prepare(self, model, examples, eval_examples, state, micro_batch, device, log):
         """Before the first step (and again on resume, with the checkpoint's state)."""
@@ -84,7 +83,6 @@ class LanguageModeling(Objective):
     """sft and cpt: the mean cross-entropy per label token of the effective batch."""
 
     label = "loss (label tokens)"
-    data_parallel = True
 
     def __init__(self, pad_id: int, packing_length: int | None = None):
         """packing_length: pack each micro-batch's examples into rows without padding, a micro-batch

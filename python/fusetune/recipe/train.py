@@ -213,6 +213,8 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
                                                      modules_to_save=["embed_tokens", "lm_head"] if train_embeddings
                                                      else None)
             what = f"LoRA r={lora.r}"
+        if ranks.world > 1:  # the same weights on every process, then each its own dropout masks
+            torch.manual_seed(t.seed + ranks.rank)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         log(f"model: {m.name}, {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({what}), "

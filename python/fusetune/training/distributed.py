@@ -10,6 +10,7 @@ numbers of micro-batches (packing makes them differ) and any checkpointing. Only
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -54,7 +55,9 @@ def start(ranks: Ranks) -> torch.device:
         if not dist.is_backend_available(backend):
             raise RuntimeError(f"torch.distributed has no {backend} backend in this build of torch: install a "
                                f"torch with {backend}, or train with one process")
-        dist.init_process_group(backend, device_id=device if cuda else None)
+        # rank 0 alone evaluates, generates and writes checkpoints while the others wait in a collective:
+        # NCCL's default 10 minutes could cut a long eval or a big save short
+        dist.init_process_group(backend, device_id=device if cuda else None, timeout=datetime.timedelta(hours=2))
     return device
 
 
@@ -92,11 +95,16 @@ def any_rank(ranks: Ranks, flag: bool, device) -> bool:
 
 
 def sum_gradients(ranks: Ranks, params: list[torch.Tensor]) -> None:
-    """Add up the gradients of params across the processes, in place (a parameter without a
-    gradient on this process counts as zeros)."""
-    if ranks.world == 1:
+    """Add up the gradients of params across the processes, in place. A parameter no process has
+    a gradient for keeps none (AdamW skips it, as with one process); one that only some have counts
+    as zeros on the others."""
+    if ranks.world == 1 or not params:
         return
-    for p in params:
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    dist.all_reduce(has)
+    for p, anyone in zip(params, has.tolist()):
+        if not anyone:
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
