@@ -96,6 +96,18 @@ def _allowed(q_idx, k_idx, SQ, SK, offset, window, seg_q, seg_k,
 
 
 @triton.jit
+def _key_block_mask(n0, rows, seg_rows, SEG, seg_b, SQ, SK, offset, window, BLOCK_N: tl.constexpr,
+                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SEGMENTS: tl.constexpr):
+    """The (rows x keys n0 ..) mask of a query-major kernel's edge block."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    seg_cols = cols
+    if SEGMENTS:
+        seg_cols = tl.load(SEG + seg_b + cols, mask=cols < SK, other=-2)
+    return _allowed(rows[:, None], cols[None, :], SQ, SK, offset, window, seg_rows[:, None], seg_cols[None, :],
+                    CAUSAL, WINDOW, SEGMENTS)
+
+
+@triton.jit
 def _tile(base, start, stride, limit, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
           CHECK: tl.constexpr):
     """Rows start .. start + BLOCK of a (rows x HEAD_DIM) slab as a (BLOCK x BLOCK_D) tile, zero past
@@ -219,12 +231,8 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, sk_n, sv_n, SEG, seg_b, rows, 
         if SOFTCAP:
             x = _tanh(x * (scale / softcap)) * softcap
         if MASKED:
-            cols = n0 + tl.arange(0, BLOCK_N)
-            seg_cols = cols
-            if SEGMENTS:
-                seg_cols = tl.load(SEG + seg_b + cols, mask=cols < SK, other=-2)
-            ok = _allowed(rows[:, None], cols[None, :], SQ, SK, offset, window, seg_rows[:, None],
-                          seg_cols[None, :], CAUSAL, WINDOW, SEGMENTS)
+            ok = _key_block_mask(n0, rows, seg_rows, SEG, seg_b, SQ, SK, offset, window, BLOCK_N, CAUSAL, WINDOW,
+                                 SEGMENTS)
             x = tl.where(ok, x, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(x, 1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
@@ -379,12 +387,8 @@ def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, sk_n, sv_n, SEG, seg_b, ro
         s, t = _scores(q, k, scale, softcap, SOFTCAP, PRECISION)
         p = tl.exp2(s - lse[:, None])
         if MASKED:
-            cols = n0 + tl.arange(0, BLOCK_N)
-            seg_cols = cols
-            if SEGMENTS:
-                seg_cols = tl.load(SEG + seg_b + cols, mask=cols < SK, other=-2)
-            ok = _allowed(rows[:, None], cols[None, :], SQ, SK, offset, window, seg_rows[:, None],
-                          seg_cols[None, :], CAUSAL, WINDOW, SEGMENTS)
+            ok = _key_block_mask(n0, rows, seg_rows, SEG, seg_b, SQ, SK, offset, window, BLOCK_N, CAUSAL, WINDOW,
+                                 SEGMENTS)
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
