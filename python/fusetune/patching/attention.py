@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from fusetune.backend import resolve
 from fusetune.ops.attention import CUDA_OPS, DTYPES, MAX_HEAD_DIM, attention, segments
+from fusetune.patching import context_parallel
 from fusetune.reference.attention import allowed
 
 KEY = "fusetune"
@@ -83,10 +84,20 @@ def register() -> str:
     return KEY
 
 
-def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
-                      softcap=None, position_ids=None, fusetune_documents=None, **kwargs):
+def attention_forward(module, query, key, value, attention_mask, position_ids=None, **kwargs):
     """Hugging Face's attention-function contract: query (B, Hq, Sq, D), key/value (B, Hk, Sk, D),
-    attention_mask the 2-D padding mask of the keys or None; returns ((B, Sq, Hq, D), None)."""
+    attention_mask the 2-D padding mask of the keys or None; returns ((B, Sq, Hq, D), None). Under
+    context parallelism (patching/context_parallel.py) the tensors hold this process's shard of the
+    sequence, and the attention runs over the whole sequence for a share of the heads."""
+    group = module.__dict__.get(context_parallel.ATTRIBUTE)
+    if group is not None:
+        return context_parallel.sharded_attention(group, _attend, module, query, key, value, attention_mask,
+                                                  position_ids, **kwargs)
+    return _attend(module, query, key, value, attention_mask, position_ids=position_ids, **kwargs)
+
+
+def _attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+            softcap=None, position_ids=None, fusetune_documents=None, **kwargs):
     batch, _, sq, head_dim = query.shape
     sk = key.shape[2]
     window = sliding_window or None
