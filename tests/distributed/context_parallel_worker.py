@@ -43,7 +43,7 @@ def main():
     with context_parallel(model) if sys.argv[5:] != ['--off'] else contextlib.nullcontext():
         shard = shard_batch(batch)
         loss = model(**shard, use_cache=False).loss
-    loss.backward()
+        loss.backward()
     total = loss.detach().clone()
     dist.all_reduce(total)
     grads = lora_grads(model)

@@ -1,6 +1,7 @@
 """`fusetune train --nproc 2` on the CPU (2 gloo processes under torchrun): the run trains to one
 process's losses and adapter, only rank 0 reports and writes, and a checkpoint the two processes
-wrote resumes on one process to the same adapter."""
+wrote resumes on one process to the same adapter; so does a run that splits every sequence between
+the processes (training.context_parallel)."""
 import json
 import os
 import shutil
@@ -57,6 +58,22 @@ def test_two_processes_train_as_one(runs):
     summary_one = json.loads((tmp / "one" / "summary.json").read_text())
     assert summary_two["losses"] == pytest.approx(summary_one["losses"], rel=1e-5)
     ours, truth = _adapter(tmp / "two"), _adapter(tmp / "one")
+    assert ours.keys() == truth.keys() and ours
+    for name in truth:
+        torch.testing.assert_close(ours[name], truth[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_context_parallel_processes_train_as_one(runs):
+    """training.context_parallel: both processes train every packed micro-batch, half its tokens each
+    (attention exchanges heads for tokens), with gradient checkpointing (recomputed sharded)."""
+    tmp, _, one = runs
+    proc = _fusetune("run.yaml", "--nproc", "2", "--set", "training.context_parallel=true",
+                     "--set", "lora.gradient_checkpointing=true", "--set", "output.dir=sharded", cwd=tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "context parallel: 2 processes (gloo)" in proc.stdout, proc.stdout[-3000:]
+    summary = json.loads((tmp / "sharded" / "summary.json").read_text())
+    assert summary["losses"] == pytest.approx(json.loads((tmp / "one" / "summary.json").read_text())["losses"], rel=1e-5)
+    ours, truth = _adapter(tmp / "sharded"), _adapter(tmp / "one")
     assert ours.keys() == truth.keys() and ours
     for name in truth:
         torch.testing.assert_close(ours[name], truth[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")

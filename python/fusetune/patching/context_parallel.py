@@ -84,7 +84,8 @@ def sharded_attention(group, attend, module, query, key, value, attention_mask, 
 def context_parallel(model, group=None):
     """Inside the block, every attention layer of a patched model runs sharded over the processes of
     `group` (default: all of them): each process passes its own contiguous shard of the sequence
-    (shard_batch). Outside it the model is as before. One process: nothing changes."""
+    (shard_batch). Run the backward inside the block too: layers under activation checkpointing
+    recompute their attention then. Outside it the model is as before. One process: nothing changes."""
     from fusetune.patching.attention import KEY
 
     if not dist.is_available() or not dist.is_initialized():

@@ -104,6 +104,9 @@ class TrainingConfig:
     weight_decay: float = key(0.0, "AdamW's decoupled weight decay")
     max_grad_norm: float | None = key(1.0, "clip the gradient norm to this (null: no clipping)")
     seed: int = key(3407, "the seed of the adapters' initialisation, the data order and the eval split")
+    context_parallel: bool = key(False, "with --nproc N: every process trains 1/N of each micro-batch's tokens "
+                                        "(the sequence split, attention's heads exchanged), not 1/N of the "
+                                        "examples: for sequences one GPU cannot hold")
     logging_steps: int = key(1, "a progress line every N steps (when not on a terminal)")
     report_to: list[str] | str = key([], "also log the loss, learning rate, tokens/s, memory and eval loss of every step to "
                                    "tensorboard (output.dir/runs; pip install tensorboard) and/or wandb (pip install "

@@ -66,6 +66,9 @@ def pick_micro_batch(model, examples: list[dict], objective, cfg: TrainingConfig
     if device.type != "cuda":
         log(f"micro-batch: {upper} (auto on the CPU: no finder, the whole effective batch)")
         return upper
+    if getattr(objective, "context_parallel", False):  # the finder would try the whole sequence on one GPU
+        log(f"micro-batch: 1 (auto under context parallel: no finder); {upper} micro-batches per step")
+        return 1
     longest = sorted(examples, key=objective.length, reverse=True)[:upper]
     # the trials run no optimizer step: hold back what AdamW's two moments will take (a byte each in 8 bits)
     moments = sum(2 * p.numel() * (1 if cfg.optim.endswith("8bit") else p.element_size())

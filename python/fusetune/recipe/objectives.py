@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from fusetune.ops.cross_entropy import cross_entropy
 from fusetune.recipe.config import ConfigError, StageSection
 from fusetune.recipe.data import IGNORE_INDEX, collate, label_count
+from fusetune.training.context_parallel import context_parallel, shard_batch
 from fusetune.training.packing import pack_examples, pack_groups
 
 
@@ -84,11 +85,14 @@ class LanguageModeling(Objective):
 
     label = "loss (label tokens)"
 
-    def __init__(self, pad_id: int, packing_length: int | None = None):
+    def __init__(self, pad_id: int, packing_length: int | None = None, context_parallel: bool = False):
         """packing_length: pack each micro-batch's examples into rows without padding, a micro-batch
-        being up to micro_batch * packing_length tokens (None: padded micro-batches of micro_batch rows)."""
+        being up to micro_batch * packing_length tokens (None: padded micro-batches of micro_batch rows).
+        context_parallel: with several processes, each runs every micro-batch's 1/N of the tokens
+        (fusetune.training.context_parallel) instead of its share of the examples."""
         self.pad_id = pad_id
         self.packing_length = packing_length
+        self.context_parallel = context_parallel
 
     @staticmethod
     def length(example: dict) -> int:
@@ -96,20 +100,31 @@ class LanguageModeling(Objective):
 
     def _passes(self, model, examples, micro_batch, device, ranks=None):
         """(loss, tokens) of each micro-batch of this process's share of examples (all of them
-        without ranks), every loss divided by the label count of all examples."""
+        without ranks), every loss divided by the label count of all examples. The caller runs the
+        backward before asking for the next: under context parallelism it must run inside the
+        sharded attention's block (checkpointed layers recompute it)."""
         n_items = label_count(examples)
-        if ranks is not None:
+        sharded = ranks is not None and ranks.world > 1 and self.context_parallel
+        if ranks is not None and not sharded:
             examples = ranks.share(examples)
         if self.packing_length:
             groups = pack_groups([len(e["input_ids"]) for e in examples], micro_batch * self.packing_length)
-            for group in groups:
-                batch = _to(pack_examples([examples[i] for i in group]), device)
-                # no KV cache: with one, transformers' own attention (an unpatched model) ignores the restarts
-                yield model(**batch, num_items_in_batch=n_items, use_cache=False).loss, batch["input_ids"].shape[1]
-            return
-        for chunk in micro_batches(examples, micro_batch):
-            batch = _to(collate(chunk, self.pad_id), device)
-            yield model(**batch, num_items_in_batch=n_items).loss, int(batch["attention_mask"].sum())
+            batches = (pack_examples([examples[i] for i in group]) for group in groups)
+        else:
+            batches = (collate(chunk, self.pad_id) for chunk in micro_batches(examples, micro_batch))
+        for batch in batches:
+            batch = _to(batch, device)
+            tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            # no KV cache when packed: with one, transformers' own attention (an unpatched model) ignores the restarts
+            options = {"num_items_in_batch": n_items, "use_cache": False} if self.packing_length or sharded else \
+                {"num_items_in_batch": n_items}
+            if not sharded:
+                yield model(**batch, **options).loss, tokens
+                continue
+            with context_parallel(model):
+                shard = shard_batch(batch, pad_token_id=self.pad_id)
+                del shard["num_items_in_batch"]  # that of this micro-batch: the whole step's counts
+                yield model(**shard, **options).loss, tokens if ranks.main else 0  # counted once
 
     def accumulate(self, model, examples, micro_batch, device, ranks=None):
         total, tokens = 0.0, 0
@@ -308,9 +323,9 @@ class GroupRelative(Objective):
         raise ConfigError("a grpo stage has no eval loss")  # config validation refuses its eval data
 
 
-def objective_for(stage: StageSection, tokenizer, packing_length: int | None = None):
+def objective_for(stage: StageSection, tokenizer, packing_length: int | None = None, context_parallel: bool = False):
     if stage.kind in ("dpo", "orpo"):
         return Preference(stage.kind, stage.beta, tokenizer.pad_token_id)
     if stage.kind == "grpo":
         return GroupRelative(stage, tokenizer)
-    return LanguageModeling(tokenizer.pad_token_id, packing_length)
+    return LanguageModeling(tokenizer.pad_token_id, packing_length, context_parallel)

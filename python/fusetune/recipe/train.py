@@ -100,7 +100,7 @@ def check_data_parallel(config, ranks: distributed.Ranks, recipe_stage: bool) ->
     kind, batch = config.stage.kind, config.training.effective_batch_size
     if kind not in ("sft", "cpt"):
         raise ConfigError(f"stage.kind {kind} trains on one process; --nproc {ranks.world} runs sft and cpt")
-    if batch < ranks.world:
+    if batch < ranks.world and not config.training.context_parallel:
         raise ConfigError(f"training.effective_batch_size {batch} is less than the {ranks.world} processes: each "
                           f"needs at least one example per step; raise it or lower --nproc")
 
@@ -136,8 +136,12 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
                               "underflows (this GPU has no bf16): set model.dtype: float32")
         log(describe_hardware(device, dtype))
         if ranks.world > 1:
-            log(f"data parallel: {ranks.world} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}), each "
-                f"training its share of every batch of {t.effective_batch_size}; gradients summed once per step")
+            backend = 'NCCL' if device.type == 'cuda' else 'gloo'
+            log(f"context parallel: {ranks.world} processes ({backend}), each training 1/{ranks.world} of every "
+                f"micro-batch's tokens (attention exchanges heads for tokens); gradients summed once per step"
+                if t.context_parallel else
+                f"data parallel: {ranks.world} processes ({backend}), each training its share of every batch of "
+                f"{t.effective_batch_size}; gradients summed once per step")
         started = time.perf_counter()
         source = start_from["adapter"] if start_from else m.name  # a stage's saved adapter holds its tokenizer
         tokenizer = load_tokenizer(source, None if start_from else m.gguf_file, trust_remote_code=m.trust_remote_code)
@@ -152,7 +156,8 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
                 ("" if m.full_finetuning else f"; embed_tokens and lm_head train at {embedding_lr(t):g}"))
         examples = stage_examples(kind, rows, tokenizer, config)
         eval_examples = stage_examples(kind, eval_rows, tokenizer, config) if eval_rows else []
-        objective = objective_for(config.stage, tokenizer, m.max_seq_length if d.packing else None)
+        objective = objective_for(config.stage, tokenizer, m.max_seq_length if d.packing else None,
+                                  t.context_parallel and ranks.world > 1)
         lengths = [objective.length(e) for e in examples]
         # (cpt packs its rows into blocks: their count is no row count)
         dropped = (f" ({len(rows) - len(examples)} rows dropped: no answer to learn within max_seq_length)"
@@ -227,6 +232,10 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
             objective.packing_length = None
             log(f"packing: off, padded micro-batches: the model runs transformers' "
                 f"{model.config._attn_implementation} attention, not fusetune's (see the patch line above)")
+        if getattr(objective, "context_parallel", False) and model.config._attn_implementation != "fusetune":
+            raise ConfigError(f"training.context_parallel shards the sequence inside fusetune's attention, and this "
+                              f"model runs transformers' {model.config._attn_implementation} attention (see the patch "
+                              f"line above): turn context_parallel off")
         micro = read_state(resume_from).get("micro_batch") if resume_from and t.micro_batch_size == "auto" else None
         if micro:
             log(f"micro-batch: {micro} (as in the run it resumes, so the result is the same bit for bit)")

@@ -8,7 +8,7 @@
     with context_parallel(model):
         batch = shard_batch({"input_ids": ids, "labels": labels}, pad_token_id=tokenizer.pad_token_id)
         loss = model(**batch, use_cache=False).loss      # this shard's part of the whole batch's mean
-        loss.backward()
+        loss.backward()                                  # inside too: checkpointed layers recompute attention
     # sum the trainable gradients over the processes (all_reduce), or let DDP / FSDP2 average them
     # and multiply the loss by W first
 
