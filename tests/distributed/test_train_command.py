@@ -79,6 +79,14 @@ def test_context_parallel_processes_train_as_one(runs):
         torch.testing.assert_close(ours[name], truth[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+def test_context_parallel_over_processes_the_heads_do_not_split_is_refused(runs):
+    tmp, _, _ = runs
+    proc = _fusetune("run.yaml", "--nproc", "3", "--set", "training.context_parallel=true", "--set", "output.dir=three",
+                     cwd=tmp)
+    assert proc.returncode != 0
+    assert "4 query and 2 key/value heads need a process count" in proc.stderr, proc.stderr[-3000:]
+
+
 def test_a_checkpoint_of_two_processes_resumes_on_one(runs):
     tmp, two, _ = runs
     assert two.returncode == 0

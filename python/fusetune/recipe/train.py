@@ -236,6 +236,14 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
             raise ConfigError(f"training.context_parallel shards the sequence inside fusetune's attention, and this "
                               f"model runs transformers' {model.config._attn_implementation} attention (see the patch "
                               f"line above): turn context_parallel off")
+        if getattr(objective, "context_parallel", False):
+            text = model.config.get_text_config()
+            heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+            if heads % ranks.world or (kv_heads % ranks.world and ranks.world % kv_heads):
+                raise ConfigError(f"training.context_parallel splits the attention heads over the {ranks.world} "
+                                  f"processes: the model's {heads} query and {kv_heads} key/value heads need a process "
+                                  f"count that divides the query heads and divides or is a multiple of the key/value "
+                                  f"heads; change --nproc")
         micro = read_state(resume_from).get("micro_batch") if resume_from and t.micro_batch_size == "auto" else None
         if micro:
             log(f"micro-batch: {micro} (as in the run it resumes, so the result is the same bit for bit)")
