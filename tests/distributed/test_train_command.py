@@ -79,6 +79,46 @@ def test_context_parallel_processes_train_as_one(runs):
         torch.testing.assert_close(ours[name], truth[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+def test_fsdp_processes_train_as_one_and_their_checkpoint_resumes_on_one(runs):
+    """training.fsdp: weights, gradients and AdamW states sharded over the 2 processes (FSDP2), the
+    same losses and adapter as one process; its checkpoint (gathered whole) resumes on one."""
+    tmp, _, one = runs
+    proc = _fusetune("run.yaml", "--nproc", "2", "--set", "training.fsdp=true", "--set", "output.dir=fsdp", cwd=tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "fsdp: 2 decoder layers and the rest of the model sharded over 2 processes" in proc.stdout, proc.stdout[-3000:]
+    assert proc.stdout.count("  before: ") == 1 and proc.stdout.count("  after: ") == 1, proc.stdout[-3000:]
+    summary = json.loads((tmp / "fsdp" / "summary.json").read_text())
+    assert summary["losses"] == pytest.approx(json.loads((tmp / "one" / "summary.json").read_text())["losses"], rel=1e-5)
+    ours, truth = _adapter(tmp / "fsdp"), _adapter(tmp / "one")
+    assert ours.keys() == truth.keys() and ours
+    for name in truth:
+        torch.testing.assert_close(ours[name], truth[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    resumed = tmp / "fsdp-resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp / "fsdp" / "checkpoint-2", resumed / "checkpoint-2")
+    proc = _fusetune("run.yaml", "--set", "output.dir=fsdp-resumed", cwd=tmp)
+    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    again = _adapter(resumed)
+    for name in truth:
+        torch.testing.assert_close(again[name], truth[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_fsdp_full_fine_tune_saves_the_whole_model(runs):
+    tmp, _, _ = runs
+    from safetensors.torch import load_file
+
+    runs_of = {}
+    for name, extra in (("full-one", []), ("full-fsdp", ["--nproc", "2", "--set", "training.fsdp=true"])):
+        proc = _fusetune("run.yaml", *extra, "--set", "model.full_finetuning=true", "--set", "training.max_steps=2",
+                         "--set", "training.learning_rate=1.0e-3", "--set", f"output.dir={name}", cwd=tmp)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        runs_of[name] = load_file(tmp / name / "model" / "model.safetensors")
+    one, fsdp = runs_of["full-one"], runs_of["full-fsdp"]
+    assert one.keys() == fsdp.keys() and len(one) > 10
+    for name in one:
+        torch.testing.assert_close(fsdp[name], one[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 def test_context_parallel_over_processes_the_heads_do_not_split_is_refused(runs):
     tmp, _, _ = runs
     proc = _fusetune("run.yaml", "--nproc", "3", "--set", "training.context_parallel=true", "--set", "output.dir=three",

@@ -152,6 +152,12 @@ def read_load_settings(directory: str | os.PathLike) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _is_fsdp(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
 def save_merged(model, save_directory: str | os.PathLike, tokenizer=None, save_method: str = "merged_16bit",
                 dtype: torch.dtype | None = None) -> Path:
     """Save `model` (a PEFT model, or a plain one) to save_directory, atomically.
@@ -173,7 +179,9 @@ def save_merged(model, save_directory: str | os.PathLike, tokenizer=None, save_m
         dtype = base if base in (torch.bfloat16, torch.float16) else torch.bfloat16
     with atomic_directory(save_directory) as tmp:
         if save_method == "lora":
-            model.save_pretrained(tmp)
+            # an FSDP model's state_dict() holds shards: its gathered weights (training.distributed.gathered)
+            state = dict(model.named_parameters(remove_duplicate=False)) if _is_fsdp(model) else None
+            model.save_pretrained(tmp, **({"state_dict": state} if state is not None else {}))
             write_load_settings(model, tmp)
         elif save_method == "merged_4bit":
             _write_merged_4bit(model, tmp, dtype)

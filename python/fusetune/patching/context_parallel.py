@@ -86,14 +86,12 @@ def context_parallel(model, group=None):
     `group` (default: all of them): each process passes its own contiguous shard of the sequence
     (shard_batch). Run the backward inside the block too: layers under activation checkpointing
     recompute their attention then. Outside it the model is as before. One process: nothing changes."""
-    from fusetune.patching.attention import KEY
-
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("context parallel runs over a torch.distributed process group: launch with torchrun and "
                            "call torch.distributed.init_process_group first")
     group = group or dist.group.WORLD
-    modules = [m for m in model.modules() if m.__dict__.get("_fusetune_attention") not in (None, False)
-               and getattr(getattr(m, "config", None), "_attn_implementation", None) == KEY]
+    # the attention modules patch_model switched to fusetune's attention (it marks each with its mode)
+    modules = [m for m in model.modules() if m.__dict__.get("_fusetune_attention") not in (None, False)]
     if not modules:
         raise ValueError(f"context parallel runs through fusetune's attention, and {type(model).__name__} has none: "
                          f"patch it with fusetune.patch_model(model) (attention on, the default)")

@@ -30,6 +30,7 @@ import torch
 
 from fusetune.atomic import atomic_directory, no_room, recover_interrupted_saves, remove_directory
 from fusetune.recipe.config import ConfigError, TrainConfig
+from fusetune.training import distributed
 
 PREFIX = "checkpoint-"
 STATE = "state.json"
@@ -37,7 +38,9 @@ FORMAT = 2  # the layout above; the checkpoints of earlier versions (a pickled o
 NOT_IN_FINGERPRINT = {"model.trust_remote_code", "data.path", "data.eval_prompts", "data.max_new_tokens",
                       "training.micro_batch_size", "training.logging_steps", "training.save_steps",
                       "training.save_total_limit", "training.resume", "training.report_to", "training.eval_steps", "data.eval_path",
-                      "data.choices_path", "data.generation_path"}
+                      "data.choices_path", "data.generation_path",
+                      # how the processes share the work, not what is computed: a checkpoint resumes across them
+                      "training.fsdp", "training.context_parallel"}
 # what a finished or interrupted run wrote into its output folder; a new run sets them aside
 RESULTS = ("adapter", "model", "merged", "gguf", "loss.png", "summary.json", "eval.json")
 
@@ -180,9 +183,10 @@ def problem(path: Path) -> str | None:
 
 
 def _flatten(state: dict, tensors: dict[str, torch.Tensor], prefix: str):
-    """A state dict's tensors into `tensors` (keyed by path), its other values returned as JSON."""
+    """A state dict's tensors into `tensors` (keyed by path; whole, when FSDP shards them), its other
+    values returned as JSON."""
     if isinstance(state, torch.Tensor):
-        tensors[prefix] = state.detach().cpu().contiguous()
+        tensors[prefix] = distributed.full_tensor(state.detach()).cpu().contiguous()
         return {"tensor": prefix}
     if isinstance(state, dict):
         return {"dict": [[k, _flatten(v, tensors, f"{prefix}.{k}")] for k, v in state.items()]}
@@ -207,8 +211,11 @@ def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: dict, keep: int) -> Path:
-    """checkpoint-STEP with state.json last; then only the newest `keep` checkpoints remain."""
+def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: dict, keep: int,
+                    write: bool = True) -> Path | None:
+    """checkpoint-STEP with state.json last; then only the newest `keep` checkpoints remain. Under
+    FSDP every process calls it (the sharded tensors are gathered whole) and one writes (`write`):
+    the same files as one process's, so a checkpoint resumes on any number of processes."""
     from safetensors.torch import save_file
 
     target = output_dir / f"{PREFIX}{state['step']}"
@@ -217,9 +224,12 @@ def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: dict, 
                       "rng_cpu": torch.get_rng_state(),
                       "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                      tensors, "extra")
+    trainable = {k: distributed.full_tensor(p.detach()).cpu().contiguous()
+                 for k, p in trainable_parameters(model).items()}
+    if not write:
+        return None
     with atomic_directory(target) as tmp:
-        save_file({k: p.detach().cpu().contiguous() for k, p in trainable_parameters(model).items()},
-                  tmp / "trainable.safetensors")
+        save_file(trainable, tmp / "trainable.safetensors")
         save_file(tensors, tmp / "optimizer.safetensors")
         files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
                  for name in ("trainable.safetensors", "optimizer.safetensors")}
@@ -241,15 +251,27 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
                           f"or set training.resume: false to start over there")
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(saved[name])
+            p.copy_(distributed.shard_like(saved[name], p))
     extra = _unflatten(state.pop("extra"), load_file(path / "optimizer.safetensors"))
-    optimizer.load_state_dict(extra["optimizer"])
+    optimizer.load_state_dict(_shard_states(extra["optimizer"], optimizer))
     scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["rng_cpu"])
     if extra["rng_cuda"] and torch.cuda.is_available():  # (a run resumed on fewer GPUs: theirs)
         for index, rng in enumerate(extra["rng_cuda"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(rng, index)
     return state
+
+
+def _shard_states(saved: dict, optimizer) -> dict:
+    """An optimizer state dict of whole tensors with each parameter's states (those of its shape)
+    laid out as the parameter is (FSDP's shards); unchanged without FSDP."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, per_param in saved["state"].items():
+        param = params[int(index)]
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                per_param[key] = distributed.shard_like(value, param)
+    return saved
 
 
 def _set_aside(output_dir: Path, entries: list[Path], why: str, log) -> None:

@@ -51,7 +51,8 @@ def accumulate(objective, model, examples: list[dict], micro_batch: int, device,
     if ranks.world == 1:
         return objective.accumulate(model, examples, micro_batch, device)
     loss, tokens, metrics = objective.accumulate(model, examples, micro_batch, device, ranks)
-    distributed.sum_gradients(ranks, list(trainable_parameters(model).values()))
+    if not distributed.is_sharded(model):  # FSDP sums them in every backward
+        distributed.sum_gradients(ranks, list(trainable_parameters(model).values()))
     return distributed.all_sum(ranks, loss, device), int(distributed.all_sum(ranks, tokens, device)), metrics
 
 
@@ -66,8 +67,10 @@ def pick_micro_batch(model, examples: list[dict], objective, cfg: TrainingConfig
     if device.type != "cuda":
         log(f"micro-batch: {upper} (auto on the CPU: no finder, the whole effective batch)")
         return upper
-    if getattr(objective, "context_parallel", False):  # the finder would try the whole sequence on one GPU
-        log(f"micro-batch: 1 (auto under context parallel: no finder); {upper} micro-batches per step")
+    if getattr(objective, "context_parallel", False) or distributed.is_sharded(model):
+        # the finder's out-of-memory trials would leave the processes out of step
+        log(f"micro-batch: 1 (auto under {'fsdp' if distributed.is_sharded(model) else 'context parallel'}: no "
+            f"finder); {upper} micro-batches per step")
         return 1
     longest = sorted(examples, key=objective.length, reverse=True)[:upper]
     # the trials run no optimizer step: hold back what AdamW's two moments will take (a byte each in 8 bits)
@@ -224,13 +227,15 @@ def train_loop(model, examples: list[dict], objective, cfg: TrainingConfig, outp
 
     state["micro_batch"] = micro_batch  # a resumed run with micro_batch_size auto takes the same (bit for bit)
 
+    sharded = distributed.is_sharded(model)  # FSDP: every process takes part in every forward and gather
+
     def save():
-        saved = save_checkpoint(output_dir, model, optimizer, scheduler, state, cfg.save_total_limit) \
-            if ranks.main else None
+        saved = save_checkpoint(output_dir, model, optimizer, scheduler, state, cfg.save_total_limit,
+                                write=ranks.main) if ranks.main or sharded else None
         return distributed.from_main(ranks, saved)  # every process goes on (or stops) once it is written
 
     def eval_loss():
-        if not ranks.main:
+        if not ranks.main and not sharded:
             return
         try:
             loss = objective.evaluate(model, eval_examples, micro_batch, device)
@@ -254,7 +259,8 @@ def train_loop(model, examples: list[dict], objective, cfg: TrainingConfig, outp
                 loss, tokens, metrics = accumulate(objective, model, batch, micro_batch, device, ranks)
                 lr = scheduler.get_last_lr()[0]
                 # the norm is measured even without clipping: a non-finite one must stop the run
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+                grad_norm = float(distributed.full_tensor(
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))))
                 _check_finite(state["step"] + 1, loss, grad_norm, lr, output_dir)
                 if objective.watch_divergence and state["losses"] and not warned and \
                         loss > DIVERGENCE * state["losses"][0]:

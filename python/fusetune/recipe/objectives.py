@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from fusetune.ops.cross_entropy import cross_entropy
 from fusetune.recipe.config import ConfigError, StageSection
 from fusetune.recipe.data import IGNORE_INDEX, collate, label_count
+from fusetune.training import distributed
 from fusetune.training.context_parallel import context_parallel, shard_batch
 from fusetune.training.packing import pack_examples, pack_groups
 
@@ -104,21 +105,27 @@ class LanguageModeling(Objective):
         backward before asking for the next: under context parallelism it must run inside the
         sharded attention's block (checkpointed layers recompute it)."""
         n_items = label_count(examples)
-        sharded = ranks is not None and ranks.world > 1 and self.context_parallel
-        if ranks is not None and not sharded:
+        split_sequence = ranks is not None and ranks.world > 1 and self.context_parallel
+        if ranks is not None and not split_sequence:
             examples = ranks.share(examples)
         if self.packing_length:
             groups = pack_groups([len(e["input_ids"]) for e in examples], micro_batch * self.packing_length)
-            batches = (pack_examples([examples[i] for i in group]) for group in groups)
+            batches = [pack_examples([examples[i] for i in group]) for group in groups]
         else:
-            batches = (collate(chunk, self.pad_id) for chunk in micro_batches(examples, micro_batch))
+            batches = [collate(chunk, self.pad_id) for chunk in micro_batches(examples, micro_batch)]
+        if ranks is not None and not split_sequence and distributed.is_sharded(model):
+            # FSDP gathers weights in every forward and sums gradients in every backward, all processes
+            # together: one with fewer micro-batches (packing makes them differ) runs its last again at
+            # weight 0
+            for _ in range(distributed.all_max(ranks, len(batches), device) - len(batches)):
+                yield model(**_to(batches[-1], device), use_cache=False).loss * 0, 0
         for batch in batches:
             batch = _to(batch, device)
             tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             # no KV cache when packed: with one, transformers' own attention (an unpatched model) ignores the restarts
-            options = {"num_items_in_batch": n_items, "use_cache": False} if self.packing_length or sharded else \
+            options = {"num_items_in_batch": n_items, "use_cache": False} if self.packing_length or split_sequence else \
                 {"num_items_in_batch": n_items}
-            if not sharded:
+            if not split_sequence:
                 yield model(**batch, **options).loss, tokens
                 continue
             with context_parallel(model):

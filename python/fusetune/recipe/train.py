@@ -100,6 +100,12 @@ def check_data_parallel(config, ranks: distributed.Ranks, recipe_stage: bool) ->
     kind, batch = config.stage.kind, config.training.effective_batch_size
     if kind not in ("sft", "cpt"):
         raise ConfigError(f"stage.kind {kind} trains on one process; --nproc {ranks.world} runs sft and cpt")
+    t, m = config.training, config.model
+    if t.fsdp and (m.load_in_4bit or m.load_in_8bit):
+        raise ConfigError("training.fsdp shards 16-bit weights; 4-bit and 8-bit ones are not sharded yet: train "
+                          "QLoRA with --nproc and fsdp off (every process holds the quantised model)")
+    if t.fsdp and t.context_parallel:
+        raise ConfigError("training.fsdp and training.context_parallel do not run together yet: choose one")
     if batch < ranks.world and not config.training.context_parallel:
         raise ConfigError(f"training.effective_batch_size {batch} is less than the {ranks.world} processes: each "
                           f"needs at least one example per step; raise it or lower --nproc")
@@ -125,8 +131,10 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
     ranks = distributed.launched_ranks()  # torchrun's processes (fusetune train --nproc), or one
     if ranks.world > 1:
         check_data_parallel(config, ranks, recipe_stage=bool(start_from or keep_finished))
-        if not ranks.main:  # rank 0 alone reports, answers, scores and writes
-            log, prompts, questions, generations = (lambda *_: None), [], [], []
+        if not ranks.main:  # rank 0 alone reports and writes; under FSDP all answer and score (every forward
+            log = lambda *_: None  # noqa: E731  (gathers weights from all processes)
+            if not t.fsdp:
+                prompts, questions, generations = [], [], []
     device = distributed.start(ranks)
     with _output_dir(Path(config.output.dir), ranks, log) as out:
         torch.manual_seed(t.seed)
@@ -220,6 +228,10 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
             what = f"LoRA r={lora.r}"
         if ranks.world > 1:  # the same weights on every process, then each its own dropout masks
             torch.manual_seed(t.seed + ranks.rank)
+        if t.fsdp and ranks.world > 1:
+            layers = distributed.shard_model(model)
+            log(f"fsdp: {layers} decoder layers and the rest of the model sharded over {ranks.world} processes "
+                f"(weights, gradients, optimizer states)")
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         log(f"model: {m.name}, {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({what}), "
@@ -254,7 +266,8 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
                 f"tokens (data.packing)")
         record = train_loop(model, examples, objective, t, out, device, micro, log, fingerprint=run,
                             resume_from=resume_from, eval_examples=eval_examples, ranks=ranks)
-        if not ranks.main:
+        sharded = distributed.is_sharded(model)
+        if not ranks.main and not sharded:
             return record
         losses = record["losses"]
         evals = record["eval"]
@@ -262,10 +275,15 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
         log(f"trained {record['steps']} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}{held_out}, "
             f"{record['tokens_per_s']:,.0f} tokens/s, peak memory {record['peak_memory_gib']:.2f} GiB "
             f"({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
-        if m.full_finetuning:  # first: the run's result, in the dtype it trained in
-            adapter = save_merged(model, out / "model", tokenizer, dtype=model.get_input_embeddings().weight.dtype)
-        else:
-            adapter = save_merged(model, out / "adapter", tokenizer, save_method="lora")
+        with distributed.gathered(model):  # (FSDP: the whole model on every process while rank 0 writes)
+            if not ranks.main:
+                adapter = None
+            elif m.full_finetuning:  # first: the run's result, in the dtype it trained in
+                adapter = save_merged(model, out / "model", tokenizer, dtype=model.get_input_embeddings().weight.dtype)
+            else:
+                adapter = save_merged(model, out / "adapter", tokenizer, save_method="lora")
+            if sharded:  # the others hold their gathered weights until it is written
+                distributed.barrier(ranks)
         log(f"saved the {'model' if m.full_finetuning else 'adapter'} to {adapter}")
         after = answer(model, tokenizer, prompts, config.data.max_new_tokens) if prompts else []
         if questions:
@@ -277,12 +295,18 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
             log(rouge_line(d.generation_path, rouge["before"], rouge["after"]))
         for prompt, old, new in zip(prompts, before, after):
             log(f"\n> {prompt}\n  before: {old}\n  after:  {new}")
+        if config.output.save_merged or config.output.save_gguf:
+            with distributed.gathered(model):
+                if ranks.main and config.output.save_merged and not m.full_finetuning:  # (a full fine-tune's model is its result)
+                    log(f"merged model: {save_merged(model, out / 'merged', tokenizer)}")
+                if ranks.main and config.output.save_gguf:
+                    log(f"GGUF: {save_gguf(model, out / 'gguf', tokenizer, config.output.save_gguf)}")
+                if sharded:
+                    distributed.barrier(ranks)
+        if not ranks.main:
+            return record
         plot = plot_losses(losses, record["eval"], out / "loss.png", f"{m.name}: {kind}, {what}", objective.label)
         log(f"\nloss curve: {plot}" if plot else "loss curve: pip install matplotlib to plot it (losses in summary.json)")
-        if config.output.save_merged and not m.full_finetuning:  # a full fine-tune's model is its result
-            log(f"merged model: {save_merged(model, out / 'merged', tokenizer)}")
-        if config.output.save_gguf:
-            log(f"GGUF: {save_gguf(model, out / 'gguf', tokenizer, config.output.save_gguf)}")
         summary = {**record, "stage": kind, "before": before, "after": after, "prompts": prompts, "multiple_choice": choices,
                    "rouge": rouge, "adapter": str(adapter),
                    "device": str(device), "dtype": str(dtype)}

@@ -10,6 +10,7 @@ numbers of micro-batches (packing makes them differ) and any checkpointing. Only
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -108,3 +109,84 @@ def sum_gradients(ranks: Ranks, params: list[torch.Tensor]) -> None:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
+
+
+def all_max(ranks: Ranks, value: int, device) -> int:
+    """The largest of a number over the processes."""
+    if ranks.world == 1:
+        return value
+    top = torch.tensor(int(value), dtype=torch.int64, device=device)
+    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    return int(top)
+
+
+def shard_model(model) -> int:
+    """FSDP2: every decoder layer (the classes the model names in _no_split_modules) and then the
+    whole model become fully_shard units over all processes, so each holds 1/N of the weights,
+    gradients and optimizer states and gathers a layer's weights only while it runs. Gradients are
+    summed over the processes, not averaged: every loss here is already divided by the whole
+    batch's label count. Returns the number of layers sharded."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+    from fusetune.patching import hf_model
+
+    names = set(getattr(hf_model(model), "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
+    if not layers:
+        raise ValueError(f"training.fsdp shards a model by its decoder layers, and {type(hf_model(model)).__name__} "
+                         f"names none (_no_split_modules): train it without fsdp")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    if hasattr(model, "generate"):  # generate calls the inner model, not this one's forward: gather around it too
+        register_fsdp_forward_method(model, "generate")
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            if hasattr(module, "set_force_sum_reduction_for_comms"):  # a plain sum: gloo has no pre-multiplied one
+                module.set_force_sum_reduction_for_comms(True)
+    return len(layers)
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) tensor gathered whole on every process (a collective: every process calls
+    it in the same order); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`whole` (the same on every process) laid out as the DTensor `like`; any other `like`: whole."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return whole
+    # every process holds `whole`: each keeps its own piece, nothing is sent
+    return distribute_tensor(whole.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Every FSDP unit's weights whole on every process inside the block (as plain tensors on the
+    modules; state_dict() still gives shards), for reading them: saving, merging. The whole model
+    must fit in one process's memory then. Without FSDP: nothing happens."""
+    if not is_sharded(model):
+        yield model
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
