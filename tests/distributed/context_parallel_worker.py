@@ -4,7 +4,7 @@ A patched tiny model with LoRA runs one packed batch whole (no context paralleli
 over the ranks (shard_batch + context_parallel); the sharded losses and LoRA gradients, summed over
 the ranks, must equal the whole batch's. Rank 0 writes both to OUT.
 
-    torchrun --nproc-per-node 2 tests/distributed/context_parallel_worker.py FAMILY KV_HEADS SEED OUT
+    torchrun --nproc-per-node 2 tests/distributed/context_parallel_worker.py FAMILY KV_HEADS SEED OUT [--padded]
 """
 import contextlib
 import sys
@@ -34,13 +34,22 @@ def main():
     gen = torch.Generator().manual_seed(seed)  # the same batch on every rank
     lengths = torch.randint(1, 14, (5,), generator=gen).tolist()
     lengths[-1] += sum(lengths) % 2 == 0  # a length the ranks do not divide: shard_batch pads
-    batch = pack_examples([{"input_ids": torch.randint(2, 257, (n,), generator=gen).tolist()} for n in lengths])
+    rows = [torch.randint(2, 257, (n,), generator=gen) for n in lengths]
+    if "--padded" in sys.argv:  # rows right-padded to the longest (odd): a padding mask, on some shards only
+        width = max(lengths) + (max(lengths) % 2 == 0)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)], mask[i, :len(row)] = row, 1
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.where(mask.bool(), ids, -100)}
+    else:
+        batch = pack_examples([{"input_ids": row.tolist()} for row in rows])
 
     whole = model(**batch, use_cache=False).loss
     whole.backward()
     expected = lora_grads(model)
 
-    with context_parallel(model) if sys.argv[5:] != ['--off'] else contextlib.nullcontext():
+    with context_parallel(model) if "--off" not in sys.argv else contextlib.nullcontext():
         shard = shard_batch(batch)
         loss = model(**shard, use_cache=False).loss
         loss.backward()

@@ -12,11 +12,11 @@ import torch
 WORKER = Path(__file__).with_name("context_parallel_worker.py")
 
 
-def _run(tmp_path: Path, nproc: int, *args, interpret: bool = True) -> dict:
+def _run(tmp_path: Path, nproc: int, *args, interpret: bool = True, padded: bool = False) -> dict:
     out = tmp_path / "result.pt"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                            "--master-port", str(29500 + (os.getpid() + nproc) % 1000), str(WORKER),
-                           *map(str, args), str(out)],
+                           *map(str, args), str(out), *(["--padded"] if padded else [])],
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1" if interpret else "0"})
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -25,15 +25,17 @@ def _run(tmp_path: Path, nproc: int, *args, interpret: bool = True) -> dict:
 
 # llama: 2 kv heads over 2 ranks (split); mistral: 1 kv head repeated for 2 ranks, a sliding window
 # shorter than the documents; every batch an odd length (shard_batch pads it)
-CASES = [("llama", 2, 2, True), ("mistral", 1, 2, True), ("llama", 2, 2, False)]
+# padded: right-padded rows (no packing) whose padding mask only some shards hold
+CASES = [("llama", 2, 2, True, False), ("mistral", 1, 2, True, False), ("llama", 2, 2, False, False),
+         ("qwen2", 2, 2, True, True)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family, kv_heads, nproc, interpret", CASES,
-                         ids=["llama-kernel", "mistral-repeat-kv-kernel", "llama-dense"])
-def test_sharded_batch_trains_as_the_whole(family, kv_heads, nproc, interpret, tmp_path):
+@pytest.mark.parametrize("family, kv_heads, nproc, interpret, padded", CASES,
+                         ids=["llama-kernel", "mistral-repeat-kv-kernel", "llama-dense", "qwen2-padded-kernel"])
+def test_sharded_batch_trains_as_the_whole(family, kv_heads, nproc, interpret, padded, tmp_path):
     seed = int.from_bytes(os.urandom(2), "little")
-    result = _run(tmp_path, nproc, family, kv_heads, seed, interpret=interpret)
+    result = _run(tmp_path, nproc, family, kv_heads, seed, interpret=interpret, padded=padded)
     (loss, grads), (sharded_loss, sharded_grads) = result["expected"], result["sharded"]
     assert result["shard"] * nproc >= result["tokens"] > result["shard"] * (nproc - 1)
     torch.testing.assert_close(sharded_loss, loss, rtol=1e-5, atol=1e-6)

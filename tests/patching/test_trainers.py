@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fusetune
+from fusetune import use_backend
 from tests.helpers import word_tokenizer
 from tests.numerics import assert_close
 from tests.tiny_models import add_lora, random_batch, tiny_model
@@ -30,7 +31,9 @@ def _words(g, n):
 
 
 def _train(trainer_cls, config_cls, rows, tmp_path, tokenizer=None, trainer_args=None, **config):
-    """Train a patched LoRA tiny Llama with a TRL trainer on `rows`; returns the logged losses."""
+    """Train a patched LoRA tiny Llama with a TRL trainer on `rows`; returns the logged losses. The
+    torch backend runs the ops (the trainers' use of a patched model is under test; the interpreter
+    would run every kernel of every step, and the kernels have their own tests)."""
     from datasets import Dataset
 
     model = fusetune.patch_model(add_lora(tiny_model("llama"), "llama"))
@@ -39,7 +42,8 @@ def _train(trainer_cls, config_cls, rows, tmp_path, tokenizer=None, trainer_args
                       dataloader_num_workers=0, **config)
     trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows),
                           processing_class=tokenizer or word_tokenizer(), **(trainer_args or {}))
-    trainer.train()
+    with use_backend("torch"):
+        trainer.train()
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 

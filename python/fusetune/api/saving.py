@@ -153,9 +153,22 @@ def read_load_settings(directory: str | os.PathLike) -> dict:
 
 
 def _is_fsdp(model) -> bool:
+    if not torch.distributed.is_available():
+        return False
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def _check_gathered(model):
+    """An FSDP model's weights are shards outside its gathered state: refuse to save those."""
+    if not _is_fsdp(model):
+        return
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise ValueError("the model is sharded by FSDP: save it inside fusetune.training.distributed.gathered(model) "
+                         "(every process enters it, one saves), which puts the whole weights on each process")
 
 
 def save_merged(model, save_directory: str | os.PathLike, tokenizer=None, save_method: str = "merged_16bit",
@@ -174,6 +187,7 @@ def save_merged(model, save_directory: str | os.PathLike, tokenizer=None, save_m
                          f"(GGUF: save_pretrained_gguf)")
     if save_method == "lora" and not hasattr(model, "peft_config"):
         raise ValueError("save_method='lora' needs a PEFT model (FastLanguageModel.get_peft_model)")
+    _check_gathered(model)
     if save_method == "merged_16bit" and dtype is None:
         base = hf_model(model).get_input_embeddings().weight.dtype
         dtype = base if base in (torch.bfloat16, torch.float16) else torch.bfloat16

@@ -74,7 +74,13 @@ def sharded_attention(group, attend, module, query, key, value, attention_mask, 
         key, value = (t.repeat_interleave(world // kv_heads, 1) for t in (key, value))
     query, key, value = (ExchangeFunction.apply(t, 1, 2, group) for t in (query, key, value))
     positions = gather_sequence(position_ids, group)
-    mask = None if attention_mask is None else gather_sequence(attention_mask, group)
+    # every process gathers a mask (transformers passes none for a shard without padding, which may be
+    # another's case): collectives must match; no padding anywhere gives no mask
+    batch, shard = query.shape[0], position_ids.shape[-1]
+    local = attention_mask if attention_mask is not None else \
+        torch.ones(batch, shard, dtype=torch.int32, device=query.device)
+    mask = gather_sequence(local.to(torch.int32), group)
+    mask = None if bool(mask.all()) else mask
     kwargs.pop("fusetune_documents", None)  # those of this shard: the whole sequence's come from positions
     out, weights = attend(module, query, key, value, mask, position_ids=positions, **kwargs)
     return ExchangeFunction.apply(out, 1, 2, group), weights  # (B, S, Hq/W, D) -> (B, S/W, Hq, D)

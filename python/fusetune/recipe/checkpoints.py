@@ -182,11 +182,14 @@ def problem(path: Path) -> str | None:
     return None
 
 
-def _flatten(state: dict, tensors: dict[str, torch.Tensor], prefix: str):
-    """A state dict's tensors into `tensors` (keyed by path; whole, when FSDP shards them), its other
-    values returned as JSON."""
+def _flatten(state: dict, tensors: dict[str, torch.Tensor] | None, prefix: str):
+    """A state dict's tensors into `tensors` (keyed by path; whole, when FSDP shards them: every
+    process gathers, the one that writes keeps them, the others pass None), its other values
+    returned as JSON."""
     if isinstance(state, torch.Tensor):
-        tensors[prefix] = distributed.full_tensor(state.detach()).cpu().contiguous()
+        whole = distributed.full_tensor(state.detach())
+        if tensors is not None:
+            tensors[prefix] = whole.cpu().contiguous()
         return {"tensor": prefix}
     if isinstance(state, dict):
         return {"dict": [[k, _flatten(v, tensors, f"{prefix}.{k}")] for k, v in state.items()]}
@@ -214,18 +217,22 @@ def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
 def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: dict, keep: int,
                     write: bool = True) -> Path | None:
     """checkpoint-STEP with state.json last; then only the newest `keep` checkpoints remain. Under
-    FSDP every process calls it (the sharded tensors are gathered whole) and one writes (`write`):
-    the same files as one process's, so a checkpoint resumes on any number of processes."""
+    FSDP every process calls it (each sharded tensor is gathered whole in turn, on the GPU) and the
+    one that writes (`write`) keeps them in host memory: the same files as one process's, so a
+    checkpoint resumes on any number of processes."""
     from safetensors.torch import save_file
 
     target = output_dir / f"{PREFIX}{state['step']}"
-    tensors = {}
+    tensors = {} if write else None
     extra = _flatten({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                       "rng_cpu": torch.get_rng_state(),
                       "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                      tensors, "extra")
-    trainable = {k: distributed.full_tensor(p.detach()).cpu().contiguous()
-                 for k, p in trainable_parameters(model).items()}
+    trainable = {}
+    for name, p in trainable_parameters(model).items():
+        whole = distributed.full_tensor(p.detach())
+        if write:
+            trainable[name] = whole.cpu().contiguous()
     if not write:
         return None
     with atomic_directory(target) as tmp:

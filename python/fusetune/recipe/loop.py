@@ -70,7 +70,7 @@ def pick_micro_batch(model, examples: list[dict], objective, cfg: TrainingConfig
     if getattr(objective, "context_parallel", False) or distributed.is_sharded(model):
         # the finder's out-of-memory trials would leave the processes out of step
         log(f"micro-batch: 1 (auto under {'fsdp' if distributed.is_sharded(model) else 'context parallel'}: no "
-            f"finder); {upper} micro-batches per step")
+            f"finder)")
         return 1
     longest = sorted(examples, key=objective.length, reverse=True)[:upper]
     # the trials run no optimizer step: hold back what AdamW's two moments will take (a byte each in 8 bits)
@@ -197,8 +197,8 @@ def train_loop(model, examples: list[dict], objective, cfg: TrainingConfig, outp
     """Train `model` (its parameters that require grad) on the tokenized examples, continuing from
     the checkpoint `resume_from` (see checkpoints.resume_point) with `objective` (recipe/objectives.py);
     with eval_examples, the eval loss every cfg.eval_steps and after the last step. With several
-    processes (`ranks`, training/distributed.py) each trains its share of every batch and only rank 0
-    writes or measures the eval loss. Returns the run's record: losses and the objective's metrics per
+    processes (`ranks`, training/distributed.py) each trains and evaluates its share of every batch
+    and only rank 0 writes. Returns the run's record: losses and the objective's metrics per
     step, eval losses, tokens/s (of all processes), peak memory (of this one), steps, resumed_from,
     fingerprint."""
     steps = total_steps(cfg, len(examples))
@@ -234,11 +234,10 @@ def train_loop(model, examples: list[dict], objective, cfg: TrainingConfig, outp
                                 write=ranks.main) if ranks.main or sharded else None
         return distributed.from_main(ranks, saved)  # every process goes on (or stops) once it is written
 
-    def eval_loss():
-        if not ranks.main and not sharded:
-            return
+    def eval_loss():  # (every process measures its share of the rows; their sum is the loss)
         try:
-            loss = objective.evaluate(model, eval_examples, micro_batch, device)
+            loss = objective.evaluate(model, eval_examples, micro_batch, device,
+                                      **({"ranks": ranks} if ranks.world > 1 else {}))
         except torch.cuda.OutOfMemoryError as err:  # evaluation holds the logits of whole rows
             raise ConfigError(f"out of GPU memory measuring the eval loss at step {state['step']} (micro-batch "
                               f"{micro_batch}): set training.micro_batch_size lower, or hold out fewer or shorter "

@@ -141,11 +141,13 @@ class LanguageModeling(Objective):
             tokens += n
         return total, tokens, {}
 
-    def evaluate(self, model, examples, micro_batch, device) -> float:
+    def evaluate(self, model, examples, micro_batch, device, ranks=None) -> float:
         """The mean loss per label token of `examples`, summed over micro-batches as one batch; exp
-        of it is the perplexity."""
+        of it is the perplexity. With ranks, every process measures its share (as in training) and
+        each gets the sum."""
         with evaluating(model):
-            return sum(loss.item() for loss, _ in self._passes(model, examples, micro_batch, device))
+            loss = sum(loss.item() for loss, _ in self._passes(model, examples, micro_batch, device, ranks))
+        return loss if ranks is None else distributed.all_sum(ranks, loss, device)
 
 
 class Preference(Objective):

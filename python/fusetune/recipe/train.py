@@ -104,6 +104,9 @@ def check_data_parallel(config, ranks: distributed.Ranks, recipe_stage: bool) ->
     if t.fsdp and (m.load_in_4bit or m.load_in_8bit):
         raise ConfigError("training.fsdp shards 16-bit weights; 4-bit and 8-bit ones are not sharded yet: train "
                           "QLoRA with --nproc and fsdp off (every process holds the quantised model)")
+    if t.fsdp and t.optim.endswith("8bit"):
+        raise ConfigError(f"training.fsdp shards AdamW's states, and bitsandbytes' 8-bit AdamW (optim: {t.optim}) "
+                          f"does not run on shards: set training.optim: adamw")
     if t.fsdp and t.context_parallel:
         raise ConfigError("training.fsdp and training.context_parallel do not run together yet: choose one")
     if batch < ranks.world and not config.training.context_parallel:
@@ -149,7 +152,12 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
                 f"micro-batch's tokens (attention exchanges heads for tokens); gradients summed once per step"
                 if t.context_parallel else
                 f"data parallel: {ranks.world} processes ({backend}), each training its share of every batch of "
-                f"{t.effective_batch_size}; gradients summed once per step")
+                f"{t.effective_batch_size}; "
+                + ("weights sharded (fsdp), gradients summed in every backward" if t.fsdp
+                   else "gradients summed once per step"))
+        elif t.fsdp or t.context_parallel:
+            log(f"training.{'fsdp' if t.fsdp else 'context_parallel'} shares work between processes: one process "
+                f"runs without it (--nproc N for more)")
         started = time.perf_counter()
         source = start_from["adapter"] if start_from else m.name  # a stage's saved adapter holds its tokenizer
         tokenizer = load_tokenizer(source, None if start_from else m.gguf_file, trust_remote_code=m.trust_remote_code)
@@ -236,14 +244,6 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
         total = sum(p.numel() for p in model.parameters())
         log(f"model: {m.name}, {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({what}), "
             f"loaded in {time.perf_counter() - started:.0f} s")
-        before = answer(model, tokenizer, prompts, config.data.max_new_tokens) if prompts else []
-        choices = {"before": multiple_choice_accuracy(model, tokenizer, questions)} if questions else {}
-        rouge = {"before": generation_rouge(model, tokenizer, generations, d.max_new_tokens)} if generations else {}
-        if getattr(objective, "packing_length", None) and model.config._attn_implementation != "fusetune":
-            # transformers' attention would need a (tokens x tokens) mask to keep packed rows apart
-            objective.packing_length = None
-            log(f"packing: off, padded micro-batches: the model runs transformers' "
-                f"{model.config._attn_implementation} attention, not fusetune's (see the patch line above)")
         if getattr(objective, "context_parallel", False) and model.config._attn_implementation != "fusetune":
             raise ConfigError(f"training.context_parallel shards the sequence inside fusetune's attention, and this "
                               f"model runs transformers' {model.config._attn_implementation} attention (see the patch "
@@ -256,6 +256,14 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
                                   f"processes: the model's {heads} query and {kv_heads} key/value heads need a process "
                                   f"count that divides the query heads and divides or is a multiple of the key/value "
                                   f"heads; change --nproc")
+        before = answer(model, tokenizer, prompts, config.data.max_new_tokens) if prompts else []
+        choices = {"before": multiple_choice_accuracy(model, tokenizer, questions)} if questions else {}
+        rouge = {"before": generation_rouge(model, tokenizer, generations, d.max_new_tokens)} if generations else {}
+        if getattr(objective, "packing_length", None) and model.config._attn_implementation != "fusetune":
+            # transformers' attention would need a (tokens x tokens) mask to keep packed rows apart
+            objective.packing_length = None
+            log(f"packing: off, padded micro-batches: the model runs transformers' "
+                f"{model.config._attn_implementation} attention, not fusetune's (see the patch line above)")
         micro = read_state(resume_from).get("micro_batch") if resume_from and t.micro_batch_size == "auto" else None
         if micro:
             log(f"micro-batch: {micro} (as in the run it resumes, so the result is the same bit for bit)")

@@ -1,4 +1,4 @@
-"""Data parallelism for `fusetune train --nproc N`, on torch.distributed.
+"""Several processes for `fusetune train --nproc N`, on torch.distributed.
 
 torchrun starts N copies of the command; each trains on its share of every effective batch
 (examples rank, rank + N, ...), every loss term divided by the label count of the whole effective
@@ -6,7 +6,12 @@ batch, and the trainable gradients are summed across the processes once per step
 each), so the update is the one a single process computes on the whole batch. Summing once per
 step, rather than per backward as DistributedDataParallel does, lets the processes run different
 numbers of micro-batches (packing makes them differ) and any checkpointing. Only rank 0 writes
-(checkpoints, adapter, summary, logs); every rank reads the same checkpoint to resume.
+(checkpoints, adapter, summary, logs); every rank reads the same checkpoint to resume; the eval
+loss is split over the processes like training.
+
+training.fsdp shards the model instead (shard_model: FSDP2), and FSDP sums the gradients in every
+backward; every process then takes part in every forward (evaluation, answers, saving: gathered).
+training.context_parallel (fusetune.training.context_parallel) splits each micro-batch's tokens.
 """
 from __future__ import annotations
 
@@ -140,6 +145,9 @@ def shard_model(model) -> int:
     fully_shard(model)
     if hasattr(model, "generate"):  # generate calls the inner model, not this one's forward: gather around it too
         register_fsdp_forward_method(model, "generate")
+    # transformers' generate keeps stepping (synced_gpus) until every process is done when it sees this:
+    # a process whose reply ends sooner would otherwise leave the others waiting in a gather
+    hf_model(model)._is_fsdp_managed_module = True
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
