@@ -80,6 +80,8 @@ def sharded_attention(group, attend, module, query, key, value, attention_mask, 
     local = attention_mask if attention_mask is not None else \
         torch.ones(batch, shard, dtype=torch.int32, device=query.device)
     mask = gather_sequence(local.to(torch.int32), group)
+    # one host sync per layer (DESIGN.md's rule bends here): without padding anywhere the rows keep SDPA's
+    # fast causal path; an all-ones mask would send them to the padded route
     mask = None if bool(mask.all()) else mask
     kwargs.pop("fusetune_documents", None)  # those of this shard: the whole sequence's come from positions
     out, weights = attend(module, query, key, value, mask, position_ids=positions, **kwargs)
