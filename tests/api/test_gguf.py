@@ -194,7 +194,8 @@ def test_smollm2_merged_and_q8_0_gguf_match_the_adapter_model(tmp_path):
     with torch.no_grad(), use_backend("torch"):  # saving is under test; the interpreter would take 45 s here
         want = model(input_ids=ids).logits
     merged = merged_state_dict(model, torch.float32)
-    plain = AutoModelForCausalLM.from_config(model.get_base_model().config).eval()
+    # transformers' own attention (the patched config names fusetune's, which would run under the interpreter)
+    plain = AutoModelForCausalLM.from_config(model.get_base_model().config, attn_implementation="sdpa").eval()
     plain.load_state_dict(merged, strict=False)  # lm_head is tied to the embeddings
     with torch.no_grad():
         assert ((plain(input_ids=ids).logits - want).norm() / want.norm()).item() < 1e-5

@@ -10,6 +10,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import Linear as PeftLinear
 
 import fusetune
+from fusetune.backend import triton_interpreting as interpreting
 from fusetune.lora import LoRALinearFunction, LoRAMLPFunction
 from tests.helpers import train_steps
 from tests.numerics import assert_close
@@ -149,7 +150,8 @@ def _qlora(model):
 
 @pytest.mark.slow
 def test_qlora_training_curve_matches_unpatched(device, capsys):
-    """Tiny Llama on bitsandbytes NF4 weights + PEFT LoRA: 20 AdamW steps, patched vs unpatched.
+    """Tiny Llama on bitsandbytes NF4 weights + PEFT LoRA: 20 AdamW steps (8 under the interpreter),
+    patched vs unpatched.
     Both dequantise the same bits (fusetune's kernel is bit-exact with bitsandbytes), so fp32
     curves agree tightly. Intermediate 128: bitsandbytes 0.50.2's CPU dequantisation is wrong for
     rows whose width is not a multiple of the blocksize (down_proj at the default 96)."""
@@ -161,7 +163,7 @@ def test_qlora_training_curve_matches_unpatched(device, capsys):
     curves = []
     for m in (model, ref):
         torch.manual_seed(0)
-        curves.append(torch.tensor(train_steps(m, 20, (ids, labels))))
+        curves.append(torch.tensor(train_steps(m, 8 if interpreting() else 20, (ids, labels))))
     assert curves[0][-1] < curves[0][0] - 0.5  # it learns
     torch.testing.assert_close(curves[0], curves[1], rtol=1e-4, atol=1e-5)
 
