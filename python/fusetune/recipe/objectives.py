@@ -106,19 +106,17 @@ class LanguageModeling(Objective):
         sharded attention's block (checkpointed layers recompute it)."""
         n_items = label_count(examples)
         split_sequence = ranks is not None and ranks.world > 1 and self.context_parallel
+        every = examples
         if ranks is not None and not split_sequence:
             examples = ranks.share(examples)
-        if self.packing_length:
-            groups = pack_groups([len(e["input_ids"]) for e in examples], micro_batch * self.packing_length)
-            batches = [pack_examples([examples[i] for i in group]) for group in groups]
-        else:
-            batches = [collate(chunk, self.pad_id) for chunk in micro_batches(examples, micro_batch)]
+        batches = self._batches(examples, micro_batch)
         if ranks is not None and not split_sequence and distributed.is_sharded(model):
             # FSDP gathers weights in every forward and sums gradients in every backward, all processes
-            # together: one with fewer micro-batches (packing makes them differ) runs its last again at
-            # weight 0
+            # together: one with fewer micro-batches (packing makes them differ; a small eval set may leave
+            # it none) runs one again at weight 0
+            filler = batches[-1] if batches else self._batches(every[:1], 1)[0]
             for _ in range(distributed.all_max(ranks, len(batches), device) - len(batches)):
-                yield model(**_to(batches[-1], device), use_cache=False).loss * 0, 0
+                yield model(**_to(filler, device), use_cache=False).loss * 0, 0
         for batch in batches:
             batch = _to(batch, device)
             tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
@@ -132,6 +130,12 @@ class LanguageModeling(Objective):
                 shard = shard_batch(batch, pad_token_id=self.pad_id)
                 del shard["num_items_in_batch"]  # that of this micro-batch: the whole step's counts
                 yield model(**shard, **options).loss, tokens if ranks.main else 0  # counted once
+
+    def _batches(self, examples, micro_batch) -> list[dict]:
+        if self.packing_length:
+            groups = pack_groups([len(e["input_ids"]) for e in examples], micro_batch * self.packing_length)
+            return [pack_examples([examples[i] for i in group]) for group in groups]
+        return [collate(chunk, self.pad_id) for chunk in micro_batches(examples, micro_batch)]
 
     def accumulate(self, model, examples, micro_batch, device, ranks=None):
         total, tokens = 0.0, 0
