@@ -157,6 +157,8 @@ def shard_model(model) -> int:
 
 
 def is_sharded(model) -> bool:
+    if not dist.is_available():  # (a torch built without distributed support)
+        return False
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
