@@ -167,6 +167,8 @@ def is_sharded(model) -> bool:
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A sharded (DTensor) tensor gathered whole on every process (a collective: every process calls
     it in the same order); any other tensor as it is."""
+    if not dist.is_available():
+        return t
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
@@ -174,6 +176,8 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`whole` (the same on every process) laid out as the DTensor `like`; any other `like`: whole."""
+    if not dist.is_available():
+        return whole
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     if not isinstance(like, DTensor):
