@@ -125,12 +125,18 @@ def test_fsdp_full_fine_tune_saves_the_whole_model(runs):
         runs_of[name] = load_file(tmp / name / "model" / "model.safetensors")
     one, fsdp = runs_of["full-one"], runs_of["full-fsdp"]
     assert one.keys() == fsdp.keys() and len(one) > 10
-    # AdamW moves every weight by about the learning rate a step (and magnifies last-bit differences of
-    # near-zero gradients, summed in another order): a small rate keeps those under the tolerance
     base = load_file(tmp / "base" / "model.safetensors")
     assert (one["model.layers.0.mlp.up_proj.weight"] - base["model.layers.0.mlp.up_proj.weight"]).abs().max() > 1e-4
+    # AdamW's first steps move a weight by about the learning rate whatever its gradient's size, so a
+    # near-zero gradient summed in another order (last bits) can move its weight up to 2 x 1e-4 x 2 steps
+    # the other way: a few such elements may differ by that much, every other one matches tightly
+    off, total = 0, 0
     for name in one:
-        torch.testing.assert_close(fsdp[name], one[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        diff = (fsdp[name] - one[name]).abs()
+        assert diff.max() <= 4e-4 + 1e-6, name
+        off += int((diff > 1e-6 + 1e-4 * one[name].abs()).sum())
+        total += diff.numel()
+    assert off <= max(2, total // 10000), f"{off} of {total} weights differ"
 
 
 def test_context_parallel_over_processes_the_heads_do_not_split_is_refused(runs):
