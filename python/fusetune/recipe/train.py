@@ -312,7 +312,11 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
                 if sharded:
                     distributed.barrier(ranks)
         if not ranks.main:
+            if sharded:  # FSDP's last gathers done on every process before one leaves (and tears its group down)
+                distributed.barrier(ranks)
             return record
+        if sharded:
+            distributed.barrier(ranks)
         plot = plot_losses(losses, record["eval"], out / "loss.png", f"{m.name}: {kind}, {what}", objective.label)
         log(f"\nloss curve: {plot}" if plot else "loss curve: pip install matplotlib to plot it (losses in summary.json)")
         summary = {**record, "stage": kind, "before": before, "after": after, "prompts": prompts, "multiple_choice": choices,
