@@ -15,7 +15,7 @@ WORKER = Path(__file__).with_name("context_parallel_worker.py")
 def _run(tmp_path: Path, nproc: int, *args, interpret: bool = True, padded: bool = False) -> dict:
     out = tmp_path / "result.pt"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                           "--master-port", str(29500 + (os.getpid() + nproc) % 1000), str(WORKER),
+                           "--standalone", str(WORKER),
                            *map(str, args), str(out), *(["--padded"] if padded else [])],
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1" if interpret else "0"})

@@ -16,7 +16,7 @@ WORKER = Path(__file__).with_name("worker.py")
 def _run(mode: str, tmp_path: Path, nproc: int) -> dict:
     out = tmp_path / f"{mode}.pt"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                "--master-port", str(29500 + os.getpid() % 1000)] if nproc > 1 else [sys.executable]
+                "--standalone"] if nproc > 1 else [sys.executable]
     proc = subprocess.run([*launcher, str(WORKER), mode, str(out)], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
