@@ -33,6 +33,20 @@ def _eval_losses(summary: dict) -> list[float]:
     return [e["loss"] for e in summary["eval"]]
 
 
+def _assert_same_adapter(ours: dict, truth: dict):
+    assert ours.keys() == truth.keys() and ours
+    for name in truth:
+        torch.testing.assert_close(ours[name], truth[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def _assert_trained_as_one(tmp, directory: str):
+    """The run in tmp/directory has the one-process run's losses, eval losses and adapter."""
+    summary, truth = (json.loads((tmp / d / "summary.json").read_text()) for d in (directory, "one"))
+    assert summary["losses"] == pytest.approx(truth["losses"], rel=1e-5)
+    assert _eval_losses(summary) == pytest.approx(_eval_losses(truth), rel=1e-5)  # split over the processes
+    _assert_same_adapter(_adapter(tmp / directory), _adapter(tmp / "one"))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("nproc")
@@ -59,14 +73,7 @@ def test_two_processes_train_as_one(runs):
     assert "data parallel: 2 processes (gloo)" in two.stdout, two.stdout[-3000:]
     # rank 0 alone reports
     assert two.stdout.count("\ndata: ") == 1 and two.stdout.count("  before: ") == 1, two.stdout[-3000:]
-    summary_two = json.loads((tmp / "two" / "summary.json").read_text())
-    summary_one = json.loads((tmp / "one" / "summary.json").read_text())
-    assert summary_two["losses"] == pytest.approx(summary_one["losses"], rel=1e-5)
-    assert _eval_losses(summary_two) == pytest.approx(_eval_losses(summary_one), rel=1e-5)  # split over the two
-    ours, truth = _adapter(tmp / "two"), _adapter(tmp / "one")
-    assert ours.keys() == truth.keys() and ours
-    for name in truth:
-        torch.testing.assert_close(ours[name], truth[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    _assert_trained_as_one(tmp, "two")
 
 
 def test_context_parallel_processes_train_as_one(runs):
@@ -77,13 +84,7 @@ def test_context_parallel_processes_train_as_one(runs):
                      "--set", "lora.gradient_checkpointing=true", "--set", "output.dir=sharded", cwd=tmp)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "context parallel: 2 processes (gloo)" in proc.stdout, proc.stdout[-3000:]
-    summary, truth = (json.loads((tmp / d / "summary.json").read_text()) for d in ("sharded", "one"))
-    assert summary["losses"] == pytest.approx(truth["losses"], rel=1e-5)
-    assert _eval_losses(summary) == pytest.approx(_eval_losses(truth), rel=1e-5)
-    ours, truth = _adapter(tmp / "sharded"), _adapter(tmp / "one")
-    assert ours.keys() == truth.keys() and ours
-    for name in truth:
-        torch.testing.assert_close(ours[name], truth[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    _assert_trained_as_one(tmp, "sharded")
 
 
 def test_fsdp_processes_train_as_one_and_their_checkpoint_resumes_on_one(runs):
@@ -94,21 +95,13 @@ def test_fsdp_processes_train_as_one_and_their_checkpoint_resumes_on_one(runs):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "fsdp: 2 decoder layers and the rest of the model sharded over 2 processes" in proc.stdout, proc.stdout[-3000:]
     assert proc.stdout.count("  before: ") == 1 and proc.stdout.count("  after: ") == 1, proc.stdout[-3000:]
-    summary, truth = (json.loads((tmp / d / "summary.json").read_text()) for d in ("fsdp", "one"))
-    assert summary["losses"] == pytest.approx(truth["losses"], rel=1e-5)
-    assert _eval_losses(summary) == pytest.approx(_eval_losses(truth), rel=1e-5)
-    ours, truth = _adapter(tmp / "fsdp"), _adapter(tmp / "one")
-    assert ours.keys() == truth.keys() and ours
-    for name in truth:
-        torch.testing.assert_close(ours[name], truth[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    _assert_trained_as_one(tmp, "fsdp")
     resumed = tmp / "fsdp-resumed"
     resumed.mkdir()
     shutil.copytree(tmp / "fsdp" / "checkpoint-2", resumed / "checkpoint-2")
     proc = _fusetune("run.yaml", "--set", "output.dir=fsdp-resumed", cwd=tmp)
     assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
-    again = _adapter(resumed)
-    for name in truth:
-        torch.testing.assert_close(again[name], truth[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    _assert_same_adapter(_adapter(resumed), _adapter(tmp / "one"))
 
 
 def test_fsdp_full_fine_tune_saves_the_whole_model(runs):

@@ -55,15 +55,20 @@ def gather_sequence(t: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
+def check_heads(heads: int, kv_heads: int, world: int) -> None:
+    """The heads split over `world` processes: query heads evenly, key/value heads evenly or repeated."""
+    if heads % world or (kv_heads % world and world % kv_heads):
+        raise ValueError(f"context parallel over {world} processes splits the attention heads: the model's {heads} "
+                         f"query and {kv_heads} key/value heads need a process count that divides the query heads "
+                         f"and divides or is a multiple of the key/value heads; change the process count (--nproc)")
+
+
 def sharded_attention(group, attend, module, query, key, value, attention_mask, position_ids, **kwargs):
     """`attend` (Hugging Face's attention-function contract) over the whole sequence for this
     process's share of the heads; query/key/value (B, H, S/W, D) hold this process's tokens."""
     world = dist.get_world_size(group)
     heads, kv_heads = query.shape[1], key.shape[1]
-    if heads % world or (kv_heads % world and world % kv_heads):
-        raise ValueError(f"context parallel over {world} processes splits the attention heads: {heads} query and "
-                         f"{kv_heads} key/value heads need {world} to divide the query heads and divide or be a "
-                         f"multiple of the key/value heads; use a process count that does")
+    check_heads(heads, kv_heads, world)
     if query.shape[2] != key.shape[2] or (attention_mask is not None and attention_mask.dim() != 2):
         raise ValueError("context parallel is for training forwards (as many keys as queries, no KV cache); "
                          "generate outside fusetune.training.context_parallel")

@@ -117,12 +117,12 @@ class LanguageModeling(Objective):
             filler = batches[-1] if batches else self._batches(every[:1], 1)[0]
             for _ in range(distributed.all_max(ranks, len(batches), device) - len(batches)):
                 yield model(**_to(filler, device), use_cache=False).loss * 0, 0
+        # no KV cache when packed: with one, transformers' own attention (an unpatched model) ignores the restarts
+        options = {"num_items_in_batch": n_items, **({"use_cache": False} if self.packing_length or split_sequence
+                                                     else {})}
         for batch in batches:
             batch = _to(batch, device)
             tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-            # no KV cache when packed: with one, transformers' own attention (an unpatched model) ignores the restarts
-            options = {"num_items_in_batch": n_items, "use_cache": False} if self.packing_length or split_sequence else \
-                {"num_items_in_batch": n_items}
             if not split_sequence:
                 yield model(**batch, **options).loss, tokens
                 continue

@@ -24,6 +24,7 @@ from fusetune.recipe.evaluation import (generation_rouge, multiple_choice_accura
 from fusetune.recipe.loop import embedding_lr, pick_micro_batch, train_loop
 from fusetune.recipe.objectives import objective_for
 from fusetune.recipe.reporting import check_reporters
+from fusetune.patching.context_parallel import check_heads
 from fusetune.training import distributed
 from fusetune.training.checkpoint import enable_checkpointing, enable_offloaded_checkpointing
 from fusetune.training.env import backend_report, gpus
@@ -172,8 +173,8 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
                 ("" if m.full_finetuning else f"; embed_tokens and lm_head train at {embedding_lr(t):g}"))
         examples = stage_examples(kind, rows, tokenizer, config)
         eval_examples = stage_examples(kind, eval_rows, tokenizer, config) if eval_rows else []
-        objective = objective_for(config.stage, tokenizer, m.max_seq_length if d.packing else None,
-                                  t.context_parallel and ranks.world > 1)
+        split_sequence = t.context_parallel and ranks.world > 1
+        objective = objective_for(config.stage, tokenizer, m.max_seq_length if d.packing else None, split_sequence)
         lengths = [objective.length(e) for e in examples]
         # (cpt packs its rows into blocks: their count is no row count)
         dropped = (f" ({len(rows) - len(examples)} rows dropped: no answer to learn within max_seq_length)"
@@ -244,18 +245,14 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
         total = sum(p.numel() for p in model.parameters())
         log(f"model: {m.name}, {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({what}), "
             f"loaded in {time.perf_counter() - started:.0f} s")
-        if getattr(objective, "context_parallel", False) and model.config._attn_implementation != "fusetune":
-            raise ConfigError(f"training.context_parallel shards the sequence inside fusetune's attention, and this "
-                              f"model runs transformers' {model.config._attn_implementation} attention (see the patch "
-                              f"line above): turn context_parallel off")
-        if getattr(objective, "context_parallel", False):
+        if split_sequence:
+            if model.config._attn_implementation != "fusetune":
+                raise ConfigError(f"training.context_parallel shards the sequence inside fusetune's attention, and "
+                                  f"this model runs transformers' {model.config._attn_implementation} attention (see "
+                                  f"the patch line above): turn context_parallel off")
             text = model.config.get_text_config()
-            heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-            if heads % ranks.world or (kv_heads % ranks.world and ranks.world % kv_heads):
-                raise ConfigError(f"training.context_parallel splits the attention heads over the {ranks.world} "
-                                  f"processes: the model's {heads} query and {kv_heads} key/value heads need a process "
-                                  f"count that divides the query heads and divides or is a multiple of the key/value "
-                                  f"heads; change --nproc")
+            check_heads(text.num_attention_heads,
+                        getattr(text, "num_key_value_heads", None) or text.num_attention_heads, ranks.world)
         before = answer(model, tokenizer, prompts, config.data.max_new_tokens) if prompts else []
         choices = {"before": multiple_choice_accuracy(model, tokenizer, questions)} if questions else {}
         rouge = {"before": generation_rouge(model, tokenizer, generations, d.max_new_tokens)} if generations else {}
@@ -311,12 +308,10 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
                     log(f"GGUF: {save_gguf(model, out / 'gguf', tokenizer, config.output.save_gguf)}")
                 if sharded:
                     distributed.barrier(ranks)
-        if not ranks.main:
-            if sharded:  # FSDP's last gathers done on every process before one leaves (and tears its group down)
-                distributed.barrier(ranks)
-            return record
-        if sharded:
+        if sharded:  # FSDP's last gathers done on every process before one leaves (and tears its group down)
             distributed.barrier(ranks)
+        if not ranks.main:
+            return record
         plot = plot_losses(losses, record["eval"], out / "loss.png", f"{m.name}: {kind}, {what}", objective.label)
         log(f"\nloss curve: {plot}" if plot else "loss curve: pip install matplotlib to plot it (losses in summary.json)")
         summary = {**record, "stage": kind, "before": before, "after": after, "prompts": prompts, "multiple_choice": choices,
