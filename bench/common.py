@@ -5,7 +5,9 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import torch
@@ -81,3 +83,35 @@ def write_results(kind: str, payload: dict, out_dir: Path | None = None) -> Path
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
         os.replace(tmp, path)
     return paths[0]
+
+
+def unsloth_lora_model(config: dict, targets: list[str], max_seq_length: int, load_in_4bit: bool = False):
+    """(model, tokenizer): the best-known library's own path on a benchmark's random Llama, for
+    side-by-side runs only (../shared/tools/pack-gpu-extras.sh carries it). The model of `config`
+    (seed 0, bf16) is saved to a temporary folder, since it loads from files, with a word-level
+    tokenizer over the vocabulary; FastLanguageModel.from_pretrained loads it (quantising to NF4 with
+    double quantisation, bf16 compute, when load_in_4bit) and get_peft_model adds LoRA r=16, alpha 16,
+    dropout 0 on `targets` with its own checkpointing ("unsloth"). The folder is removed once loaded."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import unsloth  # noqa: F401  (first, as it asks)
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from unsloth import FastLanguageModel
+
+    folder = Path(tempfile.mkdtemp(prefix="unsloth-model-"))
+    try:
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            LlamaForCausalLM(LlamaConfig(**config, torch_dtype=torch.bfloat16)).to(torch.bfloat16).save_pretrained(folder)
+        vocab = {f"t{i}": i for i in range(config["vocab_size"])}
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                            unk_token="t0", pad_token="t0", bos_token="t1", eos_token="t2")
+        tokenizer.save_pretrained(folder)
+        torch.cuda.empty_cache()
+        model, tokenizer = FastLanguageModel.from_pretrained(str(folder), max_seq_length=max_seq_length,
+                                                             dtype=torch.bfloat16, load_in_4bit=load_in_4bit)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # 16 GB for 8B: several workers would fill the disk
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, target_modules=targets,
+                                             use_gradient_checkpointing="unsloth", random_state=0)
+    return model, tokenizer

@@ -5,9 +5,13 @@ each stack in its own process, in one run.
 
 Stacks: hf = Hugging Face + PEFT with SDPA attention; fusetune = the same model after
 fusetune.patch_model, with fusetune's offloaded activation checkpointing (layer inputs kept in
-pinned host memory); fusetune-recompute = patched, with Hugging Face's checkpointing. Llama shapes with random bf16 weights built from the config (no downloads);
-LoRA r=16, alpha 16, dropout 0 on q,k,v,o,gate,up,down; random tokens, labels = input_ids;
-gradient checkpointing on; AdamW(fused=True, lr=1e-4); 3 warm-up + 10 timed steps.
+pinned host memory); fusetune-recompute = patched, with Hugging Face's checkpointing; unsloth = the
+best-known library's own model path (bench.common.unsloth_lora_model: FastLanguageModel on the same
+random model saved to disk, its QLoRA quantisation at load, its checkpointing; for side-by-side runs
+only, carried by ../shared/tools/pack-gpu-extras.sh). Llama shapes with random bf16 weights built
+from the config (no downloads); LoRA r=16, alpha 16, dropout 0 on q,k,v,o,gate,up,down; random
+tokens, labels = input_ids; gradient checkpointing on; AdamW(fused=True, lr=1e-4); 3 warm-up + 10
+timed steps, the same loop for every stack.
 
 Workloads (batch x seq): W1 Llama-3.2-1B LoRA 2x2048; W2 Llama-3.1-8B LoRA 1x2048; W3 8B LoRA
 2x4096; W4 1B QLoRA 2x2048; W5 8B QLoRA 1x2048; W6 8B QLoRA 2x4096; W7 8B QLoRA at batch 1, the
@@ -34,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import environment, matmul_flops, write_results  # noqa: E402
+from bench.common import environment, matmul_flops, unsloth_lora_model, write_results  # noqa: E402
 from bench.qlora import QLoRAUnavailable, weight_numel  # noqa: E402  (imports no bitsandbytes)
 
 MODELS = {
@@ -116,13 +120,16 @@ def worker(stack: str, workload: str, profile: bool = False, seq: int | None = N
         import_bnb()  # fail before building the model when bitsandbytes is missing
     warmup, timed = steps
     cfg = MODELS[name]
-    model = build_model(stack, name, qlora)
+    if stack == "unsloth":
+        model, _ = unsloth_lora_model(cfg, TARGETS, seq, load_in_4bit=qlora)
+    else:
+        model = build_model(stack, name, qlora)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     gen = torch.Generator(device="cuda").manual_seed(1)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
+    times, issued, losses = [], [], []
     for _ in range(warmup + timed):
         ids = torch.randint(0, cfg["vocab_size"], (batch, seq), device="cuda", generator=gen)
         torch.cuda.synchronize()
@@ -131,19 +138,23 @@ def worker(stack: str, workload: str, profile: bool = False, seq: int | None = N
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        issued.append(time.perf_counter() - start)  # the host has launched the step (or waited inside it)
         losses.append(loss.item())  # syncs
         times.append(time.perf_counter() - start)
     step = statistics.median(times[warmup:])
+    row = dict(stack=stack, workload=workload, model=name, qlora=qlora, batch=batch, seq=seq,
+               warmup=warmup, timed=timed, step_s=step, tokens_per_s=batch * seq / step,
+               step_s_spread=[min(times[warmup:]), max(times[warmup:])], issue_s=statistics.median(issued[warmup:]),
+               peak_bytes=torch.cuda.max_memory_allocated(), first_loss=losses[0],
+               last_loss=losses[-1], flops_per_token=flops_per_token(model, cfg, seq))
     if profile:
-        _profile_one_step(model, optimizer, ids, stack, workload)
-    return dict(stack=stack, workload=workload, model=name, qlora=qlora, batch=batch, seq=seq,
-                warmup=warmup, timed=timed, step_s=step, tokens_per_s=batch * seq / step,
-                peak_bytes=torch.cuda.max_memory_allocated(), first_loss=losses[0],
-                last_loss=losses[-1], flops_per_token=flops_per_token(model, cfg, seq))
+        row.update(_profile_one_step(model, optimizer, ids, stack, workload))
+    return row
 
 
-def _profile_one_step(model, optimizer, ids, stack, workload):
-    """Print where one training step spends its time: GPU kernels by total time, and the host."""
+def _profile_one_step(model, optimizer, ids, stack, workload) -> dict:
+    """Print where one training step spends its time: GPU kernels by total time, and the host;
+    returns the step's wall time, GPU busy time (kernels and copies) and kernel launches."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -155,10 +166,13 @@ def _profile_one_step(model, optimizer, ids, stack, workload):
         wall = time.perf_counter() - start
     events = prof.key_averages()
     gpu = sum(e.self_device_time_total for e in events) / 1e3
-    print(f"PROFILE {stack} {workload}: wall {wall * 1e3:.1f} ms (profiled), GPU busy {gpu:.1f} ms, "
-          f"{sum(e.count for e in events if 'LaunchKernel' in e.key)} kernel launches", file=sys.stderr)
+    print(f"PROFILE {stack} {workload}: wall {wall * 1e3:.1f} ms (profiled), GPU busy {gpu:.1f} ms "
+          f"({100 * gpu / (wall * 1e3):.0f}%), {sum(e.count for e in events if 'LaunchKernel' in e.key)} kernel "
+          f"launches", file=sys.stderr)
     print(events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60), file=sys.stderr)
     print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60), file=sys.stderr)
+    launches = sum(e.count for e in events if "LaunchKernel" in e.key)
+    return dict(profiled_wall_ms=wall * 1e3, gpu_busy_ms=gpu, launches=launches)
 
 
 def run_worker(stack: str, workload: str, profile: bool = False, seq: int | None = None,
@@ -244,15 +258,17 @@ def main(argv=None):
     table = [r for r in rows if not r.get("search")]
     base = {(r["workload"], r["repeat"]): r for r in table if r["stack"] == "hf" and "error" not in r}
     if table:
-        print(f"\n{'wl':<4}{'stack':<10}{'step s':>8}{'tok/s':>9}{'x hf':>6}{'peak GB':>9}{'MFU':>6}"
-              f"{'loss first->last':>20}")
+        print(f"\n{'wl':<4}{'stack':<10}{'step s':>8}{'issue s':>8}{'busy':>5}{'tok/s':>9}{'x hf':>6}{'peak GB':>9}"
+              f"{'MFU':>6}{'loss first->last':>20}")
     for r in table:
         if "error" in r:
             print(f"{r['workload']:<4}{r['stack']:<10}  {r.get('error', '')[:60]}")
             continue
         key = (r["workload"], r["repeat"])
         ratio = r["tokens_per_s"] / base[key]["tokens_per_s"] if key in base else float("nan")
-        print(f"{r['workload']:<4}{r['stack']:<10}{r['step_s']:8.3f}{r['tokens_per_s']:9.0f}{ratio:6.2f}"
+        busy = f"{100 * r['gpu_busy_ms'] / r['profiled_wall_ms']:4.0f}%" if "gpu_busy_ms" in r else "    -"
+        print(f"{r['workload']:<4}{r['stack']:<10}{r['step_s']:8.3f}{r['issue_s']:8.3f}{busy}{r['tokens_per_s']:9.0f}"
+              f"{ratio:6.2f}"
               f"{r['peak_bytes'] / 1e9:9.2f}{100 * r['mfu']:5.0f}%"
               f"{r['first_loss']:10.3f} -> {r['last_loss']:.3f}")
     for workload, stack, best, failure in search_summary(rows):

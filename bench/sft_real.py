@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import environment, write_results  # noqa: E402
+from bench.common import environment, unsloth_lora_model, write_results  # noqa: E402
 from bench.e2e import MODELS, TARGETS  # noqa: E402
 
 MODEL_NAMES = {"1b": "llama-3.2-1b", "8b": "llama-3.1-8b"}
@@ -107,32 +107,14 @@ def _result(stack, size, times, tokens, computed, losses):
 
 def unsloth_worker(size: str) -> dict:
     """The best-known library's own path: FastLanguageModel + TRL SFTTrainer(padding_free=True)."""
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import unsloth  # noqa: F401  (first, as it asks)
+    model, tokenizer = unsloth_lora_model(MODELS[MODEL_NAMES[size]], TARGETS, MAX_LEN)  # imports unsloth first
     from datasets import Dataset
-    from tokenizers import Tokenizer, models
     from torch.utils.data import SequentialSampler
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
-    from unsloth import FastLanguageModel
 
     data = conversations()[:(WARMUP + TIMED) * EFFECTIVE]
-    cfg = MODELS[MODEL_NAMES[size]]
     folder = Path(tempfile.mkdtemp(prefix="w8-"))
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        LlamaForCausalLM(LlamaConfig(**cfg, torch_dtype=torch.bfloat16)).to(torch.bfloat16).save_pretrained(folder)
-    vocab = {f"t{i}": i for i in range(cfg["vocab_size"])}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
-                                        unk_token="t0", pad_token="t0", bos_token="t1", eos_token="t2")
-    tokenizer.save_pretrained(folder)
-    torch.cuda.empty_cache()
-    model, tokenizer = FastLanguageModel.from_pretrained(str(folder), max_seq_length=MAX_LEN, dtype=torch.bfloat16,
-                                                         load_in_4bit=False)
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, target_modules=TARGETS,
-                                             use_gradient_checkpointing="unsloth", random_state=0)
     times, marks = [], {}
 
     class Timer(TrainerCallback):

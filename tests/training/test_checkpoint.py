@@ -1,6 +1,7 @@
 """Offloaded activation checkpointing: the same loss and gradients as no checkpointing (fp32,
 LoRA with dropout: the replay draws the same masks), patched and unpatched, and on the GPU the
 layer inputs leave GPU memory."""
+import contextlib
 import copy
 
 import pytest
@@ -101,3 +102,46 @@ def test_no_offload_without_grad(device, monkeypatch):
     monkeypatch.setattr(checkpoint, "_Slot", None)  # would fail if a forward under no_grad offloaded
     with torch.no_grad():
         model(input_ids=random_batch(device=device)[0])
+
+
+def test_adapters_cast_once_per_layer_and_step(monkeypatch):
+    """fp32 adapters on a bf16 model: under the offloaded checkpoint each lora_A / lora_B is cast to
+    bf16 once for its layer's forward, recompute and backward (not three times), with the gradients
+    of casting each time."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import fusetune.training.checkpoint as checkpoint
+    from fusetune import use_backend
+
+    model = _lora_model("llama", torch.device("cpu"), dropout=0.0)
+    model.base_model.model.to(torch.bfloat16)
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for p in lora.values():
+        p.data = p.data.float()
+    shapes = {tuple(p.shape) for p in lora.values()}
+    fusetune.patch_model(model)
+    enable_offloaded_checkpointing(model)
+    ids, labels = random_batch()
+
+    class CountCasts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if (func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32
+                    and kwargs.get("dtype") == torch.bfloat16 and tuple(args[0].shape) in shapes):
+                CountCasts.count += 1
+            return func(*args, **kwargs)
+
+    with use_backend("torch"):
+        with CountCasts():
+            loss, grads = _step(model, ids, labels)
+        assert CountCasts.count == len(lora)
+        monkeypatch.setattr(checkpoint, "shared_casts", lambda scope: contextlib.nullcontext())
+        CountCasts.count = 0
+        with CountCasts():
+            ref_loss, ref_grads = _step(model, ids, labels)
+        assert CountCasts.count == 3 * len(lora)
+    assert torch.equal(loss, ref_loss)
+    for name, g in grads.items():
+        assert g.dtype == torch.float32 and torch.equal(g, ref_grads[name]), name

@@ -16,6 +16,7 @@ A group of projections that share one input (q, k, v; gate, up) saves that input
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -199,11 +200,43 @@ def autocast_off(method):
     return wrapper
 
 
+_cast_scope: dict | None = None  # see shared_casts
+
+
+@contextlib.contextmanager
+def shared_casts(scope: dict):
+    """Within the block, cast_lora keeps its casts in `scope` (a dict the caller holds) and reuses
+    them while the adapter is unchanged (same tensor, same version). The offloaded checkpoint gives
+    each layer one scope for its forward, its recompute and its backward, so fp32 adapters are cast
+    to the compute dtype once per step instead of three times (three launches per tensor, which the
+    host pays for at small shapes). The backward of a layer runs in one thread; so does its forward."""
+    global _cast_scope
+    outer, _cast_scope = _cast_scope, scope
+    try:
+        yield
+    finally:
+        _cast_scope = outer
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if t.dtype == dtype:
+        return t
+    scope = _cast_scope
+    if scope is None:
+        return t.to(dtype)
+    hit = scope.get(id(t))
+    if hit is not None and hit[0] is t and hit[1] == t._version:
+        return hit[2]
+    cast = t.to(dtype)
+    scope[id(t)] = (t, t._version, cast)
+    return cast
+
+
 def cast_lora(params, dtype):
     """[(A, B)] from the flat (A_0, B_0, A_1, B_1, ...) tuple, in the compute dtype."""
     pairs = []
     for a, b in zip(params[0::2], params[1::2]):
-        pairs.append((None, None) if a is None else (a.to(dtype), b.to(dtype)))
+        pairs.append((None, None) if a is None else (_cast(a, dtype), _cast(b, dtype)))
     return pairs
 
 

@@ -21,6 +21,8 @@ import weakref
 
 import torch
 
+from fusetune.lora.projection import shared_casts
+
 _COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 _LAST_SLOT: dict[torch.device, weakref.ref] = {}  # the slot of the latest offload per device
 
@@ -94,7 +96,8 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
         ctx.slot = _Slot(hidden)
-        with torch.no_grad():
+        ctx.casts = {}  # the layer's adapters in the compute dtype, for its recompute and backward
+        with torch.no_grad(), shared_casts(ctx.casts):
             return function(hidden, *args)
 
     @staticmethod
@@ -110,10 +113,13 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
                 for kind, enabled, dtype in ctx.autocast:
                     stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
                 stack.enter_context(torch.enable_grad())
+                stack.enter_context(shared_casts(ctx.casts))
                 outputs = ctx.function(hidden, *ctx.args)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(outputs, grads) if torch.is_tensor(o) and o.requires_grad and g is not None]
-        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        with shared_casts(ctx.casts):
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        ctx.casts = None
         return (None, None, hidden.grad) + (None,) * len(ctx.args)
 
 
