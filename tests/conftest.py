@@ -1,5 +1,14 @@
-"""Test set-up: CPU runs use the Triton interpreter, which must be on before any kernel import."""
+"""Test set-up: CPU runs use the Triton interpreter, which must be on before any kernel import.
+
+FUSETUNE_TEST_SHARD=i/n (CI, .ci/run) keeps shard i (0-based) of n: the tests are split into n
+shards of about equal run time, from the durations in .ci/test-durations.json (a test not listed
+there counts as the median). Tests that share a module-scoped fixture stay in one shard. Every
+collected test lands in exactly one shard, whatever the durations file says.
+"""
+import json
 import os
+import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,12 +18,41 @@ if not torch.cuda.is_available():
 
 
 def pytest_collection_modifyitems(config, items):
+    shard = os.environ.get("FUSETUNE_TEST_SHARD")
+    if shard:
+        _keep_shard(config, items, shard)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the GPU machine: pytest -m gpu)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _keep_shard(config, items, shard: str) -> None:
+    try:
+        index, count = (int(n) for n in shard.split("/"))
+        assert 0 <= index < count
+    except (ValueError, AssertionError):
+        raise pytest.UsageError(f"FUSETUNE_TEST_SHARD={shard!r}: expected i/n with 0 <= i < n, e.g. 0/2") from None
+    path = Path(__file__).resolve().parent.parent / ".ci" / "test-durations.json"
+    durations = json.loads(path.read_text()) if path.exists() else {}
+    default = statistics.median(durations.values()) if durations else 1.0
+    groups: dict[str, list] = {}
+    for item in items:
+        defs = getattr(item, "_fixtureinfo", None)
+        shared = defs is not None and any(d.scope in ("class", "module", "package")
+                                          for fixture in defs.name2fixturedefs.values() for d in fixture)
+        groups.setdefault(item.nodeid.split("::")[0] if shared else item.nodeid, []).append(item)
+    loads, keep = [0.0] * count, set()
+    # longest first, each to the least loaded shard: a greedy split within a few percent of even
+    for key, members in sorted(groups.items(), key=lambda g: -sum(durations.get(i.nodeid, default) for i in g[1])):
+        target = loads.index(min(loads))
+        loads[target] += sum(durations.get(i.nodeid, default) for i in members)
+        if target == index:
+            keep.update(id(i) for i in members)
+    config.hook.pytest_deselected(items=[i for i in items if id(i) not in keep])
+    items[:] = [i for i in items if id(i) in keep]
 
 
 @pytest.fixture
