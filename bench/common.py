@@ -114,4 +114,8 @@ def unsloth_lora_model(config: dict, targets: list[str], max_seq_length: int, lo
         shutil.rmtree(folder, ignore_errors=True)  # 16 GB for 8B: several workers would fill the disk
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, target_modules=targets,
                                              use_gradient_checkpointing="unsloth", random_state=0)
+    # from_pretrained leaves the model in eval mode, where its forward does not checkpoint
+    FastLanguageModel.for_training(model, use_gradient_checkpointing="unsloth")
+    if not model.training:
+        raise RuntimeError("unsloth_lora_model: the model is not in training mode after for_training")
     return model, tokenizer

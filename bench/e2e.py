@@ -44,10 +44,12 @@ from bench.qlora import QLoRAUnavailable, weight_numel  # noqa: E402  (imports n
 MODELS = {
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                         vocab_size=128256, tie_word_embeddings=True, rms_norm_eps=1e-5),
+                         vocab_size=128256, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                         max_position_embeddings=131072),
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                         vocab_size=128256, tie_word_embeddings=False, rms_norm_eps=1e-5),
+                         vocab_size=128256, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                         max_position_embeddings=131072),
 }
 # name -> (model, batch, seq, QLoRA); W7's seq is searched (SEARCH_START, doubling)
 WORKLOADS = {"W1": ("llama-3.2-1b", 2, 2048, False), "W2": ("llama-3.1-8b", 1, 2048, False),

@@ -4,6 +4,7 @@ FUSETUNE_TEST_SHARD=i/n (CI, .ci/run) keeps shard i (0-based) of n: the tests ar
 shards of about equal run time, from the durations in .ci/test-durations.json (a test not listed
 there counts as the median). Tests that share a module-scoped fixture stay in one shard. Every
 collected test lands in exactly one shard, whatever the durations file says.
+FUSETUNE_TEST_DURATIONS=.ci/test-durations.json python -m pytest rewrites that file from the run.
 """
 import json
 import os
@@ -17,6 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k selection, so the shards split what will run
 def pytest_collection_modifyitems(config, items):
     shard = os.environ.get("FUSETUNE_TEST_SHARD")
     if shard:
@@ -53,6 +55,20 @@ def _keep_shard(config, items, shard: str) -> None:
             keep.update(id(i) for i in members)
     config.hook.pytest_deselected(items=[i for i in items if id(i) not in keep])
     items[:] = [i for i in items if id(i) in keep]
+
+
+_durations: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    if os.environ.get("FUSETUNE_TEST_DURATIONS"):
+        _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    path = os.environ.get("FUSETUNE_TEST_DURATIONS")
+    if path and _durations:
+        Path(path).write_text(json.dumps({k: round(v, 3) for k, v in sorted(_durations.items())}, indent=0) + "\n")
 
 
 @pytest.fixture

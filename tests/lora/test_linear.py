@@ -317,3 +317,26 @@ def test_autocast_does_not_reach_inside(device):
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, want)
     y.sum().backward()
+
+
+def test_shared_casts_reuse_within_a_scope_per_thread():
+    """cast_lora inside shared_casts casts each tensor once per scope and dtype, sees in-place
+    updates (a new version), and a scope entered in one thread is not seen by another."""
+    import threading
+
+    from fusetune.lora.projection import cast_lora, shared_casts
+
+    a, b = torch.randn(4, 8), torch.randn(8, 4)
+    scope = {}
+    with shared_casts(scope):
+        first = cast_lora((a, b), torch.bfloat16)[0][0]
+        assert cast_lora((a, b), torch.bfloat16)[0][0] is first
+        assert cast_lora((a, b), torch.float16)[0][0].dtype == torch.float16
+        a.add_(1.0)
+        assert torch.equal(cast_lora((a, b), torch.bfloat16)[0][0], a.to(torch.bfloat16))
+        seen = []
+        worker = threading.Thread(target=lambda: seen.append(cast_lora((a, b), torch.bfloat16)[0][0]))
+        worker.start()
+        worker.join()
+        assert seen[0] is not cast_lora((a, b), torch.bfloat16)[0][0]
+    assert cast_lora((a, b), torch.bfloat16)[0][0] is not cast_lora((a, b), torch.bfloat16)[0][0]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -154,6 +155,11 @@ def group_forward(x, adapters: Adapters, lora):
     return outs, xas
 
 
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """s * (a @ b) in one launch (beta=0: addmm's input is not read, only its 0-d shape broadcast)."""
+    return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=s)
+
+
 def group_backward(dys, x, xas, adapters: Adapters, lora, needs, need_x, out=None):
     """(dx, [(dA_i, dB_i)]) of projections sharing x; needs[i] = (need dA_i, need dB_i).
     dA/dB come in the compute dtype (the caller casts them to the adapters' own). out: a buffer
@@ -166,8 +172,8 @@ def group_backward(dys, x, xas, adapters: Adapters, lora, needs, need_x, out=Non
             continue
         dy, s, mask, keep = dys[i], adapters.scalings[i], adapters.masks[i], adapters.keeps[i]
         dyb = dy @ b
-        da = (dyb.t() @ dropped(x, mask, keep)).mul_(s) if needs[i][0] else None
-        db = (dy.t() @ xas[i]).mul_(s) if needs[i][1] else None
+        da = _scaled_mm(dyb.t(), dropped(x, mask, keep), s) if needs[i][0] else None
+        db = _scaled_mm(dy.t(), xas[i], s) if needs[i][1] else None
         grads.append((da, db))
         dybs.append(dyb)
     dx = None
@@ -200,7 +206,7 @@ def autocast_off(method):
     return wrapper
 
 
-_cast_scope: dict | None = None  # see shared_casts
+_casts = threading.local()  # .scope: see shared_casts
 
 
 @contextlib.contextmanager
@@ -209,23 +215,26 @@ def shared_casts(scope: dict):
     them while the adapter is unchanged (same tensor, same version). The offloaded checkpoint gives
     each layer one scope for its forward, its recompute and its backward, so fp32 adapters are cast
     to the compute dtype once per step instead of three times (three launches per tensor, which the
-    host pays for at small shapes). The backward of a layer runs in one thread; so does its forward."""
-    global _cast_scope
-    outer, _cast_scope = _cast_scope, scope
+    host pays for at small shapes). The copies live until the layer's backward: 2 bytes per adapter
+    parameter at bf16 (84 MB for Llama-3.1-8B at r=16 on all seven projections). Per thread:
+    autograd runs a CUDA backward in its own thread, and a layer's recompute and backward enter the
+    scope there."""
+    outer = getattr(_casts, "scope", None)
+    _casts.scope = scope
     try:
         yield
     finally:
-        _cast_scope = outer
+        _casts.scope = outer
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if t.dtype == dtype:
         return t
-    scope = _cast_scope
+    scope = getattr(_casts, "scope", None)
     if scope is None:
         return t.to(dtype)
     hit = scope.get(id(t))
-    if hit is not None and hit[0] is t and hit[1] == t._version:
+    if hit is not None and hit[0] is t and hit[1] == t._version and hit[2].dtype == dtype:
         return hit[2]
     cast = t.to(dtype)
     scope[id(t)] = (t, t._version, cast)
