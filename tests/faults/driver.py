@@ -73,6 +73,10 @@ def main() -> int:
     args = parser.parse_args()
     from fusetune.cli import main as fusetune
 
+    if args.how != "kill":
+        # the run stands for one started from a terminal; a test session started in the background
+        # (CI's shards) passes SIGINT down ignored, which fusetune rightly leaves so
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     seen: list[str] = []
     arm(args.at, args.how, seen)
     try:
