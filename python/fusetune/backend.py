@@ -27,7 +27,6 @@ BACKENDS = ("auto", "triton", "cuda", "torch")
 
 logger = logging.getLogger("fusetune")
 _state = threading.local()
-_announced: set[tuple[str, str, str]] = set()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -150,13 +149,18 @@ def resolve(op: str, device: torch.device, cuda_ops: tuple[str, ...] = ()) -> st
             raise BackendUnavailableError(f"fusetune backend {requested!r} cannot run {op}: {reason}. "
                                           f"Use FUSETUNE_BACKEND=auto to pick what can run.")
         return requested
-    if device.type == "cuda":
+    return _auto(op, device.type, cuda_ops, triton_interpreting(), cuda_extension() is not None)
+
+
+@functools.cache
+def _auto(op: str, device_type: str, cuda_ops: tuple[str, ...], interpreting: bool, extension: bool) -> str:
+    """auto's choice, worked out (and logged) once per op and circumstance: resolve runs for every op
+    call, thousands of times a training step, and the host time adds up."""
+    if device_type == "cuda":
         order = ("triton", "cuda", "torch")
     else:
-        order = ("triton", "torch") if triton_interpreting() else ("torch",)
+        order = ("triton", "torch") if interpreting else ("torch",)
+    device = torch.device(device_type)
     chosen = next(b for b in order if _why_not(b, device, cuda_ops) is None)
-    key = (op, device.type, chosen)
-    if key not in _announced:
-        _announced.add(key)
-        logger.info("fusetune: %s on %s uses the %s backend", op, device.type, chosen)
+    logger.info("fusetune: %s on %s uses the %s backend", op, device_type, chosen)
     return chosen
