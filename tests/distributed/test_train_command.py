@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -74,6 +75,25 @@ def test_two_processes_train_as_one(runs):
     # rank 0 alone reports
     assert two.stdout.count("\ndata: ") == 1 and two.stdout.count("  before: ") == 1, two.stdout[-3000:]
     _assert_trained_as_one(tmp, "two")
+
+
+def test_accelerate_launch_trains_as_one(runs):
+    """`accelerate launch --multi_gpu --num_processes 2 -m fusetune.cli train` (accelerate's torchrun
+    launcher, gloo on the CPU): the command reads the variables it sets, as torchrun's."""
+    tmp, _, one = runs
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "--main_process_port", str(port), "-m", "fusetune.cli", "train", "run.yaml",
+                          "--set", "output.dir=accelerate"], capture_output=True, text=True, cwd=tmp, env=env,
+                         timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    assert "data parallel: 2 processes (gloo)" in run.stdout, run.stdout[-3000:]
+    _assert_trained_as_one(tmp, "accelerate")
 
 
 def test_context_parallel_processes_train_as_one(runs):
