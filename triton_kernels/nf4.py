@@ -61,7 +61,8 @@ def nf4_dequant(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, 
 
     absmax: fp32 per block, or with nested_absmax given, uint8 codes into nested_code (fp32, 256),
     nested_absmax fp32 per nested_blocksize blocks, offset a 1-element fp32 tensor (no host sync).
-    out: an optional flat contiguous (n_elements,) buffer of out_dtype to write into.
+    out: an optional contiguous buffer of n_elements of out_dtype to write into (any shape: the
+    kernel writes its memory flat), returned as given.
     """
     if out is None:
         out = torch.empty(n_elements, dtype=out_dtype, device=packed.device)

@@ -115,3 +115,19 @@ def test_dequant_llama8b_mlp_bf16(double_quant, backend):
     with use_backend("torch"):
         expected = dequantize_nf4(packed, state)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_workspace_dequantisation_of_several_shapes(backend, device):
+    """NF4Weight.dequantize(workspace=True): weights of different shapes take turns in one shared
+    buffer (grown for a larger one) and each comes out whole and exact, every time."""
+    from fusetune.quant.nf4 import NF4Weight
+
+    weights = [torch.randn(shape, device=device) for shape in ((64, 96), (32, 64), (128, 96), (64, 96))]
+    quantised = [NF4Weight(*quantize_nf4(w)) for w in weights]
+    with use_backend(backend):
+        for _ in range(2):
+            for q in quantised:
+                got = q.dequantize(torch.float32, workspace=True)
+                assert got.shape == q.shape
+                assert torch.equal(got, q.dequantize(torch.float32))

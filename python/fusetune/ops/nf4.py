@@ -38,10 +38,10 @@ def nf4_dequant(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, shap
     if backend == "triton":
         from fusetune.triton_kernels.nf4 import nf4_dequant as nf4_dequant_triton
 
+        # the kernel writes out's memory flat: a contiguous out of any shape goes in as it is
         result = nf4_dequant_triton(packed, absmax, code, blocksize, shape.numel(), dtype, nested_absmax,
-                                    nested_code, offset, nested_blocksize,
-                                    out=None if out is None else out.view(-1))
-        return result.view(shape)
+                                    nested_code, offset, nested_blocksize, out=out)
+        return result if out is not None else result.view(shape)
     if backend == "cuda":
         if dtype not in CUDA_DTYPES:
             raise ValueError(f"nf4_dequant: the CUDA backend writes {', '.join(map(str, CUDA_DTYPES))}, not "
