@@ -57,7 +57,8 @@ def nf4_dequant(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, 
                 n_elements: int, out_dtype: torch.dtype, nested_absmax: torch.Tensor | None = None,
                 nested_code: torch.Tensor | None = None, offset: torch.Tensor | None = None,
                 nested_blocksize: int = 256, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Flat (n_elements,) tensor of out_dtype from contiguous packed uint8 data.
+    """n_elements of out_dtype from contiguous packed uint8 data: a new flat (n_elements,) tensor, or
+    `out`.
 
     absmax: fp32 per block, or with nested_absmax given, uint8 codes into nested_code (fp32, 256),
     nested_absmax fp32 per nested_blocksize blocks, offset a 1-element fp32 tensor (no host sync).

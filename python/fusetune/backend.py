@@ -5,7 +5,8 @@ variable FUSETUNE_BACKEND, then "auto".
 
 auto: CUDA tensors use Triton, else the CUDA extension when it has the op, else torch; CPU tensors
 use torch, except under TRITON_INTERPRET=1, where Triton runs (that is how CI tests the kernels).
-Only auto falls back, and it logs once per (op, device type) which backend it picked. A backend
+Only auto falls back, and it logs which backend it picked once per op and circumstance (device
+type, Triton installed, TRITON_INTERPRET, the extension built). A backend
 asked for by name that cannot run raises BackendUnavailableError naming what is missing.
 """
 from __future__ import annotations
@@ -149,11 +150,14 @@ def resolve(op: str, device: torch.device, cuda_ops: tuple[str, ...] = ()) -> st
             raise BackendUnavailableError(f"fusetune backend {requested!r} cannot run {op}: {reason}. "
                                           f"Use FUSETUNE_BACKEND=auto to pick what can run.")
         return requested
-    return _auto(op, device.type, cuda_ops, triton_interpreting(), cuda_extension() is not None)
+    on_cuda = device.type == "cuda"  # the extension is imported only where it could run
+    return _auto(op, device.type, tuple(cuda_ops), triton_available(), triton_interpreting(),
+                 on_cuda and cuda_extension() is not None)
 
 
 @functools.cache
-def _auto(op: str, device_type: str, cuda_ops: tuple[str, ...], interpreting: bool, extension: bool) -> str:
+def _auto(op: str, device_type: str, cuda_ops: tuple[str, ...], triton: bool, interpreting: bool,
+          extension: bool) -> str:
     """auto's choice, worked out (and logged) once per op and circumstance: resolve runs for every op
     call, thousands of times a training step, and the host time adds up."""
     if device_type == "cuda":

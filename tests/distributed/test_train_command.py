@@ -18,7 +18,8 @@ from tests.tiny_models import byte_level_tokenizer, tiny_model
 
 
 def _fusetune(*args, cwd):
-    env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}  # the torch backend, as a CPU user's
+    # the torch backend and gloo, as a CPU user's, on a GPU machine too
+    env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([sys.executable, "-m", "fusetune.cli", "train", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=900)
 
@@ -85,7 +86,7 @@ def test_accelerate_launch_trains_as_one(runs):
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                           "--main_process_port", str(port), "-m", "fusetune.cli", "train", "run.yaml",
@@ -93,6 +94,7 @@ def test_accelerate_launch_trains_as_one(runs):
                          timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     assert "data parallel: 2 processes (gloo)" in run.stdout, run.stdout[-3000:]
+    assert run.stdout.count("\ndata: ") == 1, run.stdout[-3000:]  # rank 0 alone reports
     _assert_trained_as_one(tmp, "accelerate")
 
 

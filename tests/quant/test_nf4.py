@@ -131,3 +131,12 @@ def test_workspace_dequantisation_of_several_shapes(backend, device):
                 got = q.dequantize(torch.float32, workspace=True)
                 assert got.shape == q.shape
                 assert torch.equal(got, q.dequantize(torch.float32))
+        # after the largest weight, every shape is a view of one buffer, the same tensor each time
+        results = [q.dequantize(torch.float32, workspace=True) for q in quantised]
+        assert len({r.untyped_storage().data_ptr() for r in results}) == 1
+        assert results[0] is results[3]
+    with torch.inference_mode():  # a buffer first made here still serves training afterwards
+        NF4Weight(*quantize_nf4(torch.randn(256, 96, device=device))).dequantize(torch.float64, workspace=True)
+    with use_backend(backend):
+        got = quantised[0].dequantize(torch.float64, workspace=True)
+    assert torch.equal(got, quantised[0].dequantize(torch.float64))

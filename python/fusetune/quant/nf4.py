@@ -62,7 +62,8 @@ class NF4State:
 class NF4Weight:
     """A frozen 4-bit weight of shape state.shape: packed NF4 bytes and their state.
     dequantize() gives the dense weight; with workspace=True it lands in a buffer reused by every
-    NF4 weight on this device and stream, valid until the next such call (for an immediate matmul)."""
+    NF4 weight on this device and stream, valid until the next such call (for an immediate matmul):
+    the same tensor comes back for every weight of that shape, to be read, never changed in place."""
     packed: torch.Tensor
     state: NF4State
 
@@ -101,8 +102,10 @@ def _workspace(device: torch.device, dtype: torch.dtype, shape: torch.Size) -> t
         return view
     numel = shape.numel()
     if buffer is None or buffer.numel() < numel:
-        _WORKSPACES.pop(key, None)  # the old buffer and its views go before the new one is allocated
-        buffer, views = torch.empty(numel, dtype=dtype, device=device), {}
+        _WORKSPACES.pop(key, None)
+        buffer = views = None  # the old buffer and its views go before the new one is allocated
+        with torch.inference_mode(False):  # a buffer first made under inference_mode would refuse training
+            buffer, views = torch.empty(numel, dtype=dtype, device=device), {}
         _WORKSPACES[key] = buffer, views
     view = views[shape] = buffer[:numel].view(shape)
     return view
