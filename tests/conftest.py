@@ -46,13 +46,14 @@ def _keep_shard(config, items, shard: str) -> None:
         shared = defs is not None and any(d.scope in ("class", "module", "package")
                                           for fixture in defs.name2fixturedefs.values() for d in fixture)
         groups.setdefault(item.nodeid.split("::")[0] if shared else item.nodeid, []).append(item)
+    weights = {key: sum(durations.get(i.nodeid, default) for i in members) for key, members in groups.items()}
     loads, keep = [0.0] * count, set()
     # longest first, each to the least loaded shard: a greedy split within a few percent of even
-    for key, members in sorted(groups.items(), key=lambda g: -sum(durations.get(i.nodeid, default) for i in g[1])):
+    for key in sorted(groups, key=lambda k: -weights[k]):
         target = loads.index(min(loads))
-        loads[target] += sum(durations.get(i.nodeid, default) for i in members)
+        loads[target] += weights[key]
         if target == index:
-            keep.update(id(i) for i in members)
+            keep.update(id(i) for i in groups[key])
     config.hook.pytest_deselected(items=[i for i in items if id(i) not in keep])
     items[:] = [i for i in items if id(i) in keep]
 
