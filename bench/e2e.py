@@ -168,12 +168,11 @@ def _profile_one_step(model, optimizer, ids, stack, workload) -> dict:
         wall = time.perf_counter() - start
     events = prof.key_averages()
     gpu = sum(e.self_device_time_total for e in events) / 1e3
+    launches = sum(e.count for e in events if "LaunchKernel" in e.key)
     print(f"PROFILE {stack} {workload}: wall {wall * 1e3:.1f} ms (profiled), GPU busy {gpu:.1f} ms "
-          f"({100 * gpu / (wall * 1e3):.0f}%), {sum(e.count for e in events if 'LaunchKernel' in e.key)} kernel "
-          f"launches", file=sys.stderr)
+          f"({100 * gpu / (wall * 1e3):.0f}%), {launches} kernel launches", file=sys.stderr)
     print(events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60), file=sys.stderr)
     print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60), file=sys.stderr)
-    launches = sum(e.count for e in events if "LaunchKernel" in e.key)
     return dict(profiled_wall_ms=wall * 1e3, gpu_busy_ms=gpu, launches=launches)
 
 

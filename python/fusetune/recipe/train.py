@@ -15,6 +15,7 @@ from fusetune.api.gguf import check_exportable, check_method, save_gguf
 from fusetune.api.loading import load_tokenizer, resolve_dtype
 from fusetune.api.tokens import fit_embeddings, untie_embeddings
 from fusetune.atomic import atomic_write
+from fusetune.patching.context_parallel import check_heads
 from fusetune.recipe.chat import reply
 from fusetune.recipe.checkpoints import claimed_output_dir, differences, fingerprint, read_state, resume_point
 from fusetune.recipe.config import ConfigError, TrainConfig
@@ -24,7 +25,6 @@ from fusetune.recipe.evaluation import (generation_rouge, multiple_choice_accura
 from fusetune.recipe.loop import embedding_lr, pick_micro_batch, train_loop
 from fusetune.recipe.objectives import objective_for
 from fusetune.recipe.reporting import check_reporters
-from fusetune.patching.context_parallel import check_heads
 from fusetune.training import distributed
 from fusetune.training.checkpoint import enable_checkpointing, enable_offloaded_checkpointing
 from fusetune.training.env import backend_report, gpus
@@ -306,8 +306,6 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
                     log(f"merged model: {save_merged(model, out / 'merged', tokenizer)}")
                 if ranks.main and config.output.save_gguf:
                     log(f"GGUF: {save_gguf(model, out / 'gguf', tokenizer, config.output.save_gguf)}")
-                if sharded:
-                    distributed.barrier(ranks)
         if sharded:  # FSDP's last gathers done on every process before one leaves (and tears its group down)
             distributed.barrier(ranks)
         if not ranks.main:
