@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -69,6 +70,9 @@ def start(ranks: Ranks) -> torch.device:
 
 def finish(ranks: Ranks) -> None:
     if ranks.world > 1 and dist.is_initialized():
+        # the finished model's pending collectives (FSDP's async gathers) freed now: freed at the
+        # interpreter's exit, gloo's threads can abort the process ("terminate called ...")
+        gc.collect()
         dist.destroy_process_group()
 
 
