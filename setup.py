@@ -35,9 +35,10 @@ def _cuda_extension():
         return [], {}
     from glob import glob
     sources = sorted(glob("csrc/*.cu")) + ["csrc/ops.cpp"]
+    # (no -std: torch's builder picks the C++ standard its headers need, C++20 from torch 2.13 on)
     ext = CUDAExtension("fusetune._C", sources, extra_compile_args={
-        "cxx": ["-O3", "-std=c++17"],
-        "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-gencode=arch=compute_80,code=sm_80",
+        "cxx": ["-O3"],
+        "nvcc": ["-O3", "--use_fast_math", "-gencode=arch=compute_80,code=sm_80",
                  "-gencode=arch=compute_90,code=sm_90"]})
     return [ext], {"build_ext": BuildExtension}
 

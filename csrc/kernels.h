@@ -15,6 +15,9 @@ namespace fusetune {
 
 enum class DType : int { kFloat32, kFloat16, kBFloat16 };
 
+// The GLU activations, as fusetune.reference.glu.ACTIVATIONS names them.
+enum class Activation : int { kSilu, kGeluTanh, kGeluErf };
+
 // RMSNorm over the last dim of x (rows, n); w' = weight + offset.
 //   rstd = 1 / sqrt(mean(x^2) + eps), xhat = x * rstd, y = xhat * w'
 // cast_before_weight rounds xhat to x's dtype before the product (Llama); else fp32 (Gemma).
@@ -45,5 +48,34 @@ cudaError_t nf4_dequant(const uint8_t* packed, const void* absmax, const float* 
                         const float* nested_absmax, const float* nested_code, const float* offset,
                         void* out, int64_t n_elements, int blocksize, int nested_blocksize,
                         DType out_dtype, cudaStream_t stream);
+
+// GLU (SwiGLU, GeGLU) over (rows, cols) tensors of one dtype with unit column stride and the
+// given row strides (elements): y = act(gate) * up, in fp32 with one rounding.
+cudaError_t glu_fwd(const void* gate, const void* up, void* y, int64_t rows, int64_t cols,
+                    int64_t gate_row_stride, int64_t up_row_stride, int64_t y_row_stride,
+                    Activation activation, DType dtype, cudaStream_t stream);
+
+// Its backward, act recomputed from gate: dgate = dy * up * act'(gate), dup = dy * act(gate).
+// dgate and dup may be gate and up themselves (each element is read before it is overwritten).
+cudaError_t glu_bwd(const void* dy, const void* gate, const void* up, void* dgate, void* dup,
+                    int64_t rows, int64_t cols, int64_t dy_row_stride, int64_t gate_row_stride,
+                    int64_t up_row_stride, int64_t dgate_row_stride, int64_t dup_row_stride,
+                    Activation activation, DType dtype, cudaStream_t stream);
+
+// RoPE (Hugging Face's rotate_half) of q (batch, q_heads, seq, head_dim) and k (batch, k_heads,
+// seq, head_dim) of one dtype, unit last stride, any other strides (elements), into q_out/k_out
+// (which may be q/k: in place). cos/sin (batch or 1, seq, rot_dim) of cos_dtype with unit last
+// stride, cos_batch_stride 0 to share one row over the batch. Over the first rot_dim dims of every
+// head, h = rot_dim / 2: y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2; the rest copied when copy_pass.
+// inverse applies the transposed rotation ((s1, s2) -> (-s2, -s1)): the backward.
+struct RopeTensor {
+  const void* x;
+  void* out;
+  int64_t heads, batch_stride, seq_stride, head_stride, out_batch_stride, out_seq_stride, out_head_stride;
+};
+cudaError_t rope(const RopeTensor& q, const RopeTensor& k, const void* cos, const void* sin,
+                 int64_t batch, int64_t seq, int64_t head_dim, int64_t rot_dim, int64_t cos_batch_stride,
+                 int64_t cos_seq_stride, int64_t sin_batch_stride, int64_t sin_seq_stride, bool inverse,
+                 bool copy_pass, DType dtype, DType cos_dtype, cudaStream_t stream);
 
 }  // namespace fusetune

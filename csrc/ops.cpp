@@ -6,6 +6,7 @@
 // The kernels (csrc/*.cu, declared in kernels.h) see raw pointers; this file checks what they
 // assume (device, dtype, shape, contiguity), with messages that name the problem and the fix.
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include <ATen/ATen.h>
@@ -175,6 +176,133 @@ void nf4_dequant_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, i
                       const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                       const std::optional<at::Tensor>&, int64_t, at::Tensor&) {}
 
+
+fusetune::Activation glu_activation(const std::string& name, const char* op) {
+  if (name == "silu") return fusetune::Activation::kSilu;
+  if (name == "gelu_tanh") return fusetune::Activation::kGeluTanh;
+  TORCH_CHECK(name == "gelu_erf", op, ": activation must be silu, gelu_tanh or gelu_erf, got ", name);
+  return fusetune::Activation::kGeluErf;
+}
+
+// a (rows, cols) operand of the GLU: on x's device, x's shape and dtype, unit column stride
+void check_glu_operand(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == x.device(), op, ": ", name, " must be a CUDA tensor on ",
+              x.device(), ", got one on ", t.device());
+  TORCH_CHECK(t.dim() == 2 && t.sizes() == x.sizes(), op, ": ", name, " must be 2-D like gate (",
+              x.sizes(), "), got shape ", t.sizes(), "; reshape it to (-1, n)");
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " is ", t.scalar_type(), " but gate is ",
+              x.scalar_type(), "; cast both to one dtype");
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op, ": ", name,
+              " must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, op, ": ", name, " must have unit column stride (strides ",
+              t.strides(), "); pass ", name, ".contiguous()");
+}
+
+at::Tensor glu_fwd(const at::Tensor& gate, const at::Tensor& up, const std::string& activation) {
+  const char* op = "fusetune::glu_fwd";
+  const auto act = glu_activation(activation, op);
+  check_glu_operand(gate, gate, op, "gate");
+  check_glu_operand(up, gate, op, "up");
+  const c10::cuda::CUDAGuard guard(gate.device());
+  at::Tensor y = at::empty(gate.sizes(), gate.options());
+  check_launch(fusetune::glu_fwd(gate.data_ptr(), up.data_ptr(), y.data_ptr(), gate.size(0), gate.size(1),
+                                 gate.stride(0), up.stride(0), y.stride(0), act, kernel_dtype(gate),
+                                 c10::cuda::getCurrentCUDAStream()),
+               op);
+  return y;
+}
+
+// the gradients written into dgate and dup (which may be gate and up themselves)
+void glu_bwd(const at::Tensor& dy, const at::Tensor& gate, const at::Tensor& up, const std::string& activation,
+             at::Tensor& dgate, at::Tensor& dup) {
+  const char* op = "fusetune::glu_bwd";
+  const auto act = glu_activation(activation, op);
+  check_glu_operand(gate, gate, op, "gate");
+  check_glu_operand(dy, gate, op, "dy");
+  check_glu_operand(up, gate, op, "up");
+  check_glu_operand(dgate, gate, op, "dgate");
+  check_glu_operand(dup, gate, op, "dup");
+  const c10::cuda::CUDAGuard guard(gate.device());
+  check_launch(fusetune::glu_bwd(dy.data_ptr(), gate.data_ptr(), up.data_ptr(), dgate.data_ptr(), dup.data_ptr(),
+                                 gate.size(0), gate.size(1), dy.stride(0), gate.stride(0), up.stride(0),
+                                 dgate.stride(0), dup.stride(0), act, kernel_dtype(gate),
+                                 c10::cuda::getCurrentCUDAStream()),
+               op);
+}
+
+at::Tensor glu_fwd_meta(const at::Tensor& gate, const at::Tensor&, const std::string&) {
+  return at::empty(gate.sizes(), gate.options());
+}
+
+void glu_bwd_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::string&, at::Tensor&,
+                  at::Tensor&) {}
+
+// q or k (batch, heads, seq, head_dim) and where its result goes
+fusetune::RopeTensor rope_operand(const at::Tensor& x, const at::Tensor& out) {
+  return {x.data_ptr(), out.data_ptr(), x.size(1), x.stride(0), x.stride(2), x.stride(1),
+          out.stride(0), out.stride(2), out.stride(1)};
+}
+
+void check_rope_operand(const at::Tensor& t, const at::Tensor& q, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), op, ": ", name, " must be a CUDA tensor on ", q.device(),
+              ", got one on ", t.device());
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == q.size(0) && t.size(2) == q.size(2) && t.size(3) == q.size(3), op,
+              ": ", name, " must be (batch, heads, seq, head_dim) with q's batch, seq and head_dim (q is ",
+              q.sizes(), "), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " is ", t.scalar_type(), " but q is ",
+              q.scalar_type(), "; cast them to one dtype");
+  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, op, ": ", name, "'s last dim must have stride 1 (strides ",
+              t.strides(), "); pass ", name, ".contiguous()");
+}
+
+void check_rope_table(const at::Tensor& t, const at::Tensor& q, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), op, ": ", name, " must be a CUDA tensor on ", q.device(),
+              ", got one on ", t.device());
+  TORCH_CHECK(t.dim() == 3 && (t.size(0) == 1 || t.size(0) == q.size(0)) && t.size(1) == q.size(2), op, ": ",
+              name, " must be (batch or 1, seq, rot_dim) for q ", q.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.size(2) >= 2 && t.size(2) % 2 == 0 && t.size(2) <= q.size(3), op, ": the rotary dim (", name,
+              "'s last) must be even and between 2 and head_dim=", q.size(3), ", got ", t.size(2));
+  TORCH_CHECK(t.stride(2) == 1, op, ": ", name, "'s last dim must have stride 1; pass ", name, ".contiguous()");
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op, ": ", name,
+              " must be float32, float16 or bfloat16, got ", dt);
+}
+
+// q, k (batch, heads, seq, head_dim) rotated into q_out, k_out (which may be q, k); inverse: the
+// transposed rotation (the backward)
+void rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin, bool inverse,
+          at::Tensor& q_out, at::Tensor& k_out) {
+  const char* op = "fusetune::rope";
+  check_rope_operand(q, q, op, "q");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": q must be float32, float16 or bfloat16, got ", dt);
+  check_rope_operand(k, q, op, "k");
+  check_rope_operand(q_out, q, op, "q_out");
+  check_rope_operand(k_out, q, op, "k_out");
+  TORCH_CHECK(q_out.size(1) == q.size(1) && k_out.size(1) == k.size(1), op,
+              ": q_out and k_out must have q's and k's head counts");
+  check_rope_table(cos, q, op, "cos");
+  check_rope_table(sin, q, op, "sin");
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.scalar_type() == sin.scalar_type(), op,
+              ": cos and sin must have one shape and dtype, got ", cos.sizes(), " ", cos.scalar_type(), " and ",
+              sin.sizes(), " ", sin.scalar_type());
+  TORCH_CHECK(q.size(0) <= 65535 && q.size(2) <= INT32_MAX, op, ": batch must be at most 65535 and seq below 2^31, got ",
+              q.sizes());
+  const int64_t rot_dim = cos.size(2);
+  const bool in_place = q_out.data_ptr() == q.data_ptr() && k_out.data_ptr() == k.data_ptr();
+  const c10::cuda::CUDAGuard guard(q.device());
+  check_launch(fusetune::rope(rope_operand(q, q_out), rope_operand(k, k_out), cos.data_ptr(), sin.data_ptr(),
+                              q.size(0), q.size(2), q.size(3), rot_dim, cos.size(0) > 1 ? cos.stride(0) : 0,
+                              cos.stride(1), sin.size(0) > 1 ? sin.stride(0) : 0, sin.stride(1), inverse,
+                              rot_dim < q.size(3) && !in_place, kernel_dtype(q), kernel_dtype(cos),
+                              c10::cuda::getCurrentCUDAStream()),
+               op);
+}
+
+void rope_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, at::Tensor&,
+               at::Tensor&) {}
 }  // namespace
 
 TORCH_LIBRARY(fusetune, m) {
@@ -184,18 +312,27 @@ TORCH_LIBRARY(fusetune, m) {
         "bool cast_before_weight) -> (Tensor, Tensor)");
   m.def("nf4_dequant(Tensor packed, Tensor absmax, Tensor code, int blocksize, Tensor? nested_absmax, "
         "Tensor? nested_code, Tensor? offset, int nested_blocksize, Tensor(a!) out) -> ()");
+  m.def("glu_fwd(Tensor gate, Tensor up, str activation) -> Tensor");
+  m.def("glu_bwd(Tensor dy, Tensor gate, Tensor up, str activation, Tensor(a!) dgate, Tensor(b!) dup) -> ()");
+  m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin, bool inverse, Tensor(a!) q_out, Tensor(b!) k_out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fusetune, CUDA, m) {
   m.impl("rms_norm_fwd", &rms_norm_fwd);
   m.impl("rms_norm_bwd", &rms_norm_bwd);
   m.impl("nf4_dequant", &nf4_dequant);
+  m.impl("glu_fwd", &glu_fwd);
+  m.impl("glu_bwd", &glu_bwd);
+  m.impl("rope", &rope);
 }
 
 TORCH_LIBRARY_IMPL(fusetune, Meta, m) {
   m.impl("rms_norm_fwd", &rms_norm_fwd_meta);
   m.impl("rms_norm_bwd", &rms_norm_bwd_meta);
   m.impl("nf4_dequant", &nf4_dequant_meta);
+  m.impl("glu_fwd", &glu_fwd_meta);
+  m.impl("glu_bwd", &glu_bwd_meta);
+  m.impl("rope", &rope_meta);
 }
 
 #ifdef TORCH_EXTENSION_NAME  // defined by torch's extension builders, not by CMakeLists.txt

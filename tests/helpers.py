@@ -3,12 +3,30 @@ in tests/tiny_models.py, tolerances and error measures in tests/numerics.py, fix
 """
 import contextlib
 
+import pytest
 import torch
 
 from fusetune import rms_norm, use_backend
+from fusetune.backend import build_cuda_extension
 from fusetune.reference.rms_norm import rms_norm as rms_norm_reference
 from tests.numerics import assert_close, leaf
 from tests.tiny_models import VOCAB, random_batch
+
+
+# --- backends ------------------------------------------------------------------------------------
+# every backend of an op, for its parametrised tests; "cuda" (the extension) where a GPU is
+BACKENDS = ["triton", "torch", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the CUDA extension's ops run on a GPU"))]
+
+
+@contextlib.contextmanager
+def on_backend(name: str):
+    """use_backend(name), with the CUDA extension built first for "cuda" (just in time, once per
+    process, when fusetune._C was not installed with it)."""
+    if name == "cuda":
+        build_cuda_extension()
+    with use_backend(name):
+        yield
 
 
 # --- models on disk, through the facade ----------------------------------------------------------

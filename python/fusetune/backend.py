@@ -103,8 +103,8 @@ def build_cuda_extension(verbose: bool = False):
 
     sources = [str(p) for p in sorted(csrc.glob("*.cu"))] + [str(csrc / "ops.cpp")]
     module = load(name="fusetune_C_jit", sources=sources, verbose=verbose,
-                  extra_cflags=["-O3", "-std=c++17"],
-                  extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math"])
+                  extra_cflags=["-O3"],  # (the C++ standard: torch's, which its headers need)
+                  extra_cuda_cflags=["-O3", "--use_fast_math"])
     sys.modules["fusetune._C"] = module
     cuda_extension.cache_clear()
     logger.info("fusetune: built the CUDA extension just in time from %s", csrc)

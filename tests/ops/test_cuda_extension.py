@@ -3,6 +3,7 @@ extension's ops match the float64 reference (GPU tier).
 
 GPU tier: uses the installed fusetune._C, else builds csrc/ just in time (about a minute).
 """
+import shlex
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,37 @@ def test_kernel_compiles_with_plain_nvcc(source, tmp_path):
            "-o", str(tmp_path / (source.stem + ".o"))]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout}\n{done.stderr}"
+
+
+def _nvcc_include_flags(nvcc: str) -> list[str]:
+    """The include flags nvcc gives its host compiler (the CUDA toolkit's headers)."""
+    done = subprocess.run([nvcc, "-v", "-E", "-x", "cu", "/dev/null", "-o", "/dev/null"], capture_output=True,
+                          text=True, timeout=60)
+    flags = []
+    for line in done.stderr.splitlines():
+        if line.startswith(("#$ INCLUDES=", "#$ SYSTEM_INCLUDES=")):
+            flags += shlex.split(line.split("=", 1)[1])
+    return flags
+
+
+@pytest.mark.slow
+def test_bindings_compile_against_the_installed_torch(tmp_path):
+    """csrc/ops.cpp, the torch bindings (built only where torch has CUDA), type-checks against this
+    torch's headers: a binding mistake shows on the CPU machines, not first on a GPU."""
+    from torch.utils.cpp_extension import include_paths
+
+    nvcc, gxx = shutil.which("nvcc"), shutil.which("g++")
+    if nvcc is None or gxx is None:
+        pytest.skip("needs nvcc (a CUDA toolkit) and g++ to check csrc/ops.cpp")
+    # the one header of torch's CUDA build that a CPU build lacks; ops.cpp needs only its macro
+    stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    stub.parent.mkdir(parents=True)
+    stub.write_text("#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    # after torch's own include paths, so a CUDA build of torch uses its real header
+    cmd = [gxx, "-std=c++20", "-fsyntax-only", *(f"-I{p}" for p in include_paths()), f"-I{tmp_path}",
+           *_nvcc_include_flags(nvcc), f"-I{CSRC}", str(CSRC / "ops.cpp")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stderr[-5000:]}"
 
 
 def test_kernels_stay_torch_free():

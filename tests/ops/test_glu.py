@@ -6,6 +6,7 @@ from fusetune.ops import geglu, swiglu
 from fusetune.ops.glu import HF_ACTIVATIONS, glu
 from fusetune.reference import glu as reference
 from fusetune.reference.glu import ACTIVATIONS
+from tests.helpers import BACKENDS, on_backend
 from tests.numerics import assert_close, leaf
 
 # the interpreter's numpy exp overflows to inf for very negative gates; the result (0) is right
@@ -16,7 +17,7 @@ SHAPES = [(17, 1000), (2, 17, 333), (3, 5, 7)]
 
 def _check_against_float64(activation, gate, up, backend, dtype):
     """Run op on (gate, up) leaves or views of leaves; compare y, dgate, dup with float64."""
-    with use_backend(backend):
+    with on_backend(backend):
         y = glu(gate, up, activation)
     dy = torch.randn_like(y) * 0.5  # grad_output != 1
     dgate, dup = torch.autograd.grad(y, (gate, up), dy)
@@ -29,7 +30,7 @@ def _check_against_float64(activation, gate, up, backend, dtype):
     assert_close(dup, dup64, dtype, "dup")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
@@ -40,7 +41,7 @@ def test_matches_float64_reference(backend, activation, dtype, shape, device, po
     _check_against_float64(activation, gate, up, backend, dtype)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_gate_up_views(backend, activation, dtype, device, poison):
@@ -76,15 +77,16 @@ def test_only_up_requires_grad(device):
     assert_close(up.grad, reference.swiglu(gate.double(), ones), torch.float32, "dup")
 
 
-def test_empty_input(device):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_input(backend, device):
     gate = leaf(torch.randn(0, 64, device=device))
-    with use_backend("triton"):
+    with on_backend(backend):
         y = swiglu(gate, torch.randn(0, 64, device=device))
     y.sum().backward()
     assert y.shape == (0, 64) and gate.grad.shape == (0, 64)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("op", "kwargs", "activation"), [(swiglu, {}, "silu"),
                                                           (geglu, {}, "gelu_tanh"),
                                                           (geglu, {"approximate": "tanh"}, "gelu_tanh"),
@@ -92,7 +94,7 @@ def test_empty_input(device):
 def test_swiglu_and_geglu_are_glu(backend, op, kwargs, activation, device):
     """The public functional API is glu under the activation it names."""
     gate, up = torch.randn(2, 17, 333, device=device) * 3, torch.randn(2, 17, 333, device=device)
-    with use_backend(backend):
+    with on_backend(backend):
         assert torch.equal(op(gate, up, **kwargs), glu(gate, up, activation))
 
 
@@ -141,11 +143,12 @@ def test_wrong_approximate(device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
-def test_real_shape_bf16_cuda(activation):
+def test_real_shape_bf16_cuda(backend, activation):
     """The Llama-3-8B MLP at 4096 tokens: (4096, 14336) bf16, also as chunks of a fused gate_up."""
     gate_up = leaf((torch.randn(4096, 2 * 14336, device="cuda") * 3).to(torch.bfloat16))
-    _check_against_float64(activation, *gate_up.chunk(2, dim=-1), "triton", torch.bfloat16)
+    _check_against_float64(activation, *gate_up.chunk(2, dim=-1), backend, torch.bfloat16)
     gate = leaf((torch.randn(4096, 14336, device="cuda") * 3).to(torch.bfloat16))
     up = leaf(torch.randn(4096, 14336, device="cuda", dtype=torch.bfloat16))
-    _check_against_float64(activation, gate, up, "triton", torch.bfloat16)
+    _check_against_float64(activation, gate, up, backend, torch.bfloat16)

@@ -4,6 +4,7 @@ import torch
 from fusetune import use_backend
 from fusetune.ops import rope
 from fusetune.reference.rope import rope as reference
+from tests.helpers import BACKENDS, on_backend
 from tests.numerics import assert_close, leaf
 
 # (batch, q heads, k heads, seq, head_dim, rotary dims, cos/sin form)
@@ -60,7 +61,7 @@ def check_against_reference(qb, kb, cos, sin, outs, grads, transposed, dtype):
     assert_close(kb.grad, kb64.grad, dtype, "dk")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -72,7 +73,7 @@ def test_matches_float64_reference(backend, inplace, transposed, dtype, case, de
     if inplace:
         q, k = not_a_view(q), not_a_view(k)
     q_before, k_before = q.detach().clone(), k.detach().clone()
-    with use_backend(backend):
+    with on_backend(backend):
         q_out, k_out = rope(q, k, cos, sin, inplace=inplace)
     if inplace:
         assert q_out.data_ptr() == q.data_ptr() and k_out.data_ptr() == k.data_ptr()
@@ -83,37 +84,39 @@ def test_matches_float64_reference(backend, inplace, transposed, dtype, case, de
     check_against_reference(qb, kb, cos, sin, (q_out, k_out), (dq_out, dk_out), transposed, dtype)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_arbitrary_cos_sin(backend, device, poison):
     """cos/sin whose halves differ (not HF's): the backward must be the exact transposed map."""
     qb, kb, q, k = make_qk(2, 4, 2, 9, 64, torch.float32, device, transposed=True)
     cos, sin = torch.randn(2, 9, 40, device=device), torch.randn(2, 9, 40, device=device)
-    with use_backend(backend):
+    with on_backend(backend):
         q_out, k_out = rope(q, k, cos, sin)
     dq_out, dk_out = torch.randn_like(q_out), torch.randn_like(k_out)
     torch.autograd.backward([q_out, k_out], [dq_out, dk_out])
     check_against_reference(qb, kb, cos, sin, (q_out, k_out), (dq_out, dk_out), True, torch.float32)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("q_dtype, cos_dtype", [(torch.bfloat16, torch.float32),
                                                 (torch.float32, torch.bfloat16)])
-def test_cos_sin_dtype_differs_from_q(q_dtype, cos_dtype, device, poison):
+def test_cos_sin_dtype_differs_from_q(backend, q_dtype, cos_dtype, device, poison):
     qb, kb, q, k = make_qk(2, 4, 1, 6, 64, q_dtype, device, transposed=True)
     cos, sin = hf_cos_sin(2, 6, 64, "per-batch", cos_dtype, device)
-    with use_backend("triton"):
+    with on_backend(backend):
         q_out, k_out = rope(q, k, cos, sin)
     dq_out, dk_out = torch.randn_like(q_out), torch.randn_like(k_out)
     torch.autograd.backward([q_out, k_out], [dq_out, dk_out])
     check_against_reference(qb, kb, cos, sin, (q_out, k_out), (dq_out, dk_out), True, q_dtype)
 
 
-def test_inplace_on_hf_views_without_grad(device):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_on_hf_views_without_grad(backend, device):
     """Inference: HF's transposed views are rotated in place."""
     q = torch.randn(2, 5, 4, 64, device=device).transpose(1, 2)
     k = torch.randn(2, 5, 2, 64, device=device).transpose(1, 2)
     cos, sin = hf_cos_sin(2, 5, 64, "per-batch", torch.float32, device)
     ref = reference(q.double(), k.double(), cos.double(), sin.double())
-    with use_backend("triton"), torch.no_grad():
+    with on_backend(backend), torch.no_grad():
         q_out, k_out = rope(q, k, cos, sin, inplace=True)
     assert q_out.data_ptr() == q.data_ptr()
     assert_close(q, ref[0], torch.float32, "q rotated in place")
@@ -182,12 +185,13 @@ def test_inplace_refusals(device):
 
 
 @pytest.mark.gpu
-def test_real_shape_bf16_on_gpu():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_real_shape_bf16_on_gpu(backend):
     batch, hq, hk, seq, d = 1, 32, 8, 2048, 128
     device = torch.device("cuda")
     qb, kb, q, k = make_qk(batch, hq, hk, seq, d, torch.bfloat16, device, transposed=True)
     cos, sin = hf_cos_sin(batch, seq, d, "per-batch", torch.bfloat16, device, theta=500000.0)
-    with use_backend("triton"):
+    with on_backend(backend):
         q_out, k_out = rope(q, k, cos, sin)
     dq_out, dk_out = torch.randn_like(q_out), torch.randn_like(k_out)
     torch.autograd.backward([q_out, k_out], [dq_out, dk_out])

@@ -3,9 +3,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fusetune.backend import cuda_extension, use_backend
+from fusetune.backend import use_backend
 from fusetune.quant import dequantize_nf4, quantize_nf4, state_from_dict, state_to_dict
 from fusetune.reference.nf4 import NF4_CODE
+from tests.helpers import BACKENDS, on_backend
 
 try:
     import bitsandbytes.functional as F
@@ -14,9 +15,6 @@ except ImportError:  # e.g. the GPU machine: only the comparisons with bitsandby
 needs_bnb = pytest.mark.skipif(F is None, reason="bitsandbytes is not installed (pip install bitsandbytes)")
 
 SHAPES = [(33, 100), (17, 31), (64, 128), (300, 512)]  # odd totals, short last blocks, > 256 blocks
-HAS_CUDA_EXT = torch.cuda.is_available() and cuda_extension() is not None
-BACKENDS = ["triton", "torch", pytest.param("cuda", marks=pytest.mark.skipif(
-    not HAS_CUDA_EXT, reason="needs a GPU and the CUDA extension fusetune._C"))]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -63,7 +61,7 @@ def test_dequant_bit_exact(backend, shape, blocksize, double_quant, out_dtype, p
     # bitsandbytes' own state, through its keys; the Triton kernel runs on the GPU where there is one
     device = "cuda" if backend != "torch" and torch.cuda.is_available() else "cpu"
     state = state_from_dict(qs.as_dict(packed=True), device=device)
-    with use_backend(backend):
+    with on_backend(backend):
         got = dequantize_nf4(packed.to(device), state)
     assert got.dtype == out_dtype and got.shape == torch.Size(shape)
     assert torch.equal(got.cpu(), expected)
@@ -110,7 +108,7 @@ def test_errors():
 def test_dequant_llama8b_mlp_bf16(double_quant, backend):
     w = torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16)
     packed, state = quantize_nf4(w, 64, double_quant)
-    with use_backend(backend):
+    with on_backend(backend):
         got = dequantize_nf4(packed, state)
     with use_backend("torch"):
         expected = dequantize_nf4(packed, state)
@@ -125,7 +123,7 @@ def test_workspace_dequantisation_of_several_shapes(backend, device):
 
     weights = [torch.randn(shape, device=device) for shape in ((64, 96), (32, 64), (128, 96), (64, 96))]
     quantised = [NF4Weight(*quantize_nf4(w)) for w in weights]
-    with use_backend(backend):
+    with on_backend(backend):
         for _ in range(2):
             for q in quantised:
                 got = q.dequantize(torch.float32, workspace=True)
@@ -137,6 +135,6 @@ def test_workspace_dequantisation_of_several_shapes(backend, device):
         assert results[0] is results[3]
     with torch.inference_mode():  # a buffer first made here still serves training afterwards
         NF4Weight(*quantize_nf4(torch.randn(256, 96, device=device))).dequantize(torch.float64, workspace=True)
-    with use_backend(backend):
+    with on_backend(backend):
         got = quantised[0].dequantize(torch.float64, workspace=True)
     assert torch.equal(got, quantised[0].dequantize(torch.float64))

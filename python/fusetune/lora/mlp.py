@@ -18,7 +18,7 @@ import torch
 from fusetune.lora.projection import (Adapters, LoRAProjection, autocast_off, cast_lora, check_projection,
                                       draw_mask, group_backward, group_forward, lora_grads_out, lora_params)
 from fusetune.lora.saved import load, save
-from fusetune.ops.glu import check_activation, glu_backward_into, glu_forward, uses_triton
+from fusetune.ops.glu import backend_for, check_activation, glu_backward, glu_forward
 
 
 def _split(outs, inter):
@@ -40,22 +40,22 @@ class _Saved(NamedTuple):
 
 
 class LoRAMLPFunction(torch.autograd.Function):
-    """Inputs: activation, use_triton, the Adapters of the upper projections (gate and up, or
+    """Inputs: activation, the GLU's backend, the Adapters of the upper projections (gate and up, or
     gate_up) and of down, x (N, hidden), then (lora_A, lora_B) of every upper projection and of
     down. Gradients: x, every lora_A and lora_B."""
 
     @staticmethod
     @autocast_off
-    def forward(ctx, activation, use_triton, upper, down, x, *params):
+    def forward(ctx, activation, backend, upper, down, x, *params):
         up_params, down_params = params[:-2], params[-2:]
         upper_outs, upper_xas = group_forward(x, upper, cast_lora(up_params, x.dtype))
         inter = down.weights[0].shape[1]
         g, u = _split(upper_outs, inter)
-        h = glu_forward(g, u, activation, use_triton)
+        h = glu_forward(g, u, activation, backend)
         (y,), down_xas = group_forward(h, down, cast_lora(down_params, x.dtype))
         save(ctx, _Saved(x, upper_outs, upper_xas, down_xas, up_params, down_params, upper.masks, down.masks))
         upper.masks = down.masks = None
-        ctx.activation, ctx.use_triton, ctx.upper, ctx.down = activation, use_triton, upper, down
+        ctx.activation, ctx.backend, ctx.upper, ctx.down = activation, backend, upper, down
         ctx.consumed = False
         return y
 
@@ -75,11 +75,11 @@ class LoRAMLPFunction(torch.autograd.Function):
         inter = down.weights[0].shape[1]
         g, u = _split(saved.upper_outs, inter)
 
-        h = glu_forward(g, u, ctx.activation, ctx.use_triton)
+        h = glu_forward(g, u, ctx.activation, ctx.backend)
         # the down input gradient goes into h, which the LoRA gradients read first
         dh, (down_grads,) = group_backward([dy.contiguous()], h, saved.down_xas, down,
                                            cast_lora(saved.down_params, x.dtype), down_needs, True, out=h)
-        glu_backward_into(dh, g, u, ctx.activation, ctx.use_triton)
+        glu_backward(dh, g, u, ctx.activation, ctx.backend, out=(g, u))  # in place
         del h, dh
         dx, up_grads = group_backward(saved.upper_outs, x, saved.upper_xas, upper,
                                       cast_lora(saved.upper_params, x.dtype), up_needs, need[4])
@@ -123,7 +123,6 @@ def lora_mlp(x: torch.Tensor, gate: LoRAProjection | None, up: LoRAProjection | 
     rows = x2d.shape[0]
     upper_masks = [draw_mask(f"lora_mlp: {name}", p, rows, hidden, x2d) for name, p in zip(names, upper)]
     down_masks = [draw_mask("lora_mlp: down", down, rows, inter, x2d)]
-    use_triton = uses_triton(activation, x.device)
-    y = LoRAMLPFunction.apply(activation, use_triton, Adapters(upper, upper_masks), Adapters((down,), down_masks),
+    y = LoRAMLPFunction.apply(activation, backend_for(activation, x.device), Adapters(upper, upper_masks), Adapters((down,), down_masks),
                               x2d, *lora_params(upper), *lora_params((down,)))
     return y.view(*x.shape[:-1], out)

@@ -25,7 +25,7 @@ HF_ACTIVATIONS = {
 }
 GELU_APPROXIMATIONS = {"tanh": "gelu_tanh", "none": "gelu_erf"}  # geglu's approximate -> activation
 
-CUDA_OPS = ()  # no CUDA C++ implementation yet
+CUDA_OPS = ("glu_fwd", "glu_bwd")  # the torch.ops.fusetune operators of the CUDA path
 
 
 def check_activation(where: str, activation: str) -> None:
@@ -59,60 +59,70 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2d if t2d.stride(-1) == 1 else t2d.contiguous()
 
 
-def uses_triton(activation: str, device: torch.device) -> bool:
-    return resolve(op_name(activation), device, CUDA_OPS) == "triton"
+def backend_for(activation: str, device: torch.device) -> str:
+    """The backend ("triton" | "cuda" | "torch") that runs this activation's GLU on `device`."""
+    return resolve(op_name(activation), device, CUDA_OPS)
 
 
-def glu_forward(gate, up, activation: str, use_triton: bool) -> torch.Tensor:
-    """act(gate) * up outside autograd, for fused Functions that own their backward (lora_mlp);
-    gate and up: (rows, n) with unit column stride."""
-    if use_triton:
+def glu_forward(gate, up, activation: str, backend: str) -> torch.Tensor:
+    """act(gate) * up outside autograd, for fused Functions that own their backward (lora_mlp) and
+    for GLUFunction; gate and up: (rows, n) with unit column stride. A new contiguous tensor."""
+    if backend == "cuda":
+        return torch.ops.fusetune.glu_fwd(gate, up, activation)
+    if backend == "triton":
         from fusetune.triton_kernels.glu import glu_fwd
 
         return glu_fwd(gate, up, activation)
     return reference.glu(gate, up, activation)
 
 
-def glu_backward_into(dy, gate, up, activation: str, use_triton: bool) -> None:
-    """The GLU's input gradients written over gate (d gate) and up (d up): no new memory."""
-    if use_triton:
+def glu_backward(dy, gate, up, activation: str, backend: str, out=None):
+    """(d gate, d up) outside autograd; all (rows, n) with unit column stride. out: where to write
+    them, which may be (gate, up) themselves (each element is read before its gradient is stored)."""
+    if backend == "triton":
         from fusetune.triton_kernels.glu import glu_bwd
 
-        glu_bwd(dy, gate, up, activation, out=(gate, up))
-        return
+        return glu_bwd(dy, gate, up, activation, out=out)
+    if backend == "cuda":
+        if out is None:
+            out = (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device),
+                   torch.empty(up.shape, dtype=up.dtype, device=up.device))
+        torch.ops.fusetune.glu_bwd(dy, gate, up, activation, *out)
+        return out
     with torch.enable_grad():
         g, u = gate.detach().requires_grad_(), up.detach().requires_grad_()
-        dg, du = torch.autograd.grad(glu_forward(g, u, activation, False), (g, u), dy)
-    gate.copy_(dg)
-    up.copy_(du)
+        grads = torch.autograd.grad(reference.glu(g, u, activation), (g, u), dy)
+    if out is None:
+        return grads
+    out[0].copy_(grads[0])
+    out[1].copy_(grads[1])
+    return out
 
 
 class GLUFunction(torch.autograd.Function):
-    """act(gate) * up; saves gate and up only: the backward recomputes act from gate."""
+    """act(gate) * up on the Triton or CUDA kernels; saves gate and up only: the backward
+    recomputes act from gate."""
 
     @staticmethod
-    def forward(ctx, gate, up, activation):
-        from fusetune.triton_kernels.glu import glu_fwd
-
-        y = glu_fwd(_rows(gate), _rows(up), activation)
+    def forward(ctx, gate, up, activation, backend):
+        y = glu_forward(_rows(gate), _rows(up), activation, backend)
         ctx.save_for_backward(gate, up)
-        ctx.activation = activation
+        ctx.activation, ctx.backend = activation, backend
         return y.view(gate.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        from fusetune.triton_kernels.glu import glu_bwd
-
         gate, up = ctx.saved_tensors
-        dg, du = glu_bwd(_rows(dy), _rows(gate), _rows(up), ctx.activation)
-        return dg.view(gate.shape), du.view(up.shape), None
+        dg, du = glu_backward(_rows(dy), _rows(gate), _rows(up), ctx.activation, ctx.backend)
+        return dg.view(gate.shape), du.view(up.shape), None, None
 
 
 def _glu(op: str, gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     _check(op, gate, up)
-    if uses_triton(activation, gate.device):
-        return GLUFunction.apply(gate, up, activation)
-    return reference.glu(gate, up, activation)
+    backend = backend_for(activation, gate.device)
+    if backend == "torch":
+        return reference.glu(gate, up, activation)
+    return GLUFunction.apply(gate, up, activation, backend)
 
 
 def glu(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:

@@ -1,10 +1,10 @@
-"""RoPE: autograd Function over the Triton kernel, and `rope`."""
+"""RoPE: autograd Function over the Triton kernel or the CUDA extension op, and `rope`."""
 import torch
 
 from fusetune.backend import resolve
 from fusetune.reference.rope import rope as rope_reference
 
-CUDA_OPS = ()  # no CUDA C++ implementation yet
+CUDA_OPS = ("rope",)  # the torch.ops.fusetune operator of the CUDA path
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -53,15 +53,18 @@ def _check_inplace(q: torch.Tensor, k: torch.Tensor):
                              f"{tuple(t.stride())}) whose elements share memory; use inplace=False")
 
 
-def _check_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def _check_kernel(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str):
     for name, t in (("q", q), ("k", k)):
         if t.stride(-1) != 1:
             raise ValueError(f"rope: {name}'s last dim must have stride 1 (strides "
                              f"{tuple(t.stride())}); pass {name}.contiguous()")
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
-        raise ValueError("rope: the Triton path gives no gradient to cos/sin, which require grad "
-                         "here; detach them (Hugging Face's rotary embedding makes them under "
-                         "no_grad) or use the 'torch' backend")
+        raise ValueError(f"rope: the {backend} path gives no gradient to cos/sin, which require grad "
+                         f"here; detach them (Hugging Face's rotary embedding makes them under "
+                         f"no_grad) or use the 'torch' backend")
+    if backend == "cuda" and q.dtype != k.dtype:
+        raise TypeError(f"rope: the cuda path rotates q and k of one dtype, got {q.dtype} and {k.dtype}; "
+                        f"cast them to one dtype or use the 'triton' backend")
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -73,29 +76,47 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return _unit_last(t if t.dim() == 3 else t[None])
 
 
-class RoPEFunction(torch.autograd.Function):
-    """cos/sin get no gradient (None): they are functions of positions, not trained."""
-
-    @staticmethod
-    def forward(ctx, q, k, cos, sin, inplace):
+def _rope_fwd(q, k, cos, sin, inplace: bool, backend: str):
+    if backend == "triton":
         from fusetune.triton_kernels.rope import rope_fwd
 
+        return rope_fwd(q, k, cos, sin, inplace)
+    q_out, k_out = (q, k) if inplace else (torch.empty_like(q), torch.empty_like(k))
+    torch.ops.fusetune.rope(q, k, cos, sin, False, q_out, k_out)
+    return q_out, k_out
+
+
+def _rope_bwd(dq_out, dk_out, cos, sin, backend: str):
+    if backend == "triton":
+        from fusetune.triton_kernels.rope import rope_bwd
+
+        return rope_bwd(dq_out, dk_out, cos, sin)
+    dq, dk = torch.empty_like(dq_out), torch.empty_like(dk_out)
+    torch.ops.fusetune.rope(dq_out, dk_out, cos, sin, True, dq, dk)  # the transposed rotation
+    return dq, dk
+
+
+class RoPEFunction(torch.autograd.Function):
+    """On the Triton or CUDA kernel; cos/sin get no gradient (None): they are functions of
+    positions, not trained."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, inplace, backend):
         cos, sin = _rows(cos), _rows(sin)
-        q_out, k_out = rope_fwd(q, k, cos, sin, inplace)
+        q_out, k_out = _rope_fwd(q, k, cos, sin, inplace, backend)
         if inplace:
             ctx.mark_dirty(q, k)
         ctx.save_for_backward(cos, sin)
+        ctx.backend = backend
         return q_out, k_out
 
     @staticmethod
     def backward(ctx, dq_out, dk_out):
-        from fusetune.triton_kernels.rope import rope_bwd
-
         cos, sin = ctx.saved_tensors
         # not in place: the incoming gradient may be shared with other branches or expanded
-        dq, dk = rope_bwd(_unit_last(dq_out), _unit_last(dk_out), cos, sin)
+        dq, dk = _rope_bwd(_unit_last(dq_out), _unit_last(dk_out), cos, sin, ctx.backend)
         return (dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None,
-                None, None, None)
+                None, None, None, None)
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -111,16 +132,17 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     inplace=True writes the results into q and k and returns them; when grad is needed, q and k
     must be neither views nor leaves (autograd's rules for in-place Functions), so it suits
     inference. The backward writes new gradient tensors: the incoming gradient may be shared with
-    other branches of the graph or expanded, so overwriting it is not safe.
+    other branches of the graph or expanded, so overwriting it is not safe. The cuda path needs q
+    and k of one dtype.
     Returns (q_out, k_out).
     """
     _check(q, k, cos, sin)
     if inplace:
         _check_inplace(q, k)
     backend = resolve("rope", q.device, CUDA_OPS)
-    if backend == "triton":
-        _check_triton(q, k, cos, sin)
-        return RoPEFunction.apply(q, k, cos, sin, inplace)
+    if backend != "torch":
+        _check_kernel(q, k, cos, sin, backend)
+        return RoPEFunction.apply(q, k, cos, sin, inplace, backend)
     q_out, k_out = rope_reference(q, k, cos, sin)
     if inplace:
         return q.copy_(q_out), k.copy_(k_out)
