@@ -78,4 +78,19 @@ cudaError_t rope(const RopeTensor& q, const RopeTensor& k, const void* cos, cons
                  int64_t cos_seq_stride, int64_t sin_batch_stride, int64_t sin_seq_stride, bool inverse,
                  bool copy_pass, DType dtype, DType cos_dtype, cudaStream_t stream);
 
+// Cross-entropy of the rows of x (rows, n_cols) of x_dtype, unit column stride, against int64
+// targets (stride t_stride): z = softcap tanh(scale x / softcap) (softcap 0: z = scale x),
+// lse = log sum exp z, loss = lse - z_target, both fp32 (rows,); 0 for both where the target is
+// ignore_index, a NaN loss for a target outside [0, n_cols).
+cudaError_t cross_entropy_fwd(const void* x, const int64_t* targets, float* loss, float* lse, int64_t rows,
+                              int64_t n_cols, int64_t x_row_stride, int64_t t_stride, int64_t ignore_index,
+                              float scale, float softcap, DType x_dtype, cudaStream_t stream);
+
+// Its backward with g = grad[row * g_stride] (fp32; g_stride 0 shares one value):
+//   dx = g (exp(z - lse) - [j == target]) dz/dx, zero on ignored rows; dx (of x's dtype) may be x.
+cudaError_t cross_entropy_bwd(const void* x, void* dx, const int64_t* targets, const float* lse, const float* grad,
+                              int64_t rows, int64_t n_cols, int64_t x_row_stride, int64_t dx_row_stride,
+                              int64_t t_stride, int64_t g_stride, int64_t ignore_index, float scale, float softcap,
+                              DType x_dtype, cudaStream_t stream);
+
 }  // namespace fusetune

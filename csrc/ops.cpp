@@ -303,6 +303,77 @@ void rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const
 
 void rope_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, at::Tensor&,
                at::Tensor&) {}
+
+// logits (rows, V) with unit column stride; targets (rows,) int64, any stride
+void check_logits(const at::Tensor& x, const at::Tensor& targets, const char* op) {
+  TORCH_CHECK(x.is_cuda(), op, ": logits must be a CUDA tensor, got one on ", x.device());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, op, ": logits must be 2-D (rows, vocab) with a vocab, got shape ",
+              x.sizes(), "; reshape them to (-1, vocab)");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": logits must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(x.size(1) == 1 || x.stride(1) == 1, op, ": logits must have unit column stride (strides ", x.strides(),
+              "); pass logits.contiguous()");
+  TORCH_CHECK(x.size(0) <= INT32_MAX, op, ": at most 2^31 - 1 rows, got ", x.size(0));
+  TORCH_CHECK(targets.is_cuda() && targets.device() == x.device(), op, ": targets must be on the logits' device (",
+              x.device(), "), got ", targets.device());
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == x.size(0) && targets.scalar_type() == at::kLong, op,
+              ": targets must be int64 of shape (", x.size(0), ",), got ", targets.scalar_type(), " of shape ",
+              targets.sizes(), "; pass targets.long()");
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& x, const at::Tensor& targets,
+                                                     int64_t ignore_index, double scale, double softcap) {
+  const char* op = "fusetune::cross_entropy_fwd";
+  check_logits(x, targets, op);
+  TORCH_CHECK(softcap >= 0, op, ": softcap must be > 0 (0 for none), got ", softcap);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor loss = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  check_launch(fusetune::cross_entropy_fwd(x.data_ptr(), targets.data_ptr<int64_t>(), loss.data_ptr<float>(),
+                                           lse.data_ptr<float>(), x.size(0), x.size(1), x.stride(0),
+                                           targets.stride(0), ignore_index, static_cast<float>(scale),
+                                           static_cast<float>(softcap), kernel_dtype(x),
+                                           c10::cuda::getCurrentCUDAStream()),
+               op);
+  return {loss, lse};
+}
+
+// the logits' gradient written into dx (which may be x itself); grad: the per-row scale, fp32 (rows,)
+// of any stride (0: one value for every row)
+void cross_entropy_bwd(const at::Tensor& x, const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& grad,
+                       int64_t ignore_index, double scale, double softcap, at::Tensor& dx) {
+  const char* op = "fusetune::cross_entropy_bwd";
+  check_logits(x, targets, op);
+  TORCH_CHECK(softcap >= 0, op, ": softcap must be > 0 (0 for none), got ", softcap);
+  check_on_gpu(lse, x, op, "lse");
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == x.size(0) && lse.scalar_type() == at::kFloat, op,
+              ": lse must be the float32 (", x.size(0), ",) tensor from cross_entropy_fwd, got ", lse.scalar_type(),
+              " of shape ", lse.sizes());
+  TORCH_CHECK(grad.is_cuda() && grad.device() == x.device() && grad.dim() == 1 && grad.size(0) == x.size(0) &&
+                  grad.scalar_type() == at::kFloat,
+              op, ": grad must be a float32 (", x.size(0), ",) CUDA tensor on the logits' device, got ",
+              grad.scalar_type(), " of shape ", grad.sizes(), " on ", grad.device());
+  TORCH_CHECK(dx.is_cuda() && dx.device() == x.device() && dx.sizes() == x.sizes() &&
+                  dx.scalar_type() == x.scalar_type() && (dx.size(1) == 1 || dx.stride(1) == 1),
+              op, ": dx must match the logits (", x.sizes(), ", ", x.scalar_type(), ", unit column stride), got ",
+              dx.sizes(), ", ", dx.scalar_type());
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_launch(fusetune::cross_entropy_bwd(x.data_ptr(), dx.data_ptr(), targets.data_ptr<int64_t>(),
+                                           lse.data_ptr<float>(), grad.data_ptr<float>(), x.size(0), x.size(1),
+                                           x.stride(0), dx.stride(0), targets.stride(0), grad.stride(0),
+                                           ignore_index, static_cast<float>(scale), static_cast<float>(softcap),
+                                           kernel_dtype(x), c10::cuda::getCurrentCUDAStream()),
+               op);
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_meta(const at::Tensor& x, const at::Tensor&, int64_t, double,
+                                                          double) {
+  return {at::empty({x.size(0)}, x.options().dtype(at::kFloat)), at::empty({x.size(0)}, x.options().dtype(at::kFloat))};
+}
+
+void cross_entropy_bwd_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                            double, double, at::Tensor&) {}
 }  // namespace
 
 TORCH_LIBRARY(fusetune, m) {
@@ -315,6 +386,9 @@ TORCH_LIBRARY(fusetune, m) {
   m.def("glu_fwd(Tensor gate, Tensor up, str activation) -> Tensor");
   m.def("glu_bwd(Tensor dy, Tensor gate, Tensor up, str activation, Tensor(a!) dgate, Tensor(b!) dup) -> ()");
   m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin, bool inverse, Tensor(a!) q_out, Tensor(b!) k_out) -> ()");
+  m.def("cross_entropy_fwd(Tensor x, Tensor targets, int ignore_index, float scale, float softcap) -> (Tensor, Tensor)");
+  m.def("cross_entropy_bwd(Tensor x, Tensor targets, Tensor lse, Tensor grad, int ignore_index, float scale, "
+        "float softcap, Tensor(a!) dx) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fusetune, CUDA, m) {
@@ -324,6 +398,8 @@ TORCH_LIBRARY_IMPL(fusetune, CUDA, m) {
   m.impl("glu_fwd", &glu_fwd);
   m.impl("glu_bwd", &glu_bwd);
   m.impl("rope", &rope);
+  m.impl("cross_entropy_fwd", &cross_entropy_fwd);
+  m.impl("cross_entropy_bwd", &cross_entropy_bwd);
 }
 
 TORCH_LIBRARY_IMPL(fusetune, Meta, m) {
@@ -333,6 +409,8 @@ TORCH_LIBRARY_IMPL(fusetune, Meta, m) {
   m.impl("glu_fwd", &glu_fwd_meta);
   m.impl("glu_bwd", &glu_bwd_meta);
   m.impl("rope", &rope_meta);
+  m.impl("cross_entropy_fwd", &cross_entropy_fwd_meta);
+  m.impl("cross_entropy_bwd", &cross_entropy_bwd_meta);
 }
 
 #ifdef TORCH_EXTENSION_NAME  // defined by torch's extension builders, not by CMakeLists.txt

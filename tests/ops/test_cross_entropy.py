@@ -6,9 +6,8 @@ import torch
 from fusetune import use_backend
 from fusetune.ops import cross_entropy
 from fusetune.reference.cross_entropy import cross_entropy as reference
+from tests.helpers import BACKENDS, on_backend
 from tests.numerics import assert_close, leaf
-
-BACKENDS = ["triton", "torch"]
 SHAPES = [((17,), 32003), ((5,), 1000), ((2, 7), 1000)]  # (target shape, vocab); 3-D logits too
 
 
@@ -29,7 +28,7 @@ def grad_output(loss):
 def check_against_reference(backend, logits, targets, dtype, inplace_backward=False, **kwargs):
     """Forward and d logits of `cross_entropy` vs the float64 reference on the same inputs."""
     x = leaf(logits)
-    with use_backend(backend):
+    with on_backend(backend):
         loss = cross_entropy(x, targets, inplace_backward=inplace_backward, **kwargs)
     dy = grad_output(loss)
     loss.backward(dy)
@@ -83,7 +82,7 @@ def test_num_items_in_batch(backend, as_tensor, device, poison):
     num_items = torch.tensor(23, device=device) if as_tensor else 23
     x, loss = check_against_reference(backend, logits, targets, torch.float32,
                                       num_items_in_batch=num_items)
-    with use_backend(backend):
+    with on_backend(backend):
         total = cross_entropy(logits, targets, reduction="sum")
     assert_close(loss, total / 23, torch.float32, "loss vs sum / num_items")
 
@@ -95,12 +94,12 @@ def test_gradient_accumulation_equals_one_big_batch(backend, device):
     num_items = (targets != -100).sum()  # what HF's Trainer passes, a device tensor
     full = leaf(logits)
     halves = [leaf(part) for part in logits.chunk(2)]
-    with use_backend(backend):
+    with on_backend(backend):
         cross_entropy(full, targets).backward()
         loss = sum(cross_entropy(x, t, num_items_in_batch=num_items)
                    for x, t in zip(halves, targets.chunk(2)))
         loss.backward()
-    with use_backend(backend):
+    with on_backend(backend):
         assert_close(loss, cross_entropy(logits, targets), torch.float32, "accumulated loss")
     assert_close(torch.cat([x.grad for x in halves]), full.grad, torch.float32, "accumulated grad")
 
@@ -116,7 +115,7 @@ def test_int32_targets(backend, device):
 def test_all_rows_ignored_gives_zero_not_nan(backend, reduction, device, poison):
     x = leaf(torch.randn(4, 1000, device=device))
     targets = torch.full((4,), -1, device=device)
-    with use_backend(backend):
+    with on_backend(backend):
         loss = cross_entropy(x, targets, ignore_index=-1, reduction=reduction)
     loss.sum().backward()
     assert torch.equal(loss, torch.zeros_like(loss))
@@ -128,7 +127,7 @@ def test_out_of_range_target_is_an_error(backend):
     # on the CPU: on a GPU the same check is a device-side assert, which ends the CUDA context
     logits, targets = make_inputs((6,), 1000, torch.float32, "cpu", ignored=0.0)
     targets[2] = 1000
-    with use_backend(backend), pytest.raises(RuntimeError, match=r"outside \[0, 1000\) and is not ignore_index"):
+    with on_backend(backend), pytest.raises(RuntimeError, match=r"outside \[0, 1000\) and is not ignore_index"):
         cross_entropy(logits, targets, reduction="none")
 
 
@@ -137,7 +136,7 @@ def test_out_of_range_target_is_an_error(backend):
 def test_a_nan_logit_gives_a_nan_loss(backend, reduction, device):
     logits, targets = make_inputs((6,), 1000, torch.float32, device, ignored=0.0)
     logits[2, 17] = float("nan")
-    with use_backend(backend):
+    with on_backend(backend):
         loss = cross_entropy(logits, targets, reduction=reduction)
     assert torch.isnan(loss).any() if reduction == "mean" else torch.isnan(loss[2])
     if reduction == "none":
@@ -148,7 +147,7 @@ def test_a_nan_logit_gives_a_nan_loss(backend, reduction, device):
 @pytest.mark.parametrize("items", [0, -3])
 def test_num_items_in_batch_must_be_positive(backend, items, device):
     logits, targets = make_inputs((6,), 100, torch.float32, device)
-    with use_backend(backend), pytest.raises(ValueError, match="num_items_in_batch must be > 0"):
+    with on_backend(backend), pytest.raises(ValueError, match="num_items_in_batch must be > 0"):
         cross_entropy(logits, targets, num_items_in_batch=items)
 
 
@@ -156,7 +155,7 @@ def test_num_items_in_batch_must_be_positive(backend, items, device):
 def test_a_zero_count_tensor_of_an_all_ignored_step_gives_zero(backend, device, poison):
     # Trainer passes num_items_in_batch=tensor(0) when a whole accumulation step's labels are ignored
     x = leaf(torch.randn(4, 100, device=device))
-    with use_backend(backend):
+    with on_backend(backend):
         loss = cross_entropy(x, torch.full((4,), -100, device=device), num_items_in_batch=torch.tensor(0))
     loss.backward()
     assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(x.grad, torch.zeros_like(x))
@@ -189,7 +188,8 @@ def no_host_sync():
 
 
 @pytest.mark.gpu
-def test_real_shape_bf16_no_sync_and_inplace_saves_a_buffer():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_real_shape_bf16_no_sync_and_inplace_saves_a_buffer(backend):
     n, vocab = 4096, 128256
     logits, targets = make_inputs((n,), vocab, torch.bfloat16, "cuda", ignored=0.1)
     count = int((targets != -100).sum())
@@ -199,7 +199,7 @@ def test_real_shape_bf16_no_sync_and_inplace_saves_a_buffer():
     for inplace in (False, True):
         x = leaf(logits)
         num_items = torch.tensor(count)  # a CPU tensor, as a data loader may hand it over
-        with no_host_sync():
+        with on_backend(backend), no_host_sync():
             loss = cross_entropy(x, targets, num_items_in_batch=num_items,
                                  inplace_backward=inplace)
         torch.cuda.synchronize()

@@ -1,11 +1,12 @@
-"""Large-vocabulary cross-entropy: autograd Function over the Triton kernels and `cross_entropy`."""
+"""Large-vocabulary cross-entropy: autograd Function over the Triton kernels or the CUDA extension's
+ops, and `cross_entropy`."""
 import torch
 
 from fusetune.backend import resolve
 from fusetune.reference.cross_entropy import REDUCTIONS, mean_divisor
 from fusetune.reference.cross_entropy import cross_entropy as cross_entropy_reference
 
-CUDA_OPS = ()  # no CUDA C++ implementation yet
+CUDA_OPS = ("cross_entropy_fwd", "cross_entropy_bwd")  # the torch.ops.fusetune operators of the CUDA path
 
 
 def check_targets(targets: torch.Tensor, vocab: int, ignore_index: int):
@@ -53,21 +54,47 @@ def _check(logits, targets, reduction, num_items_in_batch, softcap):
         raise ValueError(f"cross_entropy: softcap must be > 0 (None for no softcap), got {softcap}")
 
 
+def kernel_forward(x2d, targets, ignore_index: int, softcap, logit_scale, backend: str):
+    """x2d (N, V) with unit column stride, targets (N,) -> (loss, lse), fp32 (N,) each; 0 on
+    ignored rows. On the "triton" or "cuda" backend."""
+    if backend == "cuda":
+        return torch.ops.fusetune.cross_entropy_fwd(x2d, targets.long(), ignore_index, _scale(logit_scale),
+                                                    softcap or 0.0)
+    from fusetune.triton_kernels.cross_entropy import cross_entropy_fwd
+
+    return cross_entropy_fwd(x2d, targets, ignore_index, softcap, logit_scale)
+
+
+def kernel_backward(g, x2d, targets, lse, ignore_index: int, softcap, logit_scale, inplace: bool, backend: str):
+    """The logits' gradient for the per-row scale g ((N,), or a stride-0 view of one value); written
+    over x2d when inplace (each element is read before its gradient is stored)."""
+    if backend == "cuda":
+        dx = x2d if inplace else torch.empty_like(x2d)
+        torch.ops.fusetune.cross_entropy_bwd(x2d, targets.long(), lse, g.float(), ignore_index,
+                                             _scale(logit_scale), softcap or 0.0, dx)
+        return dx
+    from fusetune.triton_kernels.cross_entropy import cross_entropy_bwd
+
+    return cross_entropy_bwd(g, x2d, targets, lse, ignore_index, softcap, logit_scale, inplace)
+
+
+def _scale(logit_scale) -> float:
+    return 1.0 if logit_scale is None else float(logit_scale)
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """divisor: None for "none"/"sum", else what the summed loss is divided by (number/tensor)."""
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, reduction, divisor, softcap, logit_scale,
-                inplace_backward):
-        from fusetune.triton_kernels.cross_entropy import cross_entropy_fwd
-
+                inplace_backward, backend):
         x2d = logits.reshape(-1, logits.shape[-1])
         if x2d.stride(-1) != 1:
             x2d = x2d.contiguous()
         t = targets.reshape(-1)
-        losses, lse = cross_entropy_fwd(x2d, t, ignore_index, softcap, logit_scale)
+        losses, lse = kernel_forward(x2d, t, ignore_index, softcap, logit_scale, backend)
         ctx.save_for_backward(x2d, t, lse)
-        ctx.args = (ignore_index, reduction, divisor, softcap, logit_scale, inplace_backward)
+        ctx.args = (ignore_index, reduction, divisor, softcap, logit_scale, inplace_backward, backend)
         ctx.shape = logits.shape
         if reduction == "none":
             return losses.view(targets.shape)
@@ -76,22 +103,20 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from fusetune.triton_kernels.cross_entropy import cross_entropy_bwd
-
         x2d, t, lse = ctx.saved_tensors
-        ignore_index, reduction, divisor, softcap, logit_scale, inplace = ctx.args
+        ignore_index, reduction, divisor, softcap, logit_scale, inplace, backend = ctx.args
         # the per-row gradient scale stays on the device: the kernel reads it, nothing syncs
         g = grad.reshape(-1) if reduction == "none" else grad.reshape(1)
         if divisor is not None:
             g = g / divisor
         if reduction != "none":
             g = g.expand(t.shape[0])  # stride 0: every row reads the one value
-        dx = cross_entropy_bwd(g, x2d, t, lse, ignore_index, softcap, logit_scale, inplace)
+        dx = kernel_backward(g, x2d, t, lse, ignore_index, softcap, logit_scale, inplace, backend)
         if inplace:
             # the kernel wrote through raw pointers: bump the version so that any other autograd
             # node that saved these logits raises instead of reading gradients as logits
             torch.autograd.graph.increment_version(x2d)
-        return dx.view(ctx.shape), None, None, None, None, None, None, None
+        return dx.view(ctx.shape), None, None, None, None, None, None, None, None
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
@@ -108,7 +133,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     targets, 0 on ignored rows). The loss is fp32 (float64 for float64 logits on the torch path);
     the gradient has the logits' dtype. No host sync.
 
-    inplace_backward=True (Triton path): the backward writes d logits into the logits tensor's own
+    inplace_backward=True (Triton and CUDA paths): the backward writes d logits into the logits tensor's own
     memory, so the caller's logits are OVERWRITTEN by backward; use it only when nothing reads
     the logits after the loss (as in a causal-LM head). It saves one logits-sized buffer.
     A NaN logit gives a NaN loss. A target outside [0, V) that is not ignore_index is an error
@@ -120,11 +145,12 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     """
     _check(logits, targets, reduction, num_items_in_batch, softcap)
     check_targets(targets, logits.shape[-1], ignore_index)
-    if resolve("cross_entropy", logits.device, CUDA_OPS) != "triton":
+    backend = resolve("cross_entropy", logits.device, CUDA_OPS)
+    if backend == "torch":
         return cross_entropy_reference(logits, targets, ignore_index, reduction, num_items_in_batch,
                                        softcap, logit_scale)
     divisor = None
     if reduction == "mean":
         divisor = mean_divisor(targets != ignore_index, num_items_in_batch, torch.float32)
     return CrossEntropyFunction.apply(logits, targets, ignore_index, reduction, divisor, softcap,
-                                      logit_scale, inplace_backward)
+                                      logit_scale, inplace_backward, backend)

@@ -12,14 +12,13 @@ head trains. The gradient work happens in forward only when autograd will need i
 import torch
 
 from fusetune.backend import resolve
+from fusetune.ops.cross_entropy import CUDA_OPS, kernel_backward, kernel_forward
 from fusetune.ops.cross_entropy import _check as _check_cross_entropy
 from fusetune.ops.cross_entropy import check_targets
 from fusetune.reference.cross_entropy import mean_divisor
 from fusetune.reference.linear_cross_entropy import linear_cross_entropy as reference
 
 CHUNK_BYTES = 1 << 28  # logits of one chunk: 256 MiB (1024 tokens at vocab 128256 in bf16)
-
-CUDA_OPS = ()  # no CUDA C++ implementation yet
 
 
 def _chunk_tokens(vocab: int, element_size: int) -> int:
@@ -29,9 +28,7 @@ def _chunk_tokens(vocab: int, element_size: int) -> int:
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ignore_index, reduction, num_items_in_batch,
-                softcap, logit_scale, track_grad):
-        from fusetune.triton_kernels.cross_entropy import cross_entropy_bwd, cross_entropy_fwd
-
+                softcap, logit_scale, track_grad, backend):
         h2d = hidden.reshape(-1, hidden.shape[-1])
         t = targets.reshape(-1)
         if reduction == "mean":
@@ -52,11 +49,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         for start in range(0, h2d.shape[0], step):
             h_c, t_c = h2d[start:start + step], t[start:start + step]
             logits = torch.nn.functional.linear(h_c, weight, bias)
-            losses, lse = cross_entropy_fwd(logits, t_c, ignore_index, softcap, logit_scale)
+            losses, lse = kernel_forward(logits, t_c, ignore_index, softcap, logit_scale, backend)
             total += losses.sum()
             if need_dh or need_dw or need_db:
-                dz = cross_entropy_bwd(scale.expand(t_c.shape[0]), logits, t_c, lse, ignore_index,
-                                       softcap, logit_scale, inplace=True)
+                dz = kernel_backward(scale.expand(t_c.shape[0]), logits, t_c, lse, ignore_index,
+                                     softcap, logit_scale, True, backend)
                 if need_dh:
                     torch.mm(dz, weight, out=dh[start:start + step])
                 if need_dw:  # the chunk's product in the weight's dtype, summed over chunks in fp32
@@ -74,7 +71,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         dh = None if dh is None else (dh * grad.to(dh.dtype)).view(hidden_shape)
         dw = None if dw is None else (dw * grad).to(weight_dtype)
         db = None if db is None else (db * grad).to(bias_dtype)
-        return dh, dw, db, None, None, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -104,10 +101,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"linear_cross_entropy: hidden is on {hidden.device} but targets on "
                          f"{targets.device}; move both to one device")
     check_targets(targets, weight.shape[0], ignore_index)
-    if resolve("linear_cross_entropy", hidden.device, CUDA_OPS) != "triton":
+    backend = resolve("linear_cross_entropy", hidden.device, CUDA_OPS)
+    if backend == "torch":
         return reference(hidden, weight, targets, bias, ignore_index, reduction, num_items_in_batch,
                          softcap, logit_scale)
     track = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     return LinearCrossEntropyFunction.apply(hidden, weight, bias, targets, ignore_index, reduction,
-                                            num_items_in_batch, softcap, logit_scale, track)
+                                            num_items_in_batch, softcap, logit_scale, track, backend)
