@@ -93,4 +93,15 @@ cudaError_t cross_entropy_bwd(const void* x, void* dx, const int64_t* targets, c
                               int64_t t_stride, int64_t g_stride, int64_t ignore_index, float scale, float softcap,
                               DType x_dtype, cudaStream_t stream);
 
+// NF4 dequantise + small-M matmul: out (m, n) = x (m, k) @ W^T in x's dtype, W (n, k) in the format
+// of nf4_dequant (same absmax arguments), never materialised; x and out contiguous, fp32 sums.
+// Takes 1 <= m <= kNf4GemvMaxM, k a multiple of 32, blocksize a multiple of 32 and packed on
+// 16 bytes (nf4_gemv_supported); cudaErrorInvalidValue otherwise.
+constexpr int kNf4GemvMaxM = 16;
+bool nf4_gemv_supported(int64_t m, int64_t k, int blocksize, const void* packed);
+cudaError_t nf4_gemv(const void* x, const uint8_t* packed, const void* absmax, const float* code,
+                     const float* nested_absmax, const float* nested_code, const float* offset, void* out,
+                     int64_t m, int64_t n, int64_t k, int blocksize, int nested_blocksize, DType dtype,
+                     cudaStream_t stream);
+
 }  // namespace fusetune

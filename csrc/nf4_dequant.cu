@@ -15,24 +15,13 @@
 
 #include "convert.cuh"
 #include "kernels.h"
+#include "nf4.cuh"
 
 namespace fusetune {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kBytesPerThread = 16;  // one 16-byte load; 32 outputs
-
-template <bool kNested>
-__device__ __forceinline__ float block_scale(const void* absmax, const float* nested_absmax,
-                                             const float* nested_code, float offset, int64_t block,
-                                             int nested_blocksize) {
-  if constexpr (kNested) {
-    const uint8_t q = static_cast<const uint8_t*>(absmax)[block];
-    return __fadd_rn(__fmul_rn(nested_code[q], nested_absmax[block / nested_blocksize]), offset);
-  } else {
-    return static_cast<const float*>(absmax)[block];
-  }
-}
 
 template <typename T, bool kNested>
 __global__ void __launch_bounds__(kThreads)
@@ -58,12 +47,12 @@ __global__ void __launch_bounds__(kThreads)
   // a thread's 16 bytes lie in one block when blocks are 32 bytes or more (blocksize >= 64, the
   // usual case); smaller blocks look the scale up per byte
   const bool one_block = half_block % kBytesPerThread == 0;
-  float scale = block_scale<kNested>(absmax, nested_absmax, nested_code, shift, first / half_block, nested_blocksize);
+  float scale = nf4_block_scale<kNested>(absmax, nested_absmax, nested_code, shift, first / half_block, nested_blocksize);
   alignas(16) T vals[2 * kBytesPerThread];
 #pragma unroll
   for (int j = 0; j < kBytesPerThread; ++j) {
     if (!one_block && j > 0) {
-      scale = block_scale<kNested>(absmax, nested_absmax, nested_code, shift, (first + j) / half_block,
+      scale = nf4_block_scale<kNested>(absmax, nested_absmax, nested_code, shift, (first + j) / half_block,
                                    nested_blocksize);
     }
     vals[2 * j] = from_float<T>(__fmul_rn(table[bytes[j] >> 4], scale));

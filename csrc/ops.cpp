@@ -130,46 +130,88 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_meta(const at::Tensor&, const at
 }
 
 void check_nf4_input(const at::Tensor& t, const at::Tensor& packed, at::ScalarType dtype, int64_t numel,
-                     const char* name) {
-  const char* op = "fusetune::nf4_dequant";
+                     const char* name, const char* op) {
   check_on_gpu(t, packed, op, name);
   TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.numel() >= numel, op, ": ", name, " has ", t.numel(), " elements; the weight needs ", numel);
 }
+
+// an NF4 weight of n elements (bitsandbytes' layout): the packed codes and their absmax, plain or
+// double-quantised; true when double-quantised
+bool check_nf4_weight(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
+                      const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+                      const std::optional<at::Tensor>& offset, int64_t nested_blocksize, int64_t n, const char* op) {
+  TORCH_CHECK(blocksize >= 2 && blocksize % 2 == 0, op, ": blocksize must be even, got ", blocksize);
+  TORCH_CHECK(nested_blocksize >= 1, op, ": nested_blocksize must be positive, got ", nested_blocksize);
+  check_nf4_input(packed, packed, at::kByte, (n + 1) / 2, "packed", op);
+  const int64_t blocks = (n + blocksize - 1) / blocksize;
+  const bool nested = nested_absmax.has_value();
+  TORCH_CHECK(nested == nested_code.has_value() && nested == offset.has_value(), op,
+              ": give nested_absmax, nested_code and offset together (double quantisation) or none");
+  check_nf4_input(absmax, packed, nested ? at::kByte : at::kFloat, blocks, "absmax", op);
+  check_nf4_input(code, packed, at::kFloat, 16, "code", op);
+  if (nested) {
+    check_nf4_input(*nested_absmax, packed, at::kFloat, (blocks + nested_blocksize - 1) / nested_blocksize,
+                    "nested_absmax", op);
+    check_nf4_input(*nested_code, packed, at::kFloat, 256, "nested_code", op);
+    check_nf4_input(*offset, packed, at::kFloat, 1, "offset", op);
+  }
+  return nested;
+}
+
+const float* optional_ptr(const std::optional<at::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; }
 
 void nf4_dequant(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
                  int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
                  const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
                  int64_t nested_blocksize, at::Tensor& out) {
   const char* op = "fusetune::nf4_dequant";
-  const int64_t n = out.numel();
-  TORCH_CHECK(blocksize >= 2 && blocksize % 2 == 0, op, ": blocksize must be even, got ", blocksize);
-  TORCH_CHECK(nested_blocksize >= 1, op, ": nested_blocksize must be positive, got ", nested_blocksize);
   check_on_gpu(out, packed, op, "out");
   const auto dt = out.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
               ": out must be float32, float16 or bfloat16, got ", dt);
-  check_nf4_input(packed, packed, at::kByte, (n + 1) / 2, "packed");
-  const int64_t blocks = (n + blocksize - 1) / blocksize;
-  const bool nested = nested_absmax.has_value();
-  TORCH_CHECK(nested == nested_code.has_value() && nested == offset.has_value(), op,
-              ": give nested_absmax, nested_code and offset together (double quantisation) or none");
-  check_nf4_input(absmax, packed, nested ? at::kByte : at::kFloat, blocks, "absmax");
-  check_nf4_input(code, packed, at::kFloat, 16, "code");
-  if (nested) {
-    check_nf4_input(*nested_absmax, packed, at::kFloat, (blocks + nested_blocksize - 1) / nested_blocksize,
-                    "nested_absmax");
-    check_nf4_input(*nested_code, packed, at::kFloat, 256, "nested_code");
-    check_nf4_input(*offset, packed, at::kFloat, 1, "offset");
-  }
+  check_nf4_weight(packed, absmax, code, blocksize, nested_absmax, nested_code, offset, nested_blocksize,
+                   out.numel(), op);
   const c10::cuda::CUDAGuard guard(packed.device());
   check_launch(fusetune::nf4_dequant(packed.data_ptr<uint8_t>(), absmax.data_ptr(), code.data_ptr<float>(),
-                                     nested ? nested_absmax->data_ptr<float>() : nullptr,
-                                     nested ? nested_code->data_ptr<float>() : nullptr,
-                                     nested ? offset->data_ptr<float>() : nullptr, out.data_ptr(), n,
-                                     static_cast<int>(blocksize), static_cast<int>(nested_blocksize),
-                                     kernel_dtype(out), c10::cuda::getCurrentCUDAStream()),
+                                     optional_ptr(nested_absmax), optional_ptr(nested_code), optional_ptr(offset),
+                                     out.data_ptr(), out.numel(), static_cast<int>(blocksize),
+                                     static_cast<int>(nested_blocksize), kernel_dtype(out),
+                                     c10::cuda::getCurrentCUDAStream()),
                op);
+}
+
+// x (m, k) @ W^T for an NF4 weight W of shape (n, k), in x's dtype; the shapes of
+// fusetune::nf4_gemv_supported (the op dequantises and multiplies for others)
+at::Tensor nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+                    int64_t blocksize, int64_t n, const std::optional<at::Tensor>& nested_absmax,
+                    const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                    int64_t nested_blocksize) {
+  const char* op = "fusetune::nf4_gemv";
+  check_x(x, op);
+  const int64_t m = x.size(0), k = x.size(1);
+  TORCH_CHECK(n >= 0, op, ": n must be >= 0, got ", n);
+  check_nf4_weight(packed, absmax, code, blocksize, nested_absmax, nested_code, offset, nested_blocksize, n * k, op);
+  TORCH_CHECK(blocksize <= INT32_MAX && nested_blocksize <= INT32_MAX &&
+                  fusetune::nf4_gemv_supported(m, k, static_cast<int>(blocksize), packed.data_ptr()),
+              op, ": takes 1 to ", fusetune::kNf4GemvMaxM, " rows, in-features and blocksize multiples of 32 and "
+              "packed codes on 16 bytes; got x ", x.sizes(), ", blocksize ", blocksize,
+              " (use fusetune.ops.nf4_gemv, which dequantises and multiplies for other shapes)");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty({m, n}, x.options());
+  check_launch(fusetune::nf4_gemv(x.data_ptr(), packed.data_ptr<uint8_t>(), absmax.data_ptr(), code.data_ptr<float>(),
+                                  optional_ptr(nested_absmax), optional_ptr(nested_code), optional_ptr(offset),
+                                  out.data_ptr(), m, n, k, static_cast<int>(blocksize),
+                                  static_cast<int>(nested_blocksize), kernel_dtype(x),
+                                  c10::cuda::getCurrentCUDAStream()),
+               op);
+  return out;
+}
+
+at::Tensor nf4_gemv_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                         int64_t n, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                         const std::optional<at::Tensor>&, int64_t) {
+  return at::empty({x.size(0), n}, x.options());
 }
 
 void nf4_dequant_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
@@ -387,6 +429,8 @@ TORCH_LIBRARY(fusetune, m) {
   m.def("glu_bwd(Tensor dy, Tensor gate, Tensor up, str activation, Tensor(a!) dgate, Tensor(b!) dup) -> ()");
   m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin, bool inverse, Tensor(a!) q_out, Tensor(b!) k_out) -> ()");
   m.def("cross_entropy_fwd(Tensor x, Tensor targets, int ignore_index, float scale, float softcap) -> (Tensor, Tensor)");
+  m.def("nf4_gemv(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, int n, Tensor? nested_absmax, "
+        "Tensor? nested_code, Tensor? offset, int nested_blocksize) -> Tensor");
   m.def("cross_entropy_bwd(Tensor x, Tensor targets, Tensor lse, Tensor grad, int ignore_index, float scale, "
         "float softcap, Tensor(a!) dx) -> ()");
 }
@@ -398,6 +442,7 @@ TORCH_LIBRARY_IMPL(fusetune, CUDA, m) {
   m.impl("glu_fwd", &glu_fwd);
   m.impl("glu_bwd", &glu_bwd);
   m.impl("rope", &rope);
+  m.impl("nf4_gemv", &nf4_gemv);
   m.impl("cross_entropy_fwd", &cross_entropy_fwd);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd);
 }
@@ -409,6 +454,7 @@ TORCH_LIBRARY_IMPL(fusetune, Meta, m) {
   m.impl("glu_fwd", &glu_fwd_meta);
   m.impl("glu_bwd", &glu_bwd_meta);
   m.impl("rope", &rope_meta);
+  m.impl("nf4_gemv", &nf4_gemv_meta);
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_meta);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_meta);
 }

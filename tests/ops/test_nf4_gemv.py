@@ -15,6 +15,7 @@ from fusetune.backend import use_backend
 from fusetune.quant import dequantize_nf4, quantize_nf4
 from fusetune.reference import nf4 as ref
 from fusetune.triton_kernels.nf4_gemv import GemvConfig, nf4_gemv, nf4_gemv_config
+from tests.helpers import BACKENDS, on_backend
 from tests.numerics import TOLERANCE, assert_close, rel_err
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -112,15 +113,17 @@ def test_empty_m(device):
     assert _gemv(torch.randn(0, 64, device=device), packed, state).shape == (0, 8)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("k", [100, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_op_forward_and_input_gradient(backend, m, dtype, device):
-    """ops.nf4_gemv on either backend: out = x W^T and dx = dy W (W frozen) against float64; more
-    rows than the kernel's 16 go through the dequantise op and a matmul."""
-    packed, state = _weight(33, 100, 64, True, device)
-    x = torch.randn(m, 100, device=device).to(dtype).requires_grad_()
-    with use_backend(backend):
+def test_op_forward_and_input_gradient(backend, m, k, dtype, device):
+    """ops.nf4_gemv on every backend: out = x W^T and dx = dy W (W frozen) against float64; more
+    rows than the kernels' 16 (and, on the CUDA backend, K not a multiple of 32) go through the
+    dequantise op and a matmul."""
+    packed, state = _weight(33, k, 64, True, device)
+    x = torch.randn(m, k, device=device).to(dtype).requires_grad_()
+    with on_backend(backend):
         out = ops.nf4_gemv(x, packed, **state.op_args())
         dy = torch.randn_like(out)
         (dx,) = torch.autograd.grad(out, x, dy)
@@ -212,3 +215,25 @@ def test_llama8b_down_proj_fp16_fp32(m, dtype):
     packed, state = quantize_nf4(torch.randn(n, k, device="cuda"), 64, True)
     x = torch.randn(m, k, device="cuda").to(dtype)
     assert_close(_gemv(x, packed, state), _truth(x, packed, state), dtype, f"nf4_gemv M={m} {dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("shape", [(14336, 4096), (4096, 14336)])
+def test_llama8b_shapes_through_the_op(backend, m, shape):
+    """ops.nf4_gemv at Llama-3.1-8B's MLP shapes, double-quantised, bf16 x, on each kernel backend:
+    the float64 truth, and single weights read back bit for bit."""
+    n, k = shape
+    packed, state = quantize_nf4(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), 64, True)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    with on_backend(backend):
+        out = ops.nf4_gemv(x, packed, **state.op_args())
+    assert_close(out, _truth(x, packed, state), torch.bfloat16, f"ops.nf4_gemv {backend} M={m} {shape}")
+    with use_backend("torch"):
+        w = dequantize_nf4(packed, state)
+    cols = torch.randperm(k, device="cuda")[:m]
+    one_hot = torch.zeros(m, k, device="cuda", dtype=torch.bfloat16)
+    one_hot[torch.arange(m), cols] = 1
+    with on_backend(backend):
+        assert torch.equal(ops.nf4_gemv(one_hot, packed, **state.op_args()), w[:, cols].T)
