@@ -4,13 +4,16 @@
     python bench/kernels.py [--ops rms_norm,rope,swiglu,cross_entropy] [--no-compile]
 
 Times are medians of triton.testing.do_bench, as called from Python (what a training step pays),
-and, in the graph column, replayed from a CUDA graph (the GPU time alone); GB/s counts the fewest bytes the op must move (each
-input read once, each output written once) over the measured device-to-device copy bandwidth.
+and, in the graph column, replayed from a CUDA graph (the GPU time alone); the host column is the
+microseconds one forward+backward call costs at 1 token (the host's share). GB/s counts the
+fewest bytes the op must move (each input read once, each output written once) over the measured
+device-to-device copy bandwidth.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -46,59 +49,61 @@ def hf_cross_entropy(logits, targets):
     return F.cross_entropy(logits.float(), targets, ignore_index=-100)
 
 
-def make_cases():
+def make_cases(tokens: int = TOKENS):
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
     cases = {}
 
     def rms_inputs():
-        x = torch.randn(TOKENS, HIDDEN, **bf16, requires_grad=True)
+        x = torch.randn(tokens, HIDDEN, **bf16, requires_grad=True)
         w = (torch.randn(HIDDEN, **bf16) * 0.1 + 1).requires_grad_()
         return (x, w)
-    unit = TOKENS * HIDDEN * 2
+    unit = tokens * HIDDEN * 2
     cases["rms_norm"] = dict(inputs=rms_inputs, bytes_fwd=2 * unit, bytes_fwdbwd=5 * unit,
                              impls={"eager": rms_ref.rms_norm, "fusetune": _fused(rms_norm),
                                     "fusetune-cuda": _cuda_ext(rms_norm)})
 
     def rope_inputs():
-        q = torch.randn(1, TOKENS, Q_HEADS, HEAD_DIM, **bf16).transpose(1, 2).requires_grad_()
-        k = torch.randn(1, TOKENS, KV_HEADS, HEAD_DIM, **bf16).transpose(1, 2).requires_grad_()
-        angles = torch.arange(TOKENS, device="cuda")[:, None] * torch.rand(HEAD_DIM // 2, device="cuda")
+        q = torch.randn(1, tokens, Q_HEADS, HEAD_DIM, **bf16).transpose(1, 2).requires_grad_()
+        k = torch.randn(1, tokens, KV_HEADS, HEAD_DIM, **bf16).transpose(1, 2).requires_grad_()
+        angles = torch.arange(tokens, device="cuda")[:, None] * torch.rand(HEAD_DIM // 2, device="cuda")
         angles = torch.cat([angles, angles], -1)[None]
         return (q, k, angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16))
-    qk = TOKENS * (Q_HEADS + KV_HEADS) * HEAD_DIM * 2
-    cossin = 2 * TOKENS * HEAD_DIM * 2
+    qk = tokens * (Q_HEADS + KV_HEADS) * HEAD_DIM * 2
+    cossin = 2 * tokens * HEAD_DIM * 2
     cases["rope"] = dict(inputs=rope_inputs, bytes_fwd=2 * qk + cossin, bytes_fwdbwd=4 * qk + 2 * cossin,
-                         impls={"eager": rope_ref.rope, "fusetune": _fused(rope)})
+                         impls={"eager": rope_ref.rope, "fusetune": _fused(rope), "fusetune-cuda": _cuda_ext(rope)})
 
     def glu_inputs():
-        gate = torch.randn(TOKENS, INTERMEDIATE, **bf16, requires_grad=True)
-        up = torch.randn(TOKENS, INTERMEDIATE, **bf16, requires_grad=True)
+        gate = torch.randn(tokens, INTERMEDIATE, **bf16, requires_grad=True)
+        up = torch.randn(tokens, INTERMEDIATE, **bf16, requires_grad=True)
         return (gate, up)
-    unit = TOKENS * INTERMEDIATE * 2
+    unit = tokens * INTERMEDIATE * 2
     cases["swiglu"] = dict(inputs=glu_inputs, bytes_fwd=3 * unit, bytes_fwdbwd=8 * unit,
-                           impls={"eager": glu_ref.swiglu, "fusetune": _fused(swiglu)})
+                           impls={"eager": glu_ref.swiglu, "fusetune": _fused(swiglu),
+                                  "fusetune-cuda": _cuda_ext(swiglu)})
 
     def ce_inputs():
-        logits = torch.randn(TOKENS, VOCAB, **bf16, requires_grad=True)
-        targets = torch.randint(0, VOCAB, (TOKENS,), device="cuda")
+        logits = torch.randn(tokens, VOCAB, **bf16, requires_grad=True)
+        targets = torch.randint(0, VOCAB, (tokens,), device="cuda")
         targets[::7] = -100
         return (logits, targets)
-    unit = TOKENS * VOCAB * 2
+    unit = tokens * VOCAB * 2
     cases["cross_entropy"] = dict(
         inputs=ce_inputs, bytes_fwd=unit, bytes_fwdbwd=3 * unit,
         impls={"eager": hf_cross_entropy,
-               "fusetune": _fused(lambda x, t: cross_entropy(x, t, inplace_backward=True))})
+               "fusetune": _fused(lambda x, t: cross_entropy(x, t, inplace_backward=True)),
+               "fusetune-cuda": _cuda_ext(lambda x, t: cross_entropy(x, t, inplace_backward=True))})
 
     def head_inputs():
-        hidden = torch.randn(TOKENS, HIDDEN, **bf16, requires_grad=True)
+        hidden = torch.randn(tokens, HIDDEN, **bf16, requires_grad=True)
         weight = (torch.randn(VOCAB, HIDDEN, **bf16) / HIDDEN**0.5)
-        targets = torch.randint(0, VOCAB, (TOKENS,), device="cuda")
+        targets = torch.randint(0, VOCAB, (tokens,), device="cuda")
         return (hidden, weight, targets)
     # lm_head matmuls + loss: compute-bound, so no bandwidth figure; the point is time and memory
     cases["lm_head+loss"] = dict(
         inputs=head_inputs, bytes_fwd=None, bytes_fwdbwd=None,
         impls={"eager": lambda h, w, t: hf_cross_entropy(h @ w.t(), t),
-               "fusetune": _fused(linear_cross_entropy)})
+               "fusetune": _fused(linear_cross_entropy), "fusetune-cuda": _cuda_ext(linear_cross_entropy)})
     return cases
 
 
@@ -127,6 +132,23 @@ def measure(fn, inputs, mode: str):
     peak = torch.cuda.max_memory_allocated() - base
     ms = do_bench(step, grad_to_none=leaves)
     return ms, peak, graph_ms(step, leaves)
+
+
+def host_us(fn, inputs, steps: int = 200) -> float:
+    """Microseconds per forward+backward call on 1-token inputs, synced once at the end: what the
+    op costs the host (Python, checks, the launches), the bound of a host-bound training step."""
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = [torch.randn_like(o) for o in _outputs(fn(*inputs))]
+    for _ in range(10):
+        torch.autograd.backward(_outputs(fn(*inputs)), grads)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        for t in leaves:
+            t.grad = None
+        torch.autograd.backward(_outputs(fn(*inputs)), grads)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps * 1e6
 
 
 def graph_ms(step, leaves):
@@ -161,6 +183,7 @@ def main(argv=None):
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     rows = []
+    tiny = make_cases(tokens=1)
     for op, case in make_cases().items():
         if op not in args.ops.split(","):
             continue
@@ -181,7 +204,10 @@ def main(argv=None):
                     print(f"{op} {mode} {impl}: failed: {type(err).__name__}: {err}")
                     continue
                 gbs = nbytes / (ms * 1e-3) / 1e9 if nbytes else None
-                rows.append(dict(op=op, mode=mode, impl=impl, ms=ms, graph_ms=gpu_ms, gb_per_s=gbs,
+                host = None
+                if mode == "fwd+bwd" and impl != "torch.compile":  # (compile re-specialises on the new shape)
+                    host = host_us(tiny[op]["impls"][impl], tiny[op]["inputs"]())
+                rows.append(dict(op=op, mode=mode, impl=impl, ms=ms, graph_ms=gpu_ms, host_us=host, gb_per_s=gbs,
                                  fraction_of_copy=gbs * 1e9 / bandwidth if nbytes else None,
                                  min_bytes=nbytes, peak_extra_bytes=peak))
                 del inputs
@@ -192,15 +218,16 @@ def main(argv=None):
                "rows": rows}
     path = write_results("kernels", payload)
     print(f"\n{'op':<14}{'mode':<9}{'impl':<15}{'ms':>8}{'GB/s':>8}{'%copy':>7}{'peak MB':>9}"
-          f"{'graph ms':>9}{'%copy':>7}")
+          f"{'graph ms':>9}{'%copy':>7}{'host us':>9}")
     for r in rows:
         rate = (f"{r['gb_per_s']:8.0f}{100 * r['fraction_of_copy']:6.0f}%" if r["min_bytes"]
                 else f"{'-':>8}{'-':>7}")
         graph = (f"{r['graph_ms']:9.3f}" if r["graph_ms"] is not None else f"{'-':>9}")
         graph += (f"{100 * r['min_bytes'] / (r['graph_ms'] * 1e-3) / bandwidth:6.0f}%"
                   if r["graph_ms"] and r["min_bytes"] else f"{'-':>7}")
+        host = f"{r['host_us']:9.1f}" if r["host_us"] is not None else f"{'-':>9}"
         print(f"{r['op']:<14}{r['mode']:<9}{r['impl']:<15}{r['ms']:8.3f}{rate}"
-              f"{r['peak_extra_bytes'] / 2**20:9.0f}{graph}")
+              f"{r['peak_extra_bytes'] / 2**20:9.0f}{graph}{host}")
     print(f"wrote {path}")
 
 
