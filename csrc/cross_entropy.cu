@@ -73,6 +73,18 @@ struct alignas(sizeof(T) * kVec) Pack {
   T v[kVec];
 };
 
+// the kVec elements of row `row` from column `col` (a multiple of kVec; stride too): indexed in
+// Packs so that the compiler sees the alignment and moves each with one 16-byte access
+template <typename T, int kVec>
+__device__ __forceinline__ Pack<T, kVec>& pack_at(T* base, int64_t row, int64_t stride, int64_t col) {
+  return reinterpret_cast<Pack<T, kVec>*>(base)[row * (stride / kVec) + col / kVec];
+}
+
+template <typename T, int kVec>
+__device__ __forceinline__ const Pack<T, kVec>& pack_at(const T* base, int64_t row, int64_t stride, int64_t col) {
+  return reinterpret_cast<const Pack<T, kVec>*>(base)[row * (stride / kVec) + col / kVec];
+}
+
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kThreads)
     cross_entropy_fwd_kernel(const T* __restrict__ x, const int64_t* __restrict__ targets,
@@ -87,7 +99,7 @@ __global__ void __launch_bounds__(kThreads)
   const T* xr = x + row * x_row_stride;
   Lse acc{-INFINITY, 0.0f};
   for (int64_t col = int64_t{threadIdx.x} * kVec; col < n_cols; col += int64_t{kThreads} * kVec) {
-    const Pack<T, kVec> p = *reinterpret_cast<const Pack<T, kVec>*>(xr + col);
+    const Pack<T, kVec> p = pack_at<T, kVec>(x, row, x_row_stride, col);
 #pragma unroll
     for (int j = 0; j < kVec; ++j) acc.add(tf.z(to_float(p.v[j])));
   }
@@ -126,7 +138,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < kVec; ++j) out.v[j] = from_float<T>(0.0f);
   } else {
     const float g = grad[row * g_stride], lse = lse_in[row];
-    const Pack<T, kVec> p = *reinterpret_cast<const Pack<T, kVec>*>(x + row * x_row_stride + col);
+    const Pack<T, kVec> p = pack_at<T, kVec>(x, row, x_row_stride, col);
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       float slope;
@@ -135,7 +147,7 @@ __global__ void __launch_bounds__(kThreads)
       out.v[j] = from_float<T>(g * (__expf(z - lse) - onehot) * slope);
     }
   }
-  *reinterpret_cast<Pack<T, kVec>*>(dx + row * dx_row_stride + col) = out;
+  pack_at<T, kVec>(dx, row, dx_row_stride, col) = out;
 }
 
 Transform make_transform(float scale, float softcap) {

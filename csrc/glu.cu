@@ -10,7 +10,8 @@
 // Tensors are (rows, cols) with unit column stride and a row stride each, so the halves of a
 // fused gate_up projection are read in place; tensors that are all contiguous are one row of
 // rows * cols elements. Each block takes tiles of one row, kThreads * kVec elements; a thread
-// moves kVec elements with one 16-byte access where every pointer and row stride allows it.
+// loads and stores kVec elements with one 16-byte access each where every pointer and row stride
+// allows it, else one element at a time.
 #include <cstdint>
 
 #include <cuda_bf16.h>
@@ -56,14 +57,17 @@ struct alignas(sizeof(T) * kVec) Pack {
   T v[kVec];
 };
 
+// element (row, col) of a tensor with row stride `stride`, as a Pack: indexed in Packs, so that
+// the compiler sees the 16-byte alignment and emits one 128-bit store (a Pack* cast of an element
+// address is split into 32-bit stores); col and, where row > 0, stride are multiples of kVec
 template <typename T, int kVec>
-__device__ __forceinline__ Pack<T, kVec> load(const T* p) {
-  return *reinterpret_cast<const Pack<T, kVec>*>(p);
+__device__ __forceinline__ Pack<T, kVec> load(const T* base, int64_t row, int64_t stride, int64_t col) {
+  return reinterpret_cast<const Pack<T, kVec>*>(base)[row * (stride / kVec) + col / kVec];
 }
 
 template <typename T, int kVec>
-__device__ __forceinline__ void store(T* p, const Pack<T, kVec>& pack) {
-  *reinterpret_cast<Pack<T, kVec>*>(p) = pack;
+__device__ __forceinline__ void store(T* base, int64_t row, int64_t stride, int64_t col, const Pack<T, kVec>& pack) {
+  reinterpret_cast<Pack<T, kVec>*>(base)[row * (stride / kVec) + col / kVec] = pack;
 }
 
 // rows x cols elements in tiles of one row each (col_tiles per row)
@@ -81,14 +85,14 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t row = tile / layout.col_tiles;
     const int64_t col = (tile % layout.col_tiles) * kTileCols + int64_t{threadIdx.x} * kVec;
     if (col >= layout.cols) continue;  // (cols is a multiple of kVec when kVec > 1)
-    const Pack<T, kVec> g = load<T, kVec>(gate + row * g_stride + col);
-    const Pack<T, kVec> u = load<T, kVec>(up + row * u_stride + col);
+    const Pack<T, kVec> g = load<T, kVec>(gate, row, g_stride, col);
+    const Pack<T, kVec> u = load<T, kVec>(up, row, u_stride, col);
     Pack<T, kVec> out;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       out.v[j] = from_float<T>(activate<A, false>(to_float(g.v[j]), nullptr) * to_float(u.v[j]));
     }
-    store<T, kVec>(y + row * y_stride + col, out);
+    store<T, kVec>(y, row, y_stride, col, out);
   }
 }
 
@@ -105,9 +109,9 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t row = tile / layout.col_tiles;
     const int64_t col = (tile % layout.col_tiles) * kTileCols + int64_t{threadIdx.x} * kVec;
     if (col >= layout.cols) continue;
-    const Pack<T, kVec> d = load<T, kVec>(dy + row * dy_stride + col);
-    const Pack<T, kVec> g = load<T, kVec>(gate + row * g_stride + col);
-    const Pack<T, kVec> u = load<T, kVec>(up + row * u_stride + col);
+    const Pack<T, kVec> d = load<T, kVec>(dy, row, dy_stride, col);
+    const Pack<T, kVec> g = load<T, kVec>(gate, row, g_stride, col);
+    const Pack<T, kVec> u = load<T, kVec>(up, row, u_stride, col);
     Pack<T, kVec> dg, du;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
@@ -117,8 +121,8 @@ __global__ void __launch_bounds__(kThreads)
       dg.v[j] = from_float<T>(dj * to_float(u.v[j]) * dact);
       du.v[j] = from_float<T>(dj * act);
     }
-    store<T, kVec>(dgate + row * dg_stride + col, dg);
-    store<T, kVec>(dup + row * du_stride + col, du);
+    store<T, kVec>(dgate, row, dg_stride, col, dg);
+    store<T, kVec>(dup, row, du_stride, col, du);
   }
 }
 

@@ -2,7 +2,7 @@
 //
 // Nothing here includes torch: the kernels take raw device pointers, sizes and a stream, so the
 // .cu files build with plain nvcc (CI compiles them where no CUDA build of torch exists).
-// Tensors are row-major and contiguous. Each launcher returns the launch's cudaError_t, or
+// Tensors are row-major: contiguous unless a launcher takes strides (in elements). Each launcher returns the launch's cudaError_t, or
 // cudaErrorInvalidValue for a dtype pair or size it does not support (ops.cpp checks those first,
 // with messages that name the problem).
 #pragma once

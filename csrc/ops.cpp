@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>  // c10::cuda::getCurrentCUDAStream (at::cuda's is the same)
 #include <torch/library.h>
@@ -61,6 +62,29 @@ void check_weight(const at::Tensor& weight, const at::Tensor& x, const char* op)
 
 void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+// outputs a kernel writes element by element, each read first by the same thread: an output may
+// be one of the inputs exactly (in place), never a part of one, nor overlap itself or another output
+// (as ATen's own in-place ops: interleaved views it cannot judge, such as the halves of a fused
+// gate_up projection, pass)
+void check_outputs(const char* op, std::initializer_list<const at::Tensor*> outputs,
+                   std::initializer_list<const at::Tensor*> inputs) {
+  for (const at::Tensor* out : outputs) {
+    TORCH_CHECK(at::has_internal_overlap(*out) != at::MemOverlap::Yes, op,
+                ": an output overlaps itself (an expanded tensor?); pass a fresh tensor");
+    for (const at::Tensor* in : inputs) {
+      const auto status = at::get_overlap_status(*out, *in);
+      TORCH_CHECK(status != at::MemOverlapStatus::Partial &&
+                      (status != at::MemOverlapStatus::Full || out->strides() == in->strides()),
+                  op, ": an output partly overlaps an input; write into the input itself or into a fresh tensor");
+    }
+    for (const at::Tensor* other : outputs) {
+      const auto status = at::get_overlap_status(*out, *other);
+      TORCH_CHECK(other == out || (status != at::MemOverlapStatus::Partial && status != at::MemOverlapStatus::Full),
+                  op, ": two outputs overlap; pass distinct tensors");
+    }
+  }
 }
 
 int sm_count(const at::Tensor& x) {
@@ -181,38 +205,37 @@ void nf4_dequant(const at::Tensor& packed, const at::Tensor& absmax, const at::T
                op);
 }
 
-// x (m, k) @ W^T for an NF4 weight W of shape (n, k), in x's dtype; the shapes of
+// x (m, k) @ W^T written into out (m, n), for an NF4 weight W of shape (n, k), in x's dtype; the shapes of
 // fusetune::nf4_gemv_supported (the op dequantises and multiplies for others)
-at::Tensor nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
-                    int64_t blocksize, int64_t n, const std::optional<at::Tensor>& nested_absmax,
-                    const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
-                    int64_t nested_blocksize) {
+void nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+              int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
+              const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+              int64_t nested_blocksize, at::Tensor& out) {
   const char* op = "fusetune::nf4_gemv";
   check_x(x, op);
-  const int64_t m = x.size(0), k = x.size(1);
-  TORCH_CHECK(n >= 0, op, ": n must be >= 0, got ", n);
+  const int64_t m = x.size(0), k = x.size(1), n = out.dim() == 2 ? out.size(1) : -1;
+  check_on_gpu(out, x, op, "out");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == m && out.scalar_type() == x.scalar_type(), op,
+              ": out must be (", m, ", n) of x's dtype, got ", out.sizes(), " ", out.scalar_type());
   check_nf4_weight(packed, absmax, code, blocksize, nested_absmax, nested_code, offset, nested_blocksize, n * k, op);
   TORCH_CHECK(blocksize <= INT32_MAX && nested_blocksize <= INT32_MAX &&
                   fusetune::nf4_gemv_supported(m, k, static_cast<int>(blocksize), packed.data_ptr()),
               op, ": takes 1 to ", fusetune::kNf4GemvMaxM, " rows, in-features and blocksize multiples of 32 and "
               "packed codes on 16 bytes; got x ", x.sizes(), ", blocksize ", blocksize,
               " (use fusetune.ops.nf4_gemv, which dequantises and multiplies for other shapes)");
+  check_outputs(op, {&out}, {&x});
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty({m, n}, x.options());
   check_launch(fusetune::nf4_gemv(x.data_ptr(), packed.data_ptr<uint8_t>(), absmax.data_ptr(), code.data_ptr<float>(),
                                   optional_ptr(nested_absmax), optional_ptr(nested_code), optional_ptr(offset),
                                   out.data_ptr(), m, n, k, static_cast<int>(blocksize),
                                   static_cast<int>(nested_blocksize), kernel_dtype(x),
                                   c10::cuda::getCurrentCUDAStream()),
                op);
-  return out;
 }
 
-at::Tensor nf4_gemv_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                         int64_t n, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                         const std::optional<at::Tensor>&, int64_t) {
-  return at::empty({x.size(0), n}, x.options());
-}
+void nf4_gemv_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                   const std::optional<at::Tensor>&, int64_t, at::Tensor&) {}
 
 void nf4_dequant_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                       const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
@@ -241,18 +264,19 @@ void check_glu_operand(const at::Tensor& t, const at::Tensor& x, const char* op,
               t.strides(), "); pass ", name, ".contiguous()");
 }
 
-at::Tensor glu_fwd(const at::Tensor& gate, const at::Tensor& up, const std::string& activation) {
+// act(gate) * up written into y
+void glu_fwd(const at::Tensor& gate, const at::Tensor& up, const std::string& activation, at::Tensor& y) {
   const char* op = "fusetune::glu_fwd";
   const auto act = glu_activation(activation, op);
   check_glu_operand(gate, gate, op, "gate");
   check_glu_operand(up, gate, op, "up");
+  check_glu_operand(y, gate, op, "y");
+  check_outputs(op, {&y}, {&gate, &up});
   const c10::cuda::CUDAGuard guard(gate.device());
-  at::Tensor y = at::empty(gate.sizes(), gate.options());
   check_launch(fusetune::glu_fwd(gate.data_ptr(), up.data_ptr(), y.data_ptr(), gate.size(0), gate.size(1),
                                  gate.stride(0), up.stride(0), y.stride(0), act, kernel_dtype(gate),
                                  c10::cuda::getCurrentCUDAStream()),
                op);
-  return y;
 }
 
 // the gradients written into dgate and dup (which may be gate and up themselves)
@@ -265,6 +289,7 @@ void glu_bwd(const at::Tensor& dy, const at::Tensor& gate, const at::Tensor& up,
   check_glu_operand(up, gate, op, "up");
   check_glu_operand(dgate, gate, op, "dgate");
   check_glu_operand(dup, gate, op, "dup");
+  check_outputs(op, {&dgate, &dup}, {&dy, &gate, &up});
   const c10::cuda::CUDAGuard guard(gate.device());
   check_launch(fusetune::glu_bwd(dy.data_ptr(), gate.data_ptr(), up.data_ptr(), dgate.data_ptr(), dup.data_ptr(),
                                  gate.size(0), gate.size(1), dy.stride(0), gate.stride(0), up.stride(0),
@@ -273,9 +298,7 @@ void glu_bwd(const at::Tensor& dy, const at::Tensor& gate, const at::Tensor& up,
                op);
 }
 
-at::Tensor glu_fwd_meta(const at::Tensor& gate, const at::Tensor&, const std::string&) {
-  return at::empty(gate.sizes(), gate.options());
-}
+void glu_fwd_meta(const at::Tensor&, const at::Tensor&, const std::string&, at::Tensor&) {}
 
 void glu_bwd_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::string&, at::Tensor&,
                   at::Tensor&) {}
@@ -332,8 +355,9 @@ void rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const
               sin.sizes(), " ", sin.scalar_type());
   TORCH_CHECK(q.size(0) <= 65535 && q.size(2) <= INT32_MAX, op, ": batch must be at most 65535 and seq below 2^31, got ",
               q.sizes());
+  check_outputs(op, {&q_out, &k_out}, {&q, &k, &cos, &sin});
   const int64_t rot_dim = cos.size(2);
-  const bool in_place = q_out.data_ptr() == q.data_ptr() && k_out.data_ptr() == k.data_ptr();
+  const bool in_place = q_out.is_same(q) && k_out.is_same(k);
   const c10::cuda::CUDAGuard guard(q.device());
   check_launch(fusetune::rope(rope_operand(q, q_out), rope_operand(k, k_out), cos.data_ptr(), sin.data_ptr(),
                               q.size(0), q.size(2), q.size(3), rot_dim, cos.size(0) > 1 ? cos.stride(0) : 0,
@@ -364,21 +388,25 @@ void check_logits(const at::Tensor& x, const at::Tensor& targets, const char* op
               targets.sizes(), "; pass targets.long()");
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& x, const at::Tensor& targets,
-                                                     int64_t ignore_index, double scale, double softcap) {
+// the rows' losses and log-sum-exps written into loss and lse, float32 (rows,)
+void cross_entropy_fwd(const at::Tensor& x, const at::Tensor& targets, int64_t ignore_index, double scale,
+                       double softcap, at::Tensor& loss, at::Tensor& lse) {
   const char* op = "fusetune::cross_entropy_fwd";
   check_logits(x, targets, op);
   TORCH_CHECK(softcap >= 0, op, ": softcap must be > 0 (0 for none), got ", softcap);
+  for (const auto* t : {&loss, &lse}) {
+    check_on_gpu(*t, x, op, "loss and lse");
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(0) && t->scalar_type() == at::kFloat, op,
+                ": loss and lse must be float32 (", x.size(0), ",), got ", t->scalar_type(), " of shape ", t->sizes());
+  }
+  check_outputs(op, {&loss, &lse}, {&x, &targets});
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor loss = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
-  at::Tensor lse = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
   check_launch(fusetune::cross_entropy_fwd(x.data_ptr(), targets.data_ptr<int64_t>(), loss.data_ptr<float>(),
                                            lse.data_ptr<float>(), x.size(0), x.size(1), x.stride(0),
                                            targets.stride(0), ignore_index, static_cast<float>(scale),
                                            static_cast<float>(softcap), kernel_dtype(x),
                                            c10::cuda::getCurrentCUDAStream()),
                op);
-  return {loss, lse};
 }
 
 // the logits' gradient written into dx (which may be x itself); grad: the per-row scale, fp32 (rows,)
@@ -400,6 +428,7 @@ void cross_entropy_bwd(const at::Tensor& x, const at::Tensor& targets, const at:
                   dx.scalar_type() == x.scalar_type() && (dx.size(1) == 1 || dx.stride(1) == 1),
               op, ": dx must match the logits (", x.sizes(), ", ", x.scalar_type(), ", unit column stride), got ",
               dx.sizes(), ", ", dx.scalar_type());
+  check_outputs(op, {&dx}, {&x, &targets, &lse, &grad});
   const c10::cuda::CUDAGuard guard(x.device());
   check_launch(fusetune::cross_entropy_bwd(x.data_ptr(), dx.data_ptr(), targets.data_ptr<int64_t>(),
                                            lse.data_ptr<float>(), grad.data_ptr<float>(), x.size(0), x.size(1),
@@ -409,10 +438,8 @@ void cross_entropy_bwd(const at::Tensor& x, const at::Tensor& targets, const at:
                op);
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_meta(const at::Tensor& x, const at::Tensor&, int64_t, double,
-                                                          double) {
-  return {at::empty({x.size(0)}, x.options().dtype(at::kFloat)), at::empty({x.size(0)}, x.options().dtype(at::kFloat))};
-}
+void cross_entropy_fwd_meta(const at::Tensor&, const at::Tensor&, int64_t, double, double, at::Tensor&,
+                            at::Tensor&) {}
 
 void cross_entropy_bwd_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                             double, double, at::Tensor&) {}
@@ -425,12 +452,13 @@ TORCH_LIBRARY(fusetune, m) {
         "bool cast_before_weight) -> (Tensor, Tensor)");
   m.def("nf4_dequant(Tensor packed, Tensor absmax, Tensor code, int blocksize, Tensor? nested_absmax, "
         "Tensor? nested_code, Tensor? offset, int nested_blocksize, Tensor(a!) out) -> ()");
-  m.def("glu_fwd(Tensor gate, Tensor up, str activation) -> Tensor");
+  m.def("glu_fwd(Tensor gate, Tensor up, str activation, Tensor(a!) y) -> ()");
   m.def("glu_bwd(Tensor dy, Tensor gate, Tensor up, str activation, Tensor(a!) dgate, Tensor(b!) dup) -> ()");
   m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin, bool inverse, Tensor(a!) q_out, Tensor(b!) k_out) -> ()");
-  m.def("cross_entropy_fwd(Tensor x, Tensor targets, int ignore_index, float scale, float softcap) -> (Tensor, Tensor)");
-  m.def("nf4_gemv(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, int n, Tensor? nested_absmax, "
-        "Tensor? nested_code, Tensor? offset, int nested_blocksize) -> Tensor");
+  m.def("cross_entropy_fwd(Tensor x, Tensor targets, int ignore_index, float scale, float softcap, Tensor(a!) loss, "
+        "Tensor(b!) lse) -> ()");
+  m.def("nf4_gemv(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, Tensor? nested_absmax, "
+        "Tensor? nested_code, Tensor? offset, int nested_blocksize, Tensor(a!) out) -> ()");
   m.def("cross_entropy_bwd(Tensor x, Tensor targets, Tensor lse, Tensor grad, int ignore_index, float scale, "
         "float softcap, Tensor(a!) dx) -> ()");
 }

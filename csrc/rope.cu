@@ -29,8 +29,10 @@ __device__ __forceinline__ void rotate_heads(const RopeTensor& t, int64_t b, int
   const T* x = static_cast<const T*>(t.x) + b * t.batch_stride + s * t.seq_stride;
   T* y = static_cast<T*>(t.out) + b * t.out_batch_stride + s * t.out_seq_stride;
   const float *c = cs, *sn = cs + 2 * half;  // c1 = c[d], c2 = c[half + d]; the same for sin
-  for (int64_t i = threadIdx.x; i < t.heads * half; i += blockDim.x) {
-    const int64_t head = i / half, d = i % half;
+  // 32-bit (head, d) indices: heads * head_dim is small, and 64-bit division is a slow routine
+  const auto pairs = static_cast<uint32_t>(t.heads * half), h = static_cast<uint32_t>(half);
+  for (uint32_t i = threadIdx.x; i < pairs; i += blockDim.x) {
+    const uint32_t head = i / h, d = i % h;
     const T* xh = x + head * t.head_stride;
     T* yh = y + head * t.out_head_stride;
     const float x1 = to_float(xh[d]), x2 = to_float(xh[half + d]);
@@ -38,9 +40,10 @@ __device__ __forceinline__ void rotate_heads(const RopeTensor& t, int64_t b, int
     yh[half + d] = from_float<T>(x2 * c[half + d] + x1 * sn[half + d]);
   }
   if (copy_pass) {
-    const int64_t rest = head_dim - 2 * half;
-    for (int64_t i = threadIdx.x; i < t.heads * rest; i += blockDim.x) {
-      const int64_t head = i / rest, d = 2 * half + i % rest;
+    const auto rest = static_cast<uint32_t>(head_dim - 2 * half);
+    const auto elements = static_cast<uint32_t>(t.heads) * rest;
+    for (uint32_t i = threadIdx.x; i < elements; i += blockDim.x) {
+      const uint32_t head = i / rest, d = 2 * h + i % rest;
       y[head * t.out_head_stride + d] = x[head * t.head_stride + d];
     }
   }

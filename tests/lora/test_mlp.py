@@ -14,9 +14,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from fusetune import use_backend
 from fusetune.lora import LoRAProjection, lora_mlp
-from tests.helpers import FixedMask
+from tests.helpers import BACKENDS, FixedMask, on_backend
 from tests.numerics import LORA_SCALE, assert_close, leaf
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -90,7 +89,7 @@ def _check(config, activation, backend, dtype, device, x_grad=True):
     x = leaf(torch.randn(2, 17, HIDDEN, device=device).to(dtype), grad=x_grad)
     masks = _masks(x.shape, CONFIGS[config]["dropout"], device)
     specs = _specs(model, dtype, masks)
-    with use_backend(backend):
+    with on_backend(backend):
         y = lora_mlp(x, *specs, activation=activation)
     dy = torch.randn_like(y) * 0.5  # grad_output != 1
     lora = [t for s in specs for t in (s.lora_A, s.lora_B)]
@@ -105,7 +104,7 @@ def _check(config, activation, backend, dtype, device, x_grad=True):
         assert_close(got, want, dtype, f"d {name}", LORA_SCALE[dtype])
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("config", list(CONFIGS))
@@ -113,7 +112,7 @@ def test_matches_peft(config, activation, backend, dtype, device, poison):
     _check(config, activation, backend, dtype, device)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_gelu_erf_and_frozen_input(backend, device):
     """Exact-erf GeGLU; an input that needs no gradient (only A and B do)."""
     _check("mixed", "gelu_erf", backend, torch.float32, device, x_grad=False)

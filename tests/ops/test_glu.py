@@ -44,12 +44,22 @@ def test_matches_float64_reference(backend, activation, dtype, shape, device, po
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_gate_up_views(backend, activation, dtype, device, poison):
+@pytest.mark.parametrize("inter", [333, 512], ids=["odd", "aligned"])  # 512: the CUDA kernel's 16-byte path
+def test_chunked_gate_up_views(backend, activation, dtype, inter, device, poison):
     """Phi-3: gate, up = gate_up.chunk(2, -1), views with row stride 2 * I; grads reach gate_up."""
-    gate_up = leaf((torch.randn(2, 17, 2 * 333, device=device) * 2).to(dtype))
+    gate_up = leaf((torch.randn(2, 17, 2 * inter, device=device) * 2).to(dtype))
     gate, up = gate_up.chunk(2, dim=-1)
-    assert not gate.is_contiguous() and gate.stride(-2) == 2 * 333
+    assert not gate.is_contiguous() and gate.stride(-2) == 2 * inter
     _check_against_float64(activation, gate, up, backend, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_views_off_16_byte_alignment(backend, dtype, device, poison):
+    """Halves of a buffer shifted by one element: no 16-byte access lines up (the element-wise path)."""
+    buffer = leaf((torch.randn(9, 2 * 512 + 1, device=device) * 2).to(dtype))
+    gate, up = buffer[:, 1:513], buffer[:, 513:]
+    _check_against_float64("silu", gate, up, backend, dtype)
 
 
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))

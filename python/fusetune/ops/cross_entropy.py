@@ -58,8 +58,10 @@ def kernel_forward(x2d, targets, ignore_index: int, softcap, logit_scale, backen
     """x2d (N, V) with unit column stride, targets (N,) -> (loss, lse), fp32 (N,) each; 0 on
     ignored rows. On the "triton" or "cuda" backend."""
     if backend == "cuda":
-        return torch.ops.fusetune.cross_entropy_fwd(x2d, targets.long(), ignore_index, _scale(logit_scale),
-                                                    softcap or 0.0)
+        loss, lse = (torch.empty(x2d.shape[0], dtype=torch.float32, device=x2d.device) for _ in range(2))
+        torch.ops.fusetune.cross_entropy_fwd(x2d, targets.long(), ignore_index, _scale(logit_scale), softcap or 0.0,
+                                             loss, lse)
+        return loss, lse
     from fusetune.triton_kernels.cross_entropy import cross_entropy_fwd
 
     return cross_entropy_fwd(x2d, targets, ignore_index, softcap, logit_scale)

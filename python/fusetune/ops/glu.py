@@ -1,4 +1,5 @@
-"""GLUs (SwiGLU, GeGLU): autograd Function over the Triton kernels, and `glu`, `swiglu`, `geglu`.
+"""GLUs (SwiGLU, GeGLU): autograd Function over the Triton kernels or the CUDA extension's ops, and
+`glu`, `swiglu`, `geglu`.
 
 Activations are named as in fusetune.reference.glu.ACTIVATIONS ("silu", "gelu_tanh", "gelu_erf")
 everywhere inside fusetune; HF_ACTIVATIONS maps transformers' names to them.
@@ -68,7 +69,9 @@ def glu_forward(gate, up, activation: str, backend: str) -> torch.Tensor:
     """act(gate) * up outside autograd, for fused Functions that own their backward (lora_mlp) and
     for GLUFunction; gate and up: (rows, n) with unit column stride. A new contiguous tensor."""
     if backend == "cuda":
-        return torch.ops.fusetune.glu_fwd(gate, up, activation)
+        y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+        torch.ops.fusetune.glu_fwd(gate, up, activation, y)
+        return y
     if backend == "triton":
         from fusetune.triton_kernels.glu import glu_fwd
 

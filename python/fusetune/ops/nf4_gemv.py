@@ -26,8 +26,10 @@ class NF4GemvFunction(torch.autograd.Function):
         ctx.save_for_backward(packed, absmax, code, nested_absmax, nested_code, offset)
         ctx.layout = (blocksize, shape, nested_blocksize)
         if backend == "cuda":
-            return torch.ops.fusetune.nf4_gemv(x.contiguous(), packed, absmax, code, blocksize, shape[0],
-                                               nested_absmax, nested_code, offset, nested_blocksize)
+            out = torch.empty(x.shape[0], shape[0], dtype=x.dtype, device=x.device)
+            torch.ops.fusetune.nf4_gemv(x.contiguous(), packed, absmax, code, blocksize, nested_absmax, nested_code,
+                                        offset, nested_blocksize, out)
+            return out
         from fusetune.triton_kernels.nf4_gemv import nf4_gemv as nf4_gemv_triton
 
         return nf4_gemv_triton(x.contiguous(), packed, absmax, code, blocksize, shape[0], shape[1],
