@@ -18,6 +18,7 @@ import torch
 
 from fusetune import patch_model, unpatch_model, use_backend
 from fusetune.backend import triton_interpreting as interpreting
+from fusetune.lora.adapters import keep_training_layout
 from fusetune.training.checkpoint import enable_checkpointing
 from fusetune.patching import UnsupportedModelError
 from tests.helpers import train_steps
@@ -247,12 +248,52 @@ def test_generate_on_a_4bit_base_matches_greedy(tmp_path, device):
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     load = lambda: AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, dtype=torch.float32,
                                                         device_map=device.type).eval()
+    # the reference on bitsandbytes' NF4 matmul, as patch_model leaves the bare Linear4bits: not
+    # its CPU inference kernel (bf16 arithmetic, which greedy decoding can tell apart)
     ref, fused = load(), _patched(load())
+    keep_training_layout(ref)
     prompt = random_batch(batch=2, seq=6, device=device)[0]
     for use_cache in (True, False):
         kwargs = dict(max_new_tokens=5, do_sample=False, use_cache=use_cache, pad_token_id=0)
         with _backend("triton"):
             assert torch.equal(fused.generate(prompt, **kwargs), ref.generate(prompt, **kwargs))
+
+
+def test_a_4bit_base_trains_the_same_after_an_eval_pass(tmp_path, device):
+    """bitsandbytes repacks a CPU Linear4bit for its inference kernel at an eval forward without
+    grad, and that kernel has no backward: after patch_model an eval pass (an eval loss, a
+    generate) changes neither the training loss nor a LoRA gradient."""
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_model("llama", intermediate_size=128).save_pretrained(tmp_path)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    ids, labels = random_batch(batch=2, seq=6, device=device)
+
+    def trained(eval_first: bool):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, dtype=torch.float32,
+                                                     device_map=device.type)
+        # q and v adapters: their gradients pass through o_proj, a bare Linear4bit
+        model = _patched(get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])))
+        with _backend("triton"):
+            if eval_first:
+                model.eval()
+                with torch.no_grad():
+                    model(input_ids=ids)
+            model.train()
+            loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads
+
+    loss, grads = trained(eval_first=False)
+    loss_after_eval, grads_after_eval = trained(eval_first=True)
+    assert torch.equal(loss_after_eval, loss)
+    assert grads.keys() == grads_after_eval.keys() and grads
+    for name, grad in grads.items():
+        assert grads_after_eval[name] is not None and torch.equal(grads_after_eval[name], grad), name
 
 
 def test_loss_honours_num_items_in_batch_shift_labels_and_ignore_index(device):

@@ -45,6 +45,30 @@ def _base_weight(base: nn.Module):
             f"bitsandbytes Linear4bit nf4)")
 
 
+def keep_training_layout(model: nn.Module) -> int:
+    """bitsandbytes (0.50) repacks a CPU Linear4bit's weight for its AVX512-BF16 inference kernel at
+    the first forward in eval mode without grad (an eval loss, a generate) and keeps it that way: a
+    later training forward then runs that kernel, which has no backward (no gradient reaches the
+    layer's input: the adapters below it train on a wrong gradient, silently), and fusetune's NF4
+    path would read the repacked bytes as NF4. Turned off for every Linear4bit of the model, and a
+    weight already repacked is put back. Returns how many were put back."""
+    bnb = sys.modules.get("bitsandbytes")  # a model can only hold its layers if it was imported
+    if bnb is None:
+        return 0
+    restored = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            state = getattr(module.weight, "quant_state", None)
+            if getattr(state, "packing_format_for_cpu", False):
+                from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                    module.weight.data, state)
+                restored += 1
+    return restored
+
+
 def projection_of(module: nn.Module) -> LoRAProjection | str:
     """The projection `module` computes, with its active LoRA adapter if any, or why it runs unfused."""
     lora_layer = _lora_layer_type()

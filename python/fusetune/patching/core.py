@@ -13,7 +13,7 @@ import importlib
 import logging
 import sys
 
-from fusetune.lora.adapters import lora_report
+from fusetune.lora.adapters import keep_training_layout, lora_report
 from fusetune.ops.glu import HF_ACTIVATIONS, op_name
 from fusetune.patching import attention as fused_attention
 from fusetune.patching import gemma, gemma2, gemma3, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe, t5
@@ -307,6 +307,7 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, attention: b
             left.append(f"lora: {reason} ({count} projections)")
     else:
         left.append("lora: switched off")
+    keep_training_layout(model)
     int8 = _int8_linears(model)
     if int8:
         left.append(f"projections: {int8} bitsandbytes 8-bit linears keep bitsandbytes' int8 matmul, and LoRA on "
