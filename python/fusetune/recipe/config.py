@@ -105,8 +105,9 @@ class TrainingConfig:
     max_grad_norm: float | None = key(1.0, "clip the gradient norm to this (null: no clipping)")
     seed: int = key(3407, "the seed of the adapters' initialisation, the data order and the eval split")
     fsdp: bool = key(False, "with --nproc N: shard the weights, gradients and optimizer states over the processes "
-                            "(FSDP2 fully_shard per decoder layer), for models one GPU cannot train; 16-bit bases "
-                            "(not load_in_4bit / load_in_8bit); saving gathers the whole model on each process")
+                            "(FSDP2 fully_shard per decoder layer), for models one GPU cannot train; a 4-bit base's "
+                            "NF4 weights stay whole on every process (8-bit bases: not yet); saving gathers the whole "
+                            "model on each process")
     context_parallel: bool = key(False, "with --nproc N: every process trains 1/N of each micro-batch's tokens "
                                         "(the sequence split, attention's heads exchanged), not 1/N of the "
                                         "examples: for sequences one GPU cannot hold")

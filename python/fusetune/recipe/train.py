@@ -101,10 +101,10 @@ def check_data_parallel(config, ranks: distributed.Ranks, recipe_stage: bool) ->
     kind, batch = config.stage.kind, config.training.effective_batch_size
     if kind not in ("sft", "cpt"):
         raise ConfigError(f"stage.kind {kind} trains on one process; --nproc {ranks.world} runs sft and cpt")
-    t, m = config.training, config.model
-    if t.fsdp and (m.load_in_4bit or m.load_in_8bit):
-        raise ConfigError("training.fsdp shards 16-bit weights; 4-bit and 8-bit ones are not sharded yet: train "
-                          "QLoRA with --nproc and fsdp off (every process holds the quantised model)")
+    t = config.training
+    if t.fsdp and config.model.load_in_8bit:
+        raise ConfigError("training.fsdp shards 16-bit bases and keeps 4-bit ones whole on every process; 8-bit "
+                          "bases are not supported with it yet: use load_in_4bit, or --nproc with fsdp off")
     if t.fsdp and t.optim.endswith("8bit"):
         raise ConfigError(f"training.fsdp shards AdamW's states, and bitsandbytes' 8-bit AdamW (optim: {t.optim}) "
                           f"does not run on shards: set training.optim: adamw")
@@ -238,9 +238,11 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
         if ranks.world > 1:  # the same weights on every process, then each its own dropout masks
             torch.manual_seed(t.seed + ranks.rank)
         if t.fsdp and ranks.world > 1:
-            layers = distributed.shard_model(model)
+            layers, whole = distributed.shard_model(model)
+            kept = (f"; the {whole} 4-bit base weights whole on every process (FSDP2 would drop their "
+                    f"quantisation state)" if whole else "")
             log(f"fsdp: {layers} decoder layers and the rest of the model sharded over {ranks.world} processes "
-                f"(weights, gradients, optimizer states)")
+                f"(weights, gradients, optimizer states){kept}")
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         log(f"model: {m.name}, {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({what}), "

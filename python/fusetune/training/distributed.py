@@ -129,12 +129,24 @@ def all_max(ranks: Ranks, value: int, device) -> int:
     return int(top)
 
 
-def shard_model(model) -> int:
+def quantised_parameters(model) -> set[torch.nn.Parameter]:
+    """The bitsandbytes-quantised weights of a 4-bit base (Params4bit)."""
+    return {p for p in model.parameters() if type(p).__name__ == "Params4bit"}
+
+
+def shard_model(model) -> tuple[int, int]:
     """FSDP2: every decoder layer (the classes the model names in _no_split_modules) and then the
     whole model become fully_shard units over all processes, so each holds 1/N of the weights,
     gradients and optimizer states and gathers a layer's weights only while it runs. Gradients are
     summed over the processes, not averaged: every loss here is already divided by the whole
-    batch's label count. Returns the number of layers sharded."""
+    batch's label count.
+
+    A 4-bit base's NF4 weights stay whole on every process (fully_shard's ignored_params): FSDP2
+    shards a parameter by turning it into a DTensor, which drops bitsandbytes' Params4bit subclass
+    and the quantisation state it carries (the absmax, the code book), so a sharded NF4 weight no
+    longer dequantises. They are frozen and a quarter of their 16-bit size; the adapters, their
+    gradients and AdamW states, and the 16-bit weights (embeddings, norms, lm_head) are sharded.
+    Returns (decoder layers sharded, quantised weights kept whole)."""
     from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
     from fusetune.patching import hf_model
@@ -144,9 +156,10 @@ def shard_model(model) -> int:
     if not layers:
         raise ValueError(f"training.fsdp shards a model by its decoder layers, and {type(hf_model(model)).__name__} "
                          f"names none (_no_split_modules): train it without fsdp")
+    whole = quantised_parameters(model)
     for layer in layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, ignored_params=whole or None)
+    fully_shard(model, ignored_params=whole or None)
     if hasattr(model, "generate"):  # generate calls the inner model, not this one's forward: gather around it too
         register_fsdp_forward_method(model, "generate")
     # transformers' generate keeps stepping (synced_gpus) until every process is done when it sees this:
@@ -157,7 +170,7 @@ def shard_model(model) -> int:
             module.set_gradient_divide_factor(1.0)
             if hasattr(module, "set_force_sum_reduction_for_comms"):  # a plain sum: gloo has no pre-multiplied one
                 module.set_force_sum_reduction_for_comms(True)
-    return len(layers)
+    return len(layers), len(whole)
 
 
 def is_sharded(model) -> bool:
