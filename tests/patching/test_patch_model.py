@@ -296,6 +296,24 @@ def test_a_4bit_base_trains_the_same_after_an_eval_pass(tmp_path, device):
         assert grads_after_eval[name] is not None and torch.equal(grads_after_eval[name], grad), name
 
 
+def test_a_4bit_base_repacked_for_inference_is_refused(tmp_path):
+    """A Linear4bit that bitsandbytes already repacked for its CPU inference kernel (lossy, and with
+    no backward) is named, with the fix, instead of trained on."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_model("llama", intermediate_size=128).save_pretrained(tmp_path)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, dtype=torch.float32)
+    layer = model.model.layers[0].self_attn.o_proj
+    # what bitsandbytes' eval-mode forward does on a CPU with AVX512-BF16 (pure torch: any host)
+    layer.weight.data, layer.weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(
+        layer.weight.data, layer.weight.quant_state)
+    with pytest.raises(ValueError, match="1 of the model's 14 4-bit layers were repacked .* load the model again and "
+                                         "patch it first"):
+        patch_model(model)
+
+
 def test_loss_honours_num_items_in_batch_shift_labels_and_ignore_index(device):
     ref = tiny_model("gemma2").to(device)
     fused = _patched(tiny_model("gemma2").to(device))

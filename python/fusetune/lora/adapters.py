@@ -45,28 +45,26 @@ def _base_weight(base: nn.Module):
             f"bitsandbytes Linear4bit nf4)")
 
 
-def keep_training_layout(model: nn.Module) -> int:
+def keep_training_layout(model: nn.Module) -> None:
     """bitsandbytes (0.50) repacks a CPU Linear4bit's weight for its AVX512-BF16 inference kernel at
     the first forward in eval mode without grad (an eval loss, a generate) and keeps it that way: a
     later training forward then runs that kernel, which has no backward (no gradient reaches the
     layer's input: the adapters below it train on a wrong gradient, silently), and fusetune's NF4
-    path would read the repacked bytes as NF4. Turned off for every Linear4bit of the model, and a
-    weight already repacked is put back. Returns how many were put back."""
+    path would read the repacked bytes as NF4. Turned off here for every Linear4bit of the model.
+    A weight already repacked is refused: bitsandbytes rounded its scales to bf16, and its inverse
+    does not give the loaded weight back."""
     bnb = sys.modules.get("bitsandbytes")  # a model can only hold its layers if it was imported
     if bnb is None:
-        return 0
-    restored = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-            state = getattr(module.weight, "quant_state", None)
-            if getattr(state, "packing_format_for_cpu", False):
-                from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
-
-                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                    module.weight.data, state)
-                restored += 1
-    return restored
+        return
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    repacked = sum(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False) for m in layers)
+    if repacked:
+        raise ValueError(f"{repacked} of the model's {len(layers)} 4-bit layers were repacked by bitsandbytes for its "
+                         f"CPU inference kernel (an eval-mode forward or generate ran before patch_model), which "
+                         f"cannot train and has lost the exact scales: load the model again and patch it first "
+                         f"(FastLanguageModel.from_pretrained does)")
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
 
 
 def projection_of(module: nn.Module) -> LoRAProjection | str:

@@ -238,6 +238,7 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, attention: b
     """
     hf = hf_model(model)
     name = type(hf).__name__ if hf is model else f"{type(model).__name__}({type(hf).__name__})"
+    keep_training_layout(model)  # (unsupported families train through bitsandbytes too)
     try:
         spec = family_spec(hf)
     except UnsupportedModelError as err:
@@ -307,7 +308,6 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, attention: b
             left.append(f"lora: {reason} ({count} projections)")
     else:
         left.append("lora: switched off")
-    keep_training_layout(model)
     int8 = _int8_linears(model)
     if int8:
         left.append(f"projections: {int8} bitsandbytes 8-bit linears keep bitsandbytes' int8 matmul, and LoRA on "
@@ -324,7 +324,8 @@ def _int8_linears(model) -> int:
 
 def unpatch_model(model):
     """Undo patch_model in place (every fused module gets its class back, the loss is restored);
-    returns the model. A model that was never patched is returned unchanged."""
+    returns the model. A model that was never patched is returned unchanged. bitsandbytes' CPU
+    inference repacking of 4-bit layers stays off (lora.adapters.keep_training_layout)."""
     restored = 0
     for module in model.modules():
         module.__dict__.pop("_fusetune_attention", None)
