@@ -175,6 +175,28 @@ def test_fsdp_qlora_trains_as_one_process(runs):
     _assert_same_adapter(_adapter(tmp / "qlora-fsdp"), _adapter(tmp / "qlora-one"), atol=5e-5)
 
 
+def test_fsdp_trains_embeddings_beside_lora_as_one_process(runs):
+    """A cpt stage trains embed_tokens and lm_head (PEFT modules_to_save, in FSDP's root unit) beside
+    LoRA: the same losses and saved adapter as one process. (The root unit stays gathered after a
+    forward: an optimizer built then stepped copies FSDP never gave gradients to; and PEFT's save
+    made FSDP free the gathered weights it was reading.)"""
+    tmp, _, _ = runs
+    (tmp / "text.jsonl").write_text("\n".join(json.dumps({"text": f"row {i}: " + "a few plain words to read " * 3})
+                                              for i in range(20)))
+    cpt = ("--set", "stage.kind=cpt", "--set", "data.path=text.jsonl")
+    one = _fusetune("run.yaml", *cpt, "--set", "output.dir=cpt-one", cwd=tmp)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    proc = _fusetune("run.yaml", *cpt, "--nproc", "2", "--set", "training.fsdp=true", "--set", "output.dir=cpt-fsdp",
+                     cwd=tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    summary, truth = (json.loads((tmp / d / "summary.json").read_text()) for d in ("cpt-fsdp", "cpt-one"))
+    assert summary["losses"] == pytest.approx(truth["losses"], rel=1e-5)
+    assert _eval_losses(summary) == pytest.approx(_eval_losses(truth), rel=1e-5)
+    ours, theirs = _adapter(tmp / "cpt-fsdp"), _adapter(tmp / "cpt-one")
+    assert any("embed_tokens" in name for name in ours) and any("lm_head" in name for name in ours)
+    _assert_same_adapter(ours, theirs, atol=2e-5)
+
+
 def test_context_parallel_over_processes_the_heads_do_not_split_is_refused(runs):
     tmp, _, _ = runs
     proc = _fusetune("run.yaml", "--nproc", "3", "--set", "training.context_parallel=true", "--set", "output.dir=three",

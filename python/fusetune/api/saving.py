@@ -160,6 +160,20 @@ def _is_fsdp(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
+# the names of what PEFT saves with an adapter: LoRA weights, modules_to_save copies (and the layers
+# they wrap), trainable tokens, embedding layers
+_ADAPTER_SIDE = ("lora_", "modules_to_save", "original_module", "trainable_tokens", "embed_tokens", "lm_head")
+
+
+def _gathered_adapter_state(model) -> dict[str, torch.Tensor]:
+    """What PEFT saves of an FSDP model, from its gathered weights (training.distributed.gathered;
+    its state_dict() holds shards), copied to host memory first: PEFT lists a modules_to_save copy's
+    keys with that module's state_dict(), which makes FSDP reshard its unit and free the gathered
+    tensors (a crash when they are read after)."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters(remove_duplicate=False)
+            if p.requires_grad or any(part in name for part in _ADAPTER_SIDE)}
+
+
 def _check_gathered(model):
     """An FSDP model's weights are shards outside its gathered state: refuse to save those."""
     if not _is_fsdp(model):
@@ -193,8 +207,7 @@ def save_merged(model, save_directory: str | os.PathLike, tokenizer=None, save_m
         dtype = base if base in (torch.bfloat16, torch.float16) else torch.bfloat16
     with atomic_directory(save_directory) as tmp:
         if save_method == "lora":
-            # an FSDP model's state_dict() holds shards: its gathered weights (training.distributed.gathered)
-            state = dict(model.named_parameters(remove_duplicate=False)) if _is_fsdp(model) else None
+            state = _gathered_adapter_state(model) if _is_fsdp(model) else None
             model.save_pretrained(tmp, **({"state_dict": state} if state is not None else {}))
             write_load_settings(model, tmp)
         elif save_method == "merged_4bit":

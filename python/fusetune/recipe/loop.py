@@ -202,6 +202,7 @@ def train_loop(model, examples: list[dict], objective, cfg: TrainingConfig, outp
     step, eval losses, tokens/s (of all processes), peak memory (of this one), steps, resumed_from,
     fingerprint."""
     steps = total_steps(cfg, len(examples))
+    distributed.reshard(model)  # (the answers before training left FSDP's root unit gathered)
     params = list(trainable_parameters(model).values())
     if not params:
         raise ConfigError("the model has no trainable parameters: add LoRA adapters (the lora section)")

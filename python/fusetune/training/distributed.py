@@ -203,6 +203,20 @@ def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(whole.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
 
 
+def reshard(model) -> None:
+    """Every FSDP unit back on its sharded parameters. A forward leaves the root unit gathered (FSDP2
+    does not reshard the root after its forward), and its modules then hold whole tensors in place of
+    the sharded DTensors: an optimizer built on those would step tensors FSDP never writes gradients to.
+    Without FSDP: nothing happens."""
+    if not is_sharded(model):
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+
+
 @contextlib.contextmanager
 def gathered(model):
     """Every FSDP unit's weights whole on every process inside the block (as plain tensors on the
