@@ -86,6 +86,20 @@ def test_merged_16bit_loads_as_the_plain_model_with_the_same_logits(model_dir, t
     assert_close(_logits(plain, ids), _logits(plain32, ids), torch.float32, "merged 16-bit logits")
 
 
+def test_merged_state_dict_moved_as_it_is_made_keeps_ties():
+    """device=: every merged tensor goes there as soon as it is made (a save holds one layer's merge on
+    the GPU at a time); tied embeddings stay one tensor there, and nothing else is shared."""
+    model = tiny_model("llama", tie_word_embeddings=True)
+    model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False, init_lora_weights=False)
+    here, moved = saving.merged_state_dict(model), saving.merged_state_dict(model, device="meta")
+    assert here.keys() == moved.keys()
+    assert all(t.device.type == "meta" and t.shape == here[k].shape and t.dtype == here[k].dtype
+               for k, t in moved.items())
+    assert moved["lm_head.weight"] is moved["model.embed_tokens.weight"]
+    others = [t for k, t in moved.items() if k != "lm_head.weight"]
+    assert len({id(t) for t in others}) == len(others)
+
+
 def test_merged_4bit_loads_quantised_with_nf4_rounded_logits(tmp_path):
     pytest.importorskip("bitsandbytes")
     # intermediate 128: bitsandbytes 0.50's CPU dequantisation is wrong for rows not a multiple of its block of 64

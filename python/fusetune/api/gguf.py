@@ -221,7 +221,7 @@ def write_gguf(model, tokenizer, path: Path, method: str, arch: str) -> Path:
         logger.warning("fusetune: %s uses a sliding window of %d tokens; GGUF's %s architecture has none, so "
                        "llama.cpp attends over the whole context (the same up to %d tokens)", config.model_type, window,
                        arch, window)
-    state = merged_state_dict(model, torch.float32)
+    state = merged_state_dict(model, torch.float32, device="cpu")  # (the GPU holds one merge at a time)
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     names = gguf.get_tensor_name_map(arch_id, config.num_hidden_layers)
     writer = gguf.GGUFWriter(str(path), arch)

@@ -41,12 +41,30 @@ def _dense(module: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def merged_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The plain model's state dict with every active LoRA adapter merged (model unchanged)."""
+def merged_state_dict(model, dtype: torch.dtype | None = None,
+                      device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """The plain model's state dict with every active LoRA adapter merged (model unchanged).
+
+    device: where each tensor goes as soon as it is made ("cpu" for a save: the GPU then holds one
+    layer's merge at a time, not the whole merged model); None keeps the model's devices. Tensors
+    the model shares (tied embeddings) stay shared there."""
     from peft.tuners.lora import LoraLayer
     from peft.utils.other import ModulesToSaveWrapper
 
     out: dict[str, torch.Tensor] = {}
+    moved: dict[tuple, torch.Tensor] = {}  # the model's own tensors, moved once each
+
+    def put(name: str, tensor: torch.Tensor, source: torch.Tensor | None = None):
+        """tensor (made from the model's own `source`, when given) under `name`, on `device`."""
+        if device is not None:
+            if source is None:  # a merge made here: nothing else shares it
+                tensor = tensor.to(device)
+            else:  # (keyed by the model's tensor, which lives on, and so can be shared: tied embeddings)
+                key = (source.data_ptr(), tuple(source.shape), tuple(source.stride()), source.dtype, tensor.dtype)
+                if key not in moved or not source.numel():
+                    moved[key] = tensor.to(device)
+                tensor = moved[key]
+        out[name] = tensor
 
     def visit(module: nn.Module, prefix: str):
         if isinstance(module, LoraLayer):
@@ -60,22 +78,23 @@ def merged_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, torc
                                                       f"adapters is not supported; use PEFT's merge_and_unload")
                         delta = module.lora_B[name].weight.float() @ module.lora_A[name].weight.float()
                         weight = weight + module.scaling[name] * delta
-            out[prefix + "weight"] = weight.to(dtype or _weight_dtype(base))
+            put(prefix + "weight", weight.to(dtype or _weight_dtype(base)))
             if base.bias is not None:
-                out[prefix + "bias"] = base.bias.detach().to(dtype or base.bias.dtype)
+                put(prefix + "bias", base.bias.detach().to(dtype or base.bias.dtype))
             return
         if isinstance(module, ModulesToSaveWrapper):
             active = [n for n in module.active_adapters if n in module.modules_to_save]
             inner = module.original_module if module.disable_adapters or not active else module.modules_to_save[active[0]]
             return visit(inner, prefix)
         if _is_4bit(module):
-            out[prefix + "weight"] = _dense(module).to(dtype or _weight_dtype(module))
+            put(prefix + "weight", _dense(module).to(dtype or _weight_dtype(module)))
             if module.bias is not None:
-                out[prefix + "bias"] = module.bias.detach().to(dtype or module.bias.dtype)
+                put(prefix + "bias", module.bias.detach().to(dtype or module.bias.dtype))
             return
         for name, tensor in list(module.named_parameters(recurse=False)) + [
                 (n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set]:
-            out[prefix + name] = tensor.detach().to(dtype) if dtype and tensor.is_floating_point() else tensor.detach()
+            put(prefix + name, tensor.detach().to(dtype) if dtype and tensor.is_floating_point() else tensor.detach(),
+                source=tensor)
         for name, child in module.named_children():
             visit(child, f"{prefix}{name}.")
 
@@ -101,8 +120,7 @@ def write_plain_model(model, directory: Path, dtype: torch.dtype | None = None):
     from safetensors.torch import save_file
 
     hf = hf_model(model)
-    state = merged_state_dict(model, dtype)
-    state = {k: v.to("cpu") for k, v in _without_tied_duplicates(state).items()}
+    state = _without_tied_duplicates(merged_state_dict(model, dtype, device="cpu"))
     save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
     config = hf.config.__class__.from_dict(hf.config.to_dict())
     if hasattr(config, "quantization_config"):
