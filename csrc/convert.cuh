@@ -1,10 +1,31 @@
-// float <-> the element types of fusetune's CUDA kernels (fp32, fp16, bf16), rounding to nearest even.
+// The element types of fusetune's CUDA kernels (fp32, fp16, bf16): float <-> each, rounding to
+// nearest even, and the switch from a runtime DType to its type (a launcher's template argument).
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "kernels.h"
+
 namespace fusetune {
+
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+// f(Type<T>{}) for T the element type of dtype: a launcher's template argument from a runtime DType
+template <typename F>
+auto with_element_type(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kBFloat16:
+      return f(Type<__nv_bfloat16>{});
+    case DType::kFloat16:
+      return f(Type<__half>{});
+    default:
+      return f(Type<float>{});
+  }
+}
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }

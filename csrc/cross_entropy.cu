@@ -211,17 +211,10 @@ cudaError_t cross_entropy_fwd(const void* x, const int64_t* targets, float* loss
   if (rows == 0) return cudaSuccess;
   if (bad_sizes(rows, n_cols)) return cudaErrorInvalidValue;
   const Transform tf = make_transform(scale, softcap);
-  switch (x_dtype) {
-    case DType::kBFloat16:
-      return launch_fwd<__nv_bfloat16>(x, targets, loss, lse, rows, n_cols, x_row_stride, t_stride, ignore_index,
-                                       tf, stream);
-    case DType::kFloat16:
-      return launch_fwd<__half>(x, targets, loss, lse, rows, n_cols, x_row_stride, t_stride, ignore_index, tf,
-                                stream);
-    default:
-      return launch_fwd<float>(x, targets, loss, lse, rows, n_cols, x_row_stride, t_stride, ignore_index, tf,
-                               stream);
-  }
+  return with_element_type(x_dtype, [&](auto type) {
+    return launch_fwd<typename decltype(type)::type>(x, targets, loss, lse, rows, n_cols, x_row_stride, t_stride,
+                                                     ignore_index, tf, stream);
+  });
 }
 
 cudaError_t cross_entropy_bwd(const void* x, void* dx, const int64_t* targets, const float* lse, const float* grad,
@@ -231,17 +224,10 @@ cudaError_t cross_entropy_bwd(const void* x, void* dx, const int64_t* targets, c
   if (rows == 0) return cudaSuccess;
   if (bad_sizes(rows, n_cols)) return cudaErrorInvalidValue;
   const Transform tf = make_transform(scale, softcap);
-  switch (x_dtype) {
-    case DType::kBFloat16:
-      return launch_bwd<__nv_bfloat16>(x, dx, targets, lse, grad, rows, n_cols, x_row_stride, dx_row_stride,
-                                       t_stride, g_stride, ignore_index, tf, stream);
-    case DType::kFloat16:
-      return launch_bwd<__half>(x, dx, targets, lse, grad, rows, n_cols, x_row_stride, dx_row_stride, t_stride,
-                                g_stride, ignore_index, tf, stream);
-    default:
-      return launch_bwd<float>(x, dx, targets, lse, grad, rows, n_cols, x_row_stride, dx_row_stride, t_stride,
-                               g_stride, ignore_index, tf, stream);
-  }
+  return with_element_type(x_dtype, [&](auto type) {
+    return launch_bwd<typename decltype(type)::type>(x, dx, targets, lse, grad, rows, n_cols, x_row_stride,
+                                                     dx_row_stride, t_stride, g_stride, ignore_index, tf, stream);
+  });
 }
 
 }  // namespace fusetune

@@ -13,6 +13,7 @@
 // loads and stores kVec elements with one 16-byte access each where every pointer and row stride
 // allows it, else one element at a time.
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -198,47 +199,19 @@ cudaError_t launch_bwd(const void* dy, const void* gate, const void* up, void* d
   return cudaGetLastError();
 }
 
-// the (dtype, activation) pair as template arguments
-template <template <typename, Activation> class Launch, typename... Args>
-cudaError_t dispatch(DType dtype, Activation activation, Args... args) {
+// f(std::integral_constant<Activation, A>{}) for the activation's A
+template <typename F>
+cudaError_t with_activation(Activation activation, F&& f) {
   switch (activation) {
     case Activation::kSilu:
-      switch (dtype) {
-        case DType::kBFloat16: return Launch<__nv_bfloat16, Activation::kSilu>::run(args...);
-        case DType::kFloat16: return Launch<__half, Activation::kSilu>::run(args...);
-        default: return Launch<float, Activation::kSilu>::run(args...);
-      }
+      return f(std::integral_constant<Activation, Activation::kSilu>{});
     case Activation::kGeluTanh:
-      switch (dtype) {
-        case DType::kBFloat16: return Launch<__nv_bfloat16, Activation::kGeluTanh>::run(args...);
-        case DType::kFloat16: return Launch<__half, Activation::kGeluTanh>::run(args...);
-        default: return Launch<float, Activation::kGeluTanh>::run(args...);
-      }
+      return f(std::integral_constant<Activation, Activation::kGeluTanh>{});
     case Activation::kGeluErf:
-      switch (dtype) {
-        case DType::kBFloat16: return Launch<__nv_bfloat16, Activation::kGeluErf>::run(args...);
-        case DType::kFloat16: return Launch<__half, Activation::kGeluErf>::run(args...);
-        default: return Launch<float, Activation::kGeluErf>::run(args...);
-      }
+      return f(std::integral_constant<Activation, Activation::kGeluErf>{});
   }
   return cudaErrorInvalidValue;
 }
-
-template <typename T, Activation A>
-struct Forward {
-  static cudaError_t run(const void* gate, const void* up, void* y, int64_t rows, int64_t cols,
-                         const int64_t* strides, cudaStream_t stream) {
-    return launch_fwd<T, A>(gate, up, y, rows, cols, strides, stream);
-  }
-};
-
-template <typename T, Activation A>
-struct Backward {
-  static cudaError_t run(const void* dy, const void* gate, const void* up, void* dgate, void* dup,
-                         int64_t rows, int64_t cols, const int64_t* strides, cudaStream_t stream) {
-    return launch_bwd<T, A>(dy, gate, up, dgate, dup, rows, cols, strides, stream);
-  }
-};
 
 }  // namespace
 
@@ -247,7 +220,11 @@ cudaError_t glu_fwd(const void* gate, const void* up, void* y, int64_t rows, int
                     Activation activation, DType dtype, cudaStream_t stream) {
   if (rows < 0 || cols < 0) return cudaErrorInvalidValue;
   const int64_t strides[] = {gate_row_stride, up_row_stride, y_row_stride};
-  return dispatch<Forward>(dtype, activation, gate, up, y, rows, cols, +strides, stream);
+  return with_element_type(dtype, [&](auto type) {
+    return with_activation(activation, [&](auto act) {
+      return launch_fwd<typename decltype(type)::type, decltype(act)::value>(gate, up, y, rows, cols, strides, stream);
+    });
+  });
 }
 
 cudaError_t glu_bwd(const void* dy, const void* gate, const void* up, void* dgate, void* dup,
@@ -256,7 +233,12 @@ cudaError_t glu_bwd(const void* dy, const void* gate, const void* up, void* dgat
                     Activation activation, DType dtype, cudaStream_t stream) {
   if (rows < 0 || cols < 0) return cudaErrorInvalidValue;
   const int64_t strides[] = {dy_row_stride, gate_row_stride, up_row_stride, dgate_row_stride, dup_row_stride};
-  return dispatch<Backward>(dtype, activation, dy, gate, up, dgate, dup, rows, cols, +strides, stream);
+  return with_element_type(dtype, [&](auto type) {
+    return with_activation(activation, [&](auto act) {
+      return launch_bwd<typename decltype(type)::type, decltype(act)::value>(dy, gate, up, dgate, dup, rows, cols,
+                                                                            strides, stream);
+    });
+  });
 }
 
 }  // namespace fusetune

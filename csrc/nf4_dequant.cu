@@ -99,17 +99,10 @@ cudaError_t nf4_dequant(const uint8_t* packed, const void* absmax, const float* 
                         DType out_dtype, cudaStream_t stream) {
   if (n_elements <= 0) return cudaSuccess;
   if (blocksize < 2 || blocksize % 2 != 0 || nested_blocksize < 1) return cudaErrorInvalidValue;
-  switch (out_dtype) {
-    case DType::kBFloat16:
-      return launch<__nv_bfloat16>(packed, absmax, code, nested_absmax, nested_code, offset, out,
-                                   n_elements, blocksize, nested_blocksize, stream);
-    case DType::kFloat16:
-      return launch<__half>(packed, absmax, code, nested_absmax, nested_code, offset, out, n_elements,
-                            blocksize, nested_blocksize, stream);
-    default:
-      return launch<float>(packed, absmax, code, nested_absmax, nested_code, offset, out, n_elements,
-                           blocksize, nested_blocksize, stream);
-  }
+  return with_element_type(out_dtype, [&](auto type) {
+    return launch<typename decltype(type)::type>(packed, absmax, code, nested_absmax, nested_code, offset, out,
+                                                 n_elements, blocksize, nested_blocksize, stream);
+  });
 }
 
 }  // namespace fusetune

@@ -105,18 +105,10 @@ cudaError_t nf4_gemv(const void* x, const uint8_t* packed, const void* absmax, c
                      cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   if (!nf4_gemv_supported(m, k, blocksize, packed) || nested_blocksize < 1) return cudaErrorInvalidValue;
-  const int mi = static_cast<int>(m);
-  switch (dtype) {
-    case DType::kBFloat16:
-      return launch<__nv_bfloat16>(x, packed, absmax, code, nested_absmax, nested_code, offset, out, mi, n, k,
-                                   blocksize, nested_blocksize, stream);
-    case DType::kFloat16:
-      return launch<__half>(x, packed, absmax, code, nested_absmax, nested_code, offset, out, mi, n, k, blocksize,
-                            nested_blocksize, stream);
-    default:
-      return launch<float>(x, packed, absmax, code, nested_absmax, nested_code, offset, out, mi, n, k, blocksize,
-                           nested_blocksize, stream);
-  }
+  return with_element_type(dtype, [&](auto type) {
+    return launch<typename decltype(type)::type>(x, packed, absmax, code, nested_absmax, nested_code, offset, out,
+                                                 static_cast<int>(m), n, k, blocksize, nested_blocksize, stream);
+  });
 }
 
 }  // namespace fusetune

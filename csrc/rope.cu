@@ -81,24 +81,6 @@ cudaError_t launch(const RopeTensor& q, const RopeTensor& k, const void* cos, co
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t launch_for(DType cos_dtype, const RopeTensor& q, const RopeTensor& k, const void* cos,
-                       const void* sin, int64_t batch, int64_t seq, int64_t head_dim, int64_t rot_dim,
-                       int64_t cos_b, int64_t cos_s, int64_t sin_b, int64_t sin_s, bool inverse,
-                       bool copy_pass, cudaStream_t stream) {
-  switch (cos_dtype) {
-    case DType::kBFloat16:
-      return launch<T, __nv_bfloat16>(q, k, cos, sin, batch, seq, head_dim, rot_dim, cos_b, cos_s, sin_b,
-                                      sin_s, inverse, copy_pass, stream);
-    case DType::kFloat16:
-      return launch<T, __half>(q, k, cos, sin, batch, seq, head_dim, rot_dim, cos_b, cos_s, sin_b, sin_s,
-                               inverse, copy_pass, stream);
-    default:
-      return launch<T, float>(q, k, cos, sin, batch, seq, head_dim, rot_dim, cos_b, cos_s, sin_b, sin_s,
-                              inverse, copy_pass, stream);
-  }
-}
-
 }  // namespace
 
 cudaError_t rope(const RopeTensor& q, const RopeTensor& k, const void* cos, const void* sin,
@@ -109,18 +91,13 @@ cudaError_t rope(const RopeTensor& q, const RopeTensor& k, const void* cos, cons
   if (rot_dim < 2 || rot_dim % 2 != 0 || rot_dim > head_dim || seq > INT32_MAX || batch > 65535) {
     return cudaErrorInvalidValue;
   }
-  switch (dtype) {
-    case DType::kBFloat16:
-      return launch_for<__nv_bfloat16>(cos_dtype, q, k, cos, sin, batch, seq, head_dim, rot_dim,
-                                       cos_batch_stride, cos_seq_stride, sin_batch_stride, sin_seq_stride,
-                                       inverse, copy_pass, stream);
-    case DType::kFloat16:
-      return launch_for<__half>(cos_dtype, q, k, cos, sin, batch, seq, head_dim, rot_dim, cos_batch_stride,
-                                cos_seq_stride, sin_batch_stride, sin_seq_stride, inverse, copy_pass, stream);
-    default:
-      return launch_for<float>(cos_dtype, q, k, cos, sin, batch, seq, head_dim, rot_dim, cos_batch_stride,
-                               cos_seq_stride, sin_batch_stride, sin_seq_stride, inverse, copy_pass, stream);
-  }
+  return with_element_type(dtype, [&](auto type) {
+    return with_element_type(cos_dtype, [&](auto cos_type) {
+      return launch<typename decltype(type)::type, typename decltype(cos_type)::type>(
+          q, k, cos, sin, batch, seq, head_dim, rot_dim, cos_batch_stride, cos_seq_stride, sin_batch_stride,
+          sin_seq_stride, inverse, copy_pass, stream);
+    });
+  });
 }
 
 }  // namespace fusetune

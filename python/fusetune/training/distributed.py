@@ -227,11 +227,10 @@ def gathered(model):
         return
     from torch.distributed.fsdp import FSDPModule
 
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for unit in units:
-        unit.unshard()
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule):
+            unit.unshard()
     try:
         yield model
     finally:
-        for unit in units:
-            unit.reshard()
+        reshard(model)
