@@ -102,13 +102,14 @@ def _norm_options(spec, hf_model, lora):
     return lambda module: options
 
 
-def _mlp_options(spec, hf_model, lora):
+def _mlp_options(spec, hf_model, lora, tile):
     def options_for(module):
         name = getattr(getattr(module, "config", hf_model.config), spec.act_key, None)
         activation = HF_ACTIVATIONS.get(name)
         if activation is None:
             return f"{spec.act_key} {name!r} has no fused kernel"
-        return (("_fusetune_activation", activation), ("_fusetune_gate_up", spec.gate_up), ("_fusetune_lora", lora))
+        return (("_fusetune_activation", activation), ("_fusetune_gate_up", spec.gate_up), ("_fusetune_lora", lora),
+                ("_fusetune_tile", tile))
     return options_for
 
 
@@ -195,7 +196,7 @@ def _patch_loss(hf_model, fused_linear: bool):
 
 def patch_model(model, *, rms_norm: bool = True, rope: bool = True, attention: bool | str = True, mlp: bool = True,
                 cross_entropy: bool = True, fused_linear_cross_entropy: bool = True, lora: bool = True,
-                strict: bool = True):
+                tiled_mlp: bool | int = True, strict: bool = True):
     """Swap fused kernels into a supported Hugging Face model, in place; returns the model.
 
     model: a transformers model of a supported family (Llama, Mistral, Qwen2, Qwen3, Gemma,
@@ -213,6 +214,10 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, attention: b
                      plain causal rows too. Image-text models keep transformers' attention
       mlp            gated MLPs -> fused SwiGLU / GeGLU between the projections (T5's gated-GELU
                      FFN too, with its dropout before wo)
+      tiled_mlp      the patched gated MLPs (not T5's, not MoE experts) run a chunk of tokens at a
+                     time (fusetune.training.tiling) where their intermediates would take more
+                     than half of the free GPU memory (long context), the chunk sized from it; an
+                     int: always, in chunks of that many tokens; False: never
       cross_entropy  the model's causal-LM loss -> fused cross-entropy. With
                      fused_linear_cross_entropy (default), a forward given labels computes the loss
                      from the last hidden states and the lm_head weight in chunks: no
@@ -250,6 +255,9 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, attention: b
     if attention not in ATTENTION_MODES:
         raise ValueError(f"patch_model: attention={attention!r}; choose True (fusetune's attention where it is "
                          f"faster), 'always' (its kernel for every training shape) or False (transformers' own)")
+    if tiled_mlp is not True and tiled_mlp is not False and not (isinstance(tiled_mlp, int) and tiled_mlp > 0):
+        raise ValueError(f"patch_model: tiled_mlp={tiled_mlp!r}; choose True (chunks sized from free GPU memory "
+                         f"when the MLP needs them), a positive number of tokens per chunk, or False")
     switches = {"rms_norm": rms_norm, "rope": rope, "attention": attention, "mlp": mlp,
                 "cross_entropy": cross_entropy}
 
@@ -281,13 +289,16 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, attention: b
             if original is None:
                 left.append(f"{kind}: {spec.modeling} has no class {what}")
                 continue
-            factory = options_factory(spec, hf, lora, attention) if kind == "rope" else options_factory(spec, hf, lora)
+            extra = {"rope": (attention,), "mlp": (tiled_mlp,)}.get(kind, ())
+            factory = options_factory(spec, hf, lora, *extra)
             new, already, reasons = _swap(model, original, mixin, factory)
         if new or already:
             detail = [f"{already} already"] if already else []
             if kind == "mlp":
                 detail += sorted({op_name(type(m)._fusetune_activation) for m in model.modules()
                                   if isinstance(m, tuple(MLP_MIXINS.values()))})
+                if tiled_mlp is not True and tiled_mlp is not False:
+                    detail.append(f"gated MLPs {tiled_mlp} tokens at a time")
             if kind == "cross_entropy":
                 detail.append("fused linear, no logits" if isinstance(hf, FusedCausalLM) else "on logits")
             if kind == "attention":
@@ -329,6 +340,7 @@ def unpatch_model(model):
     restored = 0
     for module in model.modules():
         module.__dict__.pop("_fusetune_attention", None)
+        module.__dict__.pop("_fusetune_tile_for", None)
         original = type(module).__dict__.get("_fusetune_original")
         if original is not None:
             module.__class__ = original

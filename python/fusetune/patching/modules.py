@@ -28,6 +28,7 @@ from fusetune.ops.linear_cross_entropy import linear_cross_entropy
 from fusetune.ops.rms_norm import rms_norm
 from fusetune.ops.rope import rope
 from fusetune.patching import attention as fused_attention
+from fusetune.training.tiling import mlp_chunk_rows, sequence_tiled
 
 
 def _project(module, names, x):
@@ -68,8 +69,30 @@ class FusedGatedMLP:
     _fusetune_activation = "silu"
     _fusetune_gate_up = None
     _fusetune_lora = False
+    _fusetune_tile = True  # sequence tiling (training/tiling.py): True when memory asks, N rows, False never
 
     def forward(self, hidden_states):
+        chunk = self._tile_rows(hidden_states)
+        if chunk is None:
+            return self._forward_whole(hidden_states)
+        return sequence_tiled(self._forward_whole, hidden_states, chunk)
+
+    def _tile_rows(self, x):
+        """Rows per chunk of a sequence-tiled forward, or None. The automatic choice is kept per
+        token count, so a checkpointed layer's recompute splits as its forward did (the same
+        dropout masks) and the driver is asked once per sequence length."""
+        tile = self._fusetune_tile
+        if tile is False:
+            return None
+        if tile is not True:
+            return tile
+        rows = x.shape[:-1].numel()
+        cached = self.__dict__.get("_fusetune_tile_for")
+        if cached is None or cached[0] != rows:
+            cached = self._fusetune_tile_for = (rows, mlp_chunk_rows(x, self.down_proj.in_features))
+        return cached[1]
+
+    def _forward_whole(self, hidden_states):
         if self._fusetune_lora:
             out = self._fused_lora_forward(hidden_states)
             if out is not None:

@@ -80,6 +80,31 @@ class _Slot:
         return hidden
 
 
+class ForwardState:
+    """The RNG and autocast state a forward ran under, taken when it starts, so that a recompute
+    in backward replays it exactly: the same dropout masks, the same casts (autocast as it was in
+    the forward, not as it is in backward), with grad on. The caller's RNG state is left as it was."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.autocast = [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+                         for kind in dict.fromkeys((device.type, "cpu"))]
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def replay(self):
+        devices = [self.device] if self.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type), contextlib.ExitStack() as stack:
+            torch.set_rng_state(self.cpu_rng)
+            if self.cuda_rng is not None:
+                torch.cuda.set_rng_state(self.cuda_rng, self.device)
+            for kind, enabled, dtype in self.autocast:
+                stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
+            stack.enter_context(torch.enable_grad())
+            yield
+
+
 class OffloadedCheckpointFunction(torch.autograd.Function):
     """forward(ctx, function, anchor, hidden, *args) -> function(hidden, *args) without a graph.
     `anchor` is an empty tensor that requires grad, so that backward runs even when hidden does
@@ -90,11 +115,7 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         if any(torch.is_tensor(a) and a.requires_grad for a in args):
             raise ValueError("offloaded_checkpoint: only the first argument (the hidden states) may require "
                              "grad; pass the others as keyword arguments or use torch.utils.checkpoint")
-        ctx.function, ctx.args, ctx.device = function, args, hidden.device
-        ctx.autocast = [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
-                        for kind in dict.fromkeys((hidden.device.type, "cpu"))]
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+        ctx.function, ctx.args, ctx.state = function, args, ForwardState(hidden.device)
         ctx.slot = _Slot(hidden)
         ctx.casts = {}  # the layer's adapters in the compute dtype, for its recompute and backward
         with torch.no_grad(), shared_casts(ctx.casts):
@@ -103,18 +124,8 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         hidden = ctx.slot.take().detach().requires_grad_()
-        devices = [ctx.device] if ctx.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=devices, device_type=ctx.device.type):
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
-            with contextlib.ExitStack() as stack:
-                # the recompute runs under the forward's autocast state, not backward's
-                for kind, enabled, dtype in ctx.autocast:
-                    stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
-                stack.enter_context(torch.enable_grad())
-                stack.enter_context(shared_casts(ctx.casts))
-                outputs = ctx.function(hidden, *ctx.args)
+        with ctx.state.replay(), shared_casts(ctx.casts):
+            outputs = ctx.function(hidden, *ctx.args)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(outputs, grads) if torch.is_tensor(o) and o.requires_grad and g is not None]
         with shared_casts(ctx.casts):

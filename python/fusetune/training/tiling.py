@@ -1,0 +1,113 @@
+"""Sequence tiling: a position-wise block (the MLP) computed a chunk of tokens at a time, so that
+its intermediate activations exist for one chunk at a time instead of the whole sequence.
+
+At long context the MLP's intermediates dominate a layer's memory: Llama-3.1-8B's gate, up and
+their product are 3 x 14,336 values per token, 28 GB at 320k tokens in bf16, against 2.6 GB for
+the layer's input. Every row of the MLP's output depends on that row of its input only, so the
+rows can be split freely:
+  - without grad (the forward of a checkpointed layer, inference): a loop over chunks into one
+    output tensor;
+  - with grad: SequenceTiledFunction keeps only the input; backward recomputes each chunk with
+    grad, backpropagates it at once (its parameters' gradients accumulate as the chunks go) and
+    drops it. The price is one more forward of the block per backward.
+The chunk comes from free GPU memory (mlp_chunk_rows), and only when the whole block would not
+fit comfortably; a fixed chunk can be forced (patch_model(tiled_mlp=N), the CPU tests).
+"""
+from __future__ import annotations
+
+import torch
+
+from fusetune.training.checkpoint import ForwardState
+
+_ROW_VALUES = 4  # intermediate-width values per token the block holds at once (gate, up, product, a gradient)
+_MIN_ROWS = 1024  # below this a chunk's GEMMs lose efficiency
+
+
+def mlp_chunk_rows(x: torch.Tensor, intermediate: int) -> int | None:
+    """Rows per chunk for a tiled MLP of width `intermediate` on x (..., hidden), or None to run it
+    whole: whole when its intermediates take under half of the GPU memory free to this process,
+    else chunks whose intermediates take a quarter of it. CPU tensors always run whole."""
+    rows = x.shape[:-1].numel()
+    per_row = _ROW_VALUES * intermediate * x.element_size()
+    if not x.is_cuda or rows * per_row < 1 << 28:
+        return None  # small enough not to ask the driver
+    return chunk_rows_for(rows, per_row, free_gpu_bytes(x.device))
+
+
+def chunk_rows_for(rows: int, per_row: int, free: int) -> int | None:
+    """None while rows * per_row bytes take at most half of `free`; else the rows (a multiple of 256,
+    at least _MIN_ROWS) whose bytes take a quarter of it."""
+    if rows * per_row <= free // 2:
+        return None
+    chunk = max(_MIN_ROWS, free // 4 // per_row // 256 * 256)
+    return chunk if chunk < rows else None
+
+
+def free_gpu_bytes(device: torch.device) -> int:
+    """Bytes this process can still allocate on `device`: the driver's free memory plus what the
+    caching allocator holds unused, within a set_per_process_memory_fraction cap."""
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    free += torch.cuda.memory_reserved(device) - allocated
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)  # torch >= 2.12
+    return max(0, min(free, int(total * fraction) - allocated))
+
+
+def sequence_tiled(function, x: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+    """function(x) for a position-wise `function` (row i of its output depends on row i of its
+    input only, and its parameters are leaves), computed chunk_rows rows of x (..., hidden) at a
+    time. Returns (..., out). Dropout inside `function` draws the same masks in the recompute."""
+    if chunk_rows < 1:
+        raise ValueError(f"sequence_tiled: chunk_rows must be at least 1, got {chunk_rows}")
+    rows = x.shape[:-1].numel()
+    if rows <= chunk_rows:
+        return function(x)
+    flat = x.reshape(rows, x.shape[-1])
+    if torch.is_grad_enabled():
+        anchor = torch.empty(0, requires_grad=True)  # backward runs for the parameters' sake
+        out = SequenceTiledFunction.apply(function, chunk_rows, anchor, flat)  # even when x needs no grad
+    else:
+        out = _forward_chunks(function, flat, chunk_rows)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _forward_chunks(function, flat: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+    out = None
+    for start in range(0, flat.shape[0], chunk_rows):
+        part = function(flat[start:start + chunk_rows])
+        if out is None:
+            out = part.new_empty(flat.shape[0], part.shape[-1])
+        out[start:start + part.shape[0]] = part
+        del part
+    return out
+
+
+class SequenceTiledFunction(torch.autograd.Function):
+    """forward(ctx, function, chunk_rows, anchor, x (rows, hidden)) -> function(x), keeping x only.
+    Backward recomputes and backpropagates one chunk at a time; the parameters' gradients
+    accumulate into their .grad as the chunks go (as in a checkpointed layer's backward), so the
+    block's parameters take part through .grad, not through torch.autograd.grad's inputs."""
+
+    @staticmethod
+    def forward(ctx, function, chunk_rows, anchor, x):
+        ctx.function, ctx.chunk_rows, ctx.state = function, chunk_rows, ForwardState(x.device)
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return _forward_chunks(function, x, chunk_rows)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        dx = torch.empty_like(x) if ctx.needs_input_grad[3] else None
+        with ctx.state.replay():  # the forward's chunks in its order: the same dropout masks
+            for start in range(0, x.shape[0], ctx.chunk_rows):
+                stop = start + ctx.chunk_rows
+                part = x[start:stop].detach().requires_grad_(dx is not None)
+                out = ctx.function(part)
+                if out.requires_grad:
+                    torch.autograd.backward(out, dy[start:stop])
+                if dx is not None:
+                    dx[start:stop] = part.grad if part.grad is not None else 0
+                del out, part
+        ctx.function = None
+        return None, None, None, dx
