@@ -5,7 +5,9 @@ each stack in its own process, in one run.
 
 Stacks: hf = Hugging Face + PEFT with SDPA attention; fusetune = the same model after
 fusetune.patch_model, with fusetune's offloaded activation checkpointing (layer inputs kept in
-pinned host memory); fusetune-recompute = patched, with Hugging Face's checkpointing; unsloth = the
+pinned host memory); fusetune-recompute = patched, with Hugging Face's checkpointing;
+fusetune-triton = as fusetune with every kernel on Triton (FUSETUNE_BACKEND=triton: what auto's
+table of CUDA-first ops is measured against); unsloth = the
 best-known library's own model path (bench.common.unsloth_lora_model: FastLanguageModel on the same
 random model saved to disk, its QLoRA quantisation at load, its checkpointing; for side-by-side runs
 only, carried by ../shared/tools/pack-gpu-extras.sh). Llama shapes with random bf16 weights built
@@ -104,6 +106,8 @@ def build_model(stack: str, name: str, qlora: bool = False):
     if stack.startswith("fusetune"):
         import fusetune
 
+        if stack == "fusetune-triton":  # auto's alternative, side by side: every kernel on Triton
+            fusetune.backend.set_backend("triton")
         fusetune.patch_model(model)
         if not stack.endswith("-recompute"):  # its own checkpointing; "fusetune-recompute" keeps Hugging Face's
             enable_offloaded_checkpointing(model)

@@ -1,7 +1,7 @@
 """Kernel benchmarks at Llama-3.1-8B shapes: each op's forward and forward+backward, fusetune
 (Triton, and the CUDA extension where it has the op) against torch eager and torch.compile.
 
-    python bench/kernels.py [--ops rms_norm,rope,swiglu,cross_entropy] [--no-compile]
+    python bench/kernels.py [--ops rms_norm,rope,swiglu,geglu,cross_entropy] [--no-compile]
 
 Times are medians of triton.testing.do_bench, as called from Python (what a training step pays),
 and, in the graph column, replayed from a CUDA graph (the GPU time alone); the host column is the
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import copy_bandwidth, do_bench, environment, write_results  # noqa: E402
 from fusetune import use_backend  # noqa: E402
-from fusetune.ops import cross_entropy, linear_cross_entropy, rms_norm, rope, swiglu  # noqa: E402
+from fusetune.ops import cross_entropy, geglu, linear_cross_entropy, rms_norm, rope, swiglu  # noqa: E402
 from fusetune.reference import glu as glu_ref  # noqa: E402
 from fusetune.reference import rms_norm as rms_ref  # noqa: E402
 from fusetune.reference import rope as rope_ref  # noqa: E402
@@ -81,6 +81,8 @@ def make_cases(tokens: int = TOKENS):
     cases["swiglu"] = dict(inputs=glu_inputs, bytes_fwd=3 * unit, bytes_fwdbwd=8 * unit,
                            impls={"eager": glu_ref.swiglu, "fusetune": _fused(swiglu),
                                   "fusetune-cuda": _cuda_ext(swiglu)})
+    cases["geglu"] = dict(inputs=glu_inputs, bytes_fwd=3 * unit, bytes_fwdbwd=8 * unit,
+                          impls={"eager": lambda g, u: glu_ref.glu(g, u, "gelu_tanh"), "fusetune": _fused(geglu), "fusetune-cuda": _cuda_ext(geglu)})
 
     def ce_inputs():
         logits = torch.randn(tokens, VOCAB, **bf16, requires_grad=True)
@@ -173,7 +175,7 @@ def graph_ms(step, leaves):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ops", default="rms_norm,rope,swiglu,cross_entropy,lm_head+loss")
+    parser.add_argument("--ops", default="rms_norm,rope,swiglu,geglu,cross_entropy,lm_head+loss")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -260,7 +260,7 @@ void check_glu_operand(const at::Tensor& t, const at::Tensor& x, const char* op,
   const auto dt = t.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op, ": ", name,
               " must be float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, op, ": ", name, " must have unit column stride (strides ",
+  TORCH_CHECK(t.numel() == 0 || t.size(1) == 1 || t.stride(1) == 1, op, ": ", name, " must have unit column stride (strides ",
               t.strides(), "); pass ", name, ".contiguous()");
 }
 

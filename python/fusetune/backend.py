@@ -3,7 +3,8 @@
 The choice comes from, in order: `use_backend(...)` / `set_backend(...)`, then the environment
 variable FUSETUNE_BACKEND, then "auto".
 
-auto: CUDA tensors use Triton, else the CUDA extension when it has the op, else torch; CPU tensors
+auto: CUDA tensors use the CUDA extension for the ops of CUDA_FIRST (measured faster there, end to
+end) when it is built and takes the inputs, else Triton, else the extension, else torch; CPU tensors
 use torch, except under TRITON_INTERPRET=1, where Triton runs (that is how CI tests the kernels).
 Only auto falls back, and it logs which backend it picked once per op and circumstance (device
 type, Triton installed, TRITON_INTERPRET, the extension built). A backend
@@ -28,6 +29,22 @@ BACKENDS = ("auto", "triton", "cuda", "torch")
 
 logger = logging.getLogger("fusetune")
 _state = threading.local()
+
+
+# auto on CUDA tensors: the ops whose CUDA C++ version (csrc/) is faster end to end than Triton's.
+# bench/kernels.py at Llama-3.1-8B shapes (H100 80GB, torch 2.11, Triton 3.6, 2026-12-07): forward+
+# backward called from Python, as a training step pays it, in ms; the host's share (us per call at 1
+# token); the GPU time alone (replayed from a CUDA graph), in ms:
+#   op             Triton: called / host / GPU    CUDA: called / host / GPU
+#   rms_norm       0.371 / 411 / 0.081            0.211 / 255 / 0.095
+#   rope           0.547 / 406 / 0.075            0.304 / 229 / 0.086
+#   swiglu         0.316 / 297 / 0.314            0.316 / 246 / 0.314
+#   cross_entropy  1.026 / 727 / 1.009            1.044 / 713 / 1.027   (Triton kept)
+# The linear cross-entropy's forward (lm_head + loss): Triton 6.66 ms, CUDA 7.77 (Triton kept).
+# The host saves 150-180 us per call; the GPU loses 11-14 us on the two small ops, so where a step is
+# bound by the GPU (8B at long context) the extension costs at most ~1 ms a step.
+CUDA_FIRST = frozenset({"rms_norm", "rope", "swiglu"})
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the CUDA C++ kernels compute in
 
 
 class BackendUnavailableError(RuntimeError):
@@ -138,10 +155,12 @@ def _why_not(backend: str, device: torch.device, cuda_ops: tuple[str, ...]) -> s
     raise AssertionError(backend)
 
 
-def resolve(op: str, device: torch.device, cuda_ops: tuple[str, ...] = ()) -> str:
+def resolve(op: str, device: torch.device, cuda_ops: tuple[str, ...] = (), cuda_takes: bool = True) -> str:
     """The backend that runs `op` on tensors of `device`.
 
-    cuda_ops names the torch.ops.fusetune operators the op's CUDA path needs (empty: none).
+    cuda_ops names the torch.ops.fusetune operators the op's CUDA path needs (empty: none);
+    cuda_takes says whether that path takes these inputs (dtypes, layouts): auto passes it over
+    when not, a request for "cuda" gets the op's own error.
     """
     requested = get_backend()
     if requested != "auto":
@@ -152,16 +171,17 @@ def resolve(op: str, device: torch.device, cuda_ops: tuple[str, ...] = ()) -> st
         return requested
     on_cuda = device.type == "cuda"  # the extension is imported only where it could run
     return _auto(op, device.type, tuple(cuda_ops), triton_available(), triton_interpreting(),
-                 on_cuda and cuda_extension() is not None)
+                 on_cuda and cuda_extension() is not None, cuda_takes)
 
 
 @functools.cache
 def _auto(op: str, device_type: str, cuda_ops: tuple[str, ...], triton: bool, interpreting: bool,
-          extension: bool) -> str:
+          extension: bool, cuda_takes: bool) -> str:
     """auto's choice, worked out (and logged) once per op and circumstance: resolve runs for every op
     call, thousands of times a training step, and the host time adds up."""
     if device_type == "cuda":
-        order = ("triton", "cuda", "torch")
+        order = ("cuda", "triton", "torch") if op in CUDA_FIRST else ("triton", "cuda", "torch")
+        order = order if cuda_takes else tuple(b for b in order if b != "cuda")
     else:
         order = ("triton", "torch") if interpreting else ("torch",)
     device = torch.device(device_type)

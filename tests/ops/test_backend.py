@@ -19,6 +19,21 @@ def test_auto_on_cpu_uses_triton_under_the_interpreter(monkeypatch):
     assert resolve("rms_norm", torch.device("cpu")) == "torch"
 
 
+def test_auto_on_cuda_follows_the_measured_table(monkeypatch):
+    """On CUDA tensors auto takes the extension first for the ops of CUDA_FIRST, unless it cannot
+    take the inputs; Triton first for the rest. (_why_not stands in for a GPU with the extension.)"""
+    monkeypatch.setattr(backend, "_why_not", lambda name, device, cuda_ops: None)
+    backend._auto.cache_clear()
+    try:
+        for op in ("rms_norm", "rope", "swiglu"):
+            assert op in backend.CUDA_FIRST
+            assert backend._auto(op, "cuda", ("op",), True, False, True, True) == "cuda"
+            assert backend._auto(op, "cuda", ("op",), True, False, True, False) == "triton"
+        assert backend._auto("cross_entropy", "cuda", ("op",), True, False, True, True) == "triton"
+    finally:
+        backend._auto.cache_clear()
+
+
 def test_explicit_cuda_backend_on_cpu_names_what_is_missing():
     with use_backend("cuda"), pytest.raises(BackendUnavailableError, match="needs CUDA tensors"):
         resolve("rms_norm", torch.device("cpu"), ("rms_norm_fwd",))

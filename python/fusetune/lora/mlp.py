@@ -123,6 +123,6 @@ def lora_mlp(x: torch.Tensor, gate: LoRAProjection | None, up: LoRAProjection | 
     rows = x2d.shape[0]
     upper_masks = [draw_mask(f"lora_mlp: {name}", p, rows, hidden, x2d) for name, p in zip(names, upper)]
     down_masks = [draw_mask("lora_mlp: down", down, rows, inter, x2d)]
-    y = LoRAMLPFunction.apply(activation, backend_for(activation, x.device), Adapters(upper, upper_masks),
+    y = LoRAMLPFunction.apply(activation, backend_for(activation, x2d), Adapters(upper, upper_masks),
                               Adapters((down,), down_masks), x2d, *lora_params(upper), *lora_params((down,)))
     return y.view(*x.shape[:-1], out)

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from fusetune.backend import resolve
+from fusetune.backend import CUDA_DTYPES, resolve
 from fusetune.reference import glu as reference
 from fusetune.reference.glu import ACTIVATIONS
 
@@ -60,9 +60,10 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2d if t2d.stride(-1) == 1 else t2d.contiguous()
 
 
-def backend_for(activation: str, device: torch.device) -> str:
-    """The backend ("triton" | "cuda" | "torch") that runs this activation's GLU on `device`."""
-    return resolve(op_name(activation), device, CUDA_OPS)
+def backend_for(activation: str, gate: torch.Tensor) -> str:
+    """The backend ("triton" | "cuda" | "torch") that runs this activation's GLU on gate's device
+    and dtype (up's are the same)."""
+    return resolve(op_name(activation), gate.device, CUDA_OPS, gate.dtype in CUDA_DTYPES)
 
 
 def glu_forward(gate, up, activation: str, backend: str) -> torch.Tensor:
@@ -122,7 +123,7 @@ class GLUFunction(torch.autograd.Function):
 
 def _glu(op: str, gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     _check(op, gate, up)
-    backend = backend_for(activation, gate.device)
+    backend = backend_for(activation, gate)
     if backend == "torch":
         return reference.glu(gate, up, activation)
     return GLUFunction.apply(gate, up, activation, backend)

@@ -5,11 +5,10 @@ Forward only: NF4 weights are frozen, so no gradient flows to the packed data or
 """
 import torch
 
-from fusetune.backend import resolve
+from fusetune.backend import CUDA_DTYPES, resolve
 from fusetune.reference import nf4 as reference
 
 CUDA_OPS = ("nf4_dequant",)  # the torch.ops.fusetune operators of the CUDA path
-CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the CUDA kernel writes
 
 
 def weight_tensors(packed: torch.Tensor, code: torch.Tensor | None, nested_code: torch.Tensor | None):

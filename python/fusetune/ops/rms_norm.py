@@ -1,7 +1,7 @@
 """RMSNorm: autograd Function over the Triton kernels, the CUDA extension op, and `rms_norm`."""
 import torch
 
-from fusetune.backend import resolve
+from fusetune.backend import CUDA_DTYPES, resolve
 from fusetune.reference.rms_norm import rms_norm as rms_norm_reference
 
 VARIANTS = {"llama": (0.0, True), "gemma": (1.0, False)}  # variant -> (weight offset, cast before w)
@@ -81,7 +81,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, variant: 
     Differentiable in x and weight.
     """
     _check(x, weight, variant)
-    backend = resolve("rms_norm", x.device, CUDA_OPS)
+    cuda_takes = x.dtype in CUDA_DTYPES and weight.dtype in (x.dtype, torch.float32)
+    backend = resolve("rms_norm", x.device, CUDA_OPS, cuda_takes)
     if backend == "triton":
         return RMSNormFunction.apply(x, weight.contiguous(), eps, variant)
     if backend == "cuda":

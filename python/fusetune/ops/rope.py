@@ -1,7 +1,7 @@
 """RoPE: autograd Function over the Triton kernel or the CUDA extension op, and `rope`."""
 import torch
 
-from fusetune.backend import resolve
+from fusetune.backend import CUDA_DTYPES, resolve
 from fusetune.reference.rope import rope as rope_reference
 
 CUDA_OPS = ("rope",)  # the torch.ops.fusetune operator of the CUDA path
@@ -139,7 +139,8 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     _check(q, k, cos, sin)
     if inplace:
         _check_inplace(q, k)
-    backend = resolve("rope", q.device, CUDA_OPS)
+    cuda_takes = q.dtype == k.dtype and q.dtype in CUDA_DTYPES and cos.dtype in CUDA_DTYPES
+    backend = resolve("rope", q.device, CUDA_OPS, cuda_takes)
     if backend != "torch":
         _check_kernel(q, k, cos, sin, backend)
         return RoPEFunction.apply(q, k, cos, sin, inplace, backend)
