@@ -53,6 +53,58 @@ def test_other_arguments_must_not_require_grad():
         offloaded_checkpoint(lambda h, w: h * w, torch.ones(2), torch.ones(2, requires_grad=True))
 
 
+def test_host_budget_refuses_past_its_limit_and_warns_once(caplog, monkeypatch):
+    from fusetune.training import checkpoint
+
+    budget = checkpoint.HostBudget()
+    monkeypatch.setattr(checkpoint, "_available_host_bytes", lambda: 1000)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four processes of a launch share the host
+    assert budget.reserve(150) and budget.limit == 200 and budget.held == 150
+    with caplog.at_level("WARNING", logger="fusetune"):
+        assert not budget.reserve(60) and not budget.reserve(60)
+    assert len([r for r in caplog.records if "stay on the GPU" in r.message]) == 1
+    budget.release(150)
+    assert budget.reserve(200) and budget.held == 200
+
+
+def test_available_host_memory_is_read():
+    from fusetune.training.checkpoint import _available_host_bytes
+
+    assert _available_host_bytes() > 2**20
+
+
+@pytest.mark.gpu
+def test_layer_inputs_past_the_host_budget_stay_on_the_gpu():
+    """A budget of 3 layer inputs over 8 layers: 5 inputs stay on the GPU after the forward, the
+    budget is all given back after the backward, and the gradients are those of the full offload."""
+    from fusetune.training.checkpoint import HOST_BUDGET
+
+    model = get_peft_model(tiny_model("llama", dtype=torch.bfloat16, hidden_size=1024, intermediate_size=2048,
+                                      num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                                      head_dim=128), LoraConfig(r=8, target_modules=LORA_TARGETS["llama"]))
+    model = fusetune.patch_model(model.cuda())
+    enable_offloaded_checkpointing(model)
+    ids = torch.randint(0, 257, (8, 1024), device="cuda")
+    layer_input = 8 * 1024 * 1024 * 2
+    results = []
+    for limit in (None, 3 * layer_input):
+        HOST_BUDGET.set_limit(limit)
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        loss = model(input_ids=ids, labels=ids).loss
+        held, host = torch.cuda.memory_allocated() - start, HOST_BUDGET.held
+        loss.backward()
+        assert HOST_BUDGET.held == 0
+        results.append((held, host, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    HOST_BUDGET.set_limit(None)
+    (held_all, host_all, grads_all), (held_3, host_3, grads_3) = results
+    assert host_all == 8 * layer_input and host_3 == 3 * layer_input
+    assert held_3 - held_all >= 5 * layer_input - 2**20, (held_all, held_3)
+    for name, g in grads_3.items():  # (attention's backward may sum in another order: not bitwise)
+        assert_close(g, grads_all[name], torch.bfloat16, name)
+
+
 @pytest.mark.gpu
 def test_layer_inputs_leave_the_gpu():
     """8 layers of hidden 1024 at 8 x 1024 tokens: each layer input is 16 MB in bf16; with offloading

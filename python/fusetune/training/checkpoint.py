@@ -6,7 +6,8 @@ input per layer on the GPU: 32 x 67 MB for Llama-3.1-8B at 2 x 4096 tokens. Here
 copies that input to the host on a side stream (overlapping the next layers' compute) and frees
 the GPU copy; backward brings it back (prefetched on the side stream while the layer after it
 runs its backward), replays the layer with the RNG state of the forward (LoRA
-dropout draws the same masks) and backpropagates through it. On a CPU model there is nothing to
+dropout draws the same masks) and backpropagates through it. The pinned memory is budgeted
+(HOST_BUDGET): past the budget, layer inputs stay on the GPU rather than swap the host. On a CPU model there is nothing to
 offload: the input is kept as it is (the recompute logic is the same, which is what CPU tests check).
 
 Hugging Face decoder layers call `module._gradient_checkpointing_func(layer_forward, *args)`;
@@ -17,14 +18,64 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import os
 import weakref
 
 import torch
 
 from fusetune.lora.projection import shared_casts
 
+logger = logging.getLogger("fusetune")
+
 _COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 _LAST_SLOT: dict[torch.device, weakref.ref] = {}  # the slot of the latest offload per device
+HOST_SHARE = 0.8  # of the host memory available at the first offload, split between a host's processes
+
+
+class HostBudget:
+    """Pinned host memory the offloaded layer inputs may hold at once. Past it a layer's input stays
+    on the GPU (plain checkpointing for that layer) instead of driving the host into swap; the
+    first time, a warning says how much was offloaded and what to change. The budget is taken
+    once, at the first offload: HOST_SHARE of MemAvailable, divided among the processes of a
+    launch on this host (LOCAL_WORLD_SIZE); set_limit replaces it."""
+
+    def __init__(self):
+        self.limit, self.held, self.warned = None, 0, False
+
+    def set_limit(self, limit_bytes: int | None) -> None:
+        self.limit, self.warned = limit_bytes, False
+
+    def reserve(self, nbytes: int) -> bool:
+        if self.limit is None:
+            self.limit = _available_host_bytes() * HOST_SHARE // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if self.held + nbytes > self.limit:
+            if not self.warned:
+                self.warned = True
+                logger.warning("fusetune: offloaded checkpoints hold %.1f GB of pinned host memory, their budget "
+                               "(%.1f GB); further layer inputs stay on the GPU. Free host memory or use a "
+                               "shorter sequence if the GPU runs out", self.held / 1e9, self.limit / 1e9)
+            return False
+        self.held += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        self.held -= nbytes
+
+
+def _available_host_bytes() -> int:
+    """MemAvailable of /proc/meminfo; where there is none, the physical memory."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+HOST_BUDGET = HostBudget()
 
 
 def _copy_stream(device: torch.device) -> torch.cuda.Stream:
@@ -42,8 +93,10 @@ class _Slot:
         self.device = hidden.device
         self.prev = _LAST_SLOT.get(self.device)
         _LAST_SLOT[self.device] = weakref.ref(self)
-        self.host, self.on_gpu, self.ready = hidden.detach(), None, None
-        if hidden.is_cuda:
+        self.host, self.on_gpu, self.ready, self.reserved = hidden.detach(), None, None, 0
+        nbytes = hidden.numel() * hidden.element_size()
+        if hidden.is_cuda and HOST_BUDGET.reserve(nbytes):
+            self.reserved = nbytes
             stream = _copy_stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             self.host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
@@ -75,9 +128,17 @@ class _Slot:
             hidden = self.on_gpu
             hidden.record_stream(current)
         self.host = self.on_gpu = None
+        self._release()
         if prev is not None:
             prev.prefetch()
         return hidden
+
+    def _release(self):
+        HOST_BUDGET.release(self.reserved)
+        self.reserved = 0
+
+    def __del__(self):  # a graph dropped without its backward
+        self._release()
 
 
 class ForwardState:
