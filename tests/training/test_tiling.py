@@ -22,7 +22,7 @@ def _block(dropout=0.0):
 def _grads(block, x, dy, chunk):
     block.zero_grad(set_to_none=True)
     x = x.detach().requires_grad_(x.requires_grad)
-    out = block(x) if chunk is None else sequence_tiled(block, x, chunk)
+    out = block(x) if chunk is None else sequence_tiled(block, x, chunk, block.parameters())
     out.backward(dy)
     return out.detach(), x.grad, [p.grad.clone() for p in block.parameters()]
 
@@ -48,7 +48,7 @@ def test_leading_dims_kept_and_no_grad_forward_loops():
     block = _block()
     x = torch.randn(2, 9, 12, dtype=torch.float64)
     with torch.no_grad():
-        out = sequence_tiled(block, x, 4)
+        out = sequence_tiled(block, x, 4, block.parameters())
     assert out.shape == (2, 9, 12) and not out.requires_grad
     torch.testing.assert_close(out, block(x).detach(), rtol=1e-12, atol=1e-12)
 
@@ -71,6 +71,22 @@ def test_recompute_draws_the_forwards_dropout_masks():
     for p, g in zip(block.parameters(), dparams):
         torch.testing.assert_close(g, p.grad, rtol=1e-12, atol=1e-12)
     assert torch.rand(1).item() != pytest.approx(0.0)  # the caller's RNG stream goes on
+
+
+def test_parameters_get_one_gradient_per_backward_through_autograd():
+    """DDP and FSDP hook each parameter's gradient accumulation: it must happen once per backward,
+    not once per chunk; and torch.autograd.grad can ask for the parameters."""
+    block = _block()
+    x = torch.randn(23, 12, dtype=torch.float64, requires_grad=True)
+    fired = []
+    for p in block.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: fired.append(p))
+    sequence_tiled(block, x, 5, block.parameters()).sum().backward()
+    assert len(fired) == len(list(block.parameters()))
+    grads = torch.autograd.grad(sequence_tiled(block, x, 5, block.parameters()).sum(), [x, *block.parameters()])
+    ref = torch.autograd.grad(block(x).sum(), [x, *block.parameters()])
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
 
 
 def test_bad_chunk_is_refused():

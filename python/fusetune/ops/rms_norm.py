@@ -81,8 +81,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, variant: 
     Differentiable in x and weight.
     """
     _check(x, weight, variant)
-    cuda_takes = x.dtype in CUDA_DTYPES and weight.dtype in (x.dtype, torch.float32)
-    backend = resolve("rms_norm", x.device, CUDA_OPS, cuda_takes)
+    # (the kernel writes x's dtype: a wider output, llama's with an fp32 weight, is Triton's)
+    cuda_accepts = x.dtype in CUDA_DTYPES and weight.dtype in (x.dtype, torch.float32) \
+        and _out_dtype(x, weight, variant) == x.dtype
+    backend = resolve("rms_norm", x.device, CUDA_OPS, cuda_accepts)
     if backend == "triton":
         return RMSNormFunction.apply(x, weight.contiguous(), eps, variant)
     if backend == "cuda":

@@ -139,8 +139,9 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     _check(q, k, cos, sin)
     if inplace:
         _check_inplace(q, k)
-    cuda_takes = q.dtype == k.dtype and q.dtype in CUDA_DTYPES and cos.dtype in CUDA_DTYPES
-    backend = resolve("rope", q.device, CUDA_OPS, cuda_takes)
+    cuda_accepts = (q.dtype == k.dtype and q.dtype in CUDA_DTYPES and cos.dtype == sin.dtype
+                    and cos.dtype in CUDA_DTYPES and q.shape[0] <= 65535)
+    backend = resolve("rope", q.device, CUDA_OPS, cuda_accepts)
     if backend != "torch":
         _check_kernel(q, k, cos, sin, backend)
         return RoPEFunction.apply(q, k, cos, sin, inplace, backend)

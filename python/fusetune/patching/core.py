@@ -297,7 +297,7 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, attention: b
             if kind == "mlp":
                 detail += sorted({op_name(type(m)._fusetune_activation) for m in model.modules()
                                   if isinstance(m, tuple(MLP_MIXINS.values()))})
-                if tiled_mlp is not True and tiled_mlp is not False:
+                if new and tiled_mlp is not True and tiled_mlp is not False:  # (already patched ones keep theirs)
                     detail.append(f"gated MLPs {tiled_mlp} tokens at a time")
             if kind == "cross_entropy":
                 detail.append("fused linear, no logits" if isinstance(hf, FusedCausalLM) else "on logits")
@@ -340,7 +340,7 @@ def unpatch_model(model):
     restored = 0
     for module in model.modules():
         module.__dict__.pop("_fusetune_attention", None)
-        module.__dict__.pop("_fusetune_tile_for", None)
+        module.__dict__.pop("_fusetune_tiles", None)
         original = type(module).__dict__.get("_fusetune_original")
         if original is not None:
             module.__class__ = original

@@ -69,28 +69,30 @@ class FusedGatedMLP:
     _fusetune_activation = "silu"
     _fusetune_gate_up = None
     _fusetune_lora = False
-    _fusetune_tile = True  # sequence tiling (training/tiling.py): True when memory asks, N rows, False never
+    _fusetune_tile = True  # sequence tiling (training/tiling.py): True where memory asks, N: always, N rows a chunk
 
     def forward(self, hidden_states):
         chunk = self._tile_rows(hidden_states)
         if chunk is None:
             return self._forward_whole(hidden_states)
-        return sequence_tiled(self._forward_whole, hidden_states, chunk)
+        return sequence_tiled(self._forward_whole, hidden_states, chunk, self.parameters())
 
     def _tile_rows(self, x):
         """Rows per chunk of a sequence-tiled forward, or None. The automatic choice is kept per
         token count, so a checkpointed layer's recompute splits as its forward did (the same
-        dropout masks) and the driver is asked once per sequence length."""
+        dropout masks), even with other forwards between them (DPO's chosen and rejected)."""
         tile = self._fusetune_tile
         if tile is False:
             return None
         if tile is not True:
             return tile
+        if not x.is_cuda:
+            return None
         rows = x.shape[:-1].numel()
-        cached = self.__dict__.get("_fusetune_tile_for")
-        if cached is None or cached[0] != rows:
-            cached = self._fusetune_tile_for = (rows, mlp_chunk_rows(x, self.down_proj.in_features))
-        return cached[1]
+        chosen = self.__dict__.setdefault("_fusetune_tiles", {})
+        if rows not in chosen:
+            chosen[rows] = mlp_chunk_rows(x, self.down_proj.in_features)
+        return chosen[rows]
 
     def _forward_whole(self, hidden_states):
         if self._fusetune_lora:

@@ -94,8 +94,10 @@ class _Slot:
         self.prev = _LAST_SLOT.get(self.device)
         _LAST_SLOT[self.device] = weakref.ref(self)
         self.host, self.on_gpu, self.ready, self.reserved = hidden.detach(), None, None, 0
-        nbytes = hidden.numel() * hidden.element_size()
-        if hidden.is_cuda and HOST_BUDGET.reserve(nbytes):
+        self.budget = HOST_BUDGET  # (kept: a slot may be collected after the module's globals, at exit)
+        # torch's pinned allocator hands out power-of-two blocks, which is what the host holds
+        nbytes = 1 << max(0, hidden.numel() * hidden.element_size() - 1).bit_length()
+        if hidden.is_cuda and self.budget.reserve(nbytes):
             self.reserved = nbytes
             stream = _copy_stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -134,8 +136,9 @@ class _Slot:
         return hidden
 
     def _release(self):
-        HOST_BUDGET.release(self.reserved)
-        self.reserved = 0
+        if self.reserved:
+            self.budget.release(self.reserved)
+            self.reserved = 0
 
     def __del__(self):  # a graph dropped without its backward
         self._release()

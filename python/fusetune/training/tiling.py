@@ -8,14 +8,15 @@ rows can be split freely:
   - without grad (the forward of a checkpointed layer, inference): a loop over chunks into one
     output tensor;
   - with grad: SequenceTiledFunction keeps only the input; backward recomputes each chunk with
-    grad, backpropagates it at once (its parameters' gradients accumulate as the chunks go) and
-    drops it. The price is one more forward of the block per backward.
+    grad, takes its gradients (the parameters' summed over the chunks) and drops it. The price is
+    one more forward of the block per backward.
 The chunk comes from free GPU memory (mlp_chunk_rows), and only when the whole block would not
 fit comfortably; a fixed chunk can be forced (patch_model(tiled_mlp=N), the CPU tests).
 """
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from fusetune.training.checkpoint import ForwardState
 
@@ -49,23 +50,25 @@ def free_gpu_bytes(device: torch.device) -> int:
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     free += torch.cuda.memory_reserved(device) - allocated
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)  # torch >= 2.12
-    return max(0, min(free, int(total * fraction) - allocated))
+    cap = int(total * torch.cuda.get_per_process_memory_fraction(device))  # (it caps what the allocator reserves)
+    return max(0, min(free, cap - allocated))
 
 
-def sequence_tiled(function, x: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+def sequence_tiled(function, x: torch.Tensor, chunk_rows: int, params=()) -> torch.Tensor:
     """function(x) for a position-wise `function` (row i of its output depends on row i of its
-    input only, and its parameters are leaves), computed chunk_rows rows of x (..., hidden) at a
-    time. Returns (..., out). Dropout inside `function` draws the same masks in the recompute."""
+    input only), computed chunk_rows rows of x (..., hidden) at a time. params: every tensor
+    `function` reads that needs a gradient (its trainable parameters); they get it through
+    autograd as from an untiled call, once per backward (DDP's and FSDP's hooks count on that).
+    Returns (..., out). Dropout inside `function` draws the same masks in the recompute."""
     if chunk_rows < 1:
         raise ValueError(f"sequence_tiled: chunk_rows must be at least 1, got {chunk_rows}")
     rows = x.shape[:-1].numel()
     if rows <= chunk_rows:
         return function(x)
     flat = x.reshape(rows, x.shape[-1])
-    if torch.is_grad_enabled():
-        anchor = torch.empty(0, requires_grad=True)  # backward runs for the parameters' sake
-        out = SequenceTiledFunction.apply(function, chunk_rows, anchor, flat)  # even when x needs no grad
+    params = [p for p in params if p.requires_grad]
+    if torch.is_grad_enabled() and (x.requires_grad or params):
+        out = SequenceTiledFunction.apply(function, chunk_rows, flat, *params)
     else:
         out = _forward_chunks(function, flat, chunk_rows)
     return out.view(*x.shape[:-1], out.shape[-1])
@@ -83,31 +86,36 @@ def _forward_chunks(function, flat: torch.Tensor, chunk_rows: int) -> torch.Tens
 
 
 class SequenceTiledFunction(torch.autograd.Function):
-    """forward(ctx, function, chunk_rows, anchor, x (rows, hidden)) -> function(x), keeping x only.
-    Backward recomputes and backpropagates one chunk at a time; the parameters' gradients
-    accumulate into their .grad as the chunks go (as in a checkpointed layer's backward), so the
-    block's parameters take part through .grad, not through torch.autograd.grad's inputs."""
+    """forward(ctx, function, chunk_rows, x (rows, hidden), *params) -> function(x), keeping x only.
+    Backward recomputes one chunk at a time with grad and takes its gradients (x's rows, and each
+    param's share, summed over the chunks): the chunk's intermediates are freed before the next."""
 
     @staticmethod
-    def forward(ctx, function, chunk_rows, anchor, x):
+    def forward(ctx, function, chunk_rows, x, *params):
         ctx.function, ctx.chunk_rows, ctx.state = function, chunk_rows, ForwardState(x.device)
-        ctx.save_for_backward(x)
+        ctx.save_for_backward(x, *params)
         with torch.no_grad():
             return _forward_chunks(function, x, chunk_rows)
 
     @staticmethod
+    @once_differentiable  # (a create_graph backward raises rather than silently detaching)
     def backward(ctx, dy):
-        (x,) = ctx.saved_tensors
-        dx = torch.empty_like(x) if ctx.needs_input_grad[3] else None
+        x, *params = ctx.saved_tensors
+        dx = torch.empty_like(x) if ctx.needs_input_grad[2] else None
+        dparams = [None] * len(params)
         with ctx.state.replay():  # the forward's chunks in its order: the same dropout masks
             for start in range(0, x.shape[0], ctx.chunk_rows):
                 stop = start + ctx.chunk_rows
                 part = x[start:stop].detach().requires_grad_(dx is not None)
                 out = ctx.function(part)
-                if out.requires_grad:
-                    torch.autograd.backward(out, dy[start:stop])
+                inputs = ([part] if dx is not None else []) + params
+                grads = list(torch.autograd.grad(out, inputs, dy[start:stop], allow_unused=True)) \
+                    if out.requires_grad else [None] * len(inputs)
                 if dx is not None:
-                    dx[start:stop] = part.grad if part.grad is not None else 0
-                del out, part
-        ctx.function = None
-        return None, None, None, dx
+                    g = grads.pop(0)
+                    dx[start:stop] = 0 if g is None else g
+                for i, g in enumerate(grads):
+                    if g is not None:
+                        dparams[i] = g if dparams[i] is None else dparams[i].add_(g)
+                del out, part, grads
+        return None, None, dx, *dparams
