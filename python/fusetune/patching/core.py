@@ -215,7 +215,7 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, attention: b
       mlp            gated MLPs -> fused SwiGLU / GeGLU between the projections (T5's gated-GELU
                      FFN too, with its dropout before wo)
       tiled_mlp      the patched gated MLPs (not T5's, not MoE experts) run a chunk of tokens at a
-                     time (fusetune.training.tiling) where their intermediates would take more
+                     time (fusetune.ops.tiling) where their intermediates would take more
                      than half of the free GPU memory (long context), the chunk sized from it; an
                      int: always, in chunks of that many tokens; False: never
       cross_entropy  the model's causal-LM loss -> fused cross-entropy. With

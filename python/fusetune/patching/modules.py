@@ -28,7 +28,7 @@ from fusetune.ops.linear_cross_entropy import linear_cross_entropy
 from fusetune.ops.rms_norm import rms_norm
 from fusetune.ops.rope import rope
 from fusetune.patching import attention as fused_attention
-from fusetune.training.tiling import mlp_chunk_rows, sequence_tiled
+from fusetune.ops.tiling import mlp_chunk_rows, sequence_tiled
 
 
 def _project(module, names, x):
@@ -69,7 +69,7 @@ class FusedGatedMLP:
     _fusetune_activation = "silu"
     _fusetune_gate_up = None
     _fusetune_lora = False
-    _fusetune_tile = True  # sequence tiling (training/tiling.py): True where memory asks, N: always, N rows a chunk
+    _fusetune_tile = True  # sequence tiling (ops/tiling.py): True where memory asks, N: always, N rows a chunk
 
     def forward(self, hidden_states):
         chunk = self._tile_rows(hidden_states)

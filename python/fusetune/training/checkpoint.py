@@ -16,7 +16,6 @@ as that function.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -25,6 +24,7 @@ import weakref
 import torch
 
 from fusetune.lora.projection import shared_casts
+from fusetune.ops.tiling import ForwardState
 
 logger = logging.getLogger("fusetune")
 
@@ -142,31 +142,6 @@ class _Slot:
 
     def __del__(self):  # a graph dropped without its backward
         self._release()
-
-
-class ForwardState:
-    """The RNG and autocast state a forward ran under, taken when it starts, so that a recompute
-    in backward replays it exactly: the same dropout masks, the same casts (autocast as it was in
-    the forward, not as it is in backward), with grad on. The caller's RNG state is left as it was."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.autocast = [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
-                         for kind in dict.fromkeys((device.type, "cpu"))]
-        self.cpu_rng = torch.get_rng_state()
-        self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-    @contextlib.contextmanager
-    def replay(self):
-        devices = [self.device] if self.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=devices, device_type=self.device.type), contextlib.ExitStack() as stack:
-            torch.set_rng_state(self.cpu_rng)
-            if self.cuda_rng is not None:
-                torch.cuda.set_rng_state(self.cuda_rng, self.device)
-            for kind, enabled, dtype in self.autocast:
-                stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
-            stack.enter_context(torch.enable_grad())
-            yield
 
 
 class OffloadedCheckpointFunction(torch.autograd.Function):

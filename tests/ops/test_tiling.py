@@ -1,4 +1,4 @@
-"""Sequence-tiled MLP (fusetune.training.tiling): the same outputs and gradients as the whole
+"""Sequence-tiled MLP (fusetune.ops.tiling): the same outputs and gradients as the whole
 block (fp64 on a toy block, fp32 on patched tiny models of every family with LoRA, with and
 without offloaded checkpointing), the same dropout masks in the recompute, and the chunk choice."""
 import copy
@@ -9,7 +9,7 @@ from torch import nn
 
 import fusetune
 from fusetune.training.checkpoint import enable_offloaded_checkpointing
-from fusetune.training.tiling import chunk_rows_for, mlp_chunk_rows, sequence_tiled
+from fusetune.ops.tiling import chunk_rows_for, mlp_chunk_rows, sequence_tiled
 from tests.numerics import assert_close
 from tests.tiny_models import FAMILIES, LORA_TARGETS, random_batch, tiny_model
 

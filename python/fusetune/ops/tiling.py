@@ -12,16 +12,43 @@ rows can be split freely:
     one more forward of the block per backward.
 The chunk comes from free GPU memory (mlp_chunk_rows), and only when the whole block would not
 fit comfortably; a fixed chunk can be forced (patch_model(tiled_mlp=N), the CPU tests).
+ForwardState, the replay of a forward's RNG and autocast state, is shared with the offloaded
+checkpoint (fusetune.training.checkpoint).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from fusetune.training.checkpoint import ForwardState
-
 _ROW_VALUES = 4  # intermediate-width values per token the block holds at once (gate, up, product, a gradient)
 _MIN_ROWS = 1024  # below this a chunk's GEMMs lose efficiency
+
+
+class ForwardState:
+    """The RNG and autocast state a forward ran under, taken when it starts, so that a recompute
+    in backward replays it exactly: the same dropout masks, the same casts (autocast as it was in
+    the forward, not as it is in backward), with grad on. The caller's RNG state is left as it was."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.autocast = [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+                         for kind in dict.fromkeys((device.type, "cpu"))]
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def replay(self):
+        devices = [self.device] if self.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type), contextlib.ExitStack() as stack:
+            torch.set_rng_state(self.cpu_rng)
+            if self.cuda_rng is not None:
+                torch.cuda.set_rng_state(self.cuda_rng, self.device)
+            for kind, enabled, dtype in self.autocast:
+                stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
+            stack.enter_context(torch.enable_grad())
+            yield
 
 
 def mlp_chunk_rows(x: torch.Tensor, intermediate: int) -> int | None:
