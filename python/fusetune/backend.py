@@ -43,6 +43,8 @@ _state = threading.local()
 # The linear cross-entropy's forward (lm_head + loss): Triton 6.66 ms, CUDA 7.77 (Triton kept).
 # The host saves 150-180 us per call on rms_norm and rope, 50 on swiglu; the GPU loses 11-14 us on
 # the two small ops, so where a step is bound by the GPU (8B, long context) it costs ~1-2 ms a step.
+# End to end (bench/e2e.py W1, Llama-3.2-1B LoRA 2 x 2048, H100, one run of each in one call):
+# 35,607 tokens/s with this table against 28,078 with every op on Triton, the same peak memory.
 CUDA_FIRST = frozenset({"rms_norm", "rope", "swiglu"})
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the CUDA C++ kernels compute in
 
