@@ -105,3 +105,24 @@ class FixedMask(torch.nn.Module):
 
     def forward(self, x):
         return x * self.mask.to(x.dtype).div_(1 - self.p)
+
+
+def step_loss_and_grads(model, ids, labels, seed=3):
+    """One forward and backward from a fixed seed (LoRA dropout draws the same masks): the loss and
+    {name: grad} of every trainable parameter."""
+    torch.manual_seed(seed)
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_step(model, ref, ids, labels):
+    """model's step gives ref's loss and every gradient, within the fp32 tolerance."""
+    loss, grads = step_loss_and_grads(model, ids, labels)
+    ref_loss, ref_grads = step_loss_and_grads(ref, ids, labels)
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        assert g is not None, f"{name} got no gradient"
+        assert_close(g, ref_grads[name], torch.float32, name)

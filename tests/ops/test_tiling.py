@@ -10,6 +10,7 @@ from torch import nn
 import fusetune
 from fusetune.training.checkpoint import enable_offloaded_checkpointing
 from fusetune.ops.tiling import chunk_rows_for, mlp_chunk_rows, sequence_tiled
+from tests.helpers import assert_same_step
 from tests.numerics import assert_close
 from tests.tiny_models import FAMILIES, LORA_TARGETS, random_batch, tiny_model
 
@@ -116,14 +117,6 @@ def _lora_model(family, tile, dropout):
     return fusetune.patch_model(model, tiled_mlp=tile)
 
 
-def _step(model, ids, labels):
-    torch.manual_seed(3)
-    model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=labels).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-
 @pytest.mark.parametrize("offload", [False, True], ids=["plain", "offloaded-checkpoints"])
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "t5"])
 def test_tiled_model_matches_untiled(family, offload, capsys):
@@ -136,14 +129,7 @@ def test_tiled_model_matches_untiled(family, offload, capsys):
     assert "7 tokens at a time" in capsys.readouterr().out
     if offload:
         enable_offloaded_checkpointing(model)
-    ids, labels = random_batch()
-    loss, grads = _step(model, ids, labels)
-    ref_loss, ref_grads = _step(ref, ids, labels)
-    assert_close(loss, ref_loss, torch.float32, "loss")
-    assert grads.keys() == ref_grads.keys()
-    for name, g in grads.items():
-        assert g is not None, f"{name} got no gradient"
-        assert_close(g, ref_grads[name], torch.float32, name)
+    assert_same_step(model, ref, *random_batch())
 
 
 def test_tiled_dropout_replays_under_offloaded_checkpoints():
@@ -153,12 +139,7 @@ def test_tiled_dropout_replays_under_offloaded_checkpoints():
     ref = _lora_model("llama", 5, 0.2)
     model = copy.deepcopy(ref)
     enable_offloaded_checkpointing(model)
-    ids, labels = random_batch()
-    loss, grads = _step(model, ids, labels)
-    ref_loss, ref_grads = _step(ref, ids, labels)
-    assert_close(loss, ref_loss, torch.float32, "loss")
-    for name, g in grads.items():
-        assert_close(g, ref_grads[name], torch.float32, name)
+    assert_same_step(model, ref, *random_batch())
 
 
 @pytest.mark.gpu

@@ -10,6 +10,7 @@ from peft import LoraConfig, get_peft_model
 
 import fusetune
 from fusetune.training.checkpoint import enable_checkpointing, enable_offloaded_checkpointing, offloaded_checkpoint
+from tests.helpers import assert_same_step, step_loss_and_grads
 from tests.numerics import assert_close
 from tests.tiny_models import LORA_TARGETS, random_batch, tiny_model
 
@@ -21,14 +22,6 @@ def _lora_model(family, device, dropout=0.1):
     return get_peft_model(tiny_model(family), config).to(device)
 
 
-def _step(model, ids, labels, seed=3):
-    torch.manual_seed(seed)
-    model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=labels).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-
 @pytest.mark.parametrize("patched", [False, True], ids=["hf", "patched"])
 @pytest.mark.parametrize("family", ["llama", "phi3"])
 def test_same_loss_and_grads_as_without_checkpointing(family, patched, device):
@@ -38,14 +31,7 @@ def test_same_loss_and_grads_as_without_checkpointing(family, patched, device):
         fusetune.patch_model(ref)
         fusetune.patch_model(model)
     enable_offloaded_checkpointing(model)
-    ids, labels = random_batch(device=device)
-    loss, grads = _step(model, ids, labels)
-    ref_loss, ref_grads = _step(ref, ids, labels)
-    assert_close(loss, ref_loss, torch.float32, "loss")
-    assert grads.keys() == ref_grads.keys()
-    for name, g in grads.items():
-        assert g is not None, f"{name} got no gradient"
-        assert_close(g, ref_grads[name], torch.float32, name)
+    assert_same_step(model, ref, *random_batch(device=device))
 
 
 def test_other_arguments_must_not_require_grad():
@@ -187,12 +173,12 @@ def test_adapters_cast_once_per_layer_and_step(monkeypatch):
 
     with use_backend("torch"):
         with CountCasts():
-            loss, grads = _step(model, ids, labels)
+            loss, grads = step_loss_and_grads(model, ids, labels)
         assert CountCasts.count == len(lora)
         monkeypatch.setattr(checkpoint, "shared_casts", lambda scope: contextlib.nullcontext())
         CountCasts.count = 0
         with CountCasts():
-            ref_loss, ref_grads = _step(model, ids, labels)
+            ref_loss, ref_grads = step_loss_and_grads(model, ids, labels)
         assert CountCasts.count == 3 * len(lora)
     assert torch.equal(loss, ref_loss)
     for name, g in grads.items():
