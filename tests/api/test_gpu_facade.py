@@ -95,6 +95,30 @@ def test_smollm2_qlora_trains_generates_and_saves(tmp_path):
     assert _relative(_logits(four, ids), adapter) < 0.25  # NF4 rounding of the merged weights
 
 
+def test_an_example_too_long_to_fit_names_the_longest_that_does():
+    """GPU memory capped at what the model holds + 4 GiB, one example of 64k tokens without
+    checkpointing: the finder's error, raised before any training step, names the longest row
+    that fits, and that row does fit."""
+    from fusetune.recipe.batch_size import OutOfMemory
+
+    model, tokenizer = FastLanguageModel.from_pretrained(MODEL, max_seq_length=65536)
+    model = FastLanguageModel.get_peft_model(model, r=16, use_gradient_checkpointing=False)
+    examples = tokenize_rows([{"text": "fusetune " * 40000}], tokenizer, 65536)
+    objective = LanguageModeling(tokenizer.pad_token_id)
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + 4 * 2**30) / total)
+    try:
+        with pytest.raises(OutOfMemory, match=r"rows of up to \d+ tokens fit") as caught:
+            pick_micro_batch(model, examples, objective, TrainingConfig(effective_batch_size=1),
+                             torch.device("cuda"), print)
+        longest = int(str(caught.value).split("rows of up to ")[1].split()[0])
+        assert 256 <= longest < len(examples[0]["input_ids"])
+        accumulate(objective, model, [objective.truncated(examples[0], longest)], 1, torch.device("cuda"))
+    finally:
+        model.zero_grad(set_to_none=True)
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
 def test_batch_size_finder_backs_off_on_real_out_of_memory(tmp_path):
     model, tokenizer = FastLanguageModel.from_pretrained(MODEL, max_seq_length=4096)
     model = FastLanguageModel.get_peft_model(model, r=16, use_gradient_checkpointing=False)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fusetune.backend import use_backend
-from fusetune.recipe.batch_size import OutOfMemory, find_micro_batch
+from fusetune.recipe.batch_size import OutOfMemory, find_longest, find_micro_batch
+from fusetune.recipe.loop import too_long_message
 from fusetune.recipe.config import ConfigError, TrainingConfig, build_config, load_config
 from fusetune.recipe.data import IGNORE_INDEX, read_rows, to_messages, tokenize_rows
 from fusetune.recipe.objectives import LanguageModeling
@@ -358,6 +359,36 @@ def test_batch_size_finder_backs_off_and_bisects():
 
     with pytest.raises(OutOfMemory, match="micro-batch of 1: lower model.max_seq_length"):
         find_micro_batch(never, 4, log=lambda _: None)
+
+
+@pytest.mark.parametrize(("limit", "expected", "tried"), [
+    (5000, 4864, [5120, 2560, 3840, 4352, 4608, 4864]),  # halve once, then bisect to 256 tokens
+    (1000, 768, [5120, 2560, 1280, 512, 768, 1024]),
+    (255, 0, [5120, 2560, 1280, 512, 256]),  # nothing fits
+])
+def test_sequence_finder_names_the_longest_row_that_fits(limit, expected, tried):
+    calls = []
+
+    def fits(n):
+        calls.append(n)
+        if n > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    assert find_longest(fits, 10240, log=lambda _: None) == expected
+    assert calls == tried
+    message = too_long_message(10240, expected)
+    assert "one example of 10240 tokens" in message and "load_in_4bit" in message
+    assert (f"set model.max_seq_length to at most {expected}" in message) == bool(expected)
+
+
+def test_objectives_cut_examples_for_the_sequence_finder():
+    from fusetune.recipe.objectives import GroupRelative, LanguageModeling, Preference
+
+    row = {"input_ids": list(range(10)), "labels": list(range(10, 20))}
+    assert LanguageModeling.truncated(row, 4) == {"input_ids": [0, 1, 2, 3], "labels": [10, 11, 12, 13]}
+    pair = Preference.truncated({"chosen": row, "rejected": {**row, "input_ids": list(range(7))}}, 5)
+    assert Preference.length(pair) == 5 and pair["rejected"]["input_ids"] == [0, 1, 2, 3, 4]
+    assert GroupRelative.truncated is None  # prompts are not cut: the original out-of-memory error stands
 
 
 # --- the command --------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fusetune.api.tokens import embedding_param_groups
-from fusetune.recipe.batch_size import find_micro_batch
+from fusetune.recipe.batch_size import OutOfMemory, find_longest, find_micro_batch
 from fusetune.recipe.checkpoints import checkpoints, load_checkpoint, save_checkpoint, trainable_parameters
 from fusetune.recipe.config import ConfigError, TrainingConfig
 from fusetune.recipe.memory import peak_bytes
@@ -86,11 +86,35 @@ def pick_micro_batch(model, examples: list[dict], objective, cfg: TrainingConfig
         finally:
             model.zero_grad(set_to_none=True)
 
-    size = find_micro_batch(fits, upper, log)
-    del reserve
+    try:
+        size = find_micro_batch(fits, upper, log)
+    except OutOfMemory as err:
+        if objective.truncated is None:
+            raise
+        length = objective.length(longest[0])
+
+        def fits_length(n: int):
+            try:
+                with objective.sizing():
+                    accumulate(objective, model, [objective.truncated(longest[0], n)], 1, device)
+            finally:
+                model.zero_grad(set_to_none=True)
+
+        best = find_longest(fits_length, length, log=log)
+        raise OutOfMemory(too_long_message(length, best)) from err
+    finally:
+        del reserve
     log(f"micro-batch: {size} (batch-size finder, longest rows of {objective.length(longest[0])} tokens); "
         f"{math.ceil(upper / size)} micro-batches per step")
     return size
+
+
+def too_long_message(length: int, longest_fit: int) -> str:
+    """The error when one example of `length` tokens does not fit a step, naming what would."""
+    what = (f"rows of up to {longest_fit} tokens fit: set model.max_seq_length to at most {longest_fit}"
+            if longest_fit else "not even 256 tokens fit: the model alone nearly fills the GPU")
+    return (f"out of GPU memory with one example of {length} tokens (the longest; model.max_seq_length cuts rows); "
+            f"{what}, or save memory with model.load_in_4bit: true and lora.gradient_checkpointing: fusetune")
 
 
 def embedding_lr(cfg: TrainingConfig) -> float:

@@ -80,6 +80,8 @@ class Objective:
         """A context in which accumulate runs for the batch-size finder, before prepare."""
         return contextlib.nullcontext()
 
+    truncated = None  # (example, n) -> the example cut to n tokens, where the objective can cut one
+
 
 class LanguageModeling(Objective):
     """sft and cpt: the mean cross-entropy per label token of the effective batch."""
@@ -98,6 +100,10 @@ class LanguageModeling(Objective):
     @staticmethod
     def length(example: dict) -> int:
         return len(example["input_ids"])
+
+    @staticmethod
+    def truncated(example: dict, n: int) -> dict:
+        return {**example, "input_ids": example["input_ids"][:n], "labels": example["labels"][:n]}
 
     def _passes(self, model, examples, micro_batch, device, ranks=None):
         """(loss, tokens) of each micro-batch of this process's share of examples (all of them
@@ -165,6 +171,10 @@ class Preference(Objective):
     @staticmethod
     def length(example: dict) -> int:
         return max(len(example["chosen"]["input_ids"]), len(example["rejected"]["input_ids"]))
+
+    @staticmethod
+    def truncated(example: dict, n: int) -> dict:
+        return {**example, **{side: LanguageModeling.truncated(example[side], n) for side in ("chosen", "rejected")}}
 
     def _sums(self, model, chunk, device):
         """Summed log-probabilities and label counts of the chosen and the rejected replies."""
