@@ -2,6 +2,7 @@
 each stack in its own process, in one run.
 
     python bench/e2e.py [--workloads W1,W2,W4,W7] [--stacks hf,fusetune] [--max-seq-cap 131072]
+                        [--memory-cap-gb 80] [--search-step 32768]
 
 Stacks: hf = Hugging Face + PEFT with SDPA attention; fusetune = the same model after
 fusetune.patch_model, with fusetune's offloaded activation checkpointing (layer inputs kept in
@@ -22,10 +23,13 @@ nn.Linear replaced by a bitsandbytes NF4 Linear4bit (double quantisation, blocks
 compute), as transformers' BitsAndBytesConfig loading gives; see bench/qlora.py, which also says
 why peft.prepare_model_for_kbit_training is not called. bitsandbytes is needed only there.
 
-W7 is a search, not repeated by --repeat: for each stack, sequence 4096, 8192, 16384, ... (up to
---max-seq-cap) until a step fails (out of memory); each probe is its own process, 1 warm-up + 2
-timed steps (the second step is the first with the optimizer state, so the peak is reached). It
-costs several 8B set-ups and long steps (minutes at 64k-128k tokens).
+W7 (8B QLoRA) and W7L (8B LoRA, 16-bit base) are searches, not repeated by --repeat: for each stack,
+sequence 4096, 8192, 16384, ... (up to --max-seq-cap) until a step fails (out of memory), then
+bisection between the longest that trained and the first that failed down to --search-step tokens
+(32768); each probe is its own process, 1 warm-up + 2 timed steps (the second step is the first
+with the optimizer state, so the peak is reached), with GPU memory capped at --memory-cap-gb when
+given (torch.cuda.set_per_process_memory_fraction: issue 11 measures within 80 GB on a 141 GB
+H200). It costs several 8B set-ups and long steps (minutes at 64k-128k tokens).
 """
 from __future__ import annotations
 
@@ -53,12 +57,12 @@ MODELS = {
                          vocab_size=128256, tie_word_embeddings=False, rms_norm_eps=1e-5,
                          max_position_embeddings=131072),
 }
-# name -> (model, batch, seq, QLoRA); W7's seq is searched (SEARCH_START, doubling)
+# name -> (model, batch, seq, QLoRA); W7's and W7L's seq is searched (SEARCH_START, doubling, bisecting)
 WORKLOADS = {"W1": ("llama-3.2-1b", 2, 2048, False), "W2": ("llama-3.1-8b", 1, 2048, False),
              "W3": ("llama-3.1-8b", 2, 4096, False), "W4": ("llama-3.2-1b", 2, 2048, True),
              "W5": ("llama-3.1-8b", 1, 2048, True), "W6": ("llama-3.1-8b", 2, 4096, True),
-             "W7": ("llama-3.1-8b", 1, None, True)}
-SEARCH = {"W7"}
+             "W7": ("llama-3.1-8b", 1, None, True), "W7L": ("llama-3.1-8b", 1, None, False)}
+SEARCH = {"W7", "W7L"}
 SEARCH_START, SEARCH_STEPS = 4096, (1, 2)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WARMUP, TIMED = 3, 10
@@ -115,7 +119,7 @@ def build_model(stack: str, name: str, qlora: bool = False):
 
 
 def worker(stack: str, workload: str, profile: bool = False, seq: int | None = None,
-           steps: tuple[int, int] = (WARMUP, TIMED)) -> dict:
+           steps: tuple[int, int] = (WARMUP, TIMED), memory_cap_gb: float | None = None) -> dict:
     name, batch, default_seq, qlora = WORKLOADS[workload]
     seq = seq or default_seq
     if seq is None:
@@ -126,6 +130,9 @@ def worker(stack: str, workload: str, profile: bool = False, seq: int | None = N
         import_bnb()  # fail before building the model when bitsandbytes is missing
     warmup, timed = steps
     cfg = MODELS[name]
+    if memory_cap_gb:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gb * 2**30 / total))
     if stack == "unsloth":
         model, _ = unsloth_lora_model(cfg, TARGETS, seq, load_in_4bit=qlora)
     else:
@@ -152,7 +159,7 @@ def worker(stack: str, workload: str, profile: bool = False, seq: int | None = N
                warmup=warmup, timed=timed, step_s=step, tokens_per_s=batch * seq / step,
                step_s_spread=[min(times[warmup:]), max(times[warmup:])], issue_s=statistics.median(issued[warmup:]),
                peak_bytes=torch.cuda.max_memory_allocated(), first_loss=losses[0],
-               last_loss=losses[-1], flops_per_token=flops_per_token(model, cfg, seq))
+               last_loss=losses[-1], flops_per_token=flops_per_token(model, cfg, seq), memory_cap_gb=memory_cap_gb)
     if profile:
         row.update(_profile_one_step(model, optimizer, ids, stack, workload))
     return row
@@ -181,13 +188,15 @@ def _profile_one_step(model, optimizer, ids, stack, workload) -> dict:
 
 
 def run_worker(stack: str, workload: str, profile: bool = False, seq: int | None = None,
-               steps: tuple[int, int] | None = None) -> dict:
+               steps: tuple[int, int] | None = None, memory_cap_gb: float | None = None) -> dict:
     """One worker process; its RESULT row, or an error row with the end of its stderr."""
     cmd = [sys.executable, __file__, "--worker", stack, workload] + (["--profile"] if profile else [])
     if seq is not None:
         cmd += ["--seq", str(seq)]
     if steps is not None:
         cmd += ["--steps", f"{steps[0]},{steps[1]}"]
+    if memory_cap_gb:
+        cmd += ["--memory-cap-gb", str(memory_cap_gb)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if profile:
         print(proc.stderr[proc.stderr.find("PROFILE"):])
@@ -196,6 +205,27 @@ def run_worker(stack: str, workload: str, profile: bool = False, seq: int | None
         print(f"{workload} {stack}: worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         return dict(stack=stack, workload=workload, seq=seq, error=proc.stderr[-500:])
     return json.loads(lines[-1][7:])
+
+
+def search_longest(probe, start: int, cap: int, step: int) -> list[dict]:
+    """The probes of one stack's longest-sequence search: probe(seq) -> row (with "error" when the
+    step failed). Doubles from `start` while steps train (up to `cap`), then bisects between the
+    longest that trained and the first that failed until they are `step` tokens apart. Returns
+    the rows in the order they ran."""
+    rows, fit, fail, seq = [], 0, None, start
+    while seq <= cap:
+        rows.append(probe(seq))
+        if "error" in rows[-1]:
+            fail = seq
+            break
+        fit, seq = seq, seq * 2
+    while fail is not None and fit and fail - fit > step:
+        seq = (fit + fail) // 2 // step * step
+        if seq <= fit:
+            break
+        rows.append(probe(seq))
+        fit, fail = (fit, seq) if "error" in rows[-1] else (seq, fail)
+    return rows
 
 
 def main(argv=None):
@@ -207,7 +237,11 @@ def main(argv=None):
                         help="run the stacks this many times, alternating (timings on a shared host vary); "
                              "W7's search runs once")
     parser.add_argument("--max-seq-cap", type=int, default=131072,
-                        help="W7: the longest sequence tried (default 131072, Llama-3.1's context)")
+                        help="W7/W7L: the longest sequence tried (default 131072, Llama-3.1's context)")
+    parser.add_argument("--search-step", type=int, default=32768,
+                        help="W7/W7L: bisect the longest sequence to this many tokens")
+    parser.add_argument("--memory-cap-gb", type=float,
+                        help="cap every worker's GPU memory (set_per_process_memory_fraction), e.g. 80")
     parser.add_argument("--worker", nargs=2, metavar=("STACK", "WORKLOAD"), help=argparse.SUPPRESS)
     parser.add_argument("--seq", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--steps", help=argparse.SUPPRESS)
@@ -217,7 +251,8 @@ def main(argv=None):
         steps = tuple(int(n) for n in args.steps.split(",")) if args.steps else (WARMUP, TIMED)
         failed = dict(stack=stack, workload=workload, seq=args.seq or WORKLOADS[workload][2])
         try:
-            result = worker(stack, workload, profile=args.profile, seq=args.seq, steps=steps)
+            result = worker(stack, workload, profile=args.profile, seq=args.seq, steps=steps,
+                            memory_cap_gb=args.memory_cap_gb)
         except torch.cuda.OutOfMemoryError as err:
             result = dict(failed, error=f"OOM: {err}"[:300])
         except QLoRAUnavailable as err:  # no bitsandbytes: say how to carry it
@@ -237,7 +272,7 @@ def main(argv=None):
     runs = [(w, r) for w in workloads if w not in SEARCH for r in range(args.repeat)]
     for workload, repeat in runs:
         for stack in stacks:
-            row = run_worker(stack, workload, args.profile)
+            row = run_worker(stack, workload, args.profile, memory_cap_gb=args.memory_cap_gb)
             row["repeat"] = repeat
             if "error" not in row:
                 row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / rate
@@ -245,19 +280,17 @@ def main(argv=None):
             print(f"{workload} {stack}: {row}")
     for workload in (w for w in workloads if w in SEARCH):
         for stack in stacks:
-            seq = SEARCH_START
-            while seq <= args.max_seq_cap:
-                row = run_worker(stack, workload, seq=seq, steps=SEARCH_STEPS)
+            def probe(seq, stack=stack, workload=workload):
+                row = run_worker(stack, workload, seq=seq, steps=SEARCH_STEPS, memory_cap_gb=args.memory_cap_gb)
                 row.update(repeat=0, search=True)
                 if "error" not in row:
                     row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / rate
-                rows.append(row)
                 print(f"{workload} {stack} seq {seq}: {row}")
-                if "error" in row:
-                    break
-                seq *= 2
+                return row
+            rows += search_longest(probe, SEARCH_START, args.max_seq_cap, args.search_step)
     payload = {"environment": environment(), "matmul_flops_per_s": rate, "warmup": WARMUP,
                "timed": TIMED, "search_start": SEARCH_START, "search_steps": list(SEARCH_STEPS),
+               "search_step": args.search_step, "memory_cap_gb": args.memory_cap_gb,
                "max_seq_cap": args.max_seq_cap, "rows": rows}
     path = write_results("e2e-" + "-".join(workloads), payload)
     table = [r for r in rows if not r.get("search")]
@@ -292,7 +325,8 @@ def search_summary(rows):
         mine = [r for r in rows if r.get("search") and r["workload"] == workload and r["stack"] == stack]
         good = [r for r in mine if "error" not in r]
         bad = [r for r in mine if "error" in r]
-        out.append((workload, stack, max(good, key=lambda r: r["seq"]) if good else None, bad[0] if bad else None))
+        out.append((workload, stack, max(good, key=lambda r: r["seq"]) if good else None,
+                    min(bad, key=lambda r: r["seq"]) if bad else None))
     return out
 
 

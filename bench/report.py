@@ -109,19 +109,24 @@ def search_lines(data) -> list[str]:
     if not search:
         return []
     steps = data.get("search_steps", [1, 2])
+    bisect = f", then bisected to {data['search_step']:,} tokens" if data.get("search_step") else ""
+    cap = f"; GPU memory capped at {data['memory_cap_gb']:g} GB" if data.get("memory_cap_gb") else ""
     lines = ["", f"Longest sequence that trains (sequence doubled from {data.get('search_start', 4096)} up to "
-             f"{data.get('max_seq_cap', '?')}; each probe {steps[0]} warm-up + {steps[1]} timed steps):", "",
+             f"{data.get('max_seq_cap', '?')}{bisect}{cap}; each probe {steps[0]} warm-up + {steps[1]} timed "
+             f"steps):", "",
              "| workload | stack | longest seq | step s | tokens/s | peak GB | MFU | stopped by |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for key in dict.fromkeys((r["workload"], r["stack"]) for r in search):
         mine = [r for r in search if (r["workload"], r["stack"]) == key]
         good = [r for r in mine if "error" not in r]
         bad = [r for r in mine if "error" in r]
-        stop = (f"seq {bad[0].get('seq')}: {bad[0]['error'].splitlines()[0][:60]}" if bad
+        first_bad = min(bad, key=lambda r: r["seq"]) if bad else None
+        stop = (f"seq {first_bad.get('seq')}: {first_bad['error'].splitlines()[0][:60]}" if bad
                 else "the cap")
         if good:
             b = max(good, key=lambda r: r["seq"])
-            lines.append(f"| {key[0]} ({b['model']}, QLoRA NF4) | {key[1]} | {b['seq']:,} | {b['step_s']:.2f} | "
+            base = "QLoRA NF4" if b.get("qlora", True) else "LoRA, bf16 base"
+            lines.append(f"| {key[0]} ({b['model']}, {base}) | {key[1]} | {b['seq']:,} | {b['step_s']:.2f} | "
                          f"{b['tokens_per_s']:,.0f} | {b['peak_bytes'] / 1e9:.2f} | {100 * b['mfu']:.0f}% | {stop} |")
         else:
             lines.append(f"| {key[0]} | {key[1]} | none | | | | | {stop} |")

@@ -35,3 +35,21 @@ def test_version_and_help_answer_without_importing_torch():
             "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_bench_sequence_search_doubles_then_bisects():
+    """bench/e2e.py's longest-sequence search (W7, W7L): doubling until a step fails, then bisection
+    to the search step; the longest that trained is a multiple of it."""
+    from bench.e2e import search_longest
+
+    def probe_below(limit):
+        def probe(seq):
+            return {"seq": seq} if seq <= limit else {"seq": seq, "error": "OOM"}
+        return probe
+
+    rows = search_longest(probe_below(600_000), 4096, 2**20, 32768)
+    assert [r["seq"] for r in rows] == [4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576,
+                                        786432, 655360, 589824, 622592]
+    assert max(r["seq"] for r in rows if "error" not in r) == 589824
+    assert [r["seq"] for r in search_longest(probe_below(3000), 4096, 2**20, 32768)] == [4096]  # nothing trains
+    assert "error" not in search_longest(probe_below(10**9), 4096, 65536, 32768)[-1]  # the cap is reached
