@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import fusetune
+from fusetune.backend import triton_interpreting as interpreting
 from fusetune.training.checkpoint import enable_checkpointing, enable_offloaded_checkpointing, offloaded_checkpoint
 from tests.helpers import assert_same_step, step_loss_and_grads
 from tests.numerics import assert_close
@@ -32,6 +33,78 @@ def test_same_loss_and_grads_as_without_checkpointing(family, patched, device):
         fusetune.patch_model(model)
     enable_offloaded_checkpointing(model)
     assert_same_step(model, ref, *random_batch(device=device))
+
+
+def _count_attention_forwards(monkeypatch) -> list:
+    from fusetune.triton_kernels import attention as kernels
+
+    calls, real = [], kernels.attention_fwd
+    monkeypatch.setattr(kernels, "attention_fwd", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    return calls
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and not interpreting(), reason="the attention kernel runs on "
+                    "CUDA or under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_recompute_takes_the_attention_outputs_of_the_forward(family, device, monkeypatch):
+    """With fusetune's attention kernel in every layer (attention="always"; Gemma-2: softcap and
+    sliding window), the offloaded checkpoint's recompute takes the forward's attention outputs:
+    one attention forward per layer and step instead of two, and the loss and every gradient of
+    the model without checkpointing (LoRA dropout on)."""
+    ref = _lora_model(family, device)
+    model = copy.deepcopy(ref)
+    fusetune.patch_model(ref, attention="always")
+    fusetune.patch_model(model, attention="always")
+    enable_offloaded_checkpointing(model)
+    calls = _count_attention_forwards(monkeypatch)
+    ids, labels = random_batch(device=device)
+    assert_same_step(model, ref, ids, labels)
+    layers = model.config.num_hidden_layers
+    assert len(calls) == 2 * layers  # model: one per layer (the recompute took them), ref: one per layer
+
+
+@pytest.mark.gpu
+def test_attention_outputs_past_the_host_budget_are_recomputed(monkeypatch):
+    """bf16 on the GPU, attention="always": with room in the host budget the attention outputs go
+    to the host beside the layer inputs (one attention forward per layer); with none, neither is
+    offloaded and the recompute runs the attention again (two); the gradients agree."""
+    from fusetune.training.checkpoint import HOST_BUDGET
+
+    model = get_peft_model(tiny_model("llama", dtype=torch.bfloat16, hidden_size=1024, intermediate_size=2048,
+                                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                                      head_dim=128), LoraConfig(r=8, target_modules=LORA_TARGETS["llama"]))
+    model = fusetune.patch_model(model.cuda(), attention="always")
+    enable_offloaded_checkpointing(model)
+    ids = torch.randint(0, 257, (2, 2048), device="cuda")
+    calls = _count_attention_forwards(monkeypatch)
+    results = []
+    for limit in (None, 0):
+        HOST_BUDGET.set_limit(limit)
+        calls.clear()
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        results.append((len(calls), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    HOST_BUDGET.set_limit(None)
+    (kept_calls, kept_grads), (recomputed_calls, grads) = results
+    assert (kept_calls, recomputed_calls) == (4, 8)
+    for name, g in grads.items():
+        assert_close(g, kept_grads[name], torch.bfloat16, name)
+
+
+def test_recompute_of_other_attention_calls_is_refused():
+    """A recompute that calls attention more or less often than its forward is a broken layer: an error."""
+    from fusetune.ops.attention import KeptAttention
+
+    kept = KeptAttention([torch.zeros(1, 3, 2, 4), torch.zeros(1, 2, 3)])
+    with pytest.raises(RuntimeError, match="less often"):
+        kept.check_all_taken()
+    with pytest.raises(RuntimeError, match=r"attention of q \(1, 2, 5, 4\)"):
+        kept.take(torch.zeros(1, 2, 5, 4))
+    kept = KeptAttention([torch.zeros(1, 3, 2, 4), torch.zeros(1, 2, 3)])
+    out, lse = kept.take(torch.zeros(1, 2, 3, 4))
+    assert out.shape == (1, 2, 3, 4)
+    with pytest.raises(RuntimeError, match="more often"):
+        kept.take(torch.zeros(1, 2, 3, 4))
 
 
 def test_other_arguments_must_not_require_grad():

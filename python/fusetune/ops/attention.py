@@ -1,4 +1,14 @@
-"""Attention: autograd Function over the Triton flash-attention kernels, and `attention`."""
+"""Attention: autograd Function over the Triton flash-attention kernels, and `attention`.
+
+A checkpointed layer (fusetune.training.checkpoint) runs its forward twice: without grad, then
+again in backward to build the graph. Within `keeping_attention(KeptAttention())` the first run
+keeps each attention call's output and log-sum-exp; within `keeping_attention(KeptAttention(kept))`
+the recompute takes them in the same order instead of running the attention forward again (its
+backward needs exactly those, and the kernel is deterministic, so the gradients are the same).
+"""
+import contextlib
+import threading
+
 import torch
 
 from fusetune.backend import resolve
@@ -70,13 +80,58 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+_kept = threading.local()  # .store: the KeptAttention of the checkpointed layer running now, or None
+
+
+class KeptAttention:
+    """The (output, log-sum-exp) pairs of one layer's attention calls, in call order: filled by the
+    forward (tensors=None), or handed back to the recompute (the tensors the forward kept). The
+    outputs are kept in their memory layout, (B, Sq, Hq, D) contiguous."""
+
+    def __init__(self, tensors=None):
+        self.replaying = tensors is not None
+        self.tensors = list(tensors or ())
+        self.taken = 0
+
+    def take(self, q: torch.Tensor):
+        if self.taken + 2 > len(self.tensors):
+            raise RuntimeError("attention: a checkpointed layer's recompute called attention more often than its "
+                               "forward; the layer must run the same calls both times")
+        out, lse = self.tensors[self.taken:self.taken + 2]
+        self.taken += 2
+        batch, heads, seq, head_dim = q.shape
+        if out.shape != (batch, seq, heads, head_dim):
+            raise RuntimeError(f"attention: a checkpointed layer's recompute asked for attention of q {tuple(q.shape)} "
+                               f"where its forward had {tuple(out.transpose(1, 2).shape)}")
+        return out.transpose(1, 2), lse
+
+    def check_all_taken(self):
+        if self.taken != len(self.tensors):
+            raise RuntimeError("attention: a checkpointed layer's recompute called attention less often than its "
+                               "forward; the layer must run the same calls both times")
+
+
+@contextlib.contextmanager
+def keeping_attention(store: KeptAttention | None):
+    previous = getattr(_kept, "store", None)
+    _kept.store = store
+    try:
+        yield store
+    finally:
+        _kept.store = previous
+
+
 class AttentionFunction(torch.autograd.Function):
+    """forward(ctx, q, k, v, causal, scale, softcap, window, runs, kept): kept, an (out, lse) pair
+    a checkpointed layer's forward computed for these q, k, v, is taken instead of running the
+    kernel (None: run it)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, softcap, window, runs):
+    def forward(ctx, q, k, v, causal, scale, softcap, window, runs, kept):
         from fusetune.triton_kernels.attention import attention_fwd
 
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-        out, lse = attention_fwd(q, k, v, causal, scale, softcap, window, runs)
+        out, lse = kept if kept is not None else attention_fwd(q, k, v, causal, scale, softcap, window, runs)
         ctx.save_for_backward(q, k, v, out, lse, *(runs or ()))
         ctx.options = (causal, scale, softcap, window)
         return out
@@ -87,7 +142,7 @@ class AttentionFunction(torch.autograd.Function):
 
         q, k, v, out, lse, *runs = ctx.saved_tensors
         dq, dk, dv = attention_bwd(_unit_last(dout), q, k, v, out, lse, *ctx.options, segments=tuple(runs) or None)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None,
@@ -113,7 +168,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if resolve("attention", q.device, CUDA_OPS) == "triton":
         if segment_ids is not None and runs is None:
             runs = segments(segment_ids)
-        return AttentionFunction.apply(q, k, v, causal, scale, softcap and float(softcap), window and int(window),
-                                       runs)
+        options = (causal, scale, softcap and float(softcap), window and int(window), runs)
+        store = getattr(_kept, "store", None)
+        if store is not None and not store.replaying and not torch.is_grad_enabled():
+            from fusetune.triton_kernels.attention import attention_fwd
+
+            out, lse = attention_fwd(_unit_last(q), _unit_last(k), _unit_last(v), *options)
+            store.tensors += [out.transpose(1, 2), lse]
+            return out
+        kept = store.take(q) if store is not None and store.replaying else None
+        return AttentionFunction.apply(q, k, v, *options, kept)
     out, _ = attention_reference(q, k, v, causal, scale, softcap, window, segment_ids)
     return out

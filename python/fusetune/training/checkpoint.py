@@ -6,8 +6,11 @@ input per layer on the GPU: 32 x 67 MB for Llama-3.1-8B at 2 x 4096 tokens. Here
 copies that input to the host on a side stream (overlapping the next layers' compute) and frees
 the GPU copy; backward brings it back (prefetched on the side stream while the layer after it
 runs its backward), replays the layer with the RNG state of the forward (LoRA
-dropout draws the same masks) and backpropagates through it. The pinned memory is budgeted
-(HOST_BUDGET): past the budget, layer inputs stay on the GPU rather than swap the host. On a CPU model there is nothing to
+dropout draws the same masks) and backpropagates through it. The outputs of fusetune's attention
+kernel (output and log-sum-exp, fusetune.ops.attention.KeptAttention) are offloaded beside the
+input, so the replay skips the attention forward (at long context most of a layer's FLOPs). The
+pinned memory is budgeted (HOST_BUDGET): past the budget, layer inputs stay on the GPU and the
+attention outputs are not kept (recomputed), rather than swap the host. On a CPU model there is nothing to
 offload: the input is kept as it is (the recompute logic is the same, which is what CPU tests check).
 
 Hugging Face decoder layers call `module._gradient_checkpointing_func(layer_forward, *args)`;
@@ -24,6 +27,7 @@ import weakref
 import torch
 
 from fusetune.lora.projection import shared_casts
+from fusetune.ops.attention import KeptAttention, keeping_attention
 from fusetune.ops.tiling import ForwardState
 
 logger = logging.getLogger("fusetune")
@@ -84,56 +88,83 @@ def _copy_stream(device: torch.device) -> torch.cuda.Stream:
     return _COPY_STREAMS[device]
 
 
+def _block_bytes(t: torch.Tensor) -> int:
+    """What a pinned copy of t holds: torch's pinned allocator hands out power-of-two blocks."""
+    return 1 << max(0, t.numel() * t.element_size() - 1).bit_length()
+
+
 class _Slot:
-    """One offloaded layer input. Forward copies it to pinned host memory on the side stream;
-    backward takes it back, and first starts bringing back the input of the layer before (the
-    next one backward will need), so the host-to-device copy overlaps this layer's backward."""
+    """One layer's tensors kept for its backward: its input, and what its forward kept for the
+    recompute (the attention outputs). Forward copies them to pinned host memory on the side
+    stream; backward takes them back, and first starts bringing back those of the layer before
+    (the next one backward will need), so the host-to-device copy overlaps this layer's backward."""
 
     def __init__(self, hidden: torch.Tensor):
         self.device = hidden.device
         self.prev = _LAST_SLOT.get(self.device)
         _LAST_SLOT[self.device] = weakref.ref(self)
-        self.host, self.on_gpu, self.ready, self.reserved = hidden.detach(), None, None, 0
+        self.entries = []  # (tensor, on_host): a tensor kept as it is, or its pinned host copy
+        self.back = None  # the host copies back on the GPU, one per entry (None for those kept as they are)
+        self.ready = None  # the side stream's event after its last copy
+        self.reserved = 0
         self.budget = HOST_BUDGET  # (kept: a slot may be collected after the module's globals, at exit)
-        # torch's pinned allocator hands out power-of-two blocks, which is what the host holds
-        nbytes = 1 << max(0, hidden.numel() * hidden.element_size() - 1).bit_length()
-        if hidden.is_cuda and self.budget.reserve(nbytes):
-            self.reserved = nbytes
-            stream = _copy_stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            self.host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
-            with torch.cuda.stream(stream):
-                self.host.copy_(hidden.detach(), non_blocking=True)
-                self.ready = torch.cuda.Event()
-                self.ready.record(stream)
-            hidden.record_stream(stream)  # its memory is not reused before the copy has read it
+        self.add([hidden], required=True)
+
+    def add(self, tensors, required: bool) -> bool:
+        """Keep `tensors` (detached) for backward: CUDA tensors go to pinned host memory when the
+        budget takes them all; past it a required tensor stays on the GPU, optional ones are not
+        kept (False). CPU tensors are kept as they are."""
+        tensors = [t.detach() for t in tensors]
+        if not tensors or not tensors[0].is_cuda:
+            self.entries += [(t, False) for t in tensors]
+            return True
+        nbytes = sum(_block_bytes(t) for t in tensors)
+        if not self.budget.reserve(nbytes):
+            if required:
+                self.entries += [(t, False) for t in tensors]
+            return required
+        self.reserved += nbytes
+        stream = _copy_stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for t in tensors:
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                t.record_stream(stream)  # its memory is not reused before the copy has read it
+                self.entries.append((host, True))
+            self.ready = torch.cuda.Event()
+            self.ready.record(stream)
+        return True
 
     def prefetch(self):
-        if self.ready is None or self.on_gpu is not None or self.host is None:
+        if self.ready is None or self.back is not None or self.entries is None:
             return
         stream = _copy_stream(self.device)
         with torch.cuda.stream(stream):
             stream.wait_event(self.ready)
-            self.on_gpu = self.host.to(self.device, non_blocking=True)
+            self.back = [t.to(self.device, non_blocking=True) if on_host else None for t, on_host in self.entries]
             self.ready = torch.cuda.Event()
             self.ready.record(stream)
 
-    def take(self) -> torch.Tensor:
+    def take(self) -> list[torch.Tensor]:
+        """The kept tensors, in the order they were added, on their device."""
         prev = self.prev() if self.prev is not None else None
         self.prev = None
-        if self.ready is None:  # a CPU tensor: kept as it was
-            hidden = self.host
-        else:
+        back = [None] * len(self.entries)
+        if self.ready is not None:
             self.prefetch()
             current = torch.cuda.current_stream(self.device)
             current.wait_event(self.ready)
-            hidden = self.on_gpu
-            hidden.record_stream(current)
-        self.host = self.on_gpu = None
+            back = self.back
+            for t in back:
+                if t is not None:
+                    t.record_stream(current)
+        tensors = [b if on_host else t for (t, on_host), b in zip(self.entries, back)]
+        self.entries = self.back = None
         self._release()
         if prev is not None:
             prev.prefetch()
-        return hidden
+        return tensors
 
     def _release(self):
         if self.reserved:
@@ -157,14 +188,21 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         ctx.function, ctx.args, ctx.state = function, args, ForwardState(hidden.device)
         ctx.slot = _Slot(hidden)
         ctx.casts = {}  # the layer's adapters in the compute dtype, for its recompute and backward
-        with torch.no_grad(), shared_casts(ctx.casts):
-            return function(hidden, *args)
+        with torch.no_grad(), shared_casts(ctx.casts), keeping_attention(KeptAttention()) as attention:
+            outputs = function(hidden, *args)
+        # the attention outputs spare the recompute its attention forward, where the host budget takes them
+        ctx.kept_attention = len(attention.tensors) if ctx.slot.add(attention.tensors, required=False) else 0
+        return outputs
 
     @staticmethod
     def backward(ctx, *grads):
-        hidden = ctx.slot.take().detach().requires_grad_()
-        with ctx.state.replay(), shared_casts(ctx.casts):
+        hidden, *kept = ctx.slot.take()
+        hidden = hidden.requires_grad_()
+        attention = KeptAttention(kept) if ctx.kept_attention else None
+        with ctx.state.replay(), shared_casts(ctx.casts), keeping_attention(attention):
             outputs = ctx.function(hidden, *ctx.args)
+        if attention is not None:
+            attention.check_all_taken()
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(outputs, grads) if torch.is_tensor(o) and o.requires_grad and g is not None]
         with shared_casts(ctx.casts):
