@@ -379,16 +379,21 @@ def test_sequence_finder_names_the_longest_row_that_fits(limit, expected, tried)
     message = too_long_message(10240, expected)
     assert "one example of 10240 tokens" in message and "load_in_4bit" in message
     assert (f"set model.max_seq_length to at most {expected}" in message) == bool(expected)
+    calls.clear()
+    find_longest(fits, 300, log=lambda _: None)
+    assert calls == [256]  # an example under twice the step still has the step tried
+    assert "not even 200 tokens fit" in too_long_message(200, 0)
 
 
 def test_objectives_cut_examples_for_the_sequence_finder():
     from fusetune.recipe.objectives import GroupRelative, LanguageModeling, Preference
 
-    row = {"input_ids": list(range(10)), "labels": list(range(10, 20))}
-    assert LanguageModeling.truncated(row, 4) == {"input_ids": [0, 1, 2, 3], "labels": [10, 11, 12, 13]}
-    pair = Preference.truncated({"chosen": row, "rejected": {**row, "input_ids": list(range(7))}}, 5)
-    assert Preference.length(pair) == 5 and pair["rejected"]["input_ids"] == [0, 1, 2, 3, 4]
-    assert GroupRelative.truncated is None  # prompts are not cut: the original out-of-memory error stands
+    row = {"input_ids": list(range(10)), "labels": [-100] * 6 + list(range(6, 10))}  # a masked prompt
+    # every token of the cut labelled: the trial needs a loss, and a cut prompt has no label
+    assert LanguageModeling.sizing_cut(row, 4) == {"input_ids": [0, 1, 2, 3], "labels": [0, 1, 2, 3]}
+    pair = Preference.sizing_cut({"chosen": row, "rejected": {**row, "input_ids": list(range(7))}}, 5)
+    assert Preference.length(pair) == 5 and pair["rejected"]["labels"] == [0, 1, 2, 3, 4]
+    assert GroupRelative.sizing_cut is None  # prompts are not cut: the original out-of-memory error stands
 
 
 # --- the command --------------------------------------------------------------------------------

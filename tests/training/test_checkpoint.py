@@ -66,8 +66,9 @@ def test_recompute_takes_the_attention_outputs_of_the_forward(family, device, mo
 @pytest.mark.gpu
 def test_attention_outputs_past_the_host_budget_are_recomputed(monkeypatch):
     """bf16 on the GPU, attention="always": with room in the host budget the attention outputs go
-    to the host beside the layer inputs (one attention forward per layer); with none, neither is
-    offloaded and the recompute runs the attention again (two); the gradients agree."""
+    to the host beside the layer inputs from the second step on (one attention forward per layer);
+    with none, neither is offloaded and the recompute runs the attention again (two); the
+    gradients agree."""
     from fusetune.training.checkpoint import HOST_BUDGET
 
     model = get_peft_model(tiny_model("llama", dtype=torch.bfloat16, hidden_size=1024, intermediate_size=2048,
@@ -80,9 +81,10 @@ def test_attention_outputs_past_the_host_budget_are_recomputed(monkeypatch):
     results = []
     for limit in (None, 0):
         HOST_BUDGET.set_limit(limit)
-        calls.clear()
-        model.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=ids).loss.backward()
+        for _ in range(2):  # the first step shows the budget what the layer inputs take
+            calls.clear()
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids).loss.backward()
         results.append((len(calls), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
     HOST_BUDGET.set_limit(None)
     (kept_calls, kept_grads), (recomputed_calls, grads) = results
@@ -124,6 +126,25 @@ def test_host_budget_refuses_past_its_limit_and_warns_once(caplog, monkeypatch):
     assert len([r for r in caplog.records if "stay on the GPU" in r.message]) == 1
     budget.release(150)
     assert budget.reserve(200) and budget.held == 200
+
+
+def test_host_budget_keeps_room_for_the_inputs_of_a_step():
+    """Optional tensors (kept attention outputs) never take room a step's layer inputs need: none
+    before a step has shown what its inputs take, then only what leaves room for the rest of them."""
+    from fusetune.training.checkpoint import HostBudget
+
+    budget = HostBudget()
+    budget.set_limit(100)
+    assert not budget.reserve(10, required=False)  # no step measured yet
+    assert all(budget.reserve(20) for _ in range(3))  # a step's three inputs
+    for _ in range(3):
+        budget.release(20, 20)  # its backward
+    assert budget.required_step == 60 and budget.held == 0
+    assert budget.reserve(20)  # the next step's first input
+    assert budget.reserve(20, required=False)  # 20 + 20 + 40 inputs to come <= 100
+    assert not budget.reserve(30, required=False)  # 40 + 30 + 40 > 100
+    assert budget.reserve(20) and budget.reserve(20)  # the inputs still fit
+    assert not budget.warned
 
 
 def test_available_host_memory_is_read():

@@ -50,6 +50,6 @@ def find_micro_batch(fits: Callable[[int], None], upper: int, log=print) -> int:
 def find_longest(fits: Callable[[int], None], length: int, step: int = 256, log=print) -> int:
     """Longest n below `length`, a multiple of `step`, for which fits(n) returns without
     torch.cuda.OutOfMemoryError (fits(length) is known to fail); 0 when not even `step` fits.
-    Half of length first, then as find_micro_batch."""
-    return _largest_that_fits(fits, length // 2 // step * step, length, step,
-                              "sequence finder: {n} tokens {result}", log)
+    Half of length first (at least `step`), then as find_micro_batch."""
+    first = max(step, length // 2 // step * step) if length > step else 0
+    return _largest_that_fits(fits, first, length, step, "sequence finder: {n} tokens {result}", log)

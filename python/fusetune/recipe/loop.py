@@ -89,14 +89,14 @@ def pick_micro_batch(model, examples: list[dict], objective, cfg: TrainingConfig
     try:
         size = find_micro_batch(fits, upper, log)
     except OutOfMemory as err:
-        if objective.truncated is None:
+        if objective.sizing_cut is None:
             raise
         length = objective.length(longest[0])
 
         def fits_length(n: int):
             try:
                 with objective.sizing():
-                    accumulate(objective, model, [objective.truncated(longest[0], n)], 1, device)
+                    accumulate(objective, model, [objective.sizing_cut(longest[0], n)], 1, device)
             finally:
                 model.zero_grad(set_to_none=True)
 
@@ -112,7 +112,7 @@ def pick_micro_batch(model, examples: list[dict], objective, cfg: TrainingConfig
 def too_long_message(length: int, longest_fit: int) -> str:
     """The error when one example of `length` tokens does not fit a step, naming what would."""
     what = (f"rows of up to {longest_fit} tokens fit: set model.max_seq_length to at most {longest_fit}"
-            if longest_fit else "not even 256 tokens fit: the model alone nearly fills the GPU")
+            if longest_fit else f"not even {min(length, 256)} tokens fit: the model alone nearly fills the GPU")
     return (f"out of GPU memory with one example of {length} tokens (the longest; model.max_seq_length cuts rows); "
             f"{what}, or save memory with model.load_in_4bit: true and lora.gradient_checkpointing: fusetune")
 

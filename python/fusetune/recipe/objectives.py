@@ -80,7 +80,9 @@ class Objective:
         """A context in which accumulate runs for the batch-size finder, before prepare."""
         return contextlib.nullcontext()
 
-    truncated = None  # (example, n) -> the example cut to n tokens, where the objective can cut one
+    # (example, n) -> the example cut to n tokens for a memory trial (every token labelled: a cut
+    # through a masked prompt would leave no label to compute a loss on), where the objective can cut one
+    sizing_cut = None
 
 
 class LanguageModeling(Objective):
@@ -102,8 +104,8 @@ class LanguageModeling(Objective):
         return len(example["input_ids"])
 
     @staticmethod
-    def truncated(example: dict, n: int) -> dict:
-        return {**example, "input_ids": example["input_ids"][:n], "labels": example["labels"][:n]}
+    def sizing_cut(example: dict, n: int) -> dict:
+        return {**example, "input_ids": example["input_ids"][:n], "labels": example["input_ids"][:n]}
 
     def _passes(self, model, examples, micro_batch, device, ranks=None):
         """(loss, tokens) of each micro-batch of this process's share of examples (all of them
@@ -173,8 +175,8 @@ class Preference(Objective):
         return max(len(example["chosen"]["input_ids"]), len(example["rejected"]["input_ids"]))
 
     @staticmethod
-    def truncated(example: dict, n: int) -> dict:
-        return {**example, **{side: LanguageModeling.truncated(example[side], n) for side in ("chosen", "rejected")}}
+    def sizing_cut(example: dict, n: int) -> dict:
+        return {**example, **{side: LanguageModeling.sizing_cut(example[side], n) for side in ("chosen", "rejected")}}
 
     def _sums(self, model, chunk, device):
         """Summed log-probabilities and label counts of the chosen and the rejected replies."""

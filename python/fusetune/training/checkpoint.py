@@ -38,21 +38,35 @@ HOST_SHARE = 0.8  # of the host memory available at the first offload, split bet
 
 
 class HostBudget:
-    """Pinned host memory the offloaded layer inputs may hold at once. Past it a layer's input stays
-    on the GPU (plain checkpointing for that layer) instead of driving the host into swap; the
-    first time, a warning says how much was offloaded and what to change. The budget is taken
-    once, at the first offload: HOST_SHARE of MemAvailable, divided among the processes of a
-    launch on this host (LOCAL_WORLD_SIZE); set_limit replaces it."""
+    """Pinned host memory the offloaded tensors may hold at once. Required ones (layer inputs) are
+    refused only past the budget: such an input stays on the GPU (plain checkpointing for that
+    layer) instead of driving the host into swap, and the first time a warning says so. Optional
+    ones (kept attention outputs) are taken only while they leave room for the inputs a step
+    needs, as the last completed step measured (none before one has), so they never push an
+    input onto the GPU. The budget is taken once, at the first offload: HOST_SHARE of
+    MemAvailable, divided among the processes of a launch on this host (LOCAL_WORLD_SIZE);
+    set_limit replaces it."""
 
     def __init__(self):
         self.limit, self.held, self.warned = None, 0, False
+        self.required_held = 0  # the inputs' part of held
+        self.required_step = None  # the most input bytes a completed step held at once
+        self._required_peak = 0  # the same for the step running now
 
     def set_limit(self, limit_bytes: int | None) -> None:
         self.limit, self.warned = limit_bytes, False
 
-    def reserve(self, nbytes: int) -> bool:
+    def reserve(self, nbytes: int, required: bool = True) -> bool:
         if self.limit is None:
             self.limit = _available_host_bytes() * HOST_SHARE // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if not required:
+            if self.required_step is None:
+                return False
+            inputs_to_come = max(0, self.required_step - self.required_held)
+            if self.held + nbytes + inputs_to_come > self.limit:
+                return False
+            self.held += nbytes
+            return True
         if self.held + nbytes > self.limit:
             if not self.warned:
                 self.warned = True
@@ -61,10 +75,16 @@ class HostBudget:
                                "shorter sequence if the GPU runs out", self.held / 1e9, self.limit / 1e9)
             return False
         self.held += nbytes
+        self.required_held += nbytes
+        self._required_peak = max(self._required_peak, self.required_held)
         return True
 
-    def release(self, nbytes: int) -> None:
+    def release(self, nbytes: int, required_bytes: int = 0) -> None:
         self.held -= nbytes
+        self.required_held -= required_bytes
+        if required_bytes and self.required_held == 0:  # a step's backward has taken every input back
+            self.required_step = max(self.required_step or 0, self._required_peak)
+            self._required_peak = 0
 
 
 def _available_host_bytes() -> int:
@@ -106,7 +126,7 @@ class _Slot:
         self.entries = []  # (tensor, on_host): a tensor kept as it is, or its pinned host copy
         self.back = None  # the host copies back on the GPU, one per entry (None for those kept as they are)
         self.ready = None  # the side stream's event after its last copy
-        self.reserved = 0
+        self.reserved = self.reserved_required = 0
         self.budget = HOST_BUDGET  # (kept: a slot may be collected after the module's globals, at exit)
         self.add([hidden], required=True)
 
@@ -119,11 +139,12 @@ class _Slot:
             self.entries += [(t, False) for t in tensors]
             return True
         nbytes = sum(_block_bytes(t) for t in tensors)
-        if not self.budget.reserve(nbytes):
+        if not self.budget.reserve(nbytes, required):
             if required:
                 self.entries += [(t, False) for t in tensors]
             return required
         self.reserved += nbytes
+        self.reserved_required += nbytes if required else 0
         stream = _copy_stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -148,6 +169,10 @@ class _Slot:
 
     def take(self) -> list[torch.Tensor]:
         """The kept tensors, in the order they were added, on their device."""
+        if self.entries is None:
+            raise RuntimeError("offloaded_checkpoint: a second backward through the same layers; their saved "
+                               "inputs were handed back in the first (retain_graph=True is unsupported: use "
+                               "fusetune.training.checkpoint.enable_checkpointing for it)")
         prev = self.prev() if self.prev is not None else None
         self.prev = None
         back = [None] * len(self.entries)
@@ -168,8 +193,8 @@ class _Slot:
 
     def _release(self):
         if self.reserved:
-            self.budget.release(self.reserved)
-            self.reserved = 0
+            self.budget.release(self.reserved, self.reserved_required)
+            self.reserved = self.reserved_required = 0
 
     def __del__(self):  # a graph dropped without its backward
         self._release()
