@@ -2,6 +2,8 @@
 loads comes from a folder with its tokenizer (or processor), takes LoRA (get_peft_model) and trains;
 fusetune patches the families it has kernels for (Gemma-3's language model, T5, Mixtral, Qwen3-MoE)
 and says why it leaves the others (gpt-oss, Qwen2.5-VL) unpatched."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ import transformers
 import fusetune
 from fusetune import FastLanguageModel, FastModel
 from tests.helpers import save_model_dir
-from tests.numerics import assert_close
+from tests.numerics import assert_close, assert_within_bf16_band
 from tests.tiny_models import VOCAB
 
 _TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -224,7 +226,9 @@ def test_t5_trains_with_gradient_checkpointing(tmp_path):
 
 def test_t5_bf16_with_wo_kept_in_fp32(tmp_path):
     """transformers may keep T5's wo in fp32 (_keep_in_fp32_modules): the residual stream turns fp32
-    and each T5LayerNorm casts back to its bf16 weight's dtype; the patched norms do the same."""
+    and each T5LayerNorm casts back to its bf16 weight's dtype; the patched norms do the same. The
+    loss is within the bf16 band of the float64 truth (the same rounded weights); against HF's bf16
+    loss directly, its rounding (steps of 0.125 at 16) alone reaches the 1e-2 tolerance."""
     folder = _t5_folder(tmp_path)
     model, _ = FastModel.from_pretrained(str(folder), dtype=torch.bfloat16)
     ref = transformers.T5ForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16).train()
@@ -232,9 +236,11 @@ def test_t5_bf16_with_wo_kept_in_fp32(tmp_path):
         for name, module in m.named_modules():
             if name.endswith(".wo"):
                 module.float()
+    truth = copy.deepcopy(ref).double()
     ids, labels = _t5_batch()
-    assert_close(model(input_ids=ids, labels=labels).loss, ref(input_ids=ids, labels=labels).loss, torch.bfloat16,
-                 "loss")
+    with torch.no_grad():
+        losses = [m(input_ids=ids, labels=labels).loss for m in (model, ref, truth)]
+    assert_within_bf16_band(*losses, "loss")
     model = FastModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
     _train_step(model, input_ids=ids, labels=labels)
 
