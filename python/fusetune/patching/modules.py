@@ -27,8 +27,8 @@ from fusetune.ops.glu import glu
 from fusetune.ops.linear_cross_entropy import linear_cross_entropy
 from fusetune.ops.rms_norm import rms_norm
 from fusetune.ops.rope import rope
-from fusetune.patching import attention as fused_attention
 from fusetune.ops.tiling import mlp_chunk_rows, sequence_tiled
+from fusetune.patching import attention as fused_attention
 
 
 def _project(module, names, x):

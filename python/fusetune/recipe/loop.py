@@ -78,29 +78,21 @@ def pick_micro_batch(model, examples: list[dict], objective, cfg: TrainingConfig
                   for p in trainable_parameters(model).values())
     reserve = torch.empty(moments, dtype=torch.uint8, device=device)
 
-    def fits(size: int):
-        rows = (longest * size)[:size]
+    def trial(rows: list[dict]):
+        """One forward and backward of rows as one micro-batch, its gradients dropped."""
         try:
             with objective.sizing():
-                accumulate(objective, model, rows, size, device)
+                accumulate(objective, model, rows, len(rows), device)
         finally:
             model.zero_grad(set_to_none=True)
 
     try:
-        size = find_micro_batch(fits, upper, log)
+        size = find_micro_batch(lambda size: trial((longest * size)[:size]), upper, log)
     except OutOfMemory as err:
         if objective.sizing_cut is None:
             raise
         length = objective.length(longest[0])
-
-        def fits_length(n: int):
-            try:
-                with objective.sizing():
-                    accumulate(objective, model, [objective.sizing_cut(longest[0], n)], 1, device)
-            finally:
-                model.zero_grad(set_to_none=True)
-
-        best = find_longest(fits_length, length, log=log)
+        best = find_longest(lambda n: trial([objective.sizing_cut(longest[0], n)]), length, log=log)
         raise OutOfMemory(too_long_message(length, best)) from err
     finally:
         del reserve

@@ -10,8 +10,9 @@ dropout draws the same masks) and backpropagates through it. The outputs of fuse
 kernel (output and log-sum-exp, fusetune.ops.attention.KeptAttention) are offloaded beside the
 input, so the replay skips the attention forward (at long context most of a layer's FLOPs). The
 pinned memory is budgeted (HOST_BUDGET): past the budget, layer inputs stay on the GPU and the
-attention outputs are not kept (recomputed), rather than swap the host. On a CPU model there is nothing to
-offload: the input is kept as it is (the recompute logic is the same, which is what CPU tests check).
+attention outputs are not kept (recomputed), rather than swap the host. On a CPU model there is
+nothing to offload: the tensors are kept as they are (the recompute logic is the same, which is
+what CPU tests check).
 
 Hugging Face decoder layers call `module._gradient_checkpointing_func(layer_forward, *args)`;
 enable_offloaded_checkpointing(model) turns checkpointing on and installs `offloaded_checkpoint`
@@ -216,14 +217,14 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         with torch.no_grad(), shared_casts(ctx.casts), keeping_attention(KeptAttention()) as attention:
             outputs = function(hidden, *args)
         # the attention outputs spare the recompute its attention forward, where the host budget takes them
-        ctx.kept_attention = len(attention.tensors) if ctx.slot.add(attention.tensors, required=False) else 0
+        ctx.slot.add(attention.tensors, required=False)
         return outputs
 
     @staticmethod
     def backward(ctx, *grads):
         hidden, *kept = ctx.slot.take()
         hidden = hidden.requires_grad_()
-        attention = KeptAttention(kept) if ctx.kept_attention else None
+        attention = KeptAttention(kept) if kept else None
         with ctx.state.replay(), shared_casts(ctx.casts), keeping_attention(attention):
             outputs = ctx.function(hidden, *ctx.args)
         if attention is not None:
