@@ -4,7 +4,7 @@ The choice comes from, in order: `use_backend(...)` / `set_backend(...)`, then t
 variable FUSETUNE_BACKEND, then "auto".
 
 auto: CUDA tensors use the CUDA extension for the ops of CUDA_FIRST (measured faster there, end to
-end) when it is built and takes the inputs, else Triton, else the extension, else torch; CPU tensors
+end; FUSETUNE_CUDA_FIRST replaces the table) when it is built and takes the inputs, else Triton, else the extension, else torch; CPU tensors
 use torch, except under TRITON_INTERPRET=1, where Triton runs (that is how CI tests the kernels).
 Only auto falls back, and it logs which backend it picked once per op and circumstance (device
 type, Triton installed, TRITON_INTERPRET, the extension built). A backend
@@ -45,7 +45,19 @@ _state = threading.local()
 # the two small ops, so where a step is bound by the GPU (8B, long context) it costs ~1-2 ms a step.
 # End to end (bench/e2e.py W1, Llama-3.2-1B LoRA 2 x 2048, H100, one run of each in one call):
 # 35,607 tokens/s with this table against 28,078 with every op on Triton, the same peak memory.
-CUDA_FIRST = frozenset({"rms_norm", "rope", "swiglu"})
+MEASURED_CUDA_FIRST = frozenset({"rms_norm", "rope", "swiglu"})
+
+
+def _cuda_first() -> frozenset:
+    """The table auto uses: MEASURED_CUDA_FIRST, or FUSETUNE_CUDA_FIRST (comma-separated op names, or
+    "none"), read once at import, to measure the table again on another GPU (bench/e2e.py runs)."""
+    override = os.environ.get("FUSETUNE_CUDA_FIRST")
+    if override is None:
+        return MEASURED_CUDA_FIRST
+    return frozenset(op for op in override.replace(" ", "").lower().split(",") if op and op != "none")
+
+
+CUDA_FIRST = _cuda_first()  # fusetune.ops checks the names against its ops
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the CUDA C++ kernels compute in
 
 

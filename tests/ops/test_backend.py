@@ -1,4 +1,7 @@
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -107,3 +110,19 @@ def test_nf4_ops_explicit_backend_that_cannot_run_raises(op, requested, missing,
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter: no Triton either
     with use_backend(requested), pytest.raises(BackendUnavailableError, match=f"cannot run {op}: {missing}"):
         _nf4_op(op, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("value, expected", [("rms_norm, NF4_dequant", "['nf4_dequant', 'rms_norm']"), ("none", "[]")])
+def test_cuda_first_table_from_the_environment(value, expected):
+    """FUSETUNE_CUDA_FIRST replaces the measured table (read at import: a fresh interpreter)."""
+    code = "import fusetune.ops, fusetune.backend as b; print(sorted(b.CUDA_FIRST))"
+    env = {**os.environ, "FUSETUNE_CUDA_FIRST": value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
+
+
+def test_cuda_first_table_with_an_unknown_op_names_it():
+    env = {**os.environ, "FUSETUNE_CUDA_FIRST": "rms_norm,swiglue"}
+    out = subprocess.run([sys.executable, "-c", "import fusetune.ops"], env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "FUSETUNE_CUDA_FIRST names swiglue, which is not an op" in out.stderr

@@ -67,10 +67,23 @@ def keep_training_layout(model: nn.Module) -> None:
         layer.support_avx512bf16_for_cpu = False
 
 
+HOOKED = "forward hooks (PEFT's adapter_names, accelerate's device moves) need the modules called"
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether any of these modules has forward hooks of torch, or accelerate's hook (which wraps
+    forward itself: offloaded weights arrive only when the module is called)."""
+    return any(m._forward_hooks or m._forward_pre_hooks or "_hf_hook" in m.__dict__ for m in modules)
+
+
 def projection_of(module: nn.Module) -> LoRAProjection | str:
-    """The projection `module` computes, with its active LoRA adapter if any, or why it runs unfused."""
+    """The projection `module` computes, with its active LoRA adapter if any, or why it runs unfused.
+    It runs for every projection at every forward, so it reads what PEFT's forward would run and no
+    more: hooks are looked for only on the modules that forward calls."""
     lora_layer = _lora_layer_type()
     if lora_layer is None or not isinstance(module, lora_layer):
+        if _hooked(module):
+            return HOOKED
         weight = _base_weight(module)
         if isinstance(weight, str):
             return weight
@@ -80,36 +93,37 @@ def projection_of(module: nn.Module) -> LoRAProjection | str:
     active = [name for name in module.active_adapters if name in module.lora_A]
     if len(active) > 1:
         return "several active adapters"
-    weight = _base_weight(module.get_base_layer())
+    base = module.get_base_layer()
+    if _hooked(module, base):
+        return HOOKED
+    weight = _base_weight(base)
     if isinstance(weight, str):
         return weight
-    bias = module.get_base_layer().bias
     if not active:
-        return LoRAProjection(weight, bias=bias)
+        return LoRAProjection(weight, bias=base.bias)
     name = active[0]
     if name in module.lora_variant:
         variant = type(module.lora_variant[name]).__name__.removesuffix("LinearVariant")
         return f"{_VARIANT_NAMES.get(variant, variant)} adapters"
     if getattr(module, "fan_in_fan_out", False):
         return "fan_in_fan_out"
-    lora_a, lora_b = module.lora_A[name], module.lora_B[name]
+    lora_a, lora_b, dropout = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
+    if _hooked(lora_a, lora_b, dropout):
+        return HOOKED
     if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_b.bias is not None:
         return "lora_bias" if lora_b.bias is not None else f"lora_A of type {type(lora_a).__name__}"
-    dropout = module.lora_dropout[name]
     if isinstance(dropout, nn.Dropout):
         p = dropout.p if dropout.training else 0.0
     elif isinstance(dropout, nn.Identity):
         p = 0.0
     else:
         return f"lora_dropout of type {type(dropout).__name__}"
-    return LoRAProjection(weight, lora_a.weight, lora_b.weight, float(module.scaling[name]), bias, p)
+    return LoRAProjection(weight, lora_a.weight, lora_b.weight, float(module.scaling[name]), base.bias, p)
 
 
 def fused_projections(modules, x: torch.Tensor):
     """(projections, compute dtype) for modules that all fuse and of which one carries an adapter,
     else None. Under autocast the block computes in the autocast dtype, as the linears would."""
-    if any(_has_hooks(m) for m in modules):
-        return None  # hooks (PEFT's adapter_names, accelerate's device moves) need the modules called
     projections = [projection_of(m) for m in modules]
     if any(isinstance(p, str) for p in projections) or all(p.lora_A is None for p in projections):
         return None
@@ -121,15 +135,6 @@ def fused_projections(modules, x: torch.Tensor):
         if p.bias is not None and p.bias.dtype != dtype:
             p.bias = p.bias.to(dtype)  # as bitsandbytes' Linear4bit does with a bias kept in fp32
     return projections, dtype
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    """Whether module or any module below it has forward hooks. A plain recursion over _modules:
-    it runs for every projection at every forward, and Module.modules()' generator with its
-    duplicate set costs several times more host time."""
-    if module._forward_hooks or module._forward_pre_hooks:
-        return True
-    return any(_has_hooks(child) for child in module._modules.values() if child is not None)
 
 
 def lora_report(model: nn.Module, fused_parents: tuple[type, ...]):

@@ -3,6 +3,7 @@
 OPS maps each op name to the torch.ops.fusetune operators its CUDA C++ path needs (each module's
 CUDA_OPS; empty: none yet).
 """
+from fusetune.backend import CUDA_FIRST
 from fusetune.ops import attention as _attention
 from fusetune.ops import cross_entropy as _cross_entropy
 from fusetune.ops import glu as _glu
@@ -31,6 +32,11 @@ OPS = {
     "nf4_dequant": _nf4.CUDA_OPS,
     "nf4_gemv": _nf4_gemv.CUDA_OPS,
 }
+
+if CUDA_FIRST - OPS.keys():
+    raise ValueError(f"FUSETUNE_CUDA_FIRST names {', '.join(sorted(CUDA_FIRST - OPS.keys()))}, which "
+                     f"{'is not an op' if len(CUDA_FIRST - OPS.keys()) == 1 else 'are not ops'}; the ops: "
+                     f"{', '.join(OPS)}")
 
 __all__ = ["OPS", "attention", "cross_entropy", "geglu", "linear_cross_entropy", "nf4_dequant", "nf4_gemv", "rms_norm", "rope",
            "swiglu"]
