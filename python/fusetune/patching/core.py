@@ -255,7 +255,7 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, attention: b
     if attention not in ATTENTION_MODES:
         raise ValueError(f"patch_model: attention={attention!r}; choose True (fusetune's attention where it is "
                          f"faster), 'always' (its kernel for every training shape) or False (transformers' own)")
-    if tiled_mlp is not True and tiled_mlp is not False and not (isinstance(tiled_mlp, int) and tiled_mlp > 0):
+    if not isinstance(tiled_mlp, bool) and not (isinstance(tiled_mlp, int) and tiled_mlp > 0):
         raise ValueError(f"patch_model: tiled_mlp={tiled_mlp!r}; choose True (chunks sized from free GPU memory "
                          f"when the MLP needs them), a positive number of tokens per chunk, or False")
     switches = {"rms_norm": rms_norm, "rope": rope, "attention": attention, "mlp": mlp,
@@ -297,7 +297,7 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, attention: b
             if kind == "mlp":
                 detail += sorted({op_name(type(m)._fusetune_activation) for m in model.modules()
                                   if isinstance(m, tuple(MLP_MIXINS.values()))})
-                if new and tiled_mlp is not True and tiled_mlp is not False:  # (already patched ones keep theirs)
+                if new and not isinstance(tiled_mlp, bool):  # a chunk size (already patched ones keep theirs)
                     detail.append(f"gated MLPs {tiled_mlp} tokens at a time")
             if kind == "cross_entropy":
                 detail.append("fused linear, no logits" if isinstance(hf, FusedCausalLM) else "on logits")
