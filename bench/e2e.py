@@ -26,9 +26,9 @@ why peft.prepare_model_for_kbit_training is not called. bitsandbytes is needed o
 W7 (8B QLoRA) and W7L (8B LoRA, 16-bit base) are searches, not repeated by --repeat: for each stack,
 sequence 4096, 8192, 16384, ... (up to --max-seq-cap) until a step fails (out of memory), then
 bisection between the longest that trained and the first that failed down to --search-step tokens
-(32768); each probe is its own process, 1 warm-up + 2 timed steps (the second step is the first
-with the optimizer state, so the peak is reached), with GPU memory capped at --memory-cap-gb when
-given (torch.cuda.set_per_process_memory_fraction: issue 11 measures within 80 GB on a 141 GB
+(32768), or the lengths of --seqs; each probe is its own process, 1 warm-up + 2 timed steps (the second
+step is the first with the optimizer state, so the peak is reached), with GPU memory capped at
+--memory-cap-gb when given (torch.cuda.set_per_process_memory_fraction: issue 11 measures within 80 GB on a 141 GB
 H200). It costs several 8B set-ups and long steps (minutes at 64k-128k tokens).
 """
 from __future__ import annotations
@@ -240,6 +240,8 @@ def main(argv=None):
                         help="W7/W7L: the longest sequence tried (default 131072, Llama-3.1's context)")
     parser.add_argument("--search-step", type=int, default=32768,
                         help="W7/W7L: bisect the longest sequence to this many tokens")
+    parser.add_argument("--seqs", help="W7/W7L: train these sequence lengths (comma-separated, e.g. 65536,131072) "
+                                       "instead of searching; reports GB of GPU memory per 1k tokens between them")
     parser.add_argument("--memory-cap-gb", type=float,
                         help="cap every worker's GPU memory (set_per_process_memory_fraction), e.g. 80")
     parser.add_argument("--worker", nargs=2, metavar=("STACK", "WORKLOAD"), help=argparse.SUPPRESS)
@@ -287,7 +289,10 @@ def main(argv=None):
                     row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / rate
                 print(f"{workload} {stack} seq {seq}: {row}")
                 return row
-            rows += search_longest(probe, SEARCH_START, args.max_seq_cap, args.search_step)
+            if args.seqs:
+                rows += [probe(int(seq)) for seq in args.seqs.split(",")]
+            else:
+                rows += search_longest(probe, SEARCH_START, args.max_seq_cap, args.search_step)
     payload = {"environment": environment(), "matmul_flops_per_s": rate, "warmup": WARMUP,
                "timed": TIMED, "search_start": SEARCH_START, "search_steps": list(SEARCH_STEPS),
                "search_step": args.search_step, "memory_cap_gb": args.memory_cap_gb,
@@ -309,13 +314,27 @@ def main(argv=None):
               f"{ratio:6.2f}"
               f"{r['peak_bytes'] / 1e9:9.2f}{100 * r['mfu']:5.0f}%"
               f"{r['first_loss']:10.3f} -> {r['last_loss']:.3f}")
-    for workload, stack, best, failure in search_summary(rows):
+    for workload, stack, slope in memory_slopes(rows):
+        print(f"{workload} {stack}: {slope:.3f} GB of GPU memory per 1k tokens (peak, between its two longest)")
+    for workload, stack, best, failure in ([] if args.seqs else search_summary(rows)):
         trained = (f"longest seq {best['seq']}: {best['step_s']:.2f} s/step, {best['tokens_per_s']:.0f} tok/s, "
                    f"peak {best['peak_bytes'] / 1e9:.2f} GB" if best else "nothing trained")
         stop = (f"; seq {failure['seq']} failed: {failure['error'][:60]!r}" if failure
                 else f"; the cap {args.max_seq_cap} was reached")
         print(f"{workload} {stack}: {trained}{stop}")
     print(f"wrote {path}")
+
+
+def memory_slopes(rows):
+    """(workload, stack, GB per 1k tokens) from the two longest searched lengths that trained, per stack."""
+    out = []
+    for workload, stack in dict.fromkeys((r["workload"], r["stack"]) for r in rows if r.get("search")):
+        good = sorted((r for r in rows if r.get("search") and r["workload"] == workload and r["stack"] == stack
+                       and "error" not in r), key=lambda r: r["seq"])
+        if len(good) >= 2 and good[-1]["seq"] > good[-2]["seq"]:
+            a, b = good[-2], good[-1]
+            out.append((workload, stack, (b["peak_bytes"] - a["peak_bytes"]) / 1e9 / ((b["seq"] - a["seq"]) / 1000)))
+    return out
 
 
 def search_summary(rows):

@@ -53,3 +53,18 @@ def test_bench_sequence_search_doubles_then_bisects():
     assert max(r["seq"] for r in rows if "error" not in r) == 589824
     assert [r["seq"] for r in search_longest(probe_below(3000), 4096, 2**20, 32768)] == [4096]  # nothing trains
     assert "error" not in search_longest(probe_below(10**9), 4096, 65536, 32768)[-1]  # the cap is reached
+
+
+def test_bench_memory_slope_between_the_two_longest_points():
+    """bench/e2e.py's GB of GPU memory per 1k tokens, per stack, from the two longest lengths that trained."""
+    from bench.e2e import memory_slopes
+
+    def row(stack, seq, peak_gb, error=False):
+        r = dict(workload="W7", stack=stack, seq=seq, peak_bytes=peak_gb * 1e9, search=True)
+        return dict(r, error="OOM") if error else r
+
+    rows = [row("fusetune", 65536, 17.0), row("fusetune", 131072, 27.0), row("fusetune", 262144, 0, error=True),
+            row("unsloth", 65536, 24.0), row("other", 65536, 5.0)]
+    ((w, stack, slope),) = memory_slopes(rows)
+    assert (w, stack) == ("W7", "fusetune")
+    assert abs(slope - 10.0 / 65.536) < 1e-9
