@@ -41,11 +41,15 @@ _state = threading.local()
 #   swiglu         0.316 / 297 / 0.314            0.316 / 246 / 0.314
 #   cross_entropy  1.026 / 727 / 1.009            1.044 / 713 / 1.027   (Triton kept)
 # The linear cross-entropy's forward (lm_head + loss): Triton 6.66 ms, CUDA 7.77 (Triton kept).
+#   nf4_dequant (bench/nf4_dequant.py, 14336 x 4096 -> bf16, double-quantised; H100, 2026-12-07):
+#   Triton 0.0626 ms (78% of copy bandwidth), 20.5 us host per call; CUDA 0.0680 ms (72%), 9.8 us.
+#   A QLoRA step dequantises every weight three times (forward, recompute, backward): W4 (1B QLoRA
+#   2 x 2048) ran at 41,733 tokens/s with the extension against 29,613 with Triton (same call).
 # The host saves 150-180 us per call on rms_norm and rope, 50 on swiglu; the GPU loses 11-14 us on
 # the two small ops, so where a step is bound by the GPU (8B, long context) it costs ~1-2 ms a step.
 # End to end (bench/e2e.py W1, Llama-3.2-1B LoRA 2 x 2048, H100, one run of each in one call):
 # 35,607 tokens/s with this table against 28,078 with every op on Triton, the same peak memory.
-MEASURED_CUDA_FIRST = frozenset({"rms_norm", "rope", "swiglu"})
+MEASURED_CUDA_FIRST = frozenset({"rms_norm", "rope", "swiglu", "nf4_dequant"})
 
 
 def _cuda_first() -> frozenset:

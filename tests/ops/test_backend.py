@@ -28,7 +28,7 @@ def test_auto_on_cuda_follows_the_measured_table(monkeypatch):
     monkeypatch.setattr(backend, "_why_not", lambda name, device, cuda_ops: None)
     backend._auto.cache_clear()
     try:
-        for op in ("rms_norm", "rope", "swiglu"):
+        for op in ("rms_norm", "rope", "swiglu", "nf4_dequant"):
             assert op in backend.CUDA_FIRST
             assert backend._auto(op, "cuda", ("op",), True, False, True, True) == "cuda"
             assert backend._auto(op, "cuda", ("op",), True, False, True, False) == "triton"

@@ -33,7 +33,7 @@ def nf4_dequant(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, shap
         raise ValueError(f"nf4_dequant: out must be contiguous {tuple(shape)} {dtype}, got "
                          f"{tuple(out.shape)} {out.dtype}")
     packed, code, nested_code = weight_tensors(packed, code, nested_code)
-    backend = resolve("nf4_dequant", packed.device, CUDA_OPS)
+    backend = resolve("nf4_dequant", packed.device, CUDA_OPS, dtype in CUDA_DTYPES)
     if backend == "triton":
         from fusetune.triton_kernels.nf4 import nf4_dequant as nf4_dequant_triton
 
