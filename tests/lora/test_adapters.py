@@ -12,7 +12,7 @@ from peft.tuners.lora import Linear as PeftLinear
 import fusetune
 from fusetune.backend import triton_interpreting as interpreting
 from fusetune.lora import LoRALinearFunction, LoRAMLPFunction
-from tests.helpers import train_steps
+from tests.helpers import step_loss_and_grads, train_steps
 from tests.numerics import assert_close
 from tests.tiny_models import LORA_TARGETS, add_lora, random_batch, tiny_model
 
@@ -34,17 +34,10 @@ def calls(monkeypatch):
     return counts
 
 
-def _loss_and_grads(model, ids, labels):
-    model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=labels).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def _assert_same_training(fused, ref, device, tol=1e-5):
     ids, labels = random_batch(device=device)
-    loss, grads = _loss_and_grads(fused, ids, labels)
-    ref_loss, ref_grads = _loss_and_grads(ref, ids, labels)
+    loss, grads = step_loss_and_grads(fused, ids, labels)
+    ref_loss, ref_grads = step_loss_and_grads(ref, ids, labels)
     assert_close(loss, ref_loss, torch.float32, "loss", tol / 1e-5)
     assert grads.keys() == ref_grads.keys() and grads
     for name, g in grads.items():
