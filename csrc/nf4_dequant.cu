@@ -30,14 +30,15 @@ constexpr int64_t kWordsPerBlock = int64_t{kThreads} * kWords;
 
 // 8 outputs of one word (bytes b0..b3 little-endian: byte j holds outputs 2j, 2j + 1)
 template <typename T, bool kNested>
-__device__ __forceinline__ void decode_word(uint32_t word, int64_t first_byte, const float* table, const void* absmax,
-                                            const float* nested_absmax, const float* nested_table, float shift,
-                                            int half_block, int nested_blocksize, bool one_scale, T* vals) {
+__device__ __forceinline__ void decode_word(uint32_t word, int64_t first_byte, int64_t n_bytes, const float* table,
+                                            const void* absmax, const float* nested_absmax, const float* nested_table,
+                                            float shift, int half_block, int nested_blocksize, bool one_scale,
+                                            T* vals) {
   float scale = nf4_block_scale<kNested>(absmax, nested_absmax, nested_table, shift, first_byte / half_block,
                                          nested_blocksize);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    if (!one_scale && j > 0) {
+    if (!one_scale && j > 0 && first_byte + j < n_bytes) {  // (past the data: no scale to read, nothing stored)
       scale = nf4_block_scale<kNested>(absmax, nested_absmax, nested_table, shift, (first_byte + j) / half_block,
                                        nested_blocksize);
     }
@@ -82,7 +83,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t w = first_word + int64_t{u} * kThreads;
     if (w >= n_words) break;
     alignas(16) T vals[8];
-    decode_word<T, kNested>(words[u], 4 * w, table, absmax, nested_absmax, nested_table, shift, half_block,
+    decode_word<T, kNested>(words[u], 4 * w, n_bytes, table, absmax, nested_absmax, nested_table, shift, half_block,
                             nested_blocksize, one_scale, vals);
     const int64_t e = 8 * w;
     if (kAligned && e + 8 <= n_elements) {

@@ -172,3 +172,18 @@ def test_modules_with_hooks_run_peft(device, calls):
     model.base_model.model.model.layers[1].self_attn.o_proj.lora_B["default"]._hf_hook = object()
     _assert_same_training(model, ref, device)
     assert calls["fused"] == 6 - 3  # layer 0's MLP, layer 1's q/k/v group and its o run PEFT's layers
+
+
+def test_an_adapter_layer_below_the_lora_layer_runs_peft(device):
+    """PEFT's mixed adapters (LoHa under LoRA on q_proj): the layer below adds its own delta, which
+    the fused projection would drop, so q, k, v run PEFT's layers."""
+    from peft import LoHaConfig
+
+    ref = get_peft_model(tiny_model("llama"), LoHaConfig(target_modules=["q_proj"], init_weights=False),
+                         adapter_name="loha", mixed=True)
+    ref.add_adapter("lora", LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ref.set_adapter(["loha", "lora"])
+    ref = ref.to(device)
+    model = copy.deepcopy(ref)
+    fusetune.patch_model(model.base_model.model)  # (patch_model takes PeftModel, not PeftMixedModel)
+    _assert_same_training(model, ref, device)

@@ -126,3 +126,16 @@ def test_cuda_first_table_with_an_unknown_op_names_it():
     out = subprocess.run([sys.executable, "-c", "import fusetune.ops"], env=env, capture_output=True, text=True)
     assert out.returncode != 0
     assert "FUSETUNE_CUDA_FIRST names swiglue, which is not an op" in out.stderr
+
+
+def test_nf4_scales_the_cuda_op_does_not_take_go_to_triton():
+    """auto sends nf4_dequant to the extension only with the scales its checks take (fp32 absmax, or uint8
+    codes with fp32 nested scales); others (an fp16 absmax, an fp64 offset) stay on Triton, which reads them."""
+    from fusetune.ops.nf4 import cuda_takes_scales
+
+    _, state = quantize_nf4(torch.randn(8, 64), 32, double_quant=False)
+    assert cuda_takes_scales(state.absmax, None, None)
+    assert not cuda_takes_scales(state.absmax.half(), None, None)
+    _, nested = quantize_nf4(torch.randn(8, 64), 32, double_quant=True)
+    assert cuda_takes_scales(nested.absmax, nested.nested_absmax, nested.offset)
+    assert not cuda_takes_scales(nested.absmax, nested.nested_absmax, nested.offset.double())

@@ -94,6 +94,8 @@ def projection_of(module: nn.Module) -> LoRAProjection | str:
     if len(active) > 1:
         return "several active adapters"
     base = module.get_base_layer()
+    if module.base_layer is not base:  # PEFT's mixed adapters: the layer below adds its own delta
+        return f"{type(module.base_layer).__module__.split('.')[-2]} adapter layer below the LoRA layer"
     if _hooked(module, base):
         return HOOKED
     weight = _base_weight(base)

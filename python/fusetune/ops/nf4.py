@@ -17,7 +17,17 @@ def weight_tensors(packed: torch.Tensor, code: torch.Tensor | None, nested_code:
     if packed.dtype != torch.uint8:
         packed = packed.view(torch.uint8)
     code = reference.nf4_code(packed.device) if code is None else code.float()
-    return packed.contiguous(), code, None if nested_code is None else nested_code.float()
+    return (packed.contiguous(), code.contiguous(),
+            None if nested_code is None else nested_code.float().contiguous())
+
+
+def cuda_takes_scales(absmax: torch.Tensor, nested_absmax: torch.Tensor | None, offset: torch.Tensor | None) -> bool:
+    """Whether the CUDA op takes these scales (csrc/ops.cpp, check_nf4_weight): contiguous fp32 absmax, or
+    uint8 codes with fp32 nested_absmax and offset; the Triton kernel reads any float dtype."""
+    if nested_absmax is None:
+        return absmax.dtype == torch.float32 and absmax.is_contiguous()
+    return (absmax.dtype == torch.uint8 and nested_absmax.dtype == torch.float32 and offset.dtype == torch.float32
+            and absmax.is_contiguous() and nested_absmax.is_contiguous() and offset.is_contiguous())
 
 
 def nf4_dequant(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, shape, dtype: torch.dtype,
@@ -33,7 +43,8 @@ def nf4_dequant(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, shap
         raise ValueError(f"nf4_dequant: out must be contiguous {tuple(shape)} {dtype}, got "
                          f"{tuple(out.shape)} {out.dtype}")
     packed, code, nested_code = weight_tensors(packed, code, nested_code)
-    backend = resolve("nf4_dequant", packed.device, CUDA_OPS, dtype in CUDA_DTYPES)
+    backend = resolve("nf4_dequant", packed.device, CUDA_OPS,
+                      dtype in CUDA_DTYPES and cuda_takes_scales(absmax, nested_absmax, offset))
     if backend == "triton":
         from fusetune.triton_kernels.nf4 import nf4_dequant as nf4_dequant_triton
 
