@@ -138,3 +138,30 @@ def test_workspace_dequantisation_of_several_shapes(backend, device):
     with on_backend(backend):
         got = quantised[0].dequantize(torch.float16, workspace=True)
     assert torch.equal(got, quantised[0].dequantize(torch.float16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("blocksize", [2, 4, 8, 32])
+@pytest.mark.parametrize("numel", [1, 7, 37, 101])
+@pytest.mark.parametrize("nested", [False, True])
+def test_dequant_of_small_blocks_and_odd_lengths(backend, blocksize, numel, nested, device):
+    """Blocks smaller than a kernel's word of bytes, and data ending inside one: every element against the
+    reference (random codes and scales, so any power-of-two blocksize, not only the quantiser's)."""
+    from fusetune.ops import nf4_dequant
+    from fusetune.reference.nf4 import dequantize_nf4 as reference
+
+    gen = torch.Generator().manual_seed(numel * blocksize)
+    blocks = -(-numel // blocksize)
+    packed = torch.randint(0, 256, ((numel + 1) // 2, 1), generator=gen, dtype=torch.uint8)
+    scales = dict(absmax=torch.rand(blocks, generator=gen) + 0.5)
+    if nested:
+        scales = dict(absmax=torch.randint(0, 256, (blocks,), generator=gen, dtype=torch.uint8),
+                      nested_absmax=torch.rand(-(-blocks // 256), generator=gen) + 0.5,
+                      nested_code=torch.linspace(-1, 1, 256), offset=torch.tensor(0.25))
+    scales = {k: v.to(device) for k, v in scales.items()}
+    want = reference(packed.to(device), blocksize=blocksize, shape=(numel,), dtype=torch.float32, **scales)
+    with on_backend(backend):
+        got = nf4_dequant(packed.to(device), blocksize=blocksize, shape=(numel,), dtype=torch.float32, **scales)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="blocksize must be a power of two"):
+        nf4_dequant(packed.to(device), blocksize=6, shape=(numel,), dtype=torch.float32, **scales)

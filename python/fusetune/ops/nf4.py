@@ -39,6 +39,9 @@ def nf4_dequant(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, shap
     given, absmax holds the uint8 double-quantised codes.
     """
     shape = torch.Size(shape)
+    if blocksize < 2 or blocksize & (blocksize - 1):
+        raise ValueError(f"nf4_dequant: blocksize must be a power of two (bitsandbytes' are 32 to 4096), got "
+                         f"{blocksize}")
     if out is not None and (out.shape != shape or out.dtype != dtype or not out.is_contiguous()):
         raise ValueError(f"nf4_dequant: out must be contiguous {tuple(shape)} {dtype}, got "
                          f"{tuple(out.shape)} {out.dtype}")
