@@ -195,13 +195,21 @@ def group_backward(dys, x, xas, adapters: Adapters, lora, needs, need_x, out=Non
     return dx, grads
 
 
+def without_autocast(device_type: str):
+    """torch.autocast(device_type, enabled=False) where autocast is on, else nothing: entering and
+    leaving an autocast context costs host time at every fused call, and it is mostly off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def autocast_off(method):
     """For an autograd Function's forward/backward: the block computes in its inputs' dtype, whatever
     autocast state the caller is in (matmuls inside would otherwise be cast piecemeal)."""
     @functools.wraps(method)
     def wrapper(ctx, *args):
         device = next(a.device.type for a in args if torch.is_tensor(a))
-        with torch.autocast(device, enabled=False):
+        with without_autocast(device):
             return method(ctx, *args)
     return wrapper
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from fusetune.lora import lora_linear, lora_mlp
 from fusetune.lora.adapters import fused_projections
+from fusetune.lora.projection import without_autocast
 from fusetune.ops.cross_entropy import cross_entropy
 from fusetune.ops.glu import glu
 from fusetune.ops.linear_cross_entropy import linear_cross_entropy
@@ -39,7 +40,7 @@ def _project(module, names, x):
     if fused is None:
         return [p(x) for p in projections]
     specs, dtype = fused
-    with torch.autocast(x.device.type, enabled=False):
+    with without_autocast(x.device.type):
         return list(lora_linear(x.to(dtype), *specs))
 
 
@@ -116,7 +117,7 @@ class FusedGatedMLP:
             upper_specs = dict(gate=None, up=None, gate_up=specs[0])
         else:
             upper_specs = dict(gate=specs[0], up=specs[1])
-        with torch.autocast(x.device.type, enabled=False):
+        with without_autocast(x.device.type):
             return lora_mlp(x.to(dtype), down=specs[-1], activation=self._fusetune_activation, **upper_specs)
 
 
