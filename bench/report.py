@@ -10,6 +10,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE.parent))
+from bench.e2e import memory_slopes  # noqa: E402
 
 
 def by_date(kind: str):
@@ -68,14 +70,16 @@ def e2e_section(path, data, plt, plot_name) -> list[str]:
     lines = [f"## End to end ({path.name})", "", env_line(data["environment"]), "",
              f"bf16 matmul rate measured in the same run: {data['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s; "
              f"{data['warmup']} warm-up + {data['timed']} timed steps, median.", "",
+             "step s: median (fastest-slowest of the timed steps).", "",
              "| workload, run | stack | batch x seq | step s | tokens/s | x HF | peak GB | MFU | loss first -> last |",
              "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         key = (r["workload"], r.get("repeat", 0))
         ratio = r["tokens_per_s"] / base[key]["tokens_per_s"] if key in base else float("nan")
         model = r["model"] + (", QLoRA NF4" if r.get("qlora") else "")
+        spread = " ({:.3f}-{:.3f})".format(*r["step_s_spread"]) if r.get("step_s_spread") else ""
         lines.append(f"| {r['workload']} ({model}) #{key[1] + 1} | {r['stack']} | {r['batch']} x {r['seq']} | "
-                     f"{r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {ratio:.2f} | "
+                     f"{r['step_s']:.3f}{spread} | {r['tokens_per_s']:,.0f} | {ratio:.2f} | "
                      f"{r['peak_bytes'] / 1e9:.2f} | {100 * r['mfu']:.0f}% | "
                      f"{r['first_loss']:.3f} -> {r['last_loss']:.3f} |")
     for r in data["rows"]:
@@ -130,6 +134,8 @@ def search_lines(data) -> list[str]:
                          f"{b['tokens_per_s']:,.0f} | {b['peak_bytes'] / 1e9:.2f} | {100 * b['mfu']:.0f}% | {stop} |")
         else:
             lines.append(f"| {key[0]} | {key[1]} | none | | | | | {stop} |")
+    lines += [""] + [f"{workload} {stack}: {slope:.3f} GB of GPU memory per 1k tokens (peak, between its two "
+                     f"longest lengths)" for workload, stack, slope in memory_slopes(data["rows"])]
     return lines
 
 
