@@ -5,10 +5,10 @@ variable FUSETUNE_BACKEND, then "auto".
 
 auto: CUDA tensors use the CUDA extension for the ops of CUDA_FIRST (measured faster there, end to
 end; FUSETUNE_CUDA_FIRST replaces the table) when it is built and takes the inputs, else Triton, else
-the extension, else torch; CPU tensors use torch, except under TRITON_INTERPRET=1, where Triton runs (that is how CI tests the kernels).
-Only auto falls back, and it logs which backend it picked once per op and circumstance (device
-type, Triton installed, TRITON_INTERPRET, the extension built). A backend
-asked for by name that cannot run raises BackendUnavailableError naming what is missing.
+the extension, else torch; CPU tensors use torch, except under TRITON_INTERPRET=1, where Triton runs
+(that is how CI tests the kernels). Only auto falls back, and it logs which backend it picked once
+per op and circumstance (device type, Triton installed, TRITON_INTERPRET, the extension built). A
+backend asked for by name that cannot run raises BackendUnavailableError naming what is missing.
 """
 from __future__ import annotations
 
