@@ -182,3 +182,50 @@ def test_8b_widths_packed_curve_follows_padded_transformers_in_bf16(device):
 def _padded_rows(rows):
     """Right-padded rows, every token a label (the recipe's collate)."""
     return collate([{"input_ids": r["input_ids"], "labels": r["input_ids"]} for r in rows], pad_id=0)
+
+
+def _left_padded(batch):
+    """The right-padded rows rolled so their pads come first (left padding, the tokenizers' default)."""
+    pads = (batch["attention_mask"] == 0).sum(1)
+    return {key: torch.stack([row.roll(int(n)) for row, n in zip(rows, pads)]) for key, rows in batch.items()}
+
+
+@pytest.mark.parametrize("route", ["sdpa", "kernel"])
+def test_left_padded_rows_match_transformers(route, device, monkeypatch):
+    """Left padding: a pad query sees no key, and transformers' SDPA gives it a zero output; the last
+    pad's logits count in the loss (they predict the first token), so ours must be the same zero."""
+    from fusetune.patching import attention as fused_attention
+
+    if route == "kernel":
+        monkeypatch.setattr(fused_attention, "PADDED_KERNEL_FROM", 0)
+    reference = tiny_model("llama").to(device)
+    patched = fusetune.patch_model(copy.deepcopy(reference))
+    left = _left_padded(_padded_rows(_examples(2)))
+    assert (left["attention_mask"][:, 0] == 0).any() and (left["labels"][:, -1] != -100).all()
+    loss, grads = _loss_and_grads(reference, left, device)
+    ours, our_grads = _loss_and_grads(patched, left, device)
+    assert_close(ours, loss, torch.float32, "loss")
+    for name in grads:
+        assert_close(our_grads[name], grads[name], torch.float32, name)
+
+
+@pytest.mark.parametrize("route", ["dense", "kernel"])
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_left_pads_see_no_later_token(family, route, device, monkeypatch):
+    """The logits at left pads do not change when a later token does (transformers' eager attention,
+    which Gemma-2's softcap runs, averages such rows over every key, the future included)."""
+    from fusetune.patching import attention as fused_attention
+
+    if route == "kernel":
+        monkeypatch.setattr(fused_attention, "PADDED_KERNEL_FROM", 0)
+    model = fusetune.patch_model(tiny_model(family).to(device))
+    left = _left_padded(_padded_rows(_examples(2)))
+    ids, mask = left["input_ids"].to(device), left["attention_mask"].to(device)
+    row = int((mask[:, 0] == 0).nonzero()[0])
+    changed = ids.clone()
+    changed[row, -1] = changed[row, -1] % 200 + 3
+    with torch.no_grad():
+        pads = mask[row] == 0
+        before = model(input_ids=ids, attention_mask=mask).logits[row, pads]
+        after = model(input_ids=changed, attention_mask=mask).logits[row, pads]
+    torch.testing.assert_close(after, before, rtol=0, atol=0)

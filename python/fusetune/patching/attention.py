@@ -127,6 +127,10 @@ def _attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None
                                              enable_gqa=query.shape[1] != key.shape[1])
         return out.transpose(1, 2), None
     out = attention(query, key, value, causal=causal, scale=scaling, softcap=softcap, window=window, runs=runs)
+    if attention_mask is not None:
+        # a query with no real key up to it (left padding) gets SDPA's zero output, not its pads' mean
+        seen = attention_mask.bool().cumsum(-1) > 0 if causal else attention_mask.bool().any(-1, keepdim=True)
+        out = out.masked_fill(~seen[:, None, :, None], 0)
     return out.transpose(1, 2), None
 
 
@@ -138,13 +142,16 @@ def _dense(query, key, value, attention_mask, dropout, scaling, window, softcap,
     ids = None if position_ids is None else position_runs(position_ids.expand(query.shape[0], -1))
     limited = (causal and sq > 1) or (window is not None and window < sk) or ids is not None
     mask = allowed(sq, sk, causal, window, ids, query.device) if limited else None
-    if attention_mask is not None:
-        keys = attention_mask.bool()[:, None, None, -sk:]
-        mask = keys if mask is None else mask & keys
-        # a padded query that sees no key would give NaN, and NaN values spread through 0-weights later:
-        # such rows see every key instead (their outputs are never used), as transformers does
-        mask = mask | ~mask.any(-1, keepdim=True)
-    return _sdpa(query, key, value, mask, dropout, scaling, softcap)
+    if attention_mask is None:
+        return _sdpa(query, key, value, mask, dropout, scaling, softcap)
+    keys = attention_mask.bool()[:, None, None, -sk:]
+    mask = keys if mask is None else mask & keys
+    # a query that sees no key (left padding) gets a zero output, as torch's SDPA gives it: its
+    # logits still count in the loss (the last pad predicts the first token). It sees every key in
+    # the softmax, so no NaN arises to spread through 0-weights, and the zeros replace the result.
+    blind = ~mask.any(-1, keepdim=True)
+    out = _sdpa(query, key, value, mask | blind, dropout, scaling, softcap)
+    return out.masked_fill(blind[:, 0, :, :, None], 0)
 
 
 def _sdpa(query, key, value, mask, dropout, scaling, softcap):
