@@ -187,3 +187,23 @@ def test_an_adapter_layer_below_the_lora_layer_runs_peft(device):
     model = copy.deepcopy(ref)
     fusetune.patch_model(model.base_model.model)  # (patch_model takes PeftModel, not PeftMixedModel)
     _assert_same_training(model, ref, device)
+
+
+def test_adapters_that_do_not_fuse_run_peft_and_say_why(device, capsys):
+    """AdaLoRA (its lora_A / lora_B are parameters) and a QLoRA base whose bias trains (bias='lora_only'
+    on Qwen2's q/k/v biases) run PEFT's layers, the same as unpatched, and the summary names why."""
+    from peft import AdaLoraConfig
+
+    ada = get_peft_model(tiny_model("llama"), AdaLoraConfig(init_r=8, target_r=4, total_step=100, init_lora_weights=False,
+                                                            target_modules=LORA_TARGETS["llama"])).to(device)
+    model = fusetune.patch_model(copy.deepcopy(ada))
+    assert "SVDLinear layers (lora_A a Parameter)" in capsys.readouterr().out
+    # (AdaLoRA's layers run PEFT's own code here; its lora_A gradients are ill-conditioned, the sum of the
+    # loss's part and its orthogonality term's, so the fused loss's fp32 rounding moves them by up to 6e-3)
+    _assert_same_training(model, ada, device, tol=1e-2)
+    biased = get_peft_model(_qlora(tiny_model("qwen2", intermediate_size=128)).to(device),
+                            LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS["qwen2"], bias="lora_only",
+                                       init_lora_weights=False))
+    model = fusetune.patch_model(copy.deepcopy(biased))
+    assert "a base bias trains" in capsys.readouterr().out
+    _assert_same_training(model, biased, device, tol=1e-4)

@@ -37,6 +37,8 @@ def _base_weight(base: nn.Module):
         return base.weight
     bnb = sys.modules.get("bitsandbytes")
     if bnb is not None and isinstance(base, bnb.nn.Linear4bit):
+        if base.bias is not None and base.bias.requires_grad:
+            return "a base bias trains (LoRA bias='all' or 'lora_only')"
         state = getattr(base.weight, "quant_state", None)
         if state is None or state.quant_type != "nf4":
             return f"4-bit quant_type {getattr(state, 'quant_type', None)!r} (only nf4 is fused)"
@@ -110,10 +112,12 @@ def projection_of(module: nn.Module) -> LoRAProjection | str:
     if getattr(module, "fan_in_fan_out", False):
         return "fan_in_fan_out"
     lora_a, lora_b, dropout = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
+    if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_b.bias is not None:
+        if type(lora_b) is nn.Linear and lora_b.bias is not None:
+            return "lora_bias"
+        return f"{type(module).__name__} layers (lora_A a {type(lora_a).__name__})"  # AdaLoRA: parameters
     if _hooked(lora_a, lora_b, dropout):
         return HOOKED
-    if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_b.bias is not None:
-        return "lora_bias" if lora_b.bias is not None else f"lora_A of type {type(lora_a).__name__}"
     if isinstance(dropout, nn.Dropout):
         p = dropout.p if dropout.training else 0.0
     elif isinstance(dropout, nn.Identity):
