@@ -207,3 +207,28 @@ def test_adapters_that_do_not_fuse_run_peft_and_say_why(device, capsys):
     model = fusetune.patch_model(copy.deepcopy(biased))
     assert "a base bias trains" in capsys.readouterr().out
     _assert_same_training(model, biased, device, tol=1e-4)
+
+
+def test_a_hooked_lm_head_is_called_not_read(device):
+    """The fused loss reads lm_head's weight without calling it: where hooks need the call (a user's hook
+    that changes the logits, PEFT's mixed-adapter batch on a modules_to_save head), Hugging Face's
+    forward and loss run instead."""
+    ref = add_lora(tiny_model("llama"), "llama").to(device)
+    ref.base_model.model.lm_head.register_forward_hook(lambda module, args, out: out * 0.5)
+    _assert_same_training(fusetune.patch_model(copy.deepcopy(ref)), ref, device)
+
+    def config(**changes):
+        return LoraConfig(**{**dict(r=8, lora_alpha=16, target_modules=LORA_TARGETS["llama"], init_lora_weights=False,
+                                    modules_to_save=["lm_head"]), **changes})
+
+    ref = get_peft_model(tiny_model("llama"), config()).to(device)
+    ref.add_adapter("b", config(r=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        ref.base_model.model.lm_head.modules_to_save["b"].weight.mul_(1.5)
+    ref.eval()  # (PEFT takes adapter_names in eval mode only; gradients still flow: per-adapter scoring)
+    model = fusetune.patch_model(copy.deepcopy(ref))
+    ids, labels = random_batch(device=device)
+    for m in (model, ref):
+        m.zero_grad(set_to_none=True)
+    losses = [m(input_ids=ids, labels=labels, adapter_names=["default", "b"]).loss for m in (model, ref)]
+    assert_close(losses[0], losses[1], torch.float32, "mixed-batch loss")

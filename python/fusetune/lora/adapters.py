@@ -72,7 +72,7 @@ def keep_training_layout(model: nn.Module) -> None:
 HOOKED = "forward hooks (PEFT's adapter_names, accelerate's device moves) need the modules called"
 
 
-def _hooked(*modules: nn.Module) -> bool:
+def hooked(*modules: nn.Module) -> bool:
     """Whether any of these modules has forward hooks of torch, or accelerate's hook (which wraps
     forward itself: offloaded weights arrive only when the module is called)."""
     return any(m._forward_hooks or m._forward_pre_hooks or "_hf_hook" in m.__dict__ for m in modules)
@@ -84,7 +84,7 @@ def projection_of(module: nn.Module) -> LoRAProjection | str:
     more: hooks are looked for only on the modules that forward calls."""
     lora_layer = _lora_layer_type()
     if lora_layer is None or not isinstance(module, lora_layer):
-        if _hooked(module):
+        if hooked(module):
             return HOOKED
         weight = _base_weight(module)
         if isinstance(weight, str):
@@ -98,7 +98,7 @@ def projection_of(module: nn.Module) -> LoRAProjection | str:
     base = module.get_base_layer()
     if module.base_layer is not base:  # PEFT's mixed adapters: the layer below adds its own delta
         return f"{type(module.base_layer).__module__.split('.')[-2]} adapter layer below the LoRA layer"
-    if _hooked(module, base):
+    if hooked(module, base):
         return HOOKED
     weight = _base_weight(base)
     if isinstance(weight, str):
@@ -116,7 +116,7 @@ def projection_of(module: nn.Module) -> LoRAProjection | str:
         if type(lora_b) is nn.Linear and lora_b.bias is not None:
             return "lora_bias"
         return f"{type(module).__name__} layers (lora_A a {type(lora_a).__name__})"  # AdaLoRA: parameters
-    if _hooked(lora_a, lora_b, dropout):
+    if hooked(lora_a, lora_b, dropout):
         return HOOKED
     if isinstance(dropout, nn.Dropout):
         p = dropout.p if dropout.training else 0.0

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusetune.lora import lora_linear, lora_mlp
-from fusetune.lora.adapters import fused_projections
+from fusetune.lora.adapters import fused_projections, hooked
 from fusetune.lora.projection import without_autocast
 from fusetune.ops.cross_entropy import cross_entropy
 from fusetune.ops.glu import glu
@@ -402,14 +402,17 @@ def is_trl_fused_head(forward) -> bool:
 
 def _plain_head(head):
     """The nn.Linear that computes the logits: the head itself, or the active trainable copy of a
-    PEFT modules_to_save wrapper (lm_head trained in full); None for anything else (LoRA on it)."""
+    PEFT modules_to_save wrapper (lm_head trained in full); None for anything else (LoRA on it), and
+    where hooks need the head called (PEFT's mixed-adapter batches, accelerate, a user's hook)."""
+    if hooked(head):
+        return None
     if type(head).__name__ == "ModulesToSaveWrapper":
         active = [name for name in head.active_adapters if name in head.modules_to_save]
         if head.disable_adapters or not active:
             head = head.original_module
         else:
             head = head.modules_to_save[active[0]]
-    return head if type(head) is nn.Linear else None
+    return head if type(head) is nn.Linear and not hooked(head) else None
 
 
 def _shift(labels, ignore_index):
