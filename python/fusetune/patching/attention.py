@@ -7,7 +7,9 @@ attention one for training shapes, its SDPA one with a KV cache), and sets it as
 gets the 2-D padding mask (or None) and the position ids, and `attention_forward` routes:
 
 - the flash-attention kernel (fusetune.ops.attention) for packed rows (documents are the runs of
-  consecutive position ids, as transformers detects them), padded rows of 4k tokens or more,
+  consecutive position ids, as transformers detects them; transformers 5.25 looks for them only
+  without a KV cache, so a packed training forward left at use_cache=True attends across documents
+  there and not here), padded rows of 4k tokens or more,
   Gemma-2's logit softcap and sliding windows: the cases torch's fast SDPA backends cannot take
   without a dense mask (shorter padded rows take SDPA with the padding mask, as transformers does);
 - torch SDPA with is_causal (its cuDNN / flash backends) for plain causal rows without padding:
