@@ -108,8 +108,9 @@ def _mlp_options(spec, hf_model, lora, tile):
         activation = HF_ACTIVATIONS.get(name)
         if activation is None:
             return f"{spec.act_key} {name!r} has no fused kernel"
-        return (("_fusetune_activation", activation), ("_fusetune_gate_up", spec.gate_up), ("_fusetune_lora", lora),
-                ("_fusetune_tile", tile))
+        options = (("_fusetune_activation", activation), ("_fusetune_gate_up", spec.gate_up), ("_fusetune_lora", lora))
+        # only the gated MLP tiles (T5's FFN and MoE experts do not read the option)
+        return options + ((("_fusetune_tile", tile),) if spec.mlp_kind == "gated" else ())
     return options_for
 
 
