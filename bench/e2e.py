@@ -325,12 +325,18 @@ def main(argv=None):
     print(f"wrote {path}")
 
 
+def _searched(rows):
+    """(workload, stack, rows that trained by length, rows that failed by length) per searched stack."""
+    searched = [r for r in rows if r.get("search")]
+    for workload, stack in dict.fromkeys((r["workload"], r["stack"]) for r in searched):
+        mine = sorted((r for r in searched if r["workload"] == workload and r["stack"] == stack), key=lambda r: r["seq"])
+        yield workload, stack, [r for r in mine if "error" not in r], [r for r in mine if "error" in r]
+
+
 def memory_slopes(rows):
     """(workload, stack, GB per 1k tokens) from the two longest searched lengths that trained, per stack."""
     out = []
-    for workload, stack in dict.fromkeys((r["workload"], r["stack"]) for r in rows if r.get("search")):
-        good = sorted((r for r in rows if r.get("search") and r["workload"] == workload and r["stack"] == stack
-                       and "error" not in r), key=lambda r: r["seq"])
+    for workload, stack, good, _ in _searched(rows):
         if len(good) >= 2 and good[-1]["seq"] > good[-2]["seq"]:
             a, b = good[-2], good[-1]
             out.append((workload, stack, (b["peak_bytes"] - a["peak_bytes"]) / 1e9 / ((b["seq"] - a["seq"]) / 1000)))
@@ -339,14 +345,8 @@ def memory_slopes(rows):
 
 def search_summary(rows):
     """(workload, stack, longest row that trained or None, the failed row or None) per searched stack."""
-    out = []
-    for workload, stack in dict.fromkeys((r["workload"], r["stack"]) for r in rows if r.get("search")):
-        mine = [r for r in rows if r.get("search") and r["workload"] == workload and r["stack"] == stack]
-        good = [r for r in mine if "error" not in r]
-        bad = [r for r in mine if "error" in r]
-        out.append((workload, stack, max(good, key=lambda r: r["seq"]) if good else None,
-                    min(bad, key=lambda r: r["seq"]) if bad else None))
-    return out
+    return [(workload, stack, good[-1] if good else None, bad[0] if bad else None)
+            for workload, stack, good, bad in _searched(rows)]
 
 
 if __name__ == "__main__":

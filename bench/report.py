@@ -11,7 +11,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE.parent))
-from bench.e2e import memory_slopes  # noqa: E402
+from bench.e2e import memory_slopes, search_summary  # noqa: E402
 
 
 def by_date(kind: str):
@@ -120,20 +120,15 @@ def search_lines(data) -> list[str]:
              f"steps):", "",
              "| workload | stack | longest seq | step s | tokens/s | peak GB | MFU | stopped by |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
-    for key in dict.fromkeys((r["workload"], r["stack"]) for r in search):
-        mine = [r for r in search if (r["workload"], r["stack"]) == key]
-        good = [r for r in mine if "error" not in r]
-        bad = [r for r in mine if "error" in r]
-        first_bad = min(bad, key=lambda r: r["seq"]) if bad else None
-        stop = (f"seq {first_bad.get('seq')}: {first_bad['error'].splitlines()[0][:60]}" if bad
+    for workload, stack, b, first_bad in search_summary(data["rows"]):
+        stop = (f"seq {first_bad.get('seq')}: {first_bad['error'].splitlines()[0][:60]}" if first_bad
                 else "the cap")
-        if good:
-            b = max(good, key=lambda r: r["seq"])
+        if b:
             base = "QLoRA NF4" if b.get("qlora", True) else "LoRA, bf16 base"
-            lines.append(f"| {key[0]} ({b['model']}, {base}) | {key[1]} | {b['seq']:,} | {b['step_s']:.2f} | "
+            lines.append(f"| {workload} ({b['model']}, {base}) | {stack} | {b['seq']:,} | {b['step_s']:.2f} | "
                          f"{b['tokens_per_s']:,.0f} | {b['peak_bytes'] / 1e9:.2f} | {100 * b['mfu']:.0f}% | {stop} |")
         else:
-            lines.append(f"| {key[0]} | {key[1]} | none | | | | | {stop} |")
+            lines.append(f"| {workload} | {stack} | none | | | | | {stop} |")
     lines += [""] + [f"{workload} {stack}: {slope:.3f} GB of GPU memory per 1k tokens (peak, between its two "
                      f"longest lengths)" for workload, stack, slope in memory_slopes(data["rows"])]
     return lines

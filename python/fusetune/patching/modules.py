@@ -404,9 +404,7 @@ def _plain_head(head):
     """The nn.Linear that computes the logits: the head itself, or the active trainable copy of a
     PEFT modules_to_save wrapper (lm_head trained in full); None for anything else (LoRA on it), and
     where hooks need the head called (PEFT's mixed-adapter batches, accelerate, a user's hook)."""
-    if hooked(head):
-        return None
-    if type(head).__name__ == "ModulesToSaveWrapper":
+    if type(head).__name__ == "ModulesToSaveWrapper" and not hooked(head):
         active = [name for name in head.active_adapters if name in head.modules_to_save]
         if head.disable_adapters or not active:
             head = head.original_module
