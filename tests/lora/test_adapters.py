@@ -194,12 +194,14 @@ def test_adapters_that_do_not_fuse_run_peft_and_say_why(device, capsys):
     on Qwen2's q/k/v biases) run PEFT's layers, the same as unpatched, and the summary names why."""
     from peft import AdaLoraConfig
 
+    torch.manual_seed(0)  # AdaLoRA draws its init from the global generator
     ada = get_peft_model(tiny_model("llama"), AdaLoraConfig(init_r=8, target_r=4, total_step=100, init_lora_weights=False,
                                                             target_modules=LORA_TARGETS["llama"])).to(device)
     model = fusetune.patch_model(copy.deepcopy(ada))
     assert "SVDLinear layers (lora_A a Parameter)" in capsys.readouterr().out
-    # (AdaLoRA's layers run PEFT's own code here; its lora_A gradients are ill-conditioned, the sum of the
-    # loss's part and its orthogonality term's, so the fused loss's fp32 rounding moves them by up to 6e-3)
+    # (AdaLoRA's layers run PEFT's own code here; a lora_A gradient is scaled by its singular values
+    # lora_E, which some draws make tiny (1e-4 against 0.1-10 elsewhere), so the fused kernels' fp32
+    # rounding alone moves it by up to 100% relative: hence a fixed draw and a loose tolerance)
     _assert_same_training(model, ada, device, tol=1e-2)
     biased = get_peft_model(_qlora(tiny_model("qwen2", intermediate_size=128)).to(device),
                             LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS["qwen2"], bias="lora_only",
