@@ -111,9 +111,13 @@ def test_lora_loss_and_grads_bf16_within_band(family, device):
                         _loss_and_grads(ref, ids, labels)[::2], _loss_and_grads(truth, ids, labels)[::2])
 
 
+# LoRA in every family; full fine-tuning (the same kernels, trainable base weights) in one SwiGLU and
+# one GeGLU + softcap family
+BF16_CURVES = [(family, True) for family in FAMILIES] + [("llama", False), ("gemma2", False)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family,lora", BF16_CURVES, ids=[f"{f}-{'lora' if lora else 'full'}" for f, lora in BF16_CURVES])
 def test_training_curve_bf16_within_band(family, lora, device):
     """CURVE_STEPS bf16 AdamW steps: the patched curve stays as close to the float64 curve (same initial
     bf16 weights) as HF's own bf16 curve, within the band."""
