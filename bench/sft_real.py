@@ -19,7 +19,7 @@ gate,up,down, checkpointing, AdamW fused lr 1e-4); models llama-3.2-1b (W8-1B) a
                    random model saved to disk, TRL's SFTTrainer with padding_free=True (its
                    uncontaminated packing), per-device batch 4 x 4 accumulation, conversations in order
 
-    python -m bench.sft_real [--models 1b,8b] [--stacks hf,fusetune-padded,fusetune,fusetune-micro4,unsloth]
+    python -m bench.sft_real [--models 1b,8b] [--stacks hf,fusetune-padded,fusetune,fusetune-micro4,unsloth] [--tag T]
 """
 from __future__ import annotations
 
@@ -154,6 +154,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="1b,8b")
     parser.add_argument("--stacks", default="hf,fusetune-padded,fusetune,fusetune-micro4,unsloth")
+    parser.add_argument("--tag", default="", help="added to the JSON's name (runs of one day keep apart)")
     parser.add_argument("--worker", nargs=2, metavar=("STACK", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -176,7 +177,7 @@ def main():
                       f"peak {r['peak_bytes'] / 2**30:5.1f} GiB, computed/real {computed}, "
                       f"losses {r['losses'][0]:.4f} .. {r['losses'][-1]:.4f}", flush=True)
             # after every row: a run cut short keeps what it measured
-            write_results("sft-real", {"environment": env, "effective_batch": EFFECTIVE, "micro_batch": MICRO,
+            write_results("-".join(filter(None, ["sft-real", args.tag])), {"environment": env, "effective_batch": EFFECTIVE, "micro_batch": MICRO,
                                        "warmup": WARMUP, "timed": TIMED, "results": rows})
 
 

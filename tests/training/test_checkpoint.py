@@ -1,7 +1,6 @@
 """Offloaded activation checkpointing: the same loss and gradients as no checkpointing (fp32,
 LoRA with dropout: the replay draws the same masks), patched and unpatched, and on the GPU the
 layer inputs leave GPU memory."""
-import contextlib
 import copy
 
 import pytest
@@ -236,10 +235,14 @@ def test_no_offload_without_grad(device, monkeypatch):
         model(input_ids=random_batch(device=device)[0])
 
 
-def test_adapters_cast_once_per_layer_and_step(monkeypatch):
-    """fp32 adapters on a bf16 model: under the offloaded checkpoint each lora_A / lora_B is cast to
-    bf16 once for its layer's forward, recompute and backward (not three times), with the gradients
-    of casting each time."""
+def test_adapters_cast_together_for_the_forward_and_again_for_the_backward(monkeypatch):
+    """fp32 adapters on a bf16 model: under the offloaded checkpoint each layer casts all its
+    adapters to bf16 in one foreach copy for its forward and one for its recompute and backward
+    (not one launch per tensor and use), and the forward's copies are gone before the backward
+    (held, they would add to the peak); the loss and the gradients are those of casting each time."""
+    import gc
+    import weakref
+
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import fusetune.training.checkpoint as checkpoint
@@ -251,29 +254,60 @@ def test_adapters_cast_once_per_layer_and_step(monkeypatch):
     for p in lora.values():
         p.data = p.data.float()
     shapes = {tuple(p.shape) for p in lora.values()}
+    layers = len(model.base_model.model.model.layers)
     fusetune.patch_model(model)
     enable_offloaded_checkpointing(model)
     ids, labels = random_batch()
 
     class CountCasts(TorchDispatchMode):
-        count = 0
+        """Per-tensor casts of adapters, the foreach casts (weak references to their copies)."""
+        def __init__(self):
+            super().__init__()
+            self.single, self.together = 0, []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             if (func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32
                     and kwargs.get("dtype") == torch.bfloat16 and tuple(args[0].shape) in shapes):
-                CountCasts.count += 1
+                self.single += 1
+            if func is torch.ops.aten._foreach_copy_.default:
+                self.together.append([weakref.ref(t) for t in args[0]])
             return func(*args, **kwargs)
 
     with use_backend("torch"):
-        with CountCasts():
-            loss, grads = step_loss_and_grads(model, ids, labels)
-        assert CountCasts.count == len(lora)
-        monkeypatch.setattr(checkpoint, "shared_casts", lambda scope: contextlib.nullcontext())
-        CountCasts.count = 0
-        with CountCasts():
+        counts = CountCasts()
+        with counts:
+            loss = model(input_ids=ids, labels=labels).loss
+            gc.collect()
+            assert len(counts.together) == layers
+            assert all(ref() is None for refs in counts.together for ref in refs), "forward casts still held"
+            loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        assert counts.single == 0 and len(counts.together) == 2 * layers
+        assert sum(len(refs) for refs in counts.together) == 2 * len(lora)
+        # no layer found: each tensor cast on its first use in the forward and in the recompute
+        monkeypatch.setattr(checkpoint, "_trained_parameters", lambda function: [])
+        counts = CountCasts()
+        with counts:
             ref_loss, ref_grads = step_loss_and_grads(model, ids, labels)
-        assert CountCasts.count == 3 * len(lora)
+        assert counts.single == 2 * len(lora) and not counts.together
     assert torch.equal(loss, ref_loss)
     for name, g in grads.items():
         assert g.dtype == torch.float32 and torch.equal(g, ref_grads[name]), name
+
+
+def test_the_layer_is_found_in_the_forms_transformers_passes_it():
+    """5.25 passes partial(forward, layer, **kwargs), 5.17 partial(layer.__call__, **kwargs); the
+    checkpoint wraps either in its own partial for keyword arguments."""
+    import functools
+
+    from fusetune.training.checkpoint import _trained_parameters
+
+    layer = torch.nn.Linear(2, 2)
+    layer.bias.requires_grad_(False)
+    for function in (functools.partial(type(layer).forward, layer, x=1), functools.partial(layer.__call__, x=1),
+                     functools.partial(functools.partial(type(layer).forward, layer), x=1), layer.forward):
+        found = _trained_parameters(function)
+        assert len(found) == 1 and found[0] is layer.weight
+    assert _trained_parameters(lambda x: x) == []

@@ -219,20 +219,33 @@ _casts = threading.local()  # .scope: see shared_casts
 
 @contextlib.contextmanager
 def shared_casts(scope: dict):
-    """Within the block, cast_lora keeps its casts in `scope` (a dict the caller holds) and reuses
-    them while the adapter is unchanged (same tensor, same version). The offloaded checkpoint gives
-    each layer one scope for its forward, its recompute and its backward, so fp32 adapters are cast
-    to the compute dtype once per step instead of three times (three launches per tensor, which the
-    host pays for at small shapes). The copies live until the layer's backward: 2 bytes per adapter
-    parameter at bf16 (84 MB for Llama-3.1-8B at r=16 on all seven projections). Per thread:
-    autograd runs a CUDA backward in its own thread, and a layer's recompute and backward enter the
-    scope there."""
+    """Within the block, cast_lora takes its casts from `scope` (a dict the caller holds, filled by
+    cast_together or by cast_lora itself) while the adapter is unchanged (same tensor, same version).
+    The offloaded checkpoint gives each layer one scope for its forward and another for its recompute
+    and backward, each filled by one cast_together: two launches per layer and step instead of one
+    per adapter tensor and use (which the host pays for at small shapes), and no copies held from a
+    layer's forward to its backward (84 MB of bf16 copies for Llama-3.1-8B at r=16 on all seven
+    projections, on top of the peak). Per thread: autograd runs a CUDA backward in its own thread,
+    and a layer's recompute and backward enter the scope there."""
     outer = getattr(_casts, "scope", None)
     _casts.scope = scope
     try:
         yield
     finally:
         _casts.scope = outer
+
+
+def cast_together(tensors, dtype: torch.dtype, device: torch.device) -> dict:
+    """A shared_casts scope holding the floating tensors on `device` not already in `dtype`, cast in one
+    foreach copy into one buffer (freed with the scope)."""
+    tensors = [t for t in tensors if t.dtype != dtype and t.is_floating_point() and t.device == device]
+    if not tensors:
+        return {}
+    buffer = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=device)
+    views = [v.view(t.shape) for v, t in zip(buffer.split([t.numel() for t in tensors]), tensors)]
+    with torch.no_grad():
+        torch._foreach_copy_(views, tensors)
+    return {id(t): (t, t._version, v) for t, v in zip(tensors, views)}
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

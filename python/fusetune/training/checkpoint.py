@@ -27,7 +27,7 @@ import weakref
 
 import torch
 
-from fusetune.lora.projection import shared_casts
+from fusetune.lora.projection import cast_together, shared_casts
 from fusetune.ops.attention import KeptAttention, keeping_attention
 from fusetune.ops.tiling import ForwardState
 
@@ -213,9 +213,11 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
                              "grad; pass the others as keyword arguments or use torch.utils.checkpoint")
         ctx.function, ctx.args, ctx.state = function, args, ForwardState(hidden.device)
         ctx.slot = _Slot(hidden)
-        ctx.casts = {}  # the layer's adapters in the compute dtype, for its recompute and backward
-        with torch.no_grad(), shared_casts(ctx.casts), keeping_attention(KeptAttention()) as attention:
+        ctx.trained = _trained_parameters(function)
+        casts = cast_together(ctx.trained, hidden.dtype, hidden.device)
+        with torch.no_grad(), shared_casts(casts), keeping_attention(KeptAttention()) as attention:
             outputs = function(hidden, *args)
+        del casts  # cast again for the recompute: held until the backward, they would add to the peak
         # the attention outputs spare the recompute its attention forward, where the host budget takes them
         ctx.slot.add(attention.tensors, required=False)
         return outputs
@@ -225,16 +227,32 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         hidden, *kept = ctx.slot.take()
         hidden = hidden.requires_grad_()
         attention = KeptAttention(kept) if kept else None
-        with ctx.state.replay(), shared_casts(ctx.casts), keeping_attention(attention):
+        casts = cast_together(ctx.trained, hidden.dtype, hidden.device)
+        with ctx.state.replay(), shared_casts(casts), keeping_attention(attention):
             outputs = ctx.function(hidden, *ctx.args)
         if attention is not None:
             attention.check_all_taken()
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(outputs, grads) if torch.is_tensor(o) and o.requires_grad and g is not None]
-        with shared_casts(ctx.casts):
+        with shared_casts(casts):
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        ctx.casts = None
         return (None, None, hidden.grad) + (None,) * len(ctx.args)
+
+
+def _trained_parameters(function) -> list:
+    """The parameters that require grad of the module whose forward `function` runs, as Hugging Face
+    layers pass it (`partial(forward, layer, ...)` in transformers 5.25, a partial of the bound
+    `layer.__call__` before): the layer's adapters, which its fused LoRA blocks cast to the compute
+    dtype. No module found (another callable): they are cast one by one, as without the checkpoint."""
+    module = None
+    while isinstance(function, functools.partial) and module is None:
+        if function.args and isinstance(function.args[0], torch.nn.Module):
+            module = function.args[0]
+        function = function.func
+    module = module or getattr(function, "__self__", None)
+    if not isinstance(module, torch.nn.Module):
+        return []
+    return [p for p in module.parameters() if p.requires_grad]
 
 
 def offloaded_checkpoint(function, hidden, *args, **kwargs):
