@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from fusetune.api.chat import TEMPLATES, get_chat_template, mask_non_responses, train_on_responses_only
+from fusetune.api.chat import TEMPLATES, Markers, get_chat_template, mask_non_responses, train_on_responses_only
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 'there'"},
             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]
@@ -48,9 +48,74 @@ def test_unknown_template():
 
 
 def test_mask_non_responses_keeps_only_replies():
-    ids = torch.tensor([[9, 1, 5, 9, 2, 6, 7, 9, 1, 5, 9, 2, 6]])
-    labels = mask_non_responses(ids, ids, instruction_ids=[9, 1], response_ids=[9, 2])
-    assert labels.tolist() == [[-100] * 5 + [6, 7] + [-100] * 5 + [6]]
+    tokenizer = get_chat_template(_tokenizer(), "chatml")
+    markers = Markers(tokenizer, *TEMPLATES["chatml"][2:])
+    start, end, user, assistant, system, hi, hello = tokenizer.convert_tokens_to_ids(
+        ["<|im_start|>", "<|im_end|>", "user", "assistant", "system", "hi", "hello"])
+    ids = torch.tensor([[start, user, hi, end, start, assistant, hello, hi, end, start, user, hi, end, start,
+                         assistant, hello, end]])
+    labels = mask_non_responses(ids, ids, markers)
+    assert labels.tolist() == [[-100] * 6 + [hello, hi, end] + [-100] * 6 + [hello, end]]
+    # a packed row: the first example's reply stops where the second (a system prompt first) begins
+    ids = torch.tensor([[start, user, hi, end, start, assistant, hello, end, start, system, hi, end]])
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]])
+    assert mask_non_responses(ids, ids, markers, positions).tolist() == [[-100] * 6 + [hello, end] + [-100] * 4]
+
+
+def _byte_level_tokenizer():
+    """A GPT-2-style byte-level BPE (as SmolLM2's): "\n\n" alone is one token, before a word two."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    vocab["ĊĊ"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab, [("Ċ", "Ċ")]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="!")
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_replies_are_found_whatever_the_tokenizer_makes_of_the_markers_whitespace(name):
+    """Llama-3's response part ends in "\n\n": one token alone, two before the reply on a byte-level
+    BPE. The replies (each up to the next turn) are labelled, and a tool turn is not."""
+    tokenizer = get_chat_template(_byte_level_tokenizer(), name)
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "call"}]
+    if name in ("chatml", "qwen", "llama-3"):  # tool results are turns of their own role in these layouts
+        chat += [{"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]
+    ids = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=False)
+
+    def collator(features):
+        input_ids = torch.tensor([f["input_ids"] for f in features])
+        return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+    labels = train_on_responses_only(collator, tokenizer=tokenizer)([{"input_ids": ids}])["labels"][0]
+    kept = tokenizer.decode([i for i, label in zip(ids, labels.tolist()) if label != -100])
+    end = {"chatml": "<|im_end|>\n", "qwen": "<|im_end|>\n", "llama-3": "<|eot_id|>", "gemma": "<end_of_turn>\n",
+           "phi": "<|end|>\n", "mistral": "</s>"}[name]
+    replies = [m["content"] for m in chat if m["role"] == "assistant"]
+    assert kept == "".join(reply + end for reply in replies)
+
+
+def test_a_response_part_that_never_matches_is_an_error_not_a_run_that_learns_nothing(caplog):
+    tokenizer = get_chat_template(_tokenizer(), "chatml")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "bye"}],
+                                        tokenize=True, return_dict=False)
+
+    def collator(features):
+        input_ids = torch.tensor([f["input_ids"] for f in features])
+        return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+    collate = train_on_responses_only(collator, tokenizer=tokenizer, response_part="<|im_start|>model\n")
+    with pytest.raises(ValueError, match=r"part '<\|im_start\|>model\\n' does not occur in its rows"):
+        collate([{"input_ids": ids}])
+    collate = train_on_responses_only(collator, tokenizer=tokenizer)
+    assert collate([{"input_ids": ids}])["labels"].ne(-100).any()
+    prompt_only = ids[:ids.index(tokenizer.convert_tokens_to_ids("assistant")) - 1]  # a reply cut off
+    with caplog.at_level("WARNING", logger="fusetune"):
+        assert collate([{"input_ids": prompt_only}])["labels"].eq(-100).all()
+    assert "trains on nothing" in caplog.text
 
 
 def test_train_on_responses_only_wraps_a_collator():

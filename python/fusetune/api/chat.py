@@ -76,27 +76,72 @@ def get_chat_template(tokenizer, chat_template: str = "chatml"):
     return tokenizer
 
 
-def _find(seq: list[int], part: list[int], start: int) -> int:
-    for i in range(start, len(seq) - len(part) + 1):
+def _find(seq: list[int], part: list[int], start: int, stop: int) -> int:
+    """The first i in [start, stop) where part begins in seq, or stop."""
+    for i in range(start, stop - len(part) + 1):
         if seq[i:i + len(part)] == part:
             return i
-    return -1
+    return stop
 
 
-def mask_non_responses(input_ids: torch.Tensor, labels: torch.Tensor, instruction_ids: list[int],
-                       response_ids: list[int], ignore_index: int = -100) -> torch.Tensor:
-    """labels with everything but the assistant's replies set to ignore_index: a reply runs from
-    the end of each response marker to the next instruction marker (or the end of the row)."""
+class Markers:
+    """How train_on_responses_only finds replies in token ids, from the two parts' text.
+
+    A marker is matched without its trailing whitespace ("<|start_header_id|>assistant<|end_header_id|>"
+    for Llama-3's "...\n\n"): a byte-level BPE tokenizes "\n\n" alone as one token but as two before
+    the reply's first word, so the whole part, tokenized alone, may never occur in a row. The reply then
+    starts after up to that much whitespace (spaces: the tokenizer's text of a whitespace-only token,
+    its length). A reply ends at the next instruction or response marker, at the next turn of any
+    other role (the two parts' common leading tokens: "<|im_start|>", "<start_of_turn>", ...; a tool
+    result is no reply) or where a packed row's next example begins (its position ids restart)."""
+
+    def __init__(self, tokenizer, instruction_part: str, response_part: str):
+        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        self.instruction = encode(instruction_part.rstrip())
+        self.response = encode(response_part.rstrip())
+        if not self.instruction or not self.response:
+            raise ValueError("train_on_responses_only: instruction_part and response_part must hold more than "
+                             "whitespace")
+        self.space_after = len(response_part) - len(response_part.rstrip())
+        common = 0
+        while (common < min(len(self.instruction), len(self.response))
+               and self.instruction[common] == self.response[common]):
+            common += 1
+        self.turn = self.instruction[:common]
+        self._tokenizer, self._spaces = tokenizer, {}
+
+    def spaces(self, token: int) -> int:
+        """The length of the token's text if it is whitespace only, else 0."""
+        if token not in self._spaces:
+            text = self._tokenizer.decode([token])
+            self._spaces[token] = len(text) if text and not text.strip() else 0
+        return self._spaces[token]
+
+    def replies(self, ids: list[int], stop: int):
+        """(begin, end) of each reply in ids[:stop]."""
+        pos = 0
+        while (start := _find(ids, self.response, pos, stop)) < stop:
+            begin, left = start + len(self.response), self.space_after
+            while begin < stop and left > 0 and 0 < self.spaces(ids[begin]) <= left:
+                left -= self.spaces(ids[begin])
+                begin += 1
+            end = min(_find(ids, part, begin, stop) for part in (self.instruction, self.response, self.turn) if part)
+            yield begin, end
+            pos = end
+
+
+def mask_non_responses(input_ids: torch.Tensor, labels: torch.Tensor, markers: Markers,
+                       position_ids: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+    """labels with everything but the assistant's replies (markers.replies) set to ignore_index;
+    position_ids (packed rows) mark where each example begins."""
     out = labels.clone()
+    starts = None if position_ids is None else position_ids.eq(0).tolist()
     for row, ids in enumerate(input_ids.tolist()):
         keep = torch.zeros(len(ids), dtype=torch.bool)
-        pos = 0
-        while (start := _find(ids, response_ids, pos)) >= 0:
-            begin = start + len(response_ids)
-            end = _find(ids, instruction_ids, begin)
-            end = len(ids) if end < 0 else end
-            keep[begin:end] = True
-            pos = end
+        bounds = [i for i, first in enumerate(starts[row]) if first and i] if starts else []
+        for lo, hi in zip([0] + bounds, bounds + [len(ids)]):
+            for begin, end in markers.replies(ids[lo:hi], hi - lo):
+                keep[lo + begin:lo + end] = True
         out[row][~keep.to(out.device)] = ignore_index
     return out
 
@@ -104,7 +149,9 @@ def mask_non_responses(input_ids: torch.Tensor, labels: torch.Tensor, instructio
 def train_on_responses_only(trainer_or_collator, instruction_part: str | None = None,
                             response_part: str | None = None, tokenizer=None):
     """Wrap a data collator (or a Trainer's, in place) so labels cover only the assistant's replies.
-    The parts default to those of the template get_chat_template installed."""
+    The parts default to those of the template get_chat_template installed. If the first batches hold
+    no reply, that is an error (the parts do not match the data), not steps that train on nothing;
+    once replies were found, such a batch gets a warning."""
     trainer = trainer_or_collator if hasattr(trainer_or_collator, "data_collator") else None
     collator = trainer.data_collator if trainer is not None else trainer_or_collator
     tokenizer = tokenizer or getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None)
@@ -116,12 +163,23 @@ def train_on_responses_only(trainer_or_collator, instruction_part: str | None = 
     if not instruction_part or not response_part:
         raise ValueError("train_on_responses_only: give instruction_part and response_part (or install a template "
                          "with get_chat_template first)")
-    instruction_ids = tokenizer(instruction_part, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response_part, add_special_tokens=False)["input_ids"]
+    markers = Markers(tokenizer, instruction_part, response_part)
+    found = {"reply": False}
 
     def collate(features):
         batch = collator(features)
-        batch["labels"] = mask_non_responses(batch["input_ids"], batch["labels"], instruction_ids, response_ids)
+        labels = batch["labels"]
+        batch["labels"] = mask_non_responses(batch["input_ids"], labels, markers, batch.get("position_ids"))
+        if batch["labels"].ne(-100).any():
+            found["reply"] = True
+        elif labels.ne(-100).any():
+            message = (f"no assistant reply in this batch: the response part {response_part!r} does not occur in "
+                       f"its rows")
+            if not found["reply"]:  # never matched: the parts do not fit the data
+                raise ValueError(f"train_on_responses_only: {message}; pass response_part= as your chat template "
+                                 f"writes it before a reply")
+            logger.warning("fusetune: train_on_responses_only: %s (replies cut off by the maximum length?): "
+                           "this batch trains on nothing", message)
         return batch
 
     if trainer is not None:
