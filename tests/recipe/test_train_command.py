@@ -129,6 +129,44 @@ def test_labels_cover_exactly_the_assistant_replies():
         tokenize_rows(CONVERSATIONS, tokenizer, 8)
 
 
+def test_every_message_field_the_rows_tools_and_role_aliases_reach_the_template(caplog):
+    """reasoning_content, tool_calls (content None) and the row's tools are rendered as the template
+    writes them, and learned where they are the assistant's; "User" / "model" are user / assistant; a
+    row without an assistant turn is left out with a warning that says so (not blamed on the length)."""
+    tokenizer = byte_level_tokenizer()
+    tokenizer.chat_template = (
+        "{% if tools %}<|im_start|>system\nTools: {{ tools | map(attribute='name') | join(',') }}<|im_end|>\n"
+        "{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.reasoning_content %}<think>"
+        "{{ m.reasoning_content }}</think>{% endif %}{{ m.content or '' }}{% for c in m.tool_calls or [] %}"
+        "<call>{{ c.name }}</call>{% endfor %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    rows = [{"messages": [{"role": "User", "content": "2+2?"},
+                          {"role": "model", "content": "4.", "reasoning_content": "Two and two."}]},
+            {"messages": [{"role": "user", "content": "Weather?"},
+                          {"role": "assistant", "content": None, "tool_calls": [{"name": "weather"}]},
+                          {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}],
+             "tools": [{"name": "weather"}]},
+            {"messages": [{"role": "user", "content": "Only a question"}]}]
+    with caplog.at_level("WARNING", logger="fusetune"):
+        examples = tokenize_rows(rows, tokenizer, 512)
+    learned = [tokenizer.decode([t for t in e["labels"] if t != IGNORE_INDEX]) for e in examples]
+    assert learned == ["<think>Two and two.</think>4.<|im_end|>\n", "<call>weather</call><|im_end|>\nSunny.<|im_end|>\n"]
+    assert tokenizer.decode(examples[1]["input_ids"]).startswith("<|im_start|>system\nTools: weather<|im_end|>")
+    assert "1 rows have no assistant turn (the first: row 2, roles user)" in caplog.text
+
+
+def test_a_text_row_that_starts_with_the_bos_gets_no_second_one():
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = byte_level_tokenizer()
+    bos = tokenizer.bos_token_id
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single="<|im_start|> $A",
+                                                             special_tokens=[("<|im_start|>", bos)])
+    rendered, plain = tokenize_rows([{"text": "<|im_start|>user\nhi<|im_end|>\n"}, {"text": "The quick fox"}],
+                                    tokenizer, 512, responses_only=False)
+    assert rendered["input_ids"].count(bos) == 1 and plain["input_ids"][0] == bos
+
+
 def test_data_files(tmp_path):
     rows = CONVERSATIONS[:2]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")

@@ -4,14 +4,17 @@ tokenize them with the chat template, labels on the assistant's replies only.
 Files: .jsonl, .json (a list of rows), .csv; .parquet, a `datasets` save_to_disk directory and a
 Hub dataset (owner/name[:split]) need the datasets package. "builtin:NAME" reads a file bundled in
 fusetune/data.
-Rows: {"messages": [{"role", "content"}, ...]} (OpenAI / TRL), {"conversations": [{"from",
-"value"}, ...]} (ShareGPT), {"instruction", "input"?, "output"} (Alpaca), {"prompt",
-"completion"}, or {"text"} (plain text: every token is a label).
+Rows: {"messages": [{"role", "content"}, ...], "tools"?} (OpenAI / TRL: every field of a message,
+reasoning_content and tool_calls too, and the row's tools reach the chat template; roles in any case,
+human / gpt / model read as user / assistant), {"conversations": [{"from", "value"}, ...]} (ShareGPT),
+{"instruction", "input"?, "output"} (Alpaca), {"prompt", "completion"}, or {"text"} (plain text: every
+token is a label; a text that starts with the BOS token gets no second one).
 """
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 from importlib import resources
 from pathlib import Path
@@ -20,9 +23,13 @@ import torch
 
 from fusetune.recipe.config import ConfigError
 
+logger = logging.getLogger("fusetune")
+
 IGNORE_INDEX = -100
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
+# other names of the roles in "messages" rows (Gemma's data says "model"); a role is read in any case
+ROLE_ALIASES = {**SHAREGPT_ROLES, "model": "assistant"}
 
 
 def _decode(raw: bytes, path: str, key: str) -> str:
@@ -136,10 +143,13 @@ def to_messages(row: dict, index: int) -> list[dict] | str:
     if "messages" in row:
         messages = row["messages"]
         if not isinstance(messages, list) or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                isinstance(m, dict) and isinstance(m.get("role"), str)
+                and (isinstance(m.get("content"), str) or (m.get("content") is None and m.get("tool_calls")))
                 for m in messages):
-            raise ConfigError(f"data row {index}: each message needs a role and a content (text)")
-        return [{"role": m["role"], "content": m["content"]} for m in messages]
+            raise ConfigError(f"data row {index}: each message needs a role and a content (text; none only beside "
+                              f"tool_calls)")
+        # every field goes to the template as given (reasoning_content, tool_calls, name, ...)
+        return [{**m, "role": ROLE_ALIASES.get(m["role"].lower(), m["role"].lower())} for m in messages]
     if "conversations" in row:
         try:
             return [{"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]} for m in row["conversations"]]
@@ -166,7 +176,7 @@ def _chat(value, role: str, where: str) -> list[dict]:
         return [{"role": role, "content": value}]
     if isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("role"), str)
                                                  and isinstance(m.get("content"), str) for m in value):
-        return [{"role": m["role"], "content": m["content"]} for m in value]
+        return [{**m, "role": ROLE_ALIASES.get(m["role"].lower(), m["role"].lower())} for m in value]
     raise ConfigError(f"{where}: a text or a list of messages (each a role and a content), got {value!r:.60}")
 
 
@@ -190,26 +200,27 @@ def check_rows(rows: list[dict], path: str, key: str = "data.path", kind: str = 
             raise ConfigError(f"{key} {path!r}: {err}") from err
 
 
-def _render(tokenizer, messages: list[dict], index: int, **kwargs) -> str:
+def _render(tokenizer, messages: list[dict], index: int, tools: list | None = None, **kwargs) -> str:
     from jinja2 import TemplateError
 
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+        return tokenizer.apply_chat_template(messages, tokenize=False, tools=tools, **kwargs)
     except TemplateError as err:
         raise ConfigError(f"data row {index}: the chat template refuses this conversation ({err}); fix the row or "
                           f"choose another model.chat_template") from err
 
 
-def _assistant_spans(tokenizer, messages: list[dict], index: int) -> tuple[str, list[tuple[int, int]]]:
+def _assistant_spans(tokenizer, messages: list[dict], index: int,
+                     tools: list | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of each assistant turn (its reply and the
     end-of-turn marker: the model must learn to stop)."""
-    text = _render(tokenizer, messages, index)
+    text = _render(tokenizer, messages, index, tools)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], index, add_generation_prompt=True)
-        upto = _render(tokenizer, messages[:i + 1], index)
+        prompt = _render(tokenizer, messages[:i], index, tools, add_generation_prompt=True)
+        upto = _render(tokenizer, messages[:i + 1], index, tools)
         if not (text.startswith(upto) and upto.startswith(prompt)):
             raise ConfigError(f"data row {index}: the chat template renders the start of the conversation differently "
                               f"from the whole (e.g. it drops earlier reasoning or moves the system text), so the "
@@ -222,23 +233,29 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_on
     """Each row -> {"input_ids", "labels"} (lists), cut to max_seq_length."""
     if tokenizer.chat_template is None and any("text" not in r for r in rows):
         raise ConfigError("the tokenizer has no chat template: set model.chat_template (e.g. chatml) or use text rows")
-    out, needed = [], []
+    out, needed, no_reply = [], [], []
     for index, row in enumerate(rows):
         conversation = to_messages(row, index)
+        tools = row.get("tools")
         if isinstance(conversation, str):
-            ids = tokenizer(conversation, add_special_tokens=True)["input_ids"]
+            # a text that starts with the BOS (a chat rendered already) does not get a second one
+            bos = tokenizer.bos_token
+            ids = tokenizer(conversation, add_special_tokens=not (bos and conversation.startswith(bos)))["input_ids"]
             if tokenizer.eos_token_id is not None and ids[-1:] != [tokenizer.eos_token_id]:
                 ids = ids + [tokenizer.eos_token_id]
             labels = list(ids)
         else:
+            if responses_only and not any(m["role"] == "assistant" for m in conversation):
+                no_reply.append(index)
+                continue
             if responses_only:
-                text, spans = _assistant_spans(tokenizer, conversation, index)
+                text, spans = _assistant_spans(tokenizer, conversation, index, tools)
                 enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
                 ids = enc["input_ids"]
                 labels = [t if any(b <= start < e for b, e in spans) else IGNORE_INDEX
                           for t, (start, _) in zip(ids, enc["offset_mapping"])]
             else:
-                ids = tokenizer(_render(tokenizer, conversation, index), add_special_tokens=False)["input_ids"]
+                ids = tokenizer(_render(tokenizer, conversation, index, tools), add_special_tokens=False)["input_ids"]
                 labels = list(ids)
         first = next((i for i, label in enumerate(labels) if i > 0 and label != IGNORE_INDEX), None)
         if first is None:
@@ -247,6 +264,10 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_on
         ids, labels = ids[:max_seq_length], labels[:max_seq_length]
         if first < max_seq_length:
             out.append({"input_ids": ids, "labels": labels})
+    if no_reply:
+        roles = sorted({m["role"] for i in no_reply[:100] for m in to_messages(rows[i], i)})
+        logger.warning("fusetune data: %d rows have no assistant turn (the first: row %d, roles %s), so nothing to "
+                       "learn; they are left out", len(no_reply), no_reply[0], ", ".join(roles))
     if not out and needed:
         raise ConfigError(f"model.max_seq_length = {max_seq_length} cuts every row before its first answer token "
                           f"(the shortest row needs {min(needed)} tokens): raise model.max_seq_length to at least "

@@ -177,8 +177,8 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
         objective = objective_for(config.stage, tokenizer, m.max_seq_length if d.packing else None, split_sequence)
         lengths = [objective.length(e) for e in examples]
         # (cpt packs its rows into blocks: their count is no row count)
-        dropped = (f" ({len(rows) - len(examples)} rows dropped: no answer to learn within max_seq_length)"
-                   if len(rows) > len(examples) and kind != "cpt" else "")
+        dropped = (f" ({len(rows) - len(examples)} rows dropped: no answer to learn: no assistant turn, or none "
+                   f"within max_seq_length)" if len(rows) > len(examples) and kind != "cpt" else "")
         held = (f"; {len(eval_examples)} held out for the eval loss ({d.eval_path or f'eval_split {d.eval_split:g}'})"
                 if eval_examples else "")
         what_rows = {"sft": "conversations", "cpt": f"blocks of text (from {len(rows)} rows, packed)",
