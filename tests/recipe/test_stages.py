@@ -196,6 +196,33 @@ def test_grpo_advantages_weight_each_completion_and_a_bad_reward_is_named(tmp_pa
         objective.accumulate(model, prompts, 2, torch.device("cpu"))
 
 
+def test_grpo_completions_end_at_the_templates_end_of_turn_and_the_models_stop_tokens(tmp_path, monkeypatch):
+    """A ChatML template on a tokenizer whose end of sequence is another token, and a model whose
+    generation config lists a third: sampling stops at any of them, and each completion is cut
+    after the first (text sampled past the end of the turn is neither rewarded nor trained)."""
+    from fusetune.recipe.config import StageSection
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "stop_scores.py").write_text("def zero(prompts, completions, **kw):\n    return [0.0] * len(completions)\n")
+    tokenizer = byte_level_tokenizer()
+    tokenizer.eos_token = "<|endoftext|>"
+    model = _policy(tokenizer)
+    end, eos, extra = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id, 5
+    model.generation_config.eos_token_id = [extra]
+    objective = GroupRelative(StageSection(kind="grpo", reward="stop_scores:zero", generations=1, max_completion_length=4),
+                              tokenizer)
+    assert objective._stops(model) == sorted({end, eos, extra})
+    prompts = tokenize_prompts([{"prompt": "Say hi"}, {"prompt": "Bye"}, {"prompt": "Go"}], tokenizer, 48)
+    tails = [[7, end, 8, 9], [7, 8, extra, 9], [7, 8, 9, 10]]
+
+    def generate(input_ids, generation_config, **kwargs):
+        assert sorted(generation_config.eos_token_id) == objective._stops(model)
+        return torch.cat([input_ids, torch.tensor(tails)], 1)
+
+    monkeypatch.setattr(model, "generate", generate)
+    assert objective._sample(model, prompts, torch.device("cpu")) == [[7, end], [7, 8, extra], [7, 8, 9, 10]]
+
+
 @pytest.fixture(scope="module")
 def smollm2_folder(tmp_path_factory):
     """The built-in SmolLM2-135M-Instruct as a safetensors folder (read from its GGUF once: each

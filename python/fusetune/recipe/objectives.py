@@ -273,6 +273,21 @@ def load_reward(spec: str):
     return fn
 
 
+def end_of_turn(tokenizer) -> int | None:
+    """The special token the chat template closes an assistant turn with (ChatML's <|im_end|>, Gemma's
+    <end_of_turn>, ...), or None (no template, or text follows the reply)."""
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "?"},
+                                              {"role": "assistant", "content": "REPLY"}], tokenize=False)
+    except (TemplateError, ValueError):
+        return None
+    after = tokenizer(text[text.rindex("REPLY") + len("REPLY"):], add_special_tokens=False)["input_ids"]
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return after[0] if after and after[0] in special | set(tokenizer.all_special_ids) else None
+
+
 class GroupRelative(Objective):
     """grpo on examples {"prompt": as written, "prompt_ids", "columns": the row's other fields}."""
 
@@ -287,12 +302,21 @@ class GroupRelative(Objective):
     def length(example: dict) -> int:
         return len(example["prompt_ids"])
 
+    def _stops(self, model) -> list[int]:
+        """The tokens a completion ends at: the tokenizer's end of sequence, the model's (an instruct
+        model's generation config lists its end-of-turn token there) and the chat template's end of an
+        assistant turn, where that is a special token (a template installed on a base model)."""
+        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        stops = {self.tokenizer.eos_token_id, end_of_turn(self.tokenizer)}
+        stops.update(configured if isinstance(configured, (list, tuple)) else [configured])
+        return sorted(t for t in stops if t is not None)
+
     def _sample(self, model, chunk, device) -> list[list[int]]:
         """`generations` completions of each prompt (left-padded together), each cut after its
-        first end-of-sequence token."""
+        first stop token (_stops)."""
         from transformers import GenerationConfig
 
-        g, eos = self.stage.generations, self.tokenizer.eos_token_id
+        g, eos = self.stage.generations, self._stops(model)
         width = max(len(e["prompt_ids"]) for e in chunk)
         ids = torch.tensor([[self.pad_id] * (width - len(e["prompt_ids"])) + e["prompt_ids"] for e in chunk],
                            device=device)
@@ -303,7 +327,8 @@ class GroupRelative(Objective):
                                   pad_token_id=self.pad_id, eos_token_id=eos)
         with evaluating(model):
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, width:].tolist()
-        return [row[:row.index(eos) + 1] if eos in row else row for row in out]
+        ends = [next((i + 1 for i, t in enumerate(row) if t in eos), len(row)) for row in out]
+        return [row[:end] for row, end in zip(out, ends)]
 
     def _rewards(self, chunk, texts: list[str]) -> list[float]:
         g = self.stage.generations
