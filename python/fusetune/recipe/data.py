@@ -222,9 +222,12 @@ def _assistant_spans(tokenizer, messages: list[dict], index: int,
         prompt = _render(tokenizer, messages[:i], index, tools, add_generation_prompt=True)
         upto = _render(tokenizer, messages[:i + 1], index, tools)
         if not (text.startswith(upto) and upto.startswith(prompt)):
+            # (not "train on every token": that trains the prompts, and what the template dropped stays dropped)
             raise ConfigError(f"data row {index}: the chat template renders the start of the conversation differently "
-                              f"from the whole (e.g. it drops earlier reasoning or moves the system text), so the "
-                              f"replies cannot be located; set data.train_on_responses_only: false")
+                              f"from the whole (Qwen3's and Phi-3's do for several turns, DeepSeek-R1's always: "
+                              f"they drop earlier reasoning or close the text), so the replies cannot be located; "
+                              f"set model.chat_template to one that renders turn by turn (chatml for Qwen, phi for "
+                              f"Phi-3: fusetune get_chat_template's layouts) or give single-turn rows")
         spans.append((len(prompt), len(upto)))
     return text, spans
 
