@@ -155,6 +155,31 @@ def test_every_message_field_the_rows_tools_and_role_aliases_reach_the_template(
     assert "1 rows have no assistant turn (the first: row 2, roles user)" in caplog.text
 
 
+@pytest.mark.parametrize("row, message", [
+    ({"text": None}, "text must be a text, got NoneType"),
+    ({"instruction": "a", "output": 5}, "instruction, input and output must be texts"),
+    ({"messages": []}, "no messages"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, "the conversation starts with an assistant turn"),
+    ({"conversations": [{"from": "human", "value": None}]}, "conversations must be a list of turns, each a from"),
+    ({"prompt": "a", "completion": [{"role": "assistant"}]}, "completion: a text or a list of messages"),
+    ({"conversations": [{"from": "gpt", "value": "Hi"}]}, "the conversation starts with an assistant turn"),
+])
+def test_a_malformed_row_is_named_before_any_model_loads(row, message):
+    from fusetune.recipe.data import check_rows
+
+    with pytest.raises(ConfigError, match=f"data.path 'rows.jsonl': data row 1:? {message}"):
+        check_rows([CONVERSATIONS[0], row], "rows.jsonl")
+
+
+def test_trls_conversational_prompt_completion_and_alpacas_system():
+    assert to_messages({"prompt": [{"role": "system", "content": "Brief."}, {"role": "user", "content": "Hi"}],
+                        "completion": [{"role": "assistant", "content": "Hello"}]}, 0) == [
+        {"role": "system", "content": "Brief."}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"}]
+    assert to_messages({"instruction": "Hi", "output": "Hello", "system": "Brief."}, 0)[0] == {
+        "role": "system", "content": "Brief."}
+
+
 def test_a_text_row_that_starts_with_the_bos_gets_no_second_one():
     from tokenizers.processors import TemplateProcessing
 

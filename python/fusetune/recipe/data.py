@@ -7,8 +7,9 @@ fusetune/data.
 Rows: {"messages": [{"role", "content"}, ...], "tools"?} (OpenAI / TRL: every field of a message,
 reasoning_content and tool_calls too, and the row's tools reach the chat template; roles in any case,
 human / gpt / model read as user / assistant), {"conversations": [{"from", "value"}, ...]} (ShareGPT),
-{"instruction", "input"?, "output"} (Alpaca), {"prompt", "completion"}, or {"text"} (plain text: every
-token is a label; a text that starts with the BOS token gets no second one).
+{"instruction", "input"?, "output", "system"?} (Alpaca), {"prompt", "completion"} (texts, or TRL's lists
+of messages), or {"text"} (plain text: every token is a label; a text that starts with the BOS token gets
+no second one).
 """
 from __future__ import annotations
 
@@ -140,6 +141,14 @@ def _read_datasets(p: Path, path: str, key: str) -> list[dict]:
 
 def to_messages(row: dict, index: int) -> list[dict] | str:
     """A row as a list of chat messages, or as a plain string for {"text"} rows."""
+    messages = _row_messages(row, index)
+    if isinstance(messages, list) and messages[0]["role"] == "assistant":
+        raise ConfigError(f"data row {index}: the conversation starts with an assistant turn: there is nothing it "
+                          f"answers")
+    return messages
+
+
+def _row_messages(row: dict, index: int) -> list[dict] | str:
     if "messages" in row:
         messages = row["messages"]
         if not isinstance(messages, list) or not all(
@@ -148,19 +157,33 @@ def to_messages(row: dict, index: int) -> list[dict] | str:
                 for m in messages):
             raise ConfigError(f"data row {index}: each message needs a role and a content (text; none only beside "
                               f"tool_calls)")
+        if not messages:
+            raise ConfigError(f"data row {index}: no messages")
         # every field goes to the template as given (reasoning_content, tool_calls, name, ...)
         return [{**m, "role": ROLE_ALIASES.get(m["role"].lower(), m["role"].lower())} for m in messages]
     if "conversations" in row:
+        turns = row["conversations"]
+        if not isinstance(turns, list) or not turns or not all(
+                isinstance(m, dict) and isinstance(m.get("value"), str) for m in turns):
+            raise ConfigError(f"data row {index}: conversations must be a list of turns, each a from and a value "
+                              f"(text)")
         try:
-            return [{"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]} for m in row["conversations"]]
+            return [{"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]} for m in turns]
         except KeyError as err:
             raise ConfigError(f"data row {index}: ShareGPT role {err} not known ({', '.join(SHAREGPT_ROLES)})") from err
     if "instruction" in row and "output" in row:
+        if not all(isinstance(row.get(k), str) for k in ("instruction", "output")) or \
+                not isinstance(row.get("input") or "", str):
+            raise ConfigError(f"data row {index}: instruction, input and output must be texts")
         prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
-    if "prompt" in row and "completion" in row:
-        return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+        system = [{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str) else []
+        return system + [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+    if "prompt" in row and "completion" in row:  # texts, or TRL's conversational layout (message lists)
+        return (_chat(row["prompt"], "user", f"data row {index} prompt")
+                + _chat(row["completion"], "assistant", f"data row {index} completion"))
     if "text" in row:
+        if not isinstance(row["text"], str):
+            raise ConfigError(f"data row {index}: text must be a text, got {type(row['text']).__name__}")
         return row["text"]
     raise ConfigError(f"data row {index} has keys {sorted(row)}: fusetune reads messages, conversations, "
                       f"instruction/output, prompt/completion or text rows")
