@@ -109,7 +109,7 @@ def test_row_formats_become_conversations():
         to_messages({"question": "?"}, 7)
 
 
-def test_labels_cover_exactly_the_assistant_replies():
+def test_labels_cover_exactly_the_assistant_replies(caplog):
     tokenizer = byte_level_tokenizer()
     examples = tokenize_rows(CONVERSATIONS, tokenizer, 512)
     assert len(examples) == len(CONVERSATIONS)
@@ -121,9 +121,12 @@ def test_labels_cover_exactly_the_assistant_replies():
     assert everything["labels"] == everything["input_ids"]
     with pytest.raises(ConfigError, match="data row 0: each message needs a role and a content"):
         tokenize_rows([{"messages": [{"role": "user"}]}], tokenizer, 64)
-    cut = tokenize_rows(CONVERSATIONS, tokenizer, 34)  # rows cut to 34 tokens; those whose reply is gone are dropped
+    with caplog.at_level("WARNING", logger="fusetune"):
+        cut = tokenize_rows(CONVERSATIONS, tokenizer, 34)  # rows cut to 34 tokens; those whose reply is gone are dropped
     keep = sum(any(label != IGNORE_INDEX for label in e["labels"][1:34]) for e in examples)
     assert all(len(e["input_ids"]) <= 34 for e in cut) and len(cut) == keep < len(CONVERSATIONS)
+    longer = sum(len(e["input_ids"]) > 34 and any(label != IGNORE_INDEX for label in e["labels"][1:34]) for e in examples)
+    assert longer and f"{longer} of {len(CONVERSATIONS)} rows are longer than model.max_seq_length = 34" in caplog.text
     with pytest.raises(ConfigError, match=r"model.max_seq_length = 8 cuts every row before its first answer token "
                                           r"\(the shortest row needs 2\d tokens\): raise model.max_seq_length"):
         tokenize_rows(CONVERSATIONS, tokenizer, 8)

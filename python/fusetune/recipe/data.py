@@ -259,7 +259,7 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_on
     """Each row -> {"input_ids", "labels"} (lists), cut to max_seq_length."""
     if tokenizer.chat_template is None and any("text" not in r for r in rows):
         raise ConfigError("the tokenizer has no chat template: set model.chat_template (e.g. chatml) or use text rows")
-    out, needed, no_reply = [], [], []
+    out, needed, no_reply, cut = [], [], [], 0
     for index, row in enumerate(rows):
         conversation = to_messages(row, index)
         tools = row.get("tools")
@@ -287,9 +287,13 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_on
         if first is None:
             continue  # nothing to learn in this row at any length
         needed.append(first + 1)
-        ids, labels = ids[:max_seq_length], labels[:max_seq_length]
         if first < max_seq_length:
-            out.append({"input_ids": ids, "labels": labels})
+            cut += len(ids) > max_seq_length
+            out.append({"input_ids": ids[:max_seq_length], "labels": labels[:max_seq_length]})
+    if cut:
+        logger.warning("fusetune data: %d of %d rows are longer than model.max_seq_length = %d and are cut there: "
+                       "what follows, the end-of-turn token that teaches the model to stop included, is not learned; "
+                       "raise model.max_seq_length to keep it", cut, len(rows), max_seq_length)
     if no_reply:
         roles = sorted({m["role"] for i in no_reply[:100] for m in to_messages(rows[i], i)})
         logger.warning("fusetune data: %d rows have no assistant turn (the first: row %d, roles %s), so nothing to "
