@@ -59,7 +59,8 @@ def test_mask_non_responses_keeps_only_replies():
     # a packed row: the first example's reply stops where the second (a system prompt first) begins
     ids = torch.tensor([[start, user, hi, end, start, assistant, hello, end, start, system, hi, end]])
     positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]])
-    assert mask_non_responses(ids, ids, markers, positions).tolist() == [[-100] * 6 + [hello, end] + [-100] * 4]
+    assert mask_non_responses(ids, ids, markers, position_ids=positions).tolist() == [
+        [-100] * 6 + [hello, end] + [-100] * 4]
 
 
 def _byte_level_tokenizer():
@@ -107,15 +108,28 @@ def test_a_response_part_that_never_matches_is_an_error_not_a_run_that_learns_no
         input_ids = torch.tensor([f["input_ids"] for f in features])
         return {"input_ids": input_ids, "labels": input_ids.clone()}
 
-    collate = train_on_responses_only(collator, tokenizer=tokenizer, response_part="<|im_start|>model\n")
-    with pytest.raises(ValueError, match=r"part '<\|im_start\|>model\\n' does not occur in its rows"):
-        collate([{"input_ids": ids}])
+    with pytest.raises(ValueError, match=r"part '<\|im_start\|>model\\n' does not occur where the chat template "
+                                         r"writes a reply"):
+        train_on_responses_only(collator, tokenizer=tokenizer, response_part="<|im_start|>model\n")
     collate = train_on_responses_only(collator, tokenizer=tokenizer)
     assert collate([{"input_ids": ids}])["labels"].ne(-100).any()
     prompt_only = ids[:ids.index(tokenizer.convert_tokens_to_ids("assistant")) - 1]  # a reply cut off
     with caplog.at_level("WARNING", logger="fusetune"):
         assert collate([{"input_ids": prompt_only}])["labels"].eq(-100).all()
     assert "trains on nothing" in caplog.text
+
+
+def test_plain_text_markers_do_not_end_a_reply_at_their_shared_words():
+    """Alpaca's "### Instruction:" / "### Response:" share "###", which a reply may hold (a heading):
+    only special tokens start a turn, so the reply runs to the next instruction marker."""
+    tokenizer = _byte_level_tokenizer()
+    text = "### Instruction:\nHi\n\n### Response:\n# Title\n\n### Install\nrun it\n\n### Instruction:\nBye"
+    ids = tokenizer(text)["input_ids"]
+    markers = Markers(tokenizer, "### Instruction:\n", "### Response:\n")
+    assert markers.turn == []
+    labels = mask_non_responses(torch.tensor([ids]), torch.tensor([ids]), markers)[0]
+    assert tokenizer.decode([i for i, label in zip(ids, labels.tolist()) if label != -100]) == \
+        "# Title\n\n### Install\nrun it\n\n"
 
 
 def test_train_on_responses_only_wraps_a_collator():

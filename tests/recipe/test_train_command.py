@@ -149,12 +149,19 @@ def test_every_message_field_the_rows_tools_and_role_aliases_reach_the_template(
                           {"role": "assistant", "content": None, "tool_calls": [{"name": "weather"}]},
                           {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}],
              "tools": [{"name": "weather"}]},
-            {"messages": [{"role": "user", "content": "Only a question"}]}]
+            {"messages": [{"role": "user", "content": "Only a question"}]},
+            # a parquet / Hub row: every message has every column (None where unused), tools as a JSON text
+            {"messages": [{"role": "user", "content": "Weather?", "tool_calls": None},
+                          {"role": "assistant", "content": "Sunny.", "tool_calls": None, "reasoning_content": None}],
+             "tools": '[{"name": "weather"}]'}]
     with caplog.at_level("WARNING", logger="fusetune"):
         examples = tokenize_rows(rows, tokenizer, 512)
     learned = [tokenizer.decode([t for t in e["labels"] if t != IGNORE_INDEX]) for e in examples]
-    assert learned == ["<think>Two and two.</think>4.<|im_end|>\n", "<call>weather</call><|im_end|>\nSunny.<|im_end|>\n"]
-    assert tokenizer.decode(examples[1]["input_ids"]).startswith("<|im_start|>system\nTools: weather<|im_end|>")
+    assert learned == ["<think>Two and two.</think>4.<|im_end|>\n", "<call>weather</call><|im_end|>\nSunny.<|im_end|>\n",
+                       "Sunny.<|im_end|>\n"]
+    assert to_messages(rows[3], 3)[1] == {"role": "assistant", "content": "Sunny."}  # transformers 5.17 keeps Nones
+    for example in examples[1:]:
+        assert tokenizer.decode(example["input_ids"]).startswith("<|im_start|>system\nTools: weather<|im_end|>")
     assert "1 rows have no assistant turn (the first: row 2, roles user)" in caplog.text
 
 
@@ -165,6 +172,7 @@ def test_every_message_field_the_rows_tools_and_role_aliases_reach_the_template(
     ({"messages": [{"role": "assistant", "content": "x"}]}, "the conversation starts with an assistant turn"),
     ({"conversations": [{"from": "human", "value": None}]}, "conversations must be a list of turns, each a from"),
     ({"prompt": "a", "completion": [{"role": "assistant"}]}, "completion: a text or a list of messages"),
+    ({"messages": [{"role": "user", "content": "a"}], "tools": "{not json"}, "tools is a text but no JSON"),
     ({"conversations": [{"from": "gpt", "value": "Hi"}]}, "the conversation starts with an assistant turn"),
 ])
 def test_a_malformed_row_is_named_before_any_model_loads(row, message):

@@ -107,7 +107,10 @@ class Markers:
         while (common < min(len(self.instruction), len(self.response))
                and self.instruction[common] == self.response[common]):
             common += 1
-        self.turn = self.instruction[:common]
+        # only special tokens start a turn: shared plain text ("###" of "### Instruction:" and "### Response:")
+        # may occur inside a reply
+        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        self.turn = self.instruction[:common] if all(t in special for t in self.instruction[:common]) else []
         self._tokenizer, self._spaces = tokenizer, {}
 
     def spaces(self, token: int) -> int:
@@ -130,12 +133,13 @@ class Markers:
             pos = end
 
 
-def mask_non_responses(input_ids: torch.Tensor, labels: torch.Tensor, markers: Markers,
+def mask_non_responses(input_ids: torch.Tensor, labels: torch.Tensor, markers: Markers, *,
                        position_ids: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
     """labels with everything but the assistant's replies (markers.replies) set to ignore_index;
-    position_ids (packed rows) mark where each example begins."""
+    position_ids of input_ids' shape (packed rows) mark where each example begins."""
     out = labels.clone()
-    starts = None if position_ids is None else position_ids.eq(0).tolist()
+    packed = position_ids is not None and position_ids.shape == input_ids.shape
+    starts = position_ids.eq(0).tolist() if packed else None
     for row, ids in enumerate(input_ids.tolist()):
         keep = torch.zeros(len(ids), dtype=torch.bool)
         bounds = [i for i, first in enumerate(starts[row]) if first and i] if starts else []
@@ -149,9 +153,9 @@ def mask_non_responses(input_ids: torch.Tensor, labels: torch.Tensor, markers: M
 def train_on_responses_only(trainer_or_collator, instruction_part: str | None = None,
                             response_part: str | None = None, tokenizer=None):
     """Wrap a data collator (or a Trainer's, in place) so labels cover only the assistant's replies.
-    The parts default to those of the template get_chat_template installed. If the first batches hold
-    no reply, that is an error (the parts do not match the data), not steps that train on nothing;
-    once replies were found, such a batch gets a warning."""
+    The parts default to those of the template get_chat_template installed. Parts that do not find the
+    reply in a conversation the tokenizer's chat template renders are an error here, before any step
+    trains on nothing; a batch without a reply (cut off by the maximum length) gets a warning."""
     trainer = trainer_or_collator if hasattr(trainer_or_collator, "data_collator") else None
     collator = trainer.data_collator if trainer is not None else trainer_or_collator
     tokenizer = tokenizer or getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None)
@@ -164,25 +168,37 @@ def train_on_responses_only(trainer_or_collator, instruction_part: str | None = 
         raise ValueError("train_on_responses_only: give instruction_part and response_part (or install a template "
                          "with get_chat_template first)")
     markers = Markers(tokenizer, instruction_part, response_part)
-    found = {"reply": False}
+    _check_parts(tokenizer, markers, response_part)
 
     def collate(features):
         batch = collator(features)
         labels = batch["labels"]
-        batch["labels"] = mask_non_responses(batch["input_ids"], labels, markers, batch.get("position_ids"))
-        if batch["labels"].ne(-100).any():
-            found["reply"] = True
-        elif labels.ne(-100).any():
-            message = (f"no assistant reply in this batch: the response part {response_part!r} does not occur in "
-                       f"its rows")
-            if not found["reply"]:  # never matched: the parts do not fit the data
-                raise ValueError(f"train_on_responses_only: {message}; pass response_part= as your chat template "
-                                 f"writes it before a reply")
-            logger.warning("fusetune: train_on_responses_only: %s (replies cut off by the maximum length?): "
-                           "this batch trains on nothing", message)
+        batch["labels"] = mask_non_responses(batch["input_ids"], labels, markers,
+                                             position_ids=batch.get("position_ids"))
+        if labels.ne(-100).any() and not batch["labels"].ne(-100).any():
+            logger.warning("fusetune: train_on_responses_only: no assistant reply in this batch (the response part "
+                           "%r does not occur in its rows: replies cut off by the maximum length?), so it trains on "
+                           "nothing", response_part)
         return batch
 
     if trainer is not None:
         trainer.data_collator = collate
         return trainer
     return collate
+
+
+def _check_parts(tokenizer, markers: Markers, response_part: str) -> None:
+    """The parts find the reply of a short conversation as the tokenizer's chat template renders it (a
+    tokenizer without a template: nothing to check against)."""
+    from jinja2 import TemplateError
+
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+    except (TemplateError, ValueError):
+        return
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not any(begin < end for begin, end in markers.replies(ids, len(ids))):
+        raise ValueError(f"train_on_responses_only: the response part {response_part!r} does not occur where the "
+                         f"chat template writes a reply ({text!r:.200}); pass response_part= (and instruction_part=) "
+                         f"as the template writes them")

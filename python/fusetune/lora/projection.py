@@ -237,8 +237,10 @@ def shared_casts(scope: dict):
 
 def cast_together(tensors, dtype: torch.dtype, device: torch.device) -> dict:
     """A shared_casts scope holding the floating tensors on `device` not already in `dtype`, cast in one
-    foreach copy into one buffer (freed with the scope)."""
-    tensors = [t for t in tensors if t.dtype != dtype and t.is_floating_point() and t.device == device]
+    foreach copy into one buffer (freed with the scope). Only plain tensors: a sharded one (FSDP2's
+    DTensor, before its module gathers it) is cast on use, one by one."""
+    tensors = [t for t in tensors if type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype != dtype
+               and t.is_floating_point() and t.device == device]
     if not tensors:
         return {}
     buffer = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=device)

@@ -139,9 +139,32 @@ def _read_datasets(p: Path, path: str, key: str) -> list[dict]:
     return list(ds)
 
 
+def _message(message: dict) -> dict:
+    """A message for the chat template: every field as given (reasoning_content, tool_calls, name, ...)
+    but those that are None (a parquet or Hub dataset gives every message every column; transformers
+    5.17 hands them to the template as they are), the role with its aliases resolved."""
+    fields = {k: v for k, v in message.items() if v is not None}
+    return {**fields, "role": ROLE_ALIASES.get(message["role"].lower(), message["role"].lower())}
+
+
+def row_tools(row: dict, index: int) -> list | None:
+    """The row's tools for the chat template: a list (a JSON text of one, as Hub datasets store it), or
+    None where it has none."""
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"data row {index}: tools is a text but no JSON ({err})") from err
+    if tools is not None and not isinstance(tools, list):
+        raise ConfigError(f"data row {index}: tools must be a list of tool schemas, got {type(tools).__name__}")
+    return tools or None
+
+
 def to_messages(row: dict, index: int) -> list[dict] | str:
     """A row as a list of chat messages, or as a plain string for {"text"} rows."""
     messages = _row_messages(row, index)
+    row_tools(row, index)
     if isinstance(messages, list) and messages[0]["role"] == "assistant":
         raise ConfigError(f"data row {index}: the conversation starts with an assistant turn: there is nothing it "
                           f"answers")
@@ -159,8 +182,7 @@ def _row_messages(row: dict, index: int) -> list[dict] | str:
                               f"tool_calls)")
         if not messages:
             raise ConfigError(f"data row {index}: no messages")
-        # every field goes to the template as given (reasoning_content, tool_calls, name, ...)
-        return [{**m, "role": ROLE_ALIASES.get(m["role"].lower(), m["role"].lower())} for m in messages]
+        return [_message(m) for m in messages]
     if "conversations" in row:
         turns = row["conversations"]
         if not isinstance(turns, list) or not turns or not all(
@@ -199,7 +221,7 @@ def _chat(value, role: str, where: str) -> list[dict]:
         return [{"role": role, "content": value}]
     if isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("role"), str)
                                                  and isinstance(m.get("content"), str) for m in value):
-        return [{**m, "role": ROLE_ALIASES.get(m["role"].lower(), m["role"].lower())} for m in value]
+        return [_message(m) for m in value]
     raise ConfigError(f"{where}: a text or a list of messages (each a role and a content), got {value!r:.60}")
 
 
@@ -228,7 +250,7 @@ def _render(tokenizer, messages: list[dict], index: int, tools: list | None = No
 
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, tools=tools, **kwargs)
-    except TemplateError as err:
+    except (TemplateError, TypeError, ValueError) as err:  # the template's own checks, and fields it cannot take
         raise ConfigError(f"data row {index}: the chat template refuses this conversation ({err}); fix the row or "
                           f"choose another model.chat_template") from err
 
@@ -262,7 +284,7 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_on
     out, needed, no_reply, cut = [], [], [], 0
     for index, row in enumerate(rows):
         conversation = to_messages(row, index)
-        tools = row.get("tools")
+        tools = row_tools(row, index)
         if isinstance(conversation, str):
             # a text that starts with the BOS (a chat rendered already) does not get a second one
             bos = tokenizer.bos_token
