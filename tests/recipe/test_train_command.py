@@ -125,7 +125,8 @@ def test_labels_cover_exactly_the_assistant_replies(caplog):
         cut = tokenize_rows(CONVERSATIONS, tokenizer, 34)  # rows cut to 34 tokens; those whose reply is gone are dropped
     keep = sum(any(label != IGNORE_INDEX for label in e["labels"][1:34]) for e in examples)
     assert all(len(e["input_ids"]) <= 34 for e in cut) and len(cut) == keep < len(CONVERSATIONS)
-    longer = sum(len(e["input_ids"]) > 34 and any(label != IGNORE_INDEX for label in e["labels"][1:34]) for e in examples)
+    longer = sum(len(e["input_ids"]) > 34 and any(label != IGNORE_INDEX for label in e["labels"][1:34])
+                 for e in examples)
     assert longer and f"{longer} of {len(CONVERSATIONS)} rows are longer than model.max_seq_length = 34" in caplog.text
     with pytest.raises(ConfigError, match=r"model.max_seq_length = 8 cuts every row before its first answer token "
                                           r"\(the shortest row needs 2\d tokens\): raise model.max_seq_length"):
@@ -189,6 +190,58 @@ def test_trls_conversational_prompt_completion_and_alpacas_system():
         {"role": "assistant", "content": "Hello"}]
     assert to_messages({"instruction": "Hi", "output": "Hello", "system": "Brief."}, 0)[0] == {
         "role": "system", "content": "Brief."}
+
+
+# TRL ships these families' own chat templates; their renders of a conversation's start are not prefixes
+# of the whole (Qwen3 drops earlier turns' think blocks, Phi-3 ends every render with its end of text,
+# DeepSeek-R1's generation prompt opens a think block). The labels are TRL's assistant_only_loss ones
+# (its *_training.jinja), but for Qwen3's earlier turns, learned as the template renders them at
+# inference (no think block), and R1's "<｜Assistant｜>" header, which is the prompt here.
+UNSTABLE_TEMPLATES = {
+    "qwen3": (["<|im_start|>", "<|im_end|>", "<think>", "</think>"], "<|im_end|>", None,
+              "4.<|im_end|>\n<think>\n\n</think>\n\n6.<|im_end|>\n"),
+    "phi3": (["<|user|>", "<|assistant|>", "<|end|>", "<|system|>", "<|endoftext|>"], "<|endoftext|>", None,
+             "4.<|end|>\n6.<|end|>\n<|endoftext|>"),
+    "deepseek_r1_distill": (["<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"],
+                            "<｜end▁of▁sentence｜>", "<｜begin▁of▁sentence｜>",
+                            "4.<｜end▁of▁sentence｜>6.<｜end▁of▁sentence｜>"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(UNSTABLE_TEMPLATES))
+def test_replies_are_found_under_templates_that_render_the_start_differently(family):
+    path = importlib.util.find_spec("trl").submodule_search_locations[0] + f"/chat_templates/{family}.jinja"
+    if not os.path.exists(path):
+        pytest.skip(f"this TRL release ships no {family}.jinja")
+    specials, eos, bos, want = UNSTABLE_TEMPLATES[family]
+    tokenizer = byte_level_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.eos_token = eos
+    if bos:
+        tokenizer.bos_token = bos
+    tokenizer.chat_template = open(path).read()
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4."}, {"role": "user", "content": "And 3+3?"},
+            {"role": "assistant", "content": "6."}]
+    labels = tokenize_rows([{"messages": chat}], tokenizer, 4096)[0]["labels"]
+    assert tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) == want
+
+
+def test_a_template_that_moves_text_across_turns_is_refused():
+    """Mistral's templates put the system prompt into the last question: the render before the first
+    reply parts from the whole inside that reply's question, which must not be learned."""
+    tokenizer = byte_level_tokenizer()
+    tokenizer.chat_template = (
+        "{% set last = namespace(i=0) %}{% for m in messages %}{% if m.role == 'user' %}{% set last.i = loop.index0 %}"
+        "{% endif %}{% endfor %}{% for m in messages %}{% if m.role == 'user' %}<|im_start|>{% if loop.index0 == last.i "
+        "%}{{ messages[0].content }} {% endif %}{{ m.content }}<|im_end|>{% elif m.role == 'assistant' %}"
+        "{{ m.content }}<|endoftext|>{% endif %}{% endfor %}")
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4."}, {"role": "user", "content": "And 3+3?"},
+            {"role": "assistant", "content": "6."}]
+    with pytest.raises(ConfigError, match="data row 0: the chat template renders the start of the conversation "
+                                          "differently from the whole, and the turn before a reply does not end"):
+        tokenize_rows([{"messages": chat}], tokenizer, 4096)
 
 
 def test_a_text_row_that_starts_with_the_bos_gets_no_second_one():

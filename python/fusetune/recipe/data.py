@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -255,25 +256,67 @@ def _render(tokenizer, messages: list[dict], index: int, tools: list | None = No
                           f"choose another model.chat_template") from err
 
 
+def end_of_turn(tokenizer) -> int | None:
+    """The special token the chat template closes an assistant turn with (ChatML's <|im_end|>, Gemma's
+    <end_of_turn>, ...), or None (no template, or text follows the reply)."""
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "?"},
+                                              {"role": "assistant", "content": "REPLY"}], tokenize=False)
+    except (TemplateError, ValueError):
+        return None
+    after = tokenizer(text[text.rindex("REPLY") + len("REPLY"):], add_special_tokens=False)["input_ids"]
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return after[0] if after and after[0] in special | set(tokenizer.all_special_ids) else None
+
+
+def _unstable(index: int, why: str) -> ConfigError:
+    # (not "train on every token": that trains the prompts, and what the template dropped stays dropped)
+    return ConfigError(f"data row {index}: the chat template renders the start of the conversation differently from "
+                       f"the whole, and {why}, so the replies cannot be located; set model.chat_template to one that "
+                       f"renders turn by turn (chatml for Qwen, phi for Phi-3: fusetune get_chat_template's layouts)")
+
+
 def _assistant_spans(tokenizer, messages: list[dict], index: int,
                      tools: list | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of each assistant turn (its reply and the
-    end-of-turn marker: the model must learn to stop)."""
+    end-of-turn marker: the model must learn to stop).
+
+    A turn starts where the render of the conversation before it, with the generation prompt, parts
+    from the whole; it ends where the render up to it does, if that is a prefix of the whole. Templates
+    whose renders are not prefixes of each other (Qwen3 drops the reasoning of turns before the last
+    question and writes an empty think block after it, Phi-3 closes every render with its end of text,
+    DeepSeek-R1's generation prompt opens a think block its turns do not have) end the turn at the
+    template's end-of-turn token instead, provided the message before the turn ends before it (a
+    template that moves text across turns, as Mistral's puts the system prompt in the last question,
+    is refused)."""
     text = _render(tokenizer, messages, index, tools)
-    spans = []
+    spans, done, marker = [], 0, None
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         prompt = _render(tokenizer, messages[:i], index, tools, add_generation_prompt=True)
         upto = _render(tokenizer, messages[:i + 1], index, tools)
-        if not (text.startswith(upto) and upto.startswith(prompt)):
-            # (not "train on every token": that trains the prompts, and what the template dropped stays dropped)
-            raise ConfigError(f"data row {index}: the chat template renders the start of the conversation differently "
-                              f"from the whole (Qwen3's and Phi-3's do for several turns, DeepSeek-R1's always: "
-                              f"they drop earlier reasoning or close the text), so the replies cannot be located; "
-                              f"set model.chat_template to one that renders turn by turn (chatml for Qwen, phi for "
-                              f"Phi-3: fusetune get_chat_template's layouts) or give single-turn rows")
-        spans.append((len(prompt), len(upto)))
+        if text.startswith(upto) and upto.startswith(prompt):
+            spans.append((len(prompt), len(upto)))
+            done = len(upto)
+            continue
+        start = len(os.path.commonprefix([text, prompt]))
+        before = (messages[i - 1].get("content") or "").strip()
+        if start < done or (before and not 0 <= text.find(before, done) <= start - len(before)):
+            raise _unstable(index, "the turn before a reply does not end before it")
+        if marker is None:
+            token = end_of_turn(tokenizer)
+            marker = "" if token is None else tokenizer.decode([token])
+        close = text.find(marker, start) if marker else -1
+        if close < 0:
+            raise _unstable(index, "it closes a reply with no special token")
+        end = close + len(marker)
+        while end < len(text) and text[end] == "\n":  # the newline after the marker, as the template writes it
+            end += 1
+        spans.append((start, end))
+        done = end
     return text, spans
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from fusetune.ops.cross_entropy import cross_entropy
 from fusetune.recipe.config import ConfigError, StageSection
-from fusetune.recipe.data import IGNORE_INDEX, collate, label_count
+from fusetune.recipe.data import IGNORE_INDEX, collate, end_of_turn, label_count
 from fusetune.training import distributed
 from fusetune.training.context_parallel import context_parallel, shard_batch
 from fusetune.training.packing import pack_examples, pack_groups
@@ -271,21 +271,6 @@ def load_reward(spec: str):
         raise ConfigError(f"stage.reward = {spec!r}: {module_name} has no function {function!r}"
                           f"{f' (did you mean {close[0]!r}?)' if close else ''}")
     return fn
-
-
-def end_of_turn(tokenizer) -> int | None:
-    """The special token the chat template closes an assistant turn with (ChatML's <|im_end|>, Gemma's
-    <end_of_turn>, ...), or None (no template, or text follows the reply)."""
-    from jinja2 import TemplateError
-
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "?"},
-                                              {"role": "assistant", "content": "REPLY"}], tokenize=False)
-    except (TemplateError, ValueError):
-        return None
-    after = tokenizer(text[text.rindex("REPLY") + len("REPLY"):], add_special_tokens=False)["input_ids"]
-    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
-    return after[0] if after and after[0] in special | set(tokenizer.all_special_ids) else None
 
 
 class GroupRelative(Objective):
