@@ -545,6 +545,30 @@ def test_command_errors_are_messages_not_tracebacks(tmp_path):
     assert proc.returncode == 0 and "smollm2-135m-instruct" in proc.stdout
 
 
+def test_eval_of_a_cpt_config_measures_the_blocks_training_measured(tmp_path, monkeypatch):
+    """`fusetune eval` on a cpt config: the held-out text rows packed into max_seq_length blocks, as the
+    run's eval loss measured them (not tokenized one row each)."""
+    from fusetune.recipe.data import pack_texts
+    from fusetune.recipe.evaluation import run_eval
+
+    tokenizer = byte_level_tokenizer()
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    texts = [{"text": "The quick brown fox jumps over the lazy dog. " * k} for k in (1, 2, 3, 5)]
+    (tmp_path / "held.jsonl").write_text("\n".join(json.dumps(r) for r in texts))
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in texts))
+    monkeypatch.chdir(tmp_path)
+    config = build_config({"model": {"name": str(tmp_path / "base"), "max_seq_length": 32},
+                           "data": {"path": "data.jsonl", "eval_path": "held.jsonl"}, "stage": {"kind": "cpt"},
+                           "training": {"micro_batch_size": 2}, "output": {"dir": "out"}})
+    with use_backend("torch"):
+        report = run_eval(config, log=lambda line: None)
+        blocks = pack_texts(texts, tokenizer, 32)
+        model = tiny_model("llama", vocab_size=len(tokenizer))
+        want = LanguageModeling(tokenizer.pad_token_id).evaluate(model, blocks, 2, torch.device("cpu"))
+    assert report["eval"]["rows"] == len(blocks) and report["eval"]["loss"] == pytest.approx(want, rel=1e-5)
+
+
 def test_command_trains_a_config(tmp_path):
     """A user's config: a local model directory, a jsonl file, LoRA, checkpoints, GGUF and merged output."""
     pytest.importorskip("gguf")

@@ -200,7 +200,7 @@ def run_eval(config, log=print) -> dict:
     from fusetune.api.tokens import fit_embeddings
     from fusetune.atomic import atomic_write
     from fusetune.recipe.chat import trained_model_path
-    from fusetune.recipe.data import tokenize_rows
+    from fusetune.recipe.data import stage_examples
 
     m, d, t = config.model, config.data, config.training
     _, eval_rows, questions = read_run_data(config, training=False)  # the rows `fusetune train` held out
@@ -225,7 +225,8 @@ def run_eval(config, log=print) -> dict:
             fit_embeddings(model, tokenizer, model.get_input_embeddings().weight.shape[0])
     report = {"model": source}
     if eval_rows:
-        examples = tokenize_rows(eval_rows, tokenizer, m.max_seq_length, d.train_on_responses_only)
+        # as training measured its eval loss (cpt: blocks of packed text, sft: the replies)
+        examples = stage_examples("cpt" if config.stage.kind == "cpt" else "sft", eval_rows, tokenizer, config)
         micro = t.micro_batch_size if isinstance(t.micro_batch_size, int) else min(t.effective_batch_size, 4)
         loss = LanguageModeling(tokenizer.pad_token_id).evaluate(model, examples, micro, device)
         report["eval"] = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "rows": len(examples)}
