@@ -30,10 +30,12 @@ fusetune::DType kernel_dtype(const at::Tensor& t) {
   }
 }
 
-void check_on_gpu(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+// t on a CUDA device, the one of the op's first operand `ref` (named ref_name in the message), contiguous
+void check_on_gpu(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
+                  const char* ref_name = "x") {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x on ",
-              x.device(), "; move both to one device");
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " on ",
+              ref.device(), "; move both to one device");
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (call .contiguous())");
 }
 
@@ -155,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_meta(const at::Tensor&, const at
 
 void check_nf4_input(const at::Tensor& t, const at::Tensor& packed, at::ScalarType dtype, int64_t numel,
                      const char* name, const char* op) {
-  check_on_gpu(t, packed, op, name);
+  check_on_gpu(t, packed, op, name, "packed");
   TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.numel() >= numel, op, ": ", name, " has ", t.numel(), " elements; the weight needs ", numel);
 }
@@ -190,7 +192,7 @@ void nf4_dequant(const at::Tensor& packed, const at::Tensor& absmax, const at::T
                  const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
                  int64_t nested_blocksize, at::Tensor& out) {
   const char* op = "fusetune::nf4_dequant";
-  check_on_gpu(out, packed, op, "out");
+  check_on_gpu(out, packed, op, "out", "packed");
   const auto dt = out.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
               ": out must be float32, float16 or bfloat16, got ", dt);
@@ -395,7 +397,7 @@ void cross_entropy_fwd(const at::Tensor& x, const at::Tensor& targets, int64_t i
   check_logits(x, targets, op);
   TORCH_CHECK(softcap >= 0, op, ": softcap must be > 0 (0 for none), got ", softcap);
   for (const auto* t : {&loss, &lse}) {
-    check_on_gpu(*t, x, op, "loss and lse");
+    check_on_gpu(*t, x, op, "loss and lse", "logits");
     TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(0) && t->scalar_type() == at::kFloat, op,
                 ": loss and lse must be float32 (", x.size(0), ",), got ", t->scalar_type(), " of shape ", t->sizes());
   }
@@ -416,7 +418,7 @@ void cross_entropy_bwd(const at::Tensor& x, const at::Tensor& targets, const at:
   const char* op = "fusetune::cross_entropy_bwd";
   check_logits(x, targets, op);
   TORCH_CHECK(softcap >= 0, op, ": softcap must be > 0 (0 for none), got ", softcap);
-  check_on_gpu(lse, x, op, "lse");
+  check_on_gpu(lse, x, op, "lse", "logits");
   TORCH_CHECK(lse.dim() == 1 && lse.size(0) == x.size(0) && lse.scalar_type() == at::kFloat, op,
               ": lse must be the float32 (", x.size(0), ",) tensor from cross_entropy_fwd, got ", lse.scalar_type(),
               " of shape ", lse.sizes());
