@@ -324,10 +324,10 @@ def test_shared_casts_reuse_within_a_scope_per_thread():
     updates (a new version), and a scope entered in one thread is not seen by another."""
     import threading
 
-    from fusetune.lora.projection import cast_lora, shared_casts
+    from fusetune.lora.projection import CastScope, cast_lora, shared_casts
 
     a, b = torch.randn(4, 8), torch.randn(8, 4)
-    scope = {}
+    scope = CastScope()
     with shared_casts(scope):
         first = cast_lora((a, b), torch.bfloat16)[0][0]
         assert cast_lora((a, b), torch.bfloat16)[0][0] is first

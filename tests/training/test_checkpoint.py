@@ -236,10 +236,11 @@ def test_no_offload_without_grad(device, monkeypatch):
 
 
 def test_adapters_cast_together_for_the_forward_and_again_for_the_backward(monkeypatch):
-    """fp32 adapters on a bf16 model: under the offloaded checkpoint each layer casts all its
-    adapters to bf16 in one foreach copy for its forward and one for its recompute and backward
-    (not one launch per tensor and use), and the forward's copies are gone before the backward
-    (held, they would add to the peak); the loss and the gradients are those of casting each time."""
+    """fp32 adapters on a bf16 model: under the offloaded checkpoint each layer casts its adapters to
+    bf16 in one foreach copy for its forward (what its last forward used) and one for its recompute
+    and backward (what this forward used), not one launch per tensor and use; the forward's copies
+    are gone before the backward (held, they would add to the peak); the loss and the gradients are
+    those of casting each time."""
     import gc
     import weakref
 
@@ -276,6 +277,11 @@ def test_adapters_cast_together_for_the_forward_and_again_for_the_backward(monke
 
     with use_backend("torch"):
         counts = CountCasts()
+        with counts:  # the first step: the forward casts on use, the backward all at once
+            step_loss_and_grads(model, ids, labels)
+        assert counts.single == len(lora) and len(counts.together) == layers
+        model.zero_grad(set_to_none=True)
+        counts = CountCasts()
         with counts:
             loss = model(input_ids=ids, labels=labels).loss
             gc.collect()
@@ -286,12 +292,12 @@ def test_adapters_cast_together_for_the_forward_and_again_for_the_backward(monke
         model.zero_grad(set_to_none=True)
         assert counts.single == 0 and len(counts.together) == 2 * layers
         assert sum(len(refs) for refs in counts.together) == 2 * len(lora)
-        # no layer found: each tensor cast on its first use in the forward and in the recompute
-        monkeypatch.setattr(checkpoint, "_trained_parameters", lambda function: [])
+        # no layer found: each tensor cast on its first use in the forward, all at once for the backward
+        monkeypatch.setattr(checkpoint, "_layer_of", lambda function: None)
         counts = CountCasts()
         with counts:
             ref_loss, ref_grads = step_loss_and_grads(model, ids, labels)
-        assert counts.single == 2 * len(lora) and not counts.together
+        assert counts.single == len(lora) and len(counts.together) == layers
     assert torch.equal(loss, ref_loss)
     for name, g in grads.items():
         assert g.dtype == torch.float32 and torch.equal(g, ref_grads[name]), name
@@ -302,12 +308,42 @@ def test_the_layer_is_found_in_the_forms_transformers_passes_it():
     checkpoint wraps either in its own partial for keyword arguments."""
     import functools
 
-    from fusetune.training.checkpoint import _trained_parameters
+    from fusetune.training.checkpoint import _layer_of
 
     layer = torch.nn.Linear(2, 2)
-    layer.bias.requires_grad_(False)
     for function in (functools.partial(type(layer).forward, layer, x=1), functools.partial(layer.__call__, x=1),
                      functools.partial(functools.partial(type(layer).forward, layer), x=1), layer.forward):
-        found = _trained_parameters(function)
-        assert len(found) == 1 and found[0] is layer.weight
-    assert _trained_parameters(lambda x: x) == []
+        assert _layer_of(function) is layer
+    assert _layer_of(lambda x: x) is None
+
+
+def test_what_a_layer_casts_ahead_follows_what_its_forward_used():
+    """A frozen adapter is still used (cast); one the layer no longer calls (another adapter made active)
+    drops out after a step, and the new one comes in."""
+    from fusetune import use_backend
+    from fusetune.training.checkpoint import _CAST
+
+    model = _lora_model("llama", torch.device("cpu"), dropout=0.0)
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    model.base_model.model.to(torch.bfloat16)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    fusetune.patch_model(model)
+    enable_offloaded_checkpointing(model)
+    layer = model.base_model.model.model.layers[0]
+    ids, labels = random_batch()
+
+    def cast():
+        with use_backend("torch"):  # (the interpreter computes bf16 in fp32: it casts otherwise)
+            step_loss_and_grads(model, ids, labels)
+        return {id(p) for p in _CAST[layer]}
+
+    def adapter(name):
+        return {id(p) for n, p in layer.named_parameters() if f".{name}." in n}
+
+    assert cast() == adapter("default") and cast() == adapter("default")
+    layer.self_attn.q_proj.lora_A["default"].weight.requires_grad_(False)
+    assert cast() == adapter("default")
+    model.set_adapter("other")
+    assert cast() == adapter("other")

@@ -217,16 +217,26 @@ def autocast_off(method):
 _casts = threading.local()  # .scope: see shared_casts
 
 
+class CastScope(dict):
+    """id(tensor) -> (tensor, its version, its cast), and in `used` the tensors cast_lora asked for
+    within the scope (their id -> the tensor), cast here or found."""
+
+    def __init__(self):
+        super().__init__()
+        self.used = {}
+
+
 @contextlib.contextmanager
-def shared_casts(scope: dict):
-    """Within the block, cast_lora takes its casts from `scope` (a dict the caller holds, filled by
-    cast_together or by cast_lora itself) while the adapter is unchanged (same tensor, same version).
-    The offloaded checkpoint gives each layer one scope for its forward and another for its recompute
-    and backward, each filled by one cast_together: two launches per layer and step instead of one
-    per adapter tensor and use (which the host pays for at small shapes), and no copies held from a
-    layer's forward to its backward (84 MB of bf16 copies for Llama-3.1-8B at r=16 on all seven
-    projections, on top of the peak). Per thread: autograd runs a CUDA backward in its own thread,
-    and a layer's recompute and backward enter the scope there."""
+def shared_casts(scope: CastScope):
+    """Within the block, cast_lora takes its casts from `scope` (filled by cast_together, or by
+    cast_lora itself) while the adapter is unchanged (same tensor, same version). The offloaded
+    checkpoint gives each layer one scope for its forward, filled ahead with what the layer's last
+    forward used, and another for its recompute and backward, filled with what this forward used:
+    a foreach copy each, two launches per layer and step instead of one per adapter tensor and use
+    (which the host pays for at small shapes), and no copies held from a layer's forward to its
+    backward (84 MB of bf16 copies for Llama-3.1-8B at r=16 on all seven projections, on top of the
+    peak). Per thread: autograd runs a CUDA backward in its own thread, and a layer's recompute and
+    backward enter the scope there."""
     outer = getattr(_casts, "scope", None)
     _casts.scope = scope
     try:
@@ -235,19 +245,21 @@ def shared_casts(scope: dict):
         _casts.scope = outer
 
 
-def cast_together(tensors, dtype: torch.dtype, device: torch.device) -> dict:
+def cast_together(tensors, dtype: torch.dtype, device: torch.device) -> CastScope:
     """A shared_casts scope holding the floating tensors on `device` not already in `dtype`, cast in one
     foreach copy into one buffer (freed with the scope). Only plain tensors: a sharded one (FSDP2's
     DTensor, before its module gathers it) is cast on use, one by one."""
+    scope = CastScope()
     tensors = [t for t in tensors if type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype != dtype
                and t.is_floating_point() and t.device == device]
     if not tensors:
-        return {}
+        return scope
     buffer = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=device)
     views = [v.view(t.shape) for v, t in zip(buffer.split([t.numel() for t in tensors]), tensors)]
     with torch.no_grad():
         torch._foreach_copy_(views, tensors)
-    return {id(t): (t, t._version, v) for t, v in zip(tensors, views)}
+    scope.update((id(t), (t, t._version, v)) for t, v in zip(tensors, views))
+    return scope
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -256,6 +268,7 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     scope = getattr(_casts, "scope", None)
     if scope is None:
         return t.to(dtype)
+    scope.used[id(t)] = t
     hit = scope.get(id(t))
     if hit is not None and hit[0] is t and hit[1] == t._version and hit[2].dtype == dtype:
         return hit[2]

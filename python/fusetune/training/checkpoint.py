@@ -213,11 +213,16 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
                              "grad; pass the others as keyword arguments or use torch.utils.checkpoint")
         ctx.function, ctx.args, ctx.state = function, args, ForwardState(hidden.device)
         ctx.slot = _Slot(hidden)
-        ctx.trained = _trained_parameters(function)
-        casts = cast_together(ctx.trained, hidden.dtype, hidden.device)
+        layer = _layer_of(function)
+        casts = cast_together(_CAST.get(layer, ()) if layer is not None else (), hidden.dtype, hidden.device)
         with torch.no_grad(), shared_casts(casts), keeping_attention(KeptAttention()) as attention:
             outputs = function(hidden, *args)
-        del casts  # cast again for the recompute: held until the backward, they would add to the peak
+        # the recompute casts what this forward cast, again: held until the backward, the copies would add
+        # to the peak
+        ctx.cast = list(casts.used.values())
+        if layer is not None:
+            _CAST[layer] = ctx.cast
+        del casts
         # the attention outputs spare the recompute its attention forward, where the host budget takes them
         ctx.slot.add(attention.tensors, required=False)
         return outputs
@@ -227,7 +232,7 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         hidden, *kept = ctx.slot.take()
         hidden = hidden.requires_grad_()
         attention = KeptAttention(kept) if kept else None
-        casts = cast_together(ctx.trained, hidden.dtype, hidden.device)
+        casts = cast_together(ctx.cast, hidden.dtype, hidden.device)
         with ctx.state.replay(), shared_casts(casts), keeping_attention(attention):
             outputs = ctx.function(hidden, *ctx.args)
         if attention is not None:
@@ -239,20 +244,20 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         return (None, None, hidden.grad) + (None,) * len(ctx.args)
 
 
-def _trained_parameters(function) -> list:
-    """The parameters that require grad of the module whose forward `function` runs, as Hugging Face
-    layers pass it (`partial(forward, layer, ...)` in transformers 5.25, a partial of the bound
-    `layer.__call__` before): the layer's adapters, which its fused LoRA blocks cast to the compute
-    dtype. No module found (another callable): they are cast one by one, as without the checkpoint."""
+def _layer_of(function) -> torch.nn.Module | None:
+    """The module whose forward `function` runs, as Hugging Face layers pass it (`partial(forward,
+    layer, ...)` in transformers 5.25, a partial of the bound `layer.__call__` before), or None."""
     module = None
     while isinstance(function, functools.partial) and module is None:
         if function.args and isinstance(function.args[0], torch.nn.Module):
             module = function.args[0]
         function = function.func
     module = module or getattr(function, "__self__", None)
-    if not isinstance(module, torch.nn.Module):
-        return []
-    return [p for p in module.parameters() if p.requires_grad]
+    return module if isinstance(module, torch.nn.Module) else None
+
+
+# layer -> the tensors its last forward cast to the compute dtype (its adapters), to cast ahead of the next
+_CAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def offloaded_checkpoint(function, hidden, *args, **kwargs):
