@@ -469,6 +469,76 @@ def test_eval_loss_is_the_mean_over_held_out_tokens_before_during_and_after(tmp_
             build_config(raw)
 
 
+def test_a_resume_with_other_held_out_rows_keeps_the_earlier_eval_losses_apart(tmp_path):
+    """The checkpoint records a digest of the rows its eval losses were measured on: resumed with other
+    rows, those losses go to eval_before_resume, and the run's own are measured from there on (not one
+    "first -> last" across two sets)."""
+    import dataclasses
+
+    from fusetune.recipe import loop
+    from fusetune.recipe.checkpoints import checkpoints
+
+    tokenizer = byte_level_tokenizer()
+    rows = tokenize_rows(CONVERSATIONS * 2, tokenizer, 64)
+    first, second = rows[:3], rows[3:6]
+    config = TrainingConfig(max_steps=4, effective_batch_size=4, learning_rate=1e-2, save_steps=2, eval_steps=2)
+    objective = LanguageModeling(tokenizer.pad_token_id)
+
+    def run(held, resume_from=None):
+        with use_backend("torch"):
+            return loop.train_loop(_lora_model(tokenizer), rows[6:], objective, config, tmp_path, torch.device("cpu"),
+                                   2, log.append, fingerprint=dataclasses.asdict(config), eval_examples=held,
+                                   resume_from=resume_from)
+
+    log = []
+    run(first)
+    middle = [c for c in checkpoints(tmp_path) if c.name == "checkpoint-2"][0]
+    record = run(second, middle)
+    assert [e["step"] for e in record["eval_before_resume"]] == [0, 2] and [e["step"] for e in record["eval"]] == [4]
+    assert any("are kept apart (summary.json eval_before_resume)" in line for line in log)
+    log.clear()
+    record = run(first, middle)  # the same rows: one history
+    assert [e["step"] for e in record["eval"]] == [0, 2, 4] and "eval_before_resume" not in record
+    assert not any("kept apart" in line for line in log)
+
+
+def test_a_result_named_folder_fusetune_did_not_write_is_refused_not_moved(tmp_path):
+    """output.dir "." beside the user's own model/ (no save manifest): refused before anything moves;
+    a run's own results (stages.json and TensorBoard's runs/ too) are set aside, unless the run reads
+    from them."""
+    from fusetune.atomic import atomic_directory
+    from fusetune.recipe.checkpoints import resume_point
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"holds model/, where a run writes its results, but no fusetune run wrote "
+                                          r"it there \(or this run reads from it\): choose another output.dir"):
+        resume_point(tmp_path, "auto", {}, print)
+    assert (tmp_path / "model" / "config.json").is_file()
+    (tmp_path / "model" / "config.json").unlink()
+    (tmp_path / "model").rmdir()
+    with atomic_directory(tmp_path / "adapter") as folder:
+        (folder / "adapter_config.json").write_text("{}")
+    (tmp_path / "stages.json").write_text("{}")
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    (tmp_path / "runs" / "x" / "events.out.tfevents.1").write_text("")
+    with pytest.raises(ConfigError, match="holds adapter/"):
+        resume_point(tmp_path, "auto", {}, print, reads=(str(tmp_path / "adapter"),))
+    log = []
+    assert resume_point(tmp_path, "auto", {}, log.append) is None
+    assert sorted(p.name for p in (tmp_path / "previous-1").iterdir()) == ["adapter", "runs", "stages.json"]
+
+
+def test_a_grpo_reward_whose_code_changed_is_another_fingerprint(tmp_path, monkeypatch):
+    from fusetune.recipe.objectives import reward_code
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "edited_rewards.py").write_text("def score(prompts, completions, **kw):\n    return [1.0] * len(prompts)\n")
+    before = reward_code("edited_rewards:score")
+    (tmp_path / "edited_rewards.py").write_text("def score(prompts, completions, **kw):\n    return [2.0] * len(prompts)\n")
+    assert before.startswith("sha256 ") and reward_code("edited_rewards:score") != before
+
+
 def test_batch_size_finder_backs_off_and_bisects():
     tried = []
 
@@ -567,6 +637,25 @@ def test_eval_of_a_cpt_config_measures_the_blocks_training_measured(tmp_path, mo
         model = tiny_model("llama", vocab_size=len(tokenizer))
         want = LanguageModeling(tokenizer.pad_token_id).evaluate(model, blocks, 2, torch.device("cpu"))
     assert report["eval"]["rows"] == len(blocks) and report["eval"]["loss"] == pytest.approx(want, rel=1e-5)
+
+
+def test_eval_refuses_held_out_rows_that_are_not_those_training_held_out(tmp_path, monkeypatch):
+    """eval_split draws from data.path as it is now: after the file changed, `fusetune eval` would score
+    rows training trained on, so it refuses (summary.json records the digest of the rows training held out)."""
+    from fusetune.recipe.evaluation import run_eval
+
+    tokenizer = byte_level_tokenizer()
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in CONVERSATIONS * 2))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "summary.json").write_text(json.dumps({"eval_rows": "3 rows, sha256 0123456789abcdef"}))
+    config = build_config({"model": {"name": str(tmp_path / "base"), "max_seq_length": 64},
+                           "data": {"path": "data.jsonl", "eval_split": 0.25}, "output": {"dir": "out"}})
+    with use_backend("torch"), pytest.raises(ConfigError, match="the rows data.eval_split holds out of data.jsonl "
+                                                                "now are not those training held out"):
+        run_eval(config, log=lambda line: None)
 
 
 def test_command_trains_a_config(tmp_path):

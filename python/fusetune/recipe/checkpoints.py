@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from fusetune.atomic import atomic_directory, no_room, recover_interrupted_saves, remove_directory
+from fusetune.atomic import MANIFEST, atomic_directory, no_room, recover_interrupted_saves, remove_directory
 from fusetune.recipe.config import ConfigError, TrainConfig
 from fusetune.training import distributed
 
@@ -41,8 +41,9 @@ NOT_IN_FINGERPRINT = {"model.trust_remote_code", "data.path", "data.eval_prompts
                       "data.choices_path", "data.generation_path",
                       # how the processes share the work, not what is computed: a checkpoint resumes across them
                       "training.fsdp", "training.context_parallel"}
-# what a finished or interrupted run wrote into its output folder; a new run sets them aside
-RESULTS = ("adapter", "model", "merged", "gguf", "loss.png", "summary.json", "eval.json")
+# what a finished or interrupted run wrote into its output folder (a recipe's stages.json, TensorBoard's
+# runs/); a new run sets them aside
+RESULTS = ("adapter", "model", "merged", "gguf", "loss.png", "summary.json", "eval.json", "stages.json", "runs")
 
 
 LOCK = ".fusetune-lock"
@@ -93,13 +94,18 @@ def fingerprint(config: TrainConfig, examples: list[dict], dtype: str, device: s
     the dtype and device type the config resolved to (auto means another on another machine)."""
     flat = {f"{section}.{key}": value for section, values in dataclasses.asdict(config).items()
             if section != "output" for key, value in values.items()}
-    digest = hashlib.sha256()
-    for e in examples:
-        # sft/cpt rows as earlier fusetune digested them; pairs and prompts whole
-        digest.update(json.dumps([e["input_ids"], e["labels"]] if "input_ids" in e else e, sort_keys=True).encode())
-    flat["data.tokens"] = f"{len(examples)} rows, sha256 {digest.hexdigest()[:16]}"
+    flat["data.tokens"] = rows_digest(examples)
     flat["run.dtype"], flat["run.device"] = dtype, device
     return {k: v for k, v in flat.items() if k not in NOT_IN_FINGERPRINT}
+
+
+def rows_digest(examples) -> str:
+    """The count and a digest of tokenized rows (sft/cpt rows as earlier fusetune digested them; pairs
+    and prompts whole)."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([e["input_ids"], e["labels"]] if "input_ids" in e else e, sort_keys=True).encode())
+    return f"{len(examples)} rows, sha256 {digest.hexdigest()[:16]}"
 
 
 def _default(key: str):
@@ -293,11 +299,34 @@ def _set_aside(output_dir: Path, entries: list[Path], why: str, log) -> None:
     log(f"{why} ({', '.join(p.name for p in entries)}) kept in {aside}")
 
 
-def resume_point(output_dir: Path, resume: bool | str, now: dict, log) -> Path | None:
+def _written_by_a_run(path: Path) -> bool:
+    """A result an earlier run wrote: its files (by name), a folder it saved (with a save manifest),
+    TensorBoard's runs/ of event files only."""
+    if not path.is_dir():
+        return True
+    if path.name == "runs":
+        return all(f.name.startswith("events.out.tfevents") for f in path.rglob("*") if f.is_file())
+    return (path / MANIFEST).is_file()
+
+
+def _holds(folder: Path, path: str) -> bool:
+    resolved, inside = folder.resolve(), Path(path).expanduser().resolve()
+    return inside == resolved or resolved in inside.parents
+
+
+def resume_point(output_dir: Path, resume: bool | str, now: dict, log, reads: tuple[str, ...] = ()) -> Path | None:
     """The checkpoint this run continues from (None: start over). What an earlier run left that
     this one would overwrite, and checkpoints that cannot be resumed from, are set aside first;
-    a checkpoint of other settings is refused."""
+    a checkpoint of other settings is refused, and so is a result-named entry of output_dir that
+    no run wrote or that holds what this run reads (`reads`: the model, the data files), which
+    setting aside would take from under the user."""
     results = [output_dir / name for name in RESULTS if (output_dir / name).exists()]
+    foreign = [p for p in results if not _written_by_a_run(p) or any(_holds(p, r) for r in reads)]
+    if foreign:
+        names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in foreign)
+        raise ConfigError(f"output.dir {str(output_dir)!r} holds {names}, where a run writes its results, but no "
+                          f"fusetune run wrote it there (or this run reads from it): choose another output.dir "
+                          f"(e.g. a new folder), or move it")
     found = checkpoints(output_dir)
     finished = (output_dir / "summary.json").is_file()
     intact, skipped = None, []

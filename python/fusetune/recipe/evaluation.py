@@ -189,6 +189,15 @@ def rouge_line(path: str, before: dict, after: dict | None = None) -> str:
     return f"ROUGE-1/2/L F1 ({path}, {before['rows']} prompts): {measured}"
 
 
+def _trained_on(out) -> dict:
+    """The summary.json the run in `out` wrote ({} without one)."""
+    try:
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
 def run_eval(config, log=print) -> dict:
     """`fusetune eval CONFIG`: the adapter `fusetune train` saved in output.dir (or, with none, the
     base model) on the config's held-out rows (eval loss, perplexity), multiple-choice questions and
@@ -200,6 +209,7 @@ def run_eval(config, log=print) -> dict:
     from fusetune.api.tokens import fit_embeddings
     from fusetune.atomic import atomic_write
     from fusetune.recipe.chat import trained_model_path
+    from fusetune.recipe.checkpoints import rows_digest
     from fusetune.recipe.data import stage_examples
 
     m, d, t = config.model, config.data, config.training
@@ -227,6 +237,13 @@ def run_eval(config, log=print) -> dict:
     if eval_rows:
         # as training measured its eval loss (cpt: blocks of packed text, sft: the replies)
         examples = stage_examples("cpt" if config.stage.kind == "cpt" else "sft", eval_rows, tokenizer, config)
+        measured = _trained_on(out).get("eval_rows")
+        if measured and measured != rows_digest(examples):
+            if not d.eval_path:  # eval_split draws from data.path as it is now: trained rows may be among them
+                raise ConfigError(f"the rows data.eval_split holds out of {d.path} now are not those training held "
+                                  f"out ({measured}; the file, data.eval_split or training.seed changed since): some "
+                                  f"may have been trained on. Restore them, or give held-out rows in data.eval_path")
+            log(f"note: {d.eval_path} is not what training measured its eval loss on ({measured})")
         micro = t.micro_batch_size if isinstance(t.micro_batch_size, int) else min(t.effective_batch_size, 4)
         loss = LanguageModeling(tokenizer.pad_token_id).evaluate(model, examples, micro, device)
         report["eval"] = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "rows": len(examples)}

@@ -18,7 +18,7 @@ import torch
 
 from fusetune.api.tokens import embedding_param_groups
 from fusetune.recipe.batch_size import OutOfMemory, find_longest, find_micro_batch
-from fusetune.recipe.checkpoints import checkpoints, load_checkpoint, save_checkpoint, trainable_parameters
+from fusetune.recipe.checkpoints import checkpoints, load_checkpoint, rows_digest, save_checkpoint, trainable_parameters
 from fusetune.recipe.config import ConfigError, TrainingConfig
 from fusetune.recipe.memory import peak_bytes
 from fusetune.recipe.reporting import Reporters
@@ -228,10 +228,20 @@ def train_loop(model, examples: list[dict], objective, cfg: TrainingConfig, outp
     groups = embedding_param_groups(model, cfg.learning_rate, embedding_lr(cfg)) if beside_lora else params
     optimizer = make_optimizer(groups, cfg, device)
     scheduler = _schedule(optimizer, cfg, steps)
-    state = {"step": 0, "consumed": 0, "losses": [], "metrics": [], "eval": [], "tokens": 0, "fingerprint": fingerprint}
+    # the held-out rows are not in the fingerprint (they do not change the weights), but their losses are
+    # measured against each other: a resume with other rows keeps the earlier losses apart
+    held_out = rows_digest(eval_examples)
+    state = {"step": 0, "consumed": 0, "losses": [], "metrics": [], "eval": [], "tokens": 0,
+             "fingerprint": fingerprint, "eval_rows": held_out}
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, scheduler)
         log(f"resumed from {resume_from} (step {state['step']} of {steps})")
+        if state.get("eval_rows") != held_out and state["eval"]:
+            log(f"the held-out rows are not those {resume_from.name} measured its eval losses on: they are kept apart "
+                f"(summary.json eval_before_resume), and this run's are measured from here on")
+            state["eval_before_resume"] = state.pop("eval") + state.get("eval_before_resume", [])
+            state["eval"] = []
+        state["eval_rows"] = held_out
     objective.prepare(model, examples, list(eval_examples), state, micro_batch, device, log)
     reporters = Reporters(cfg.report_to if ranks.main else [], output_dir, fingerprint)
     model.train()
@@ -326,7 +336,9 @@ def train_loop(model, examples: list[dict], objective, cfg: TrainingConfig, outp
         reporters.close()
     if cfg.save_steps and state["step"] > first_step:
         save()  # the final state: a run stopped while writing its results resumes here, not from the start
-    return {"losses": state["losses"], "metrics": state.get("metrics", []), "eval": state["eval"], "steps": steps,
+    kept_apart = {"eval_before_resume": state["eval_before_resume"]} if "eval_before_resume" in state else {}
+    return {"losses": state["losses"], "metrics": state.get("metrics", []), "eval": state["eval"], **kept_apart,
+            "eval_rows": held_out, "steps": steps,
             "resumed_from": str(resume_from) if resume_from else None,
             "tokens_per_s": run_tokens / run_seconds if run_seconds else 0.0,
             "peak_memory_gib": peak_bytes(device) / 2**30, "micro_batch": micro_batch, "fingerprint": fingerprint}

@@ -24,6 +24,7 @@ import importlib
 import math
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -271,6 +272,19 @@ def load_reward(spec: str):
         raise ConfigError(f"stage.reward = {spec!r}: {module_name} has no function {function!r}"
                           f"{f' (did you mean {close[0]!r}?)' if close else ''}")
     return fn
+
+
+def reward_code(spec: str) -> str:
+    """A digest of the source file of the reward function `spec` names (a fixed reward is another
+    objective: a checkpoint trained on the old one must not be continued as if it were the same)."""
+    import hashlib
+    import inspect
+
+    try:
+        source = Path(inspect.getsourcefile(load_reward(spec))).read_bytes()
+    except (TypeError, OSError):  # a built-in or compiled function: its name is all there is
+        return "unknown"
+    return "sha256 " + hashlib.sha256(source).hexdigest()[:16]
 
 
 class GroupRelative(Objective):

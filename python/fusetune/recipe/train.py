@@ -23,7 +23,7 @@ from fusetune.recipe.data import read_new_tokens, stage_examples
 from fusetune.recipe.evaluation import (generation_rouge, multiple_choice_accuracy, read_generations, read_run_data,
                                         rouge_line)
 from fusetune.recipe.loop import embedding_lr, pick_micro_batch, train_loop
-from fusetune.recipe.objectives import objective_for
+from fusetune.recipe.objectives import objective_for, reward_code
 from fusetune.recipe.reporting import check_reporters
 from fusetune.training import distributed
 from fusetune.training.checkpoint import enable_checkpointing, enable_offloaded_checkpointing
@@ -122,7 +122,8 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
 
     start_from: {"adapter": the result of the recipe stage this one continues (its adapter trains
     on, or its full model), "digest": that stage's settings}. keep_finished (recipes): a finished
-    run of the same settings from the same start is kept rather than trained again."""
+    run of the same settings from the same start is kept rather than trained again (unless
+    training.resume is false: start over)."""
     m, t, kind = config.model, config.training, config.stage.kind
     if config.output.save_gguf:  # fail now, not after training
         check_method(config.output.save_gguf)
@@ -193,11 +194,14 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
             run["model.new_tokens"] = new_tokens  # the tokens, not the file naming them
         if start_from:
             run["stage.from"] = start_from["digest"]
-        finished = _finished(out, run) if keep_finished else None
+        if kind == "grpo":
+            run["stage.reward_code"] = reward_code(config.stage.reward)
+        finished = _finished(out, run) if keep_finished and t.resume is not False else None
         if finished is not None:
             log(f"{out} holds this stage finished with the same settings: kept (delete it to train it again)")
             return finished
-        resume_from = distributed.from_main(ranks, resume_point(out, t.resume, run, log) if ranks.main else None)
+        reads = tuple(str(p) for p in (source, d.path, d.eval_path, d.choices_path, d.generation_path) if p)
+        resume_from = distributed.from_main(ranks, resume_point(out, t.resume, run, log, reads) if ranks.main else None)
         model, tokenizer = FastLanguageModel.from_pretrained(source, max_seq_length=m.max_seq_length, dtype=dtype,
                                                              load_in_4bit=m.load_in_4bit, load_in_8bit=m.load_in_8bit,
                                                              full_finetuning=m.full_finetuning,
