@@ -429,11 +429,14 @@ def test_a_diverging_loss_is_reported_once(tmp_path, monkeypatch):
                         "diverging; lower training.learning_rate (now 30)"]
 
 
-def test_eval_loss_is_the_mean_over_held_out_tokens_before_during_and_after(tmp_path):
+def test_eval_loss_is_the_mean_over_held_out_tokens_before_during_and_after(tmp_path, caplog):
     from fusetune.recipe import loop
     from fusetune.recipe.data import collate, split_rows
 
-    train_rows, eval_rows = split_rows(CONVERSATIONS * 2, 0.25, seed=5)
+    with caplog.at_level("WARNING", logger="fusetune"):
+        train_rows, eval_rows = split_rows(CONVERSATIONS * 2, 0.25, seed=5)
+    repeated = sum(r in train_rows for r in eval_rows)
+    assert repeated and f"{repeated} of the 3 rows data.eval_split holds out are also among the training" in caplog.text
     assert len(eval_rows) == 3 and len(train_rows) == 9 and split_rows(CONVERSATIONS * 2, 0.25, seed=5)[1] == eval_rows
     with pytest.raises(ConfigError, match="holds out 0: choose a fraction"):
         split_rows(CONVERSATIONS, 0.01, seed=5)

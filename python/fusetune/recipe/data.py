@@ -470,7 +470,14 @@ def split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict]
                           f"that leaves at least one row on each side")
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
     chosen = set(order[:held])
-    return [r for i, r in enumerate(rows) if i not in chosen], [r for i, r in enumerate(rows) if i in chosen]
+    train, held_out = [r for i, r in enumerate(rows) if i not in chosen], [r for i, r in enumerate(rows) if i in chosen]
+    trained = {json.dumps(r, sort_keys=True) for r in train}
+    seen = sum(json.dumps(r, sort_keys=True) in trained for r in held_out)
+    if seen:
+        logger.warning("fusetune data: %d of the %d rows data.eval_split holds out are also among the training rows "
+                       "(the file repeats them): the eval loss is partly a training loss; remove the duplicates, or "
+                       "give held-out rows in data.eval_path", seen, len(held_out))
+    return train, held_out
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
