@@ -356,3 +356,18 @@ def test_dpo_runs_for_the_batch_size_finder_before_its_reference_exists():
         assert loss == pytest.approx(math.log(2), rel=1e-6)
         with pytest.raises(KeyError, match="reference"):
             objective.accumulate(model, pairs, 2, torch.device("cpu"))
+
+
+def test_a_recipes_result_is_found_from_its_folder_wherever_that_is(tmp_path, monkeypatch):
+    """stages.json records the result relative to the recipe's folder (moved, copied, or read from
+    another working folder: still its own stage's adapter); earlier fusetune's cwd-relative path
+    still reads."""
+    from fusetune.recipe.chat import trained_model_path
+
+    folder = tmp_path / "moved"
+    (folder / "two" / "adapter").mkdir(parents=True)
+    (folder / "stages.json").write_text(json.dumps({"result": "two/adapter"}))
+    monkeypatch.chdir(tmp_path / "moved" / "two")
+    assert trained_model_path(str(folder)) == str(folder / "two" / "adapter")
+    (folder / "stages.json").write_text(json.dumps({"result": "old/two/adapter"}))
+    assert trained_model_path(str(folder)) == "old/two/adapter"

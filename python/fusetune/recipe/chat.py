@@ -26,7 +26,9 @@ def trained_model_path(source: str) -> str | None:
     a recipe's the result of its last stage (stages.json); None when `source` holds neither."""
     folder = Path(source)
     try:
-        return json.loads((folder / "stages.json").read_text(encoding="utf-8"))["result"]
+        result = json.loads((folder / "stages.json").read_text(encoding="utf-8"))["result"]
+        # relative to the recipe's folder (earlier fusetune: to where the recipe ran)
+        return str(folder / result) if (folder / result).exists() else result
     except (OSError, ValueError, KeyError, TypeError):
         pass
     if (folder / "adapter" / "adapter_config.json").is_file():

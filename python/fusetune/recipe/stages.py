@@ -48,6 +48,12 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _result(stage: str, summary: dict) -> str:
+    """A stage's result (its adapter, or its model) relative to the recipe's folder: the stage's own
+    folder, whatever path the summary recorded (a kept stage's folder may have moved since)."""
+    return str(Path(stage) / Path(summary["adapter"]).name)
+
+
 def run_recipe(recipe: Recipe, log=print) -> dict:
     """Every stage in order; everything each needs (its data, its reward function) is checked
     before the first trains."""
@@ -64,10 +70,12 @@ def run_recipe(recipe: Recipe, log=print) -> dict:
                 f"{f'stage {source}' if source else config.model.name} ==")
             start = None
             if source:
-                start = {"adapter": summaries[source]["adapter"], "digest": _digest(summaries[source])}
+                start = {"adapter": str(out / _result(source, summaries[source])), "digest": _digest(summaries[source])}
             summaries[name] = run_train(config, log, start_from=start, keep_finished=True)
         rows = [_row(name, summaries[name]) for name, _, _ in recipe.stages]
-        report = {"stages": rows, "result": summaries[recipe.stages[-1][0]]["adapter"]}
-        log(f"\n{_table(rows)}\n\nthe recipe's result: {report['result']}")
+        last = recipe.stages[-1][0]
+        # relative to the recipe's folder: it stays right when the folder is moved or copied
+        report = {"stages": rows, "result": _result(last, summaries[last])}
+        log(f"\n{_table(rows)}\n\nthe recipe's result: {out / report['result']}")
         log(f"report: {atomic_write(out / 'stages.json', json.dumps(report, indent=1, ensure_ascii=False))}")
     return report
