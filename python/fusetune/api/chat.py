@@ -162,13 +162,14 @@ def train_on_responses_only(trainer_or_collator, instruction_part: str | None = 
     if tokenizer is None:
         raise ValueError("train_on_responses_only needs the tokenizer (pass tokenizer=...)")
     parts = getattr(tokenizer, "fusetune_chat_parts", None)
+    given = bool(instruction_part or response_part)
     instruction_part = instruction_part or (parts[0] if parts else None)
     response_part = response_part or (parts[1] if parts else None)
     if not instruction_part or not response_part:
         raise ValueError("train_on_responses_only: give instruction_part and response_part (or install a template "
                          "with get_chat_template first)")
     markers = Markers(tokenizer, instruction_part, response_part)
-    _check_parts(tokenizer, markers, response_part)
+    _check_parts(tokenizer, markers, response_part, given)
 
     def collate(features):
         batch = collator(features)
@@ -187,9 +188,10 @@ def train_on_responses_only(trainer_or_collator, instruction_part: str | None = 
     return collate
 
 
-def _check_parts(tokenizer, markers: Markers, response_part: str) -> None:
+def _check_parts(tokenizer, markers: Markers, response_part: str, given: bool) -> None:
     """The parts find the reply of a short conversation as the tokenizer's chat template renders it (a
-    tokenizer without a template: nothing to check against)."""
+    tokenizer without a template: nothing to check against). Parts the caller gave may describe rows
+    laid out otherwise (a warning); those of the installed template must (an error)."""
     from jinja2 import TemplateError
 
     chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
@@ -198,7 +200,10 @@ def _check_parts(tokenizer, markers: Markers, response_part: str) -> None:
     except (TemplateError, ValueError):
         return
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not any(begin < end for begin, end in markers.replies(ids, len(ids))):
-        raise ValueError(f"train_on_responses_only: the response part {response_part!r} does not occur where the "
-                         f"chat template writes a reply ({text!r:.200}); pass response_part= (and instruction_part=) "
-                         f"as the template writes them")
+    if any(begin < end for begin, end in markers.replies(ids, len(ids))):
+        return
+    message = (f"train_on_responses_only: the response part {response_part!r} does not occur where the tokenizer's "
+               f"chat template writes a reply ({text!r:.200})")
+    if not given:
+        raise ValueError(f"{message}; pass response_part= (and instruction_part=) as the template writes them")
+    logger.warning("fusetune: %s: unless your rows are laid out otherwise, every label will be masked", message)
