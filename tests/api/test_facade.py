@@ -1,6 +1,8 @@
 """The facade: FastLanguageModel.from_pretrained on a local directory, get_peft_model (family
 target names, checkpointing choices), for_inference / for_training, and atomic saving (merged
 16-bit weights that load as the plain model with the adapter model's logits; the adapter alone)."""
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -98,6 +100,61 @@ def test_merged_state_dict_moved_as_it_is_made_keeps_ties():
     assert moved["lm_head.weight"] is moved["model.embed_tokens.weight"]
     others = [t for k, t in moved.items() if k != "lm_head.weight"]
     assert len({id(t) for t in others}) == len(others)
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+
+
+@pytest.mark.parametrize("case", ["lora_bias", "conv1d", "embedding"])
+def test_merged_weights_are_peft_merge_and_unload(case):
+    """The merges PEFT itself makes: lora_bias adds B's bias to the base's (dropped before), GPT-2's
+    Conv1D keeps (in, out) weights (fan_in_fan_out: merged untransposed before), LoRA on an embedding
+    (its lora_embedding_A/B: a crash before)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, config = {
+        "lora_bias": (tiny_model("qwen2"), LoraConfig(r=4, target_modules=["q_proj", "k_proj"], lora_bias=True,
+                                                       init_lora_weights=False)),
+        "conv1d": (_gpt2(), LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                                       init_lora_weights=False)),
+        "embedding": (tiny_model("llama"), LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"],
+                                                      init_lora_weights=False)),
+    }[case]
+    torch.manual_seed(1)
+    peft_model = get_peft_model(model, config)
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name:
+            p.data.normal_(0, 0.1)  # (lora_B's bias too)
+    merged = saving.merged_state_dict(peft_model)
+    want = copy.deepcopy(peft_model).merge_and_unload().state_dict()
+    assert merged.keys() == want.keys()
+    for key, tensor in want.items():
+        torch.testing.assert_close(merged[key], tensor, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+def test_get_peft_model_leaves_a_model_with_adapters_or_a_full_fine_tune_as_it_is(model_dir, tmp_path, caplog):
+    """A second call (a notebook cell run again) would let PEFT re-initialise the trained adapters in
+    place; a full fine-tune would quietly become a LoRA one. Both come back as they are, with a warning;
+    a save into the folder the base was loaded from is refused."""
+    model, tokenizer = FastLanguageModel.from_pretrained(str(model_dir))
+    model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False, init_lora_weights=False)
+    ids = random_batch()[0]
+    before = _logits(model, ids)
+    with caplog.at_level("WARNING", logger="fusetune"):
+        assert FastLanguageModel.get_peft_model(model, r=8) is model
+    assert "has LoRA adapters already (default): returned as it is" in caplog.text
+    assert torch.equal(_logits(model, ids), before)
+    with pytest.raises(ValueError, match="is the folder the base model was loaded from"):
+        model.save_pretrained_merged(str(model_dir), tokenizer, save_method="lora")
+    full, _ = FastLanguageModel.from_pretrained(str(model_dir), full_finetuning=True)
+    with caplog.at_level("WARNING", logger="fusetune"):
+        assert FastLanguageModel.get_peft_model(full, r=4) is full
+    assert "loaded with full_finetuning=True" in caplog.text
+    assert all(p.requires_grad for p in full.parameters())
 
 
 def test_merged_4bit_loads_quantised_with_nf4_rounded_logits(tmp_path):

@@ -11,6 +11,7 @@ processor comes back) or encoder-decoder LM (T5) transformers loads.
 """
 from __future__ import annotations
 
+import logging
 import types
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from fusetune.api.saving import read_load_settings, save_merged, write_plain_mod
 from fusetune.api.tokens import untie_embeddings
 from fusetune.patching import hf_model, patch_model
 from fusetune.patching.core import UnsupportedModelError, family_spec
+
+logger = logging.getLogger("fusetune")
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CHECKPOINTING = (True, False, "fusetune", "unsloth")
@@ -300,6 +303,7 @@ class FastLanguageModel:
                                              quantization_config=quantization, **common, **kwargs)
         model.max_seq_length = max_seq_length
         model.name_or_path = model.config._name_or_path = named  # not a package's path or a temporary folder
+        model._fusetune_full_finetuning = full_finetuning  # get_peft_model leaves such a model as it is
         if not full_finetuning:
             model.requires_grad_(False)
         words = _text_tokenizer(tokenizer)  # a processor's own tokenizer
@@ -326,7 +330,15 @@ class FastLanguageModel:
         if use_gradient_checkpointing not in CHECKPOINTING:
             raise ValueError(f"use_gradient_checkpointing must be one of {CHECKPOINTING}, got "
                              f"{use_gradient_checkpointing!r}")
+        if getattr(model, "peft_config", None):  # PEFT would re-initialise the trained adapters in place
+            logger.warning("fusetune: get_peft_model: the model has LoRA adapters already (%s): returned as it is",
+                           ", ".join(model.peft_config))
+            return model
         hf = hf_model(model)
+        if getattr(hf, "_fusetune_full_finetuning", False):
+            logger.warning("fusetune: get_peft_model: the model was loaded with full_finetuning=True, which trains "
+                           "every weight: returned as it is, without adapters")
+            return model
         loaded_for = getattr(hf, "max_seq_length", None)
         if max_seq_length is not None and loaded_for is not None and max_seq_length > loaded_for:
             raise ValueError(f"get_peft_model: max_seq_length={max_seq_length} is past the {loaded_for} the model was "

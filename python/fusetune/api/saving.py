@@ -70,17 +70,30 @@ def merged_state_dict(model, dtype: torch.dtype | None = None,
         if isinstance(module, LoraLayer):
             base = module.get_base_layer()
             weight = _dense(base).float()
+            bias = getattr(base, "bias", None)  # (an embedding has none)
+            bias = None if bias is None else bias.detach().float()
             if not (module.disable_adapters or module.merged):
                 for name in module.active_adapters:
+                    if name in module.lora_variant:
+                        raise NotImplementedError(f"merging {type(module.lora_variant[name]).__name__} "
+                                                  f"adapters is not supported; use PEFT's merge_and_unload")
                     if name in module.lora_A:
-                        if name in module.lora_variant:
-                            raise NotImplementedError(f"merging {type(module.lora_variant[name]).__name__} "
-                                                      f"adapters is not supported; use PEFT's merge_and_unload")
                         delta = module.lora_B[name].weight.float() @ module.lora_A[name].weight.float()
-                        weight = weight + module.scaling[name] * delta
+                        if getattr(module, "fan_in_fan_out", False):  # Conv1D (GPT-2) keeps (in, out) weights
+                            delta = delta.T
+                    elif name in getattr(module, "lora_embedding_A", {}):  # an embedding's: (vocab, dim)
+                        delta = (module.lora_embedding_B[name].float() @ module.lora_embedding_A[name].float()).T
+                    else:
+                        continue
+                    weight = weight + module.scaling[name] * delta
+                    if module.lora_bias.get(name):  # PEFT's lora_bias: B's bias, scaled, joins the base's
+                        if bias is None:
+                            raise ValueError(f"{prefix}: lora_bias adapter {name!r} on a layer without a bias "
+                                             f"cannot be merged (as in PEFT)")
+                        bias = bias + module.scaling[name] * module.lora_B[name].bias.detach().float()
             put(prefix + "weight", weight.to(dtype or _weight_dtype(base)))
-            if base.bias is not None:
-                put(prefix + "bias", base.bias.detach().to(dtype or base.bias.dtype))
+            if bias is not None:
+                put(prefix + "bias", bias.to(dtype or base.bias.dtype))
             return
         if isinstance(module, ModulesToSaveWrapper):
             active = [n for n in module.active_adapters if n in module.modules_to_save]
@@ -220,6 +233,10 @@ def save_merged(model, save_directory: str | os.PathLike, tokenizer=None, save_m
     if save_method == "lora" and not hasattr(model, "peft_config"):
         raise ValueError("save_method='lora' needs a PEFT model (FastLanguageModel.get_peft_model)")
     _check_gathered(model)
+    source = getattr(hf_model(model), "name_or_path", None)
+    if source and Path(source).is_dir() and Path(source).resolve() == Path(save_directory).resolve():
+        raise ValueError(f"save_directory {str(save_directory)!r} is the folder the base model was loaded from: the "
+                         f"save would replace the base it needs; choose another folder")
     if save_method == "merged_16bit" and dtype is None:
         base = hf_model(model).get_input_embeddings().weight.dtype
         dtype = base if base in (torch.bfloat16, torch.float16) else torch.bfloat16
