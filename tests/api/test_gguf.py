@@ -211,3 +211,13 @@ def test_smollm2_merged_and_q8_0_gguf_match_the_adapter_model(tmp_path):
         want_q = plain(input_ids=ids).logits
         got = loaded(input_ids=ids).logits
     assert ((got - want_q).norm() / want_q.norm()).item() < 1e-5
+
+
+def test_every_method_names_its_file_type():
+    """f32 is ALL_F32, whose value is 0 (a lookup that took it for missing raised AttributeError)."""
+    gguf = pytest.importorskip("gguf")
+    from fusetune.api.gguf import PYTHON_METHODS, _file_type
+
+    types = {method: _file_type(method) for method in PYTHON_METHODS}
+    assert types["f32"] == gguf.LlamaFileType.ALL_F32 and types["q8_0"] == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert len(set(types.values())) == len(PYTHON_METHODS)

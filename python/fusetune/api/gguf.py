@@ -192,9 +192,10 @@ def _encode(array: np.ndarray, method: str):
 def _file_type(method: str):
     import gguf
 
-    return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-            "bf16": gguf.LlamaFileType.MOSTLY_BF16}.get(method) or getattr(gguf.LlamaFileType,
-                                                                           f"MOSTLY_{method.upper()}")
+    named = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+             "bf16": gguf.LlamaFileType.MOSTLY_BF16}
+    # (not `.get(method) or ...`: ALL_F32 is 0)
+    return named[method] if method in named else getattr(gguf.LlamaFileType, f"MOSTLY_{method.upper()}")
 
 
 def check_exportable(model, tokenizer) -> str:
