@@ -50,7 +50,7 @@ def _written_by_a_save(directory: Path):
     return lambda entry: entry.name in listed
 
 
-def _not_saved_by_us(directory: Path) -> list[str]:
+def not_saved_by_us(directory: Path) -> list[str]:
     """What replacing `directory` would delete that no save wrote."""
     written = _written_by_a_save(directory)
     return sorted(entry.name + ("/" if entry.is_dir() else "") for entry in directory.iterdir()
@@ -135,7 +135,7 @@ def atomic_directory(target: str | os.PathLike):
     if target.is_file() or (target.is_dir() and any(target.iterdir()) and not _holds_a_save(target)):
         raise FileExistsError(f"{target} exists and holds no earlier model save: saving there would replace it; "
                               f"choose a new or empty directory")
-    others = _not_saved_by_us(target) if target.is_dir() else []
+    others = not_saved_by_us(target) if target.is_dir() else []
     if others:
         raise FileExistsError(f"{target} holds an earlier save and also {', '.join(others[:5])}"
                               f"{' ...' if len(others) > 5 else ''}, which a save did not write; saving there would "

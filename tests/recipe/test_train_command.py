@@ -506,19 +506,23 @@ def test_a_resume_with_other_held_out_rows_keeps_the_earlier_eval_losses_apart(t
 
 
 def test_a_result_named_folder_fusetune_did_not_write_is_refused_not_moved(tmp_path):
-    """output.dir "." beside the user's own model/ (no save manifest): refused before anything moves;
-    a run's own results (stages.json and TensorBoard's runs/ too) are set aside, unless the run reads
-    from them."""
+    """output.dir "." beside the user's own model/ that the run loads, or one holding the user's notes:
+    refused before anything moves; a run's own results (stages.json and TensorBoard's runs/ too) are
+    set aside."""
     from fusetune.atomic import atomic_directory
     from fusetune.recipe.checkpoints import resume_point
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
-    with pytest.raises(ConfigError, match=r"holds model/, where a run writes its results, but no fusetune run wrote "
-                                          r"it there \(or this run reads from it\): choose another output.dir"):
+    with pytest.raises(ConfigError, match=r"holds model/, where a run writes its results, but it holds files no "
+                                          r"save writes, or this run reads from it: choose another output.dir"):
+        resume_point(tmp_path, "auto", {}, print, reads=(str(tmp_path / "model"),))
+    (tmp_path / "model" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds model/"):
         resume_point(tmp_path, "auto", {}, print)
     assert (tmp_path / "model" / "config.json").is_file()
-    (tmp_path / "model" / "config.json").unlink()
+    for name in ("config.json", "notes.txt"):
+        (tmp_path / "model" / name).unlink()
     (tmp_path / "model").rmdir()
     with atomic_directory(tmp_path / "adapter") as folder:
         (folder / "adapter_config.json").write_text("{}")

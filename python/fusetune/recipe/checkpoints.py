@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from fusetune.atomic import MANIFEST, atomic_directory, no_room, recover_interrupted_saves, remove_directory
+from fusetune.atomic import atomic_directory, no_room, not_saved_by_us, recover_interrupted_saves, remove_directory
 from fusetune.recipe.config import ConfigError, TrainConfig
 from fusetune.training import distributed
 
@@ -300,13 +300,13 @@ def _set_aside(output_dir: Path, entries: list[Path], why: str, log) -> None:
 
 
 def _written_by_a_run(path: Path) -> bool:
-    """A result an earlier run wrote: its files (by name), a folder it saved (with a save manifest),
-    TensorBoard's runs/ of event files only."""
+    """A result an earlier run wrote: its files (by name), a folder of what saves write (atomic's rule
+    for replacing one), TensorBoard's runs/ of event files only."""
     if not path.is_dir():
         return True
     if path.name == "runs":
         return all(f.name.startswith("events.out.tfevents") for f in path.rglob("*") if f.is_file())
-    return (path / MANIFEST).is_file()
+    return not not_saved_by_us(path)
 
 
 def _holds(folder: Path, path: str) -> bool:
@@ -318,15 +318,15 @@ def resume_point(output_dir: Path, resume: bool | str, now: dict, log, reads: tu
     """The checkpoint this run continues from (None: start over). What an earlier run left that
     this one would overwrite, and checkpoints that cannot be resumed from, are set aside first;
     a checkpoint of other settings is refused, and so is a result-named entry of output_dir that
-    no run wrote or that holds what this run reads (`reads`: the model, the data files), which
+    holds what no save writes or what this run reads (`reads`: the model, the data files), which
     setting aside would take from under the user."""
     results = [output_dir / name for name in RESULTS if (output_dir / name).exists()]
     foreign = [p for p in results if not _written_by_a_run(p) or any(_holds(p, r) for r in reads)]
     if foreign:
         names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in foreign)
-        raise ConfigError(f"output.dir {str(output_dir)!r} holds {names}, where a run writes its results, but no "
-                          f"fusetune run wrote it there (or this run reads from it): choose another output.dir "
-                          f"(e.g. a new folder), or move it")
+        raise ConfigError(f"output.dir {str(output_dir)!r} holds {names}, where a run writes its results, but it "
+                          f"holds files no save writes, or this run reads from it: choose another output.dir (e.g. "
+                          f"a new folder), or move it")
     found = checkpoints(output_dir)
     finished = (output_dir / "summary.json").is_file()
     intact, skipped = None, []
