@@ -12,6 +12,8 @@ import logging
 
 import torch
 
+from fusetune.api.tokens import special_ids
+
 logger = logging.getLogger("fusetune")
 
 
@@ -109,7 +111,7 @@ class Markers:
             common += 1
         # only special tokens start a turn: shared plain text ("###" of "### Instruction:" and "### Response:")
         # may occur inside a reply
-        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        special = special_ids(tokenizer)
         self.turn = self.instruction[:common] if all(t in special for t in self.instruction[:common]) else []
         self._tokenizer, self._spaces = tokenizer, {}
 

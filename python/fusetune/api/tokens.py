@@ -13,6 +13,11 @@ import torch
 from fusetune.patching import hf_model
 
 
+def special_ids(tokenizer) -> set[int]:
+    """The ids of the tokenizer's special tokens: its named ones and those added as special."""
+    return set(tokenizer.all_special_ids) | {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+
+
 def add_new_tokens(model, tokenizer, new_tokens: list[str], special: bool = False) -> int:
     """Add new_tokens to the tokenizer and the model (before get_peft_model); returns how many were new."""
     if isinstance(new_tokens, str):

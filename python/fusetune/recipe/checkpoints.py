@@ -99,6 +99,15 @@ def fingerprint(config: TrainConfig, examples: list[dict], dtype: str, device: s
     return {k: v for k, v in flat.items() if k not in NOT_IN_FINGERPRINT}
 
 
+def read_summary(output_dir: Path) -> dict | None:
+    """The summary.json a finished run wrote in output_dir (None: none that reads as one)."""
+    try:
+        summary = json.loads((output_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
 def rows_digest(examples) -> str:
     """The count and a digest of tokenized rows (sft/cpt rows as earlier fusetune digested them; pairs
     and prompts whole)."""

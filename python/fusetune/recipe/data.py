@@ -14,6 +14,7 @@ no second one).
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from fusetune.api.tokens import special_ids
 from fusetune.recipe.config import ConfigError
 
 logger = logging.getLogger("fusetune")
@@ -267,8 +269,7 @@ def end_of_turn(tokenizer) -> int | None:
     except (TemplateError, ValueError):
         return None
     after = tokenizer(text[text.rindex("REPLY") + len("REPLY"):], add_special_tokens=False)["input_ids"]
-    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
-    return after[0] if after and after[0] in special | set(tokenizer.all_special_ids) else None
+    return after[0] if after and after[0] in special_ids(tokenizer) else None
 
 
 def _unstable(index: int, why: str) -> ConfigError:
@@ -278,8 +279,8 @@ def _unstable(index: int, why: str) -> ConfigError:
                        f"renders turn by turn (chatml for Qwen, phi for Phi-3: fusetune get_chat_template's layouts)")
 
 
-def _assistant_spans(tokenizer, messages: list[dict], index: int,
-                     tools: list | None = None) -> tuple[str, list[tuple[int, int]]]:
+def _assistant_spans(tokenizer, messages: list[dict], index: int, tools: list | None,
+                     turn_end) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of each assistant turn (its reply and the
     end-of-turn marker: the model must learn to stop).
 
@@ -288,11 +289,11 @@ def _assistant_spans(tokenizer, messages: list[dict], index: int,
     whose renders are not prefixes of each other (Qwen3 drops the reasoning of turns before the last
     question and writes an empty think block after it, Phi-3 closes every render with its end of text,
     DeepSeek-R1's generation prompt opens a think block its turns do not have) end the turn at the
-    template's end-of-turn token instead, provided the message before the turn ends before it (a
-    template that moves text across turns, as Mistral's puts the system prompt in the last question,
-    is refused)."""
+    template's end-of-turn token (its text: turn_end(), "" for none) instead, provided the message
+    before the turn ends before it (a template that moves text across turns, as Mistral's puts the
+    system prompt in the last question, is refused)."""
     text = _render(tokenizer, messages, index, tools)
-    spans, done, marker = [], 0, None
+    spans, done = [], 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -306,9 +307,7 @@ def _assistant_spans(tokenizer, messages: list[dict], index: int,
         before = (messages[i - 1].get("content") or "").strip()
         if start < done or (before and not 0 <= text.find(before, done) <= start - len(before)):
             raise _unstable(index, "the turn before a reply does not end before it")
-        if marker is None:
-            token = end_of_turn(tokenizer)
-            marker = "" if token is None else tokenizer.decode([token])
+        marker = turn_end()
         close = text.find(marker, start) if marker else -1
         if close < 0:
             raise _unstable(index, "it closes a reply with no special token")
@@ -325,6 +324,12 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_on
     if tokenizer.chat_template is None and any("text" not in r for r in rows):
         raise ConfigError("the tokenizer has no chat template: set model.chat_template (e.g. chatml) or use text rows")
     out, needed, no_reply, cut = [], [], [], 0
+
+    @functools.cache
+    def turn_end() -> str:  # once for all the rows, and only for a template that needs it
+        token = end_of_turn(tokenizer)
+        return "" if token is None else tokenizer.decode([token])
+
     for index, row in enumerate(rows):
         conversation = to_messages(row, index)
         tools = row_tools(row, index)
@@ -340,7 +345,7 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_on
                 no_reply.append(index)
                 continue
             if responses_only:
-                text, spans = _assistant_spans(tokenizer, conversation, index, tools)
+                text, spans = _assistant_spans(tokenizer, conversation, index, tools, turn_end)
                 enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
                 ids = enc["input_ids"]
                 labels = [t if any(b <= start < e for b, e in spans) else IGNORE_INDEX

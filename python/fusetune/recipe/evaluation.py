@@ -189,15 +189,6 @@ def rouge_line(path: str, before: dict, after: dict | None = None) -> str:
     return f"ROUGE-1/2/L F1 ({path}, {before['rows']} prompts): {measured}"
 
 
-def _trained_on(out) -> dict:
-    """The summary.json the run in `out` wrote ({} without one)."""
-    try:
-        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return summary if isinstance(summary, dict) else {}
-
-
 def run_eval(config, log=print) -> dict:
     """`fusetune eval CONFIG`: the adapter `fusetune train` saved in output.dir (or, with none, the
     base model) on the config's held-out rows (eval loss, perplexity), multiple-choice questions and
@@ -209,7 +200,7 @@ def run_eval(config, log=print) -> dict:
     from fusetune.api.tokens import fit_embeddings
     from fusetune.atomic import atomic_write
     from fusetune.recipe.chat import trained_model_path
-    from fusetune.recipe.checkpoints import rows_digest
+    from fusetune.recipe.checkpoints import read_summary, rows_digest
     from fusetune.recipe.data import stage_examples
 
     m, d, t = config.model, config.data, config.training
@@ -237,7 +228,7 @@ def run_eval(config, log=print) -> dict:
     if eval_rows:
         # as training measured its eval loss (cpt: blocks of packed text, sft: the replies)
         examples = stage_examples("cpt" if config.stage.kind == "cpt" else "sft", eval_rows, tokenizer, config)
-        measured = _trained_on(out).get("eval_rows")
+        measured = (read_summary(out) or {}).get("eval_rows")
         if measured and measured != rows_digest(examples):
             if not d.eval_path:  # eval_split draws from data.path as it is now: trained rows may be among them
                 raise ConfigError(f"the rows data.eval_split holds out of {d.path} now are not those training held "

@@ -296,6 +296,7 @@ class GroupRelative(Objective):
     def __init__(self, stage: StageSection, tokenizer):
         self.stage, self.tokenizer, self.pad_id = stage, tokenizer, tokenizer.pad_token_id
         self.reward = load_reward(stage.reward)
+        self.turn_stops = {tokenizer.eos_token_id, end_of_turn(tokenizer)}  # (rendering once, not per batch)
 
     @staticmethod
     def length(example: dict) -> int:
@@ -306,7 +307,7 @@ class GroupRelative(Objective):
         model's generation config lists its end-of-turn token there) and the chat template's end of an
         assistant turn, where that is a special token (a template installed on a base model)."""
         configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        stops = {self.tokenizer.eos_token_id, end_of_turn(self.tokenizer)}
+        stops = set(self.turn_stops)
         stops.update(configured if isinstance(configured, (list, tuple)) else [configured])
         return sorted(t for t in stops if t is not None)
 

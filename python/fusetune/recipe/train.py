@@ -17,7 +17,8 @@ from fusetune.api.tokens import fit_embeddings, untie_embeddings
 from fusetune.atomic import atomic_write
 from fusetune.patching.context_parallel import check_heads
 from fusetune.recipe.chat import reply
-from fusetune.recipe.checkpoints import claimed_output_dir, differences, fingerprint, read_state, resume_point
+from fusetune.recipe.checkpoints import (claimed_output_dir, differences, fingerprint, read_state, read_summary,
+                                        resume_point)
 from fusetune.recipe.config import ConfigError, TrainConfig
 from fusetune.recipe.data import read_new_tokens, stage_examples
 from fusetune.recipe.evaluation import (generation_rouge, multiple_choice_accuracy, read_generations, read_run_data,
@@ -72,12 +73,9 @@ def plot_losses(losses: list[float], evals: list[dict], path: Path, title: str, 
 
 def _finished(out: Path, run: dict) -> dict | None:
     """The summary of a finished run in `out` with the fingerprint `run` (None: none such)."""
-    try:
-        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return summary if isinstance(summary.get("fingerprint"), dict) and not differences(summary["fingerprint"], run) \
-        else None
+    summary = read_summary(out)
+    return summary if summary and isinstance(summary.get("fingerprint"), dict) \
+        and not differences(summary["fingerprint"], run) else None
 
 
 @contextlib.contextmanager
