@@ -8,7 +8,8 @@ Stacks: hf = Hugging Face + PEFT with SDPA attention; fusetune = the same model 
 fusetune.patch_model, with fusetune's offloaded activation checkpointing (layer inputs kept in
 pinned host memory); fusetune-recompute = patched, with Hugging Face's checkpointing;
 fusetune-triton = as fusetune with every kernel on Triton (FUSETUNE_BACKEND=triton: what auto's
-table of CUDA-first ops is measured against); unsloth = the
+table of CUDA-first ops is measured against); fusetune-tiled = as fusetune with the MLP always
+sequence-tiled, 8k tokens a chunk; unsloth = the
 best-known library's own model path (bench.common.unsloth_lora_model: FastLanguageModel on the same
 random model saved to disk, its QLoRA quantisation at load, its checkpointing; for side-by-side runs
 only, carried by ../shared/tools/pack-gpu-extras.sh). Llama shapes with random bf16 weights built
@@ -112,7 +113,9 @@ def build_model(stack: str, name: str, qlora: bool = False):
 
         if stack == "fusetune-triton":  # auto's alternative, side by side: every kernel on Triton
             fusetune.backend.set_backend("triton")
-        fusetune.patch_model(model)
+        # "fusetune-tiled": the MLP a fixed 8k tokens at a time however much memory is free (the slope the
+        # longest sequence that fits is bound by; the default tiles only where the whole MLP would not fit)
+        fusetune.patch_model(model, tiled_mlp=8192 if stack == "fusetune-tiled" else True)
         if not stack.endswith("-recompute"):  # its own checkpointing; "fusetune-recompute" keeps Hugging Face's
             enable_offloaded_checkpointing(model)
     return model
@@ -242,6 +245,9 @@ def main(argv=None):
                         help="W7/W7L: bisect the longest sequence to this many tokens")
     parser.add_argument("--seqs", help="W7/W7L: train these sequence lengths (comma-separated, e.g. 65536,131072) "
                                        "instead of searching; reports GB of GPU memory per 1k tokens between them")
+    parser.add_argument("--probe-steps", default=",".join(map(str, SEARCH_STEPS)),
+                        help="W7/W7L: warm-up and timed steps of each probe (default 1,2; 1,1 still reaches the "
+                             "peak: the timed step is the first with the optimizer state)")
     parser.add_argument("--memory-cap-gb", type=float,
                         help="cap every worker's GPU memory (set_per_process_memory_fraction), e.g. 80")
     parser.add_argument("--worker", nargs=2, metavar=("STACK", "WORKLOAD"), help=argparse.SUPPRESS)
@@ -271,6 +277,7 @@ def main(argv=None):
     rate = matmul_flops()
     print(f"bf16 matmul 8192^3: {rate / 1e12:.0f} TFLOP/s")
     rows = []
+    probe_steps = tuple(int(n) for n in args.probe_steps.split(","))
     runs = [(w, r) for w in workloads if w not in SEARCH for r in range(args.repeat)]
     for workload, repeat in runs:
         for stack in stacks:
@@ -283,7 +290,7 @@ def main(argv=None):
     for workload in (w for w in workloads if w in SEARCH):
         for stack in stacks:
             def probe(seq, stack=stack, workload=workload):
-                row = run_worker(stack, workload, seq=seq, steps=SEARCH_STEPS, memory_cap_gb=args.memory_cap_gb)
+                row = run_worker(stack, workload, seq=seq, steps=probe_steps, memory_cap_gb=args.memory_cap_gb)
                 row.update(repeat=0, search=True)
                 if "error" not in row:
                     row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / rate
@@ -294,7 +301,7 @@ def main(argv=None):
             else:
                 rows += search_longest(probe, SEARCH_START, args.max_seq_cap, args.search_step)
     payload = {"environment": environment(), "matmul_flops_per_s": rate, "warmup": WARMUP,
-               "timed": TIMED, "search_start": SEARCH_START, "search_steps": list(SEARCH_STEPS),
+               "timed": TIMED, "search_start": SEARCH_START, "search_steps": list(probe_steps),
                "search_step": args.search_step, "memory_cap_gb": args.memory_cap_gb,
                "max_seq_cap": args.max_seq_cap, "rows": rows}
     path = write_results("e2e-" + "-".join(workloads), payload)

@@ -34,11 +34,17 @@ def test_same_loss_and_grads_as_without_checkpointing(family, patched, device):
     assert_same_step(model, ref, *random_batch(device=device))
 
 
-def _count_attention_forwards(monkeypatch) -> list:
-    from fusetune.triton_kernels import attention as kernels
-
-    calls, real = [], kernels.attention_fwd
-    monkeypatch.setattr(kernels, "attention_fwd", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+def _count_attention_forwards(monkeypatch, attention="always") -> list:
+    """Calls of the attention forward patch_model(attention=...) runs: fusetune's kernel ("always")
+    or, for plain causal rows (True), torch's SDPA kernels through fusetune.ops.sdpa."""
+    if attention == "always":
+        from fusetune.triton_kernels import attention as module
+        name = "attention_fwd"
+    else:
+        import fusetune.ops.sdpa as module
+        name = "_forward"
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
     return calls
 
 
@@ -62,21 +68,38 @@ def test_recompute_takes_the_attention_outputs_of_the_forward(family, device, mo
     assert len(calls) == 2 * layers  # model: one per layer (the recompute took them), ref: one per layer
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() and not interpreting(), reason="the patched attention routes "
+                    "plain rows to SDPA where its kernel runs: on CUDA or under TRITON_INTERPRET=1")
+def test_recompute_takes_sdpas_outputs_of_the_forward(device, monkeypatch):
+    """Plain causal rows go to torch's SDPA kernels (patch_model's default attention): the recompute
+    takes the forward's output and log-sum-exp there too, one SDPA forward per layer and step, with
+    the loss and every gradient of the model without checkpointing (LoRA dropout on)."""
+    ref = _lora_model("llama", device)
+    model = copy.deepcopy(ref)
+    fusetune.patch_model(ref)
+    fusetune.patch_model(model)
+    enable_offloaded_checkpointing(model)
+    calls = _count_attention_forwards(monkeypatch, attention=True)
+    assert_same_step(model, ref, *random_batch(device=device))
+    assert len(calls) == model.config.num_hidden_layers  # ref, outside checkpointed layers: torch's own SDPA
+
+
 @pytest.mark.gpu
-def test_attention_outputs_past_the_host_budget_are_recomputed(monkeypatch):
-    """bf16 on the GPU, attention="always": with room in the host budget the attention outputs go
-    to the host beside the layer inputs from the second step on (one attention forward per layer);
-    with none, neither is offloaded and the recompute runs the attention again (two); the
-    gradients agree."""
+@pytest.mark.parametrize("attention", ["always", True], ids=["kernel", "sdpa"])
+def test_attention_outputs_past_the_host_budget_are_recomputed(attention, monkeypatch):
+    """bf16 on the GPU, fusetune's kernel ("always") or SDPA's (True): with room in the host budget
+    the attention outputs go to the host beside the layer inputs from the second step on (one
+    attention forward per layer); with none, neither is offloaded and the recompute runs the
+    attention again (two); the gradients agree."""
     from fusetune.training.checkpoint import HOST_BUDGET
 
     model = get_peft_model(tiny_model("llama", dtype=torch.bfloat16, hidden_size=1024, intermediate_size=2048,
                                       num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                                       head_dim=128), LoraConfig(r=8, target_modules=LORA_TARGETS["llama"]))
-    model = fusetune.patch_model(model.cuda(), attention="always")
+    model = fusetune.patch_model(model.cuda(), attention=attention)
     enable_offloaded_checkpointing(model)
     ids = torch.randint(0, 257, (2, 2048), device="cuda")
-    calls = _count_attention_forwards(monkeypatch)
+    calls = _count_attention_forwards(monkeypatch, attention)
     results = []
     for limit in (None, 0):
         HOST_BUDGET.set_limit(limit)

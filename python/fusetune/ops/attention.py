@@ -169,14 +169,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         if segment_ids is not None and runs is None:
             runs = segments(segment_ids)
         options = (causal, scale, softcap and float(softcap), window and int(window), runs)
-        store = getattr(_kept, "store", None)
-        if store is not None and not store.replaying and not torch.is_grad_enabled():
+
+        def forward():
             from fusetune.triton_kernels.attention import attention_fwd
 
-            out, lse = attention_fwd(_unit_last(q), _unit_last(k), _unit_last(v), *options)
-            store.tensors += [out.transpose(1, 2), lse]
-            return out
-        kept = store.take(q) if store is not None and store.replaying else None
-        return AttentionFunction.apply(q, k, v, *options, kept)
+            return attention_fwd(_unit_last(q), _unit_last(k), _unit_last(v), *options)
+        return keeping(q, forward, lambda kept: AttentionFunction.apply(q, k, v, *options, kept))
     out, _ = attention_reference(q, k, v, causal, scale, softcap, window, segment_ids)
     return out
+
+
+def checkpointed_layer() -> bool:
+    """Whether a checkpointed layer's forward or recompute is running (keeping_attention)."""
+    return getattr(_kept, "store", None) is not None
+
+
+def keeping(q: torch.Tensor, forward, apply) -> torch.Tensor:
+    """One attention call under the checkpointed layer running now, if any: its forward (no grad)
+    runs `forward()` -> (out, lse) and keeps the pair; its recompute passes the kept pair to
+    `apply(kept)`, the autograd Function; outside a checkpointed layer apply(None) runs it whole."""
+    store = getattr(_kept, "store", None)
+    if store is not None and not store.replaying and not torch.is_grad_enabled():
+        out, lse = forward()
+        store.tensors += [out.transpose(1, 2), lse]
+        return out
+    return apply(store.take(q) if store is not None and store.replaying else None)

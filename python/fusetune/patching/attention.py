@@ -14,7 +14,8 @@ gets the 2-D padding mask (or None) and the position ids, and `attention_forward
   without a dense mask (shorter padded rows take SDPA with the padding mask, as transformers does);
 - torch SDPA with is_causal (its cuDNN / flash backends) for plain causal rows without padding:
   measured faster there (bench/attention.py, H100: cuDNN 434-559 TFLOP/s forward + backward at
-  4k-32k against the kernel's 258-330);
+  4k-32k against the kernel's 258-330); called through fusetune.ops.sdpa, so that an offloaded
+  checkpoint's recompute reuses the forward's output as it does the kernel's;
 - with a KV cache (decoding, static or dynamic) transformers' own SDPA mask and SDPA (the plain
   softcap formula where one applies); a dense mask for what the kernel does not do otherwise:
   attention dropout, head dims over 256, tensors it cannot run on.
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 
 from fusetune.backend import resolve
 from fusetune.ops.attention import CUDA_OPS, DTYPES, MAX_HEAD_DIM, attention, segments
+from fusetune.ops.sdpa import sdpa
 from fusetune.patching import context_parallel
 from fusetune.reference.attention import allowed
 
@@ -125,9 +127,7 @@ def _attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None
         ids = torch.where(attention_mask.bool(), ids, -1).to(torch.int32)
         runs = (ids, torch.zeros_like(ids), torch.full_like(ids, sq))
     elif plain and runs is None:
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
-                                             enable_gqa=query.shape[1] != key.shape[1])
-        return out.transpose(1, 2), None
+        return sdpa(query, key, value, causal=True, scale=scaling).transpose(1, 2), None
     out = attention(query, key, value, causal=causal, scale=scaling, softcap=softcap, window=window, runs=runs)
     if attention_mask is not None:
         # a query with no real key up to it (left padding) gets SDPA's zero output, not its pads' mean
