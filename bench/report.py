@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -85,6 +86,7 @@ def e2e_section(path, data, plt, plot_name) -> list[str]:
     for r in data["rows"]:
         if "error" in r and not r.get("search"):
             lines.append(f"| {r['workload']} | {r['stack']} | failed: {r['error'][:80]} | | | | | | |")
+    lines += repeats_lines(rows)
     lines += search_lines(data)
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
     stacks = list(dict.fromkeys(r["stack"] for r in rows))
@@ -104,6 +106,26 @@ def e2e_section(path, data, plt, plot_name) -> list[str]:
     fig.tight_layout()
     fig.savefig(HERE / plot_name, dpi=110)
     lines += ["", f"![end to end]({plot_name})", ""]
+    return lines
+
+
+def repeats_lines(rows) -> list[str]:
+    """Where a stack ran a workload more than once (--repeat, interleaved): the median tokens/s of
+    the runs with their range, and each stack's ratio of medians to the workload's first stack."""
+    runs = {}
+    for r in rows:
+        runs.setdefault((r["workload"], r["stack"]), []).append(r["tokens_per_s"])
+    if all(len(v) < 2 for v in runs.values()):
+        return []
+    lines = ["", "Interleaved repeats: median tokens/s of the runs (slowest-fastest), and the ratio of medians "
+             "to the workload's first stack.", "", "| workload | stack | runs | median tokens/s | range | ratio |",
+             "|---|---|---:|---:|---|---:|"]
+    first = {}
+    for (workload, stack), values in runs.items():
+        median = statistics.median(values)
+        first.setdefault(workload, median)
+        lines.append(f"| {workload} | {stack} | {len(values)} | {median:,.0f} | {min(values):,.0f}-{max(values):,.0f} | "
+                     f"{median / first[workload]:.2f} |")
     return lines
 
 
