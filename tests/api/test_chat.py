@@ -3,7 +3,8 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from fusetune.api.chat import TEMPLATES, Markers, get_chat_template, mask_non_responses, train_on_responses_only
+from fusetune.api.chat import (END_OF_TURN, TEMPLATES, Markers, get_chat_template, mask_non_responses,
+                               train_on_responses_only)
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 'there'"},
             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]
@@ -40,6 +41,54 @@ def test_templates_render_the_family_layout(name):
     assert text == EXPECTED[name]
     for token in TEMPLATES[name][1]:  # the special tokens exist now, as single tokens
         assert tokenizer.convert_tokens_to_ids(token) != tokenizer.unk_token_id
+
+
+def _tokenizer_with(tokens, eos="<|endoftext|>", pad="<|endoftext|>"):
+    """A word-level tokenizer whose vocabulary holds `tokens` as plain entries (not special: their text
+    splits into pieces until they are marked so), EOS <|endoftext|>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<|endoftext|>", "hi", *tokens]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token=eos, pad_token=pad)
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_the_end_of_turn_token_becomes_the_eos(name):
+    """Generation and a GGUF export stop at the tokenizer's EOS: it must be the token that ends the
+    template's turns, and one token when the template's text is encoded (no new row: same length);
+    the old EOS, the pad before, stays the pad, so pad != EOS."""
+    tokenizer = _tokenizer_with(TEMPLATES[name][1])
+    size = len(tokenizer)
+    get_chat_template(tokenizer, name)
+    end = END_OF_TURN[name]
+    assert tokenizer.eos_token == end and len(tokenizer) == size
+    assert tokenizer("hi" + end, add_special_tokens=False)["input_ids"] == [tokenizer.convert_tokens_to_ids("hi"),
+                                                                            tokenizer.eos_token_id]
+    assert tokenizer.pad_token == "<|endoftext|>" != tokenizer.eos_token
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hi"}],
+                                         tokenize=False)
+    assert end in text
+
+
+@pytest.mark.parametrize("pad", [None, "<|im_end|>"])
+def test_a_missing_pad_or_one_that_is_the_new_eos_becomes_the_old_eos(pad):
+    """A collator masks every label equal to the pad id: with pad == EOS the model never learns to stop."""
+    tokenizer = get_chat_template(_tokenizer_with(["<|im_start|>", "<|im_end|>"], pad=pad), "chatml")
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|endoftext|>")
+
+
+def test_an_end_of_turn_token_the_vocabulary_lacks_leaves_the_eos_with_one_warning(caplog):
+    """Added here, the token has no row in the model until the user resizes: the EOS stays, and the
+    warning says so, naming the token."""
+    tokenizer = _tokenizer_with(["<|im_start|>"])
+    with caplog.at_level("WARNING", logger="fusetune"):
+        get_chat_template(tokenizer, "chatml")
+    assert tokenizer.eos_token == tokenizer.pad_token == "<|endoftext|>"
+    assert len(caplog.records) == 1
+    assert "(<|im_end|>): resize the model's embeddings" in caplog.text
+    assert "the EOS stays '<|endoftext|>'" in caplog.text and "tokenizer.eos_token = '<|im_end|>'" in caplog.text
 
 
 def test_unknown_template():

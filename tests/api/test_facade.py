@@ -31,7 +31,7 @@ def _logits(model, ids):
 def test_from_pretrained_patches_and_trains(model_dir, capsys):
     model, tokenizer = load_model(model_dir)
     assert "fusetune: patched LlamaForCausalLM" in capsys.readouterr().out
-    assert model.training and tokenizer.pad_token == "<s>" and model.max_seq_length == 2048
+    assert model.training and tokenizer.pad_token == "<unk>" != tokenizer.eos_token and model.max_seq_length == 2048
     model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing="unsloth")
     assert "lora 14 projections" in capsys.readouterr().out
     assert model.base_model.model.model.layers[0]._gradient_checkpointing_func is offloaded_checkpoint

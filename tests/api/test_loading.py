@@ -139,3 +139,114 @@ def test_max_seq_length_past_the_native_context_scales_rope(tmp_path, capsys):
     with pytest.raises(ValueError, match="max_seq_length=1024 is past the 512 the model was loaded for"):
         FastLanguageModel.get_peft_model(model, max_seq_length=1024)
     assert FastLanguageModel.get_peft_model(model, r=4, max_seq_length=512, use_gradient_checkpointing=False)
+
+
+def test_hub_keywords_reach_the_config_tokenizer_and_weights(tmp_path, monkeypatch):
+    """revision, subfolder, cache_dir, local_files_only choose the files: the config, the tokenizer and
+    the weights (with the generation config) all come from the same place. The folder itself holds
+    another model, tokenizer and generation config, as another revision would."""
+    import transformers
+    from transformers import GenerationConfig
+
+    from fusetune.api.loading import load_tokenizer
+    from tests.tiny_models import byte_level_tokenizer
+
+    save_model_dir(tiny_model("qwen2"), tmp_path)  # what a load without subfolder= would find
+    GenerationConfig(max_new_tokens=99).save_pretrained(tmp_path)
+    tiny_model("llama").save_pretrained(tmp_path / "sub")
+    byte_level_tokenizer().save_pretrained(tmp_path / "sub")
+    GenerationConfig(max_new_tokens=7).save_pretrained(tmp_path / "sub")
+    seen = {}
+    for auto in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        def recording(name, *args, _auto=auto, _load=auto.from_pretrained, **kwargs):
+            seen[_auto.__name__] = name, kwargs
+            return _load(name, *args, **kwargs)
+        monkeypatch.setattr(auto, "from_pretrained", recording)
+    source = dict(revision="main", cache_dir=str(tmp_path / "cache"), local_files_only=True)
+    model, tokenizer = load_model(tmp_path, subfolder="sub", **source)
+    assert type(model).__name__ == "LlamaForCausalLM" and tokenizer.eos_token == "<|im_end|>"
+    assert model.generation_config.max_new_tokens == 7 and model.name_or_path == str(tmp_path / "sub")
+    for auto in ("AutoConfig", "AutoTokenizer", "AutoModelForCausalLM"):
+        name, kwargs = seen[auto]
+        assert name == str(tmp_path / "sub") and source.items() <= kwargs.items(), auto
+    assert load_tokenizer(str(tmp_path), subfolder="sub", **source).eos_token == "<|im_end|>"
+    assert seen["AutoTokenizer"] == (str(tmp_path / "sub"), {"token": None, "trust_remote_code": False, **source})
+
+
+def test_unsloth_keywords_are_refused_or_ignored_by_name(tmp_path, caplog):
+    """Code written for Unsloth passes keywords fusetune does not implement: one clear error where
+    ignoring one would mislead, a warning where it is harmless, silence where it asks for nothing."""
+    import inspect
+
+    from fusetune.api.loading import UNSLOTH_ONLY
+
+    assert not UNSLOTH_ONLY.keys() & inspect.signature(FastLanguageModel.from_pretrained).parameters.keys()
+    path = save_model_dir(tiny_model("llama"), tmp_path / "llama")
+    with pytest.raises(ValueError, match=r"^from_pretrained\(fast_inference=True\): fusetune has no vLLM inference; "
+                                         r"drop fast_inference=True: generation uses transformers' generate"):
+        load_model(path, fast_inference=True, gpu_memory_utilization=0.6)
+    with pytest.raises(ValueError, match=r"resize_model_vocab=300\): drop it and resize after loading"):
+        load_model(path, resize_model_vocab=300)
+    caplog.clear()  # (the refused calls above may have warned already)
+    with caplog.at_level("WARNING", logger="fusetune"):
+        model, _ = load_model(path, fast_inference=False, use_exact_model_name=True, gpu_memory_utilization=0.6,
+                              max_lora_rank=32, random_state=3407, float8_kv_cache=True)
+    ignored = sorted(r.getMessage() for r in caplog.records if "is ignored" in r.getMessage())
+    assert [m.split("(", 1)[1].split("=")[0] for m in ignored] == ["float8_kv_cache", "gpu_memory_utilization",
+                                                                    "max_lora_rank", "random_state"]
+    assert "fusetune: from_pretrained(max_lora_rank=32) is ignored: it configures Unsloth's vLLM engine" in ignored[2]
+    assert model.max_seq_length == 2048
+
+
+def _special_tokenizer(specials: list[str], **roles):
+    """A word-level tokenizer over a few words and `specials` (added as special tokens), with the
+    roles (eos_token=..., unk_token=...) given."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate([*specials, "hello", "world"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=roles.get("unk_token", specials[0])))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **roles)
+
+
+@pytest.mark.parametrize("specials, roles, pad", [
+    (["<|begin_of_text|>", "<|eot_id|>", "<|reserved_special_token_0|>", "<|finetune_right_pad_id|>"],
+     dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"), "<|finetune_right_pad_id|>"),  # Llama-3.1
+    (["<|begin_of_text|>", "<|eot_id|>", "<|reserved_special_token_0|>"],
+     dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"), "<|reserved_special_token_0|>"),  # Llama-3
+    (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], dict(eos_token="<|im_end|>"), "<|endoftext|>"),  # Qwen
+    (["<unk>", "<s>", "</s>"], dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>"), "<unk>"),  # Mistral
+    (["<s>", "</s>", "<pad>"], dict(bos_token="<s>", eos_token="</s>", pad_token="<s>"), "<s>"),  # its own: kept
+])
+def test_the_pad_token_is_one_the_vocabulary_has_other_than_eos(specials, roles, pad):
+    """transformers' language-modelling collator masks every label equal to the pad id: a pad other
+    than EOS keeps the EOS in the labels (the model learns to stop), and no token is added."""
+    from transformers import DataCollatorForLanguageModeling
+
+    from fusetune.api.loading import set_pad_token
+
+    tokenizer = _special_tokenizer(specials, **roles)
+    size = len(tokenizer)
+    set_pad_token(tokenizer)
+    assert tokenizer.pad_token == pad and len(tokenizer) == size
+    eos = tokenizer.eos_token_id
+    hello = tokenizer.convert_tokens_to_ids("hello")
+    batch = DataCollatorForLanguageModeling(tokenizer, mlm=False)([{"input_ids": [hello, eos]}, {"input_ids": [eos]}])
+    assert batch["labels"].tolist() == [[hello, eos], [eos, -100]]
+
+
+def test_a_vocabulary_without_another_token_pads_with_eos_and_warns_once(tmp_path, caplog, monkeypatch):
+    """GPT-2's vocabulary: <|endoftext|> is BOS, EOS and unk, nothing else pads. EOS pads, and one
+    warning explains what that costs with transformers' collator; through load_tokenizer too."""
+    from fusetune.api import loading
+
+    monkeypatch.setattr(loading, "_pad_is_eos_said", False)
+    gpt2 = dict(unk_token="<|endoftext|>", bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    _special_tokenizer(["<|endoftext|>"], **gpt2).save_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="fusetune"):
+        tokenizers = [loading.load_tokenizer(str(tmp_path)) for _ in range(2)]
+    assert all(t.pad_token == "<|endoftext|>" and len(t) == 3 for t in tokenizers)
+    said = [r.getMessage() for r in caplog.records if "padding with EOS" in r.getMessage()]
+    assert len(said) == 1 and "a Trainer with it never trains the EOS" in said[0]

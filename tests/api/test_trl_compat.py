@@ -109,3 +109,34 @@ def test_sft_trainer_padding_free_trains_a_patched_model_as_padded(tmp_path):
         assert ("position_ids" in batch) == padding_free
         losses[padding_free] = trainer.train().training_loss
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_sft_trainer_truncates_at_the_max_seq_length_the_model_was_loaded_with(tmp_path, capsys):
+    """TRL's default max_length (1024) would cut a longer conversation silently: a model loaded with
+    max_seq_length=4096 keeps a 1500-token row whole; a length the user gave wins, TRL's default
+    value included, by either name."""
+    datasets = pytest.importorskip("datasets")
+    from trl import SFTConfig, SFTTrainer
+
+    from fusetune import FastLanguageModel
+    from fusetune.api import trl_compat
+    from tests.helpers import load_model, save_model_dir
+    from tests.tiny_models import tiny_model
+
+    trl_compat.enable()  # (on since fusetune's import; another test may have switched it)
+    model, tokenizer = load_model(save_model_dir(tiny_model("llama"), tmp_path / "llama"), max_seq_length=4096)
+    model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
+    rows = datasets.Dataset.from_list([{"text": " ".join(f"w{2 + i % 250}" for i in range(1500))}] * 2)
+
+    def built(on_trainer: dict | None = None, **on_config):
+        """(max_length, the row's length) of a trainer given these arguments."""
+        config = SFTConfig(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, **on_config)
+        trainer = SFTTrainer(model, config, processing_class=tokenizer, train_dataset=rows, **(on_trainer or {}))
+        return trainer.args.max_length, len(trainer.train_dataset[0]["input_ids"])
+
+    assert built() == (4096, 1501)  # the row and its EOS
+    assert "SFTTrainer: max_length=4096, the max_seq_length the model was loaded with" in capsys.readouterr().out
+    assert built(max_length=1024) == (1024, 1024)
+    assert built(max_seq_length=2000) == (2000, 1501)
+    assert built(on_trainer={"max_seq_length": 1200}) == (1200, 1200)
+    assert "SFTTrainer: max_length=" not in capsys.readouterr().out

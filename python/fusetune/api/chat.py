@@ -1,8 +1,9 @@
 """Chat templates and training on the assistant's turns only.
 
 get_chat_template(tokenizer, "llama-3" | "chatml" | "qwen" | "gemma" | "phi" | "mistral") installs
-the format's Jinja template (the layout those model families are trained with) and adds its
-special tokens where the tokenizer lacks them (then resize the embeddings: the function says so).
+the format's Jinja template (the layout those model families are trained with), adds its
+special tokens where the tokenizer lacks them (then resize the embeddings: the function says so)
+and makes the token that ends its turns the EOS, so that generation stops at the end of a reply.
 train_on_responses_only(trainer or collator) makes every label outside the assistant's replies
 -100, so the loss covers only what the model should learn to answer.
 """
@@ -60,22 +61,49 @@ TEMPLATES = {
         ["<s>", "</s>", "[INST]", "[/INST]"], "[INST]", "[/INST]"),
 }
 TEMPLATES["qwen"] = TEMPLATES["chatml"]  # Qwen2/2.5/3 speak ChatML
+# name -> the token that ends an assistant turn: where the model stops generating
+END_OF_TURN = {"chatml": "<|im_end|>", "qwen": "<|im_end|>", "llama-3": "<|eot_id|>", "gemma": "<end_of_turn>",
+               "phi": "<|end|>", "mistral": "</s>"}
 
 
 def get_chat_template(tokenizer, chat_template: str = "chatml"):
     """Install `chat_template` on the tokenizer (in place; returned). Special tokens the tokenizer
-    lacks are added; resize the model's embeddings afterwards (model.resize_token_embeddings(len(tokenizer)))."""
+    lacks are added; resize the model's embeddings afterwards (model.resize_token_embeddings(len(tokenizer))).
+
+    The template's end-of-turn token (<|im_end|>, <|eot_id|>, ...) becomes the EOS when the vocabulary
+    holds it (not when it was just added: the model has no row for it yet), so the saved tokenizer and
+    a GGUF export stop at the end of a reply; the old EOS becomes the pad token where the pad was
+    missing or is the new EOS (a collator masks every label equal to the pad: with pad == EOS the model
+    never learns to stop). model.generate stops at the model's generation_config.eos_token_id, which
+    this function cannot reach: set it to tokenizer.eos_token_id, or pass eos_token_id=tokenizer.eos_token_id
+    (save_pretrained_merged with the tokenizer writes it into the saved generation config)."""
     if chat_template not in TEMPLATES:
         raise ValueError(f"unknown chat_template {chat_template!r}; choose one of {', '.join(sorted(TEMPLATES))}")
     template, specials, _, _ = TEMPLATES[chat_template]
+    end = END_OF_TURN[chat_template]
     missing = [t for t in specials if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing})
+        eos = (f"; the EOS stays {tokenizer.eos_token!r} (the model has no row for {end!r} yet), so generation "
+               f"does not stop at the end of a reply until you set tokenizer.eos_token = {end!r} after resizing"
+               if end in missing else "")
         logger.warning("fusetune: added %d special tokens for %s (%s): resize the model's embeddings with "
-                       "model.resize_token_embeddings(len(tokenizer))", len(missing), chat_template, ", ".join(missing))
+                       "model.resize_token_embeddings(len(tokenizer))%s", len(missing), chat_template,
+                       ", ".join(missing), eos)
+    if end not in missing and end != tokenizer.eos_token:
+        _end_sequences_at(tokenizer, end)
     tokenizer.chat_template = template
     tokenizer.fusetune_chat_parts = TEMPLATES[chat_template][2:]
     return tokenizer
+
+
+def _end_sequences_at(tokenizer, end: str) -> None:
+    """Make `end`, a token of the vocabulary, the EOS (marked special, so that its text encodes as that one
+    token: no new row); the old EOS pads where the pad was missing or is `end`, so pad != EOS."""
+    old = tokenizer.eos_token
+    tokenizer.add_special_tokens({"eos_token": end})
+    if old is not None and tokenizer.pad_token in (None, end):
+        tokenizer.pad_token = old
 
 
 def _find(seq: list[int], part: list[int], start: int, stop: int) -> int:

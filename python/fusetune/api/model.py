@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from fusetune.api.gguf import save_gguf
-from fusetune.api.loading import default_dtype, model_source_errors, quantization_config, resolve_model_name
+from fusetune.api.loading import (SOURCE_KEYWORDS, default_dtype, drop_unsloth_only, local_subfolder,
+                                  model_source_errors, quantization_config, resolve_model_name, set_pad_token)
 from fusetune.api.saving import read_load_settings, save_merged, write_plain_model
 from fusetune.api.tokens import untie_embeddings
 from fusetune.patching import hf_model, patch_model
@@ -40,14 +41,15 @@ def _attach_saving(model):
 
 def _quantized_from_gguf(auto, model_name, config, dtype, device_map, quantization, common: dict, kwargs: dict):
     """transformers will not quantise while reading a GGUF file: read it in `dtype` on the CPU,
-    write it as safetensors to a temporary directory, and load that quantised."""
+    write it as safetensors to a temporary directory, and load that quantised (from the folder
+    itself: no GGUF file, revision or subfolder)."""
     import tempfile
 
     plain = auto.from_pretrained(model_name, config=config, dtype=dtype, **common, **kwargs)
     with tempfile.TemporaryDirectory(prefix="fusetune-gguf-") as staging:
         write_plain_model(plain, Path(staging))  # save_pretrained refuses a model read from GGUF
         del plain
-        common = {k: v for k, v in common.items() if k != "gguf_file"}
+        common = {k: v for k, v in common.items() if k not in ("gguf_file", *SOURCE_KEYWORDS)}
         return auto.from_pretrained(staging, dtype=dtype, device_map=device_map, quantization_config=quantization,
                                     **common, **kwargs)
 
@@ -257,11 +259,20 @@ class FastLanguageModel:
         (load_tokenizer) instead of loading it again. The model is in training mode.
 
         max_seq_length past the model's native context applies linear RoPE scaling (said so) unless
-        rope_scaling is given or the model scales its own. A folder holding a saved LoRA adapter
-        (adapter_config.json) loads the base it names and attaches the adapter, trainable.
+        rope_scaling is given or the model scales its own; it is kept as model.max_seq_length (TRL's
+        SFTTrainer truncates there unless told otherwise: api/trl_compat). A folder holding a saved
+        LoRA adapter (adapter_config.json) loads the base it names and attaches the adapter, trainable.
+
+        revision, subfolder, cache_dir, local_files_only (SOURCE_KEYWORDS), token and
+        trust_remote_code reach every file read: config, tokenizer, weights and generation config.
+        Unsloth's keywords fusetune does not implement (fast_inference, gpu_memory_utilization...)
+        are refused with what to do, or ignored with a warning (loading.UNSLOTH_ONLY). Other
+        keywords go to transformers' from_pretrained.
         """
         from transformers import AutoConfig
 
+        drop_unsloth_only(kwargs)
+        model_name = local_subfolder(model_name, kwargs)
         if full_finetuning and (load_in_4bit or load_in_8bit):
             raise ValueError("full_finetuning trains every weight: it cannot load them quantised; set "
                              "load_in_4bit=False and load_in_8bit=False")
@@ -275,7 +286,8 @@ class FastLanguageModel:
         dtype = dtype or default_dtype(device_type)
         named = str(model_name)  # what the user named: saved adapters record it as their base
         model_name, gguf_file = resolve_model_name(model_name, gguf_file)
-        common = dict(token=token, trust_remote_code=trust_remote_code)
+        common = dict(token=token, trust_remote_code=trust_remote_code,
+                      **{k: kwargs.pop(k) for k in SOURCE_KEYWORDS if k in kwargs})
         if gguf_file is not None:
             common["gguf_file"] = gguf_file
         with model_source_errors(model_name):
@@ -306,9 +318,7 @@ class FastLanguageModel:
         model._fusetune_full_finetuning = full_finetuning  # get_peft_model leaves such a model as it is
         if not full_finetuning:
             model.requires_grad_(False)
-        words = _text_tokenizer(tokenizer)  # a processor's own tokenizer
-        if words.pad_token is None:
-            words.pad_token = words.eos_token
+        set_pad_token(_text_tokenizer(tokenizer))  # a processor's own tokenizer
         patch_model(model, strict=False)  # other families load and train through PEFT, unfused (said so)
         return _attach_saving(model.train()), tokenizer
 

@@ -1,9 +1,10 @@
 """Saving adapters and merged models, atomically (fusetune.atomic: a crash leaves the previous save whole).
 
 merged_16bit: each LoRA layer's weight becomes W + sum over active adapters of s * B @ A (in fp32,
-then the model's dtype), 4-bit base weights are dequantised, PEFT's wrappers and the adapters'
-own tensors disappear: the directory loads with AutoModelForCausalLM.from_pretrained as the plain
-model. The model being trained is not modified.
+then the model's dtype), trained token rows (trainable_token_indices) replace the embedding's,
+4-bit base weights are dequantised, PEFT's wrappers and the adapters' own tensors disappear: the
+directory loads with AutoModelForCausalLM.from_pretrained as the plain model. The model being
+trained is not modified.
 """
 from __future__ import annotations
 
@@ -43,16 +44,19 @@ def _dense(module: nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def merged_state_dict(model, dtype: torch.dtype | None = None,
                       device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-    """The plain model's state dict with every active LoRA adapter merged (model unchanged).
+    """The plain model's state dict with every active LoRA adapter and trainable-tokens adapter merged
+    (model unchanged), as PEFT's merge_and_unload makes it.
 
     device: where each tensor goes as soon as it is made ("cpu" for a save: the GPU then holds one
     layer's merge at a time, not the whole merged model); None keeps the model's devices. Tensors
     the model shares (tied embeddings) stay shared there."""
     from peft.tuners.lora import LoraLayer
-    from peft.utils.other import ModulesToSaveWrapper
+    from peft.tuners.trainable_tokens import TrainableTokensLayer
+    from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
 
     out: dict[str, torch.Tensor] = {}
     moved: dict[tuple, torch.Tensor] = {}  # the model's own tensors, moved once each
+    tokens: dict[int, torch.Tensor] = {}  # id(base weight) -> its rows replaced by trained tokens' (tied: once)
 
     def put(name: str, tensor: torch.Tensor, source: torch.Tensor | None = None):
         """tensor (made from the model's own `source`, when given) under `name`, on `device`."""
@@ -94,6 +98,24 @@ def merged_state_dict(model, dtype: torch.dtype | None = None,
             put(prefix + "weight", weight.to(dtype or _weight_dtype(base)))
             if bias is not None:
                 put(prefix + "bias", bias.to(dtype or base.bias.dtype))
+            return
+        if isinstance(module, TrainableTokensWrapper):  # trainable_token_indices: the wrapped layer's own name
+            return visit(module.token_adapter, prefix)
+        if isinstance(module, TrainableTokensLayer):  # PEFT's merge: the trained rows replace the base's
+            base = module.get_base_layer()
+            if id(base.weight) not in tokens:
+                weight = _dense(base)
+                if not (module.disable_adapters or module.merged):
+                    for name in module.active_adapters:
+                        if name in module.trainable_tokens_delta:
+                            rows = torch.tensor(module.token_indices[name], device=weight.device)
+                            trained = module.trainable_tokens_delta[name].detach().to(weight)
+                            weight = weight.index_copy(0, rows, trained)
+                tokens[id(base.weight)] = weight.to(dtype or weight.dtype)
+            # (keyed by the base weight, which a tied head shares: one tensor under both names)
+            put(prefix + "weight", tokens[id(base.weight)], source=base.weight)
+            if getattr(base, "bias", None) is not None:  # (an output layer's)
+                put(prefix + "bias", base.bias.detach().to(dtype or base.bias.dtype), source=base.bias)
             return
         if isinstance(module, ModulesToSaveWrapper):
             active = [n for n in module.active_adapters if n in module.modules_to_save]
@@ -216,6 +238,35 @@ def _check_gathered(model):
                          "(every process enters it, one saves), which puts the whole weights on each process")
 
 
+def _stop_at_eos(directory: Path, tokenizer) -> None:
+    """The saved generation config stops at the tokenizer's EOS too: model.generate reads only the
+    generation config, and get_chat_template makes the end-of-turn token (<|im_end|>) the EOS."""
+    from transformers import GenerationConfig
+
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None or not (directory / "generation_config.json").is_file():
+        return
+    config = GenerationConfig.from_pretrained(directory)
+    stops = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    stops = [t for t in stops if t is not None]
+    if eos not in stops:
+        config.eos_token_id = stops + [eos] if stops else eos
+        config.save_pretrained(directory)
+
+
+def _keep_ggufs(directory: Path, tmp: Path) -> None:
+    """The GGUF files in `directory` (save_pretrained_gguf's exports) go into its replacement `tmp`:
+    this save replaces an earlier model save, not the exports beside it. Hard links (no copy of
+    gigabytes; the old folder keeps its own until the new one is in place), copies on a file system
+    without them."""
+    for gguf in sorted(directory.glob("*.gguf")) if directory.is_dir() else []:
+        if gguf.is_file():
+            try:
+                os.link(gguf, tmp / gguf.name)
+            except OSError:
+                shutil.copy2(gguf, tmp / gguf.name)
+
+
 def save_merged(model, save_directory: str | os.PathLike, tokenizer=None, save_method: str = "merged_16bit",
                 dtype: torch.dtype | None = None) -> Path:
     """Save `model` (a PEFT model, or a plain one) to save_directory, atomically.
@@ -225,7 +276,9 @@ def save_merged(model, save_directory: str | os.PathLike, tokenizer=None, save_m
     weights dequantised; dtype overrides, float32 included), "merged_4bit" (the same, then
     quantised to NF4 by bitsandbytes: loads with from_pretrained; for inference, since training
     on merged 4-bit weights loses the adapters' precision), or "lora" (the adapter only, PEFT's
-    layout). The tokenizer, when given, is saved beside it. Returns the directory.
+    layout). The tokenizer, when given, is saved beside it (and its EOS joins the saved generation
+    config's stop tokens). GGUF files in save_directory (save_pretrained_gguf's) are kept. Returns the
+    directory.
     """
     if save_method not in SAVE_METHODS:
         raise ValueError(f"save_method must be one of {', '.join(SAVE_METHODS)}, got {save_method!r} "
@@ -251,4 +304,6 @@ def save_merged(model, save_directory: str | os.PathLike, tokenizer=None, save_m
             write_plain_model(model, tmp, dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            _stop_at_eos(tmp, tokenizer)
+        _keep_ggufs(Path(save_directory), tmp)
     return Path(save_directory)

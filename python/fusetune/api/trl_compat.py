@@ -5,8 +5,11 @@ TRL 1.x renamed or moved arguments that guides still pass: `SFTTrainer(tokenizer
 dataset_text_field=..., max_seq_length=..., packing=..., dataset_num_proc=...)` belong to its
 config. While this layer is on, those calls are translated (one line says so, once per argument)
 and everything else reaches TRL unchanged; an argument the installed TRL still accepts is left
-alone. It rewrites no source: it wraps the classes' __init__ when TRL's modules load (an import
-hook, so fusetune never imports TRL itself) and `disable()` restores them.
+alone. An SFTTrainer of a model loaded by FastLanguageModel.from_pretrained truncates at the
+model's max_seq_length where the user set no length (not at TRL's default max_length, 1024, which
+cuts longer examples silently); a length the user gave wins. It rewrites no source: it wraps the
+classes' __init__ when TRL's modules load (an import hook, so fusetune never imports TRL itself)
+and `disable()` restores them.
 
 On from the moment fusetune's facade is imported (`from fusetune import FastLanguageModel`, as guides
 start); FUSETUNE_TRL_COMPAT=0 keeps it off.
@@ -29,6 +32,9 @@ RENAMED = {"SFTConfig": {"max_seq_length": "max_length"},
 TO_CONFIG = {"SFTTrainer": {"dataset_text_field": "dataset_text_field", "max_seq_length": "max_length",
                             "packing": "packing", "dataset_num_proc": "dataset_num_proc",
                             "dataset_kwargs": "dataset_kwargs"}}
+# trainer -> its config class, whose max_length defaults to the max_seq_length the model was loaded with
+LENGTH_FROM_MODEL = {"SFTTrainer": "SFTConfig"}
+GIVEN = "_fusetune_given"  # a config's attribute: the arguments its caller passed (from the defaults)
 _said: set[tuple[str, str]] = set()
 _wrapped: dict[type, object] = {}  # class -> its own __init__
 
@@ -42,13 +48,14 @@ def _say_once(cls_name: str, old: str, where: str) -> None:
 
 def _translating(cls: type):
     original = cls.__init__
-    accepted = set(inspect.signature(original).parameters)
+    signature = inspect.signature(original)
+    accepted = set(signature.parameters)
     renamed = {old: new for old, new in RENAMED.get(cls.__name__, {}).items() if old not in accepted}
     to_config = {old: new for old, new in TO_CONFIG.get(cls.__name__, {}).items() if old not in accepted}
-    if not (renamed or to_config):
+    records = cls.__name__ in LENGTH_FROM_MODEL.values()
+    length_from_model = cls.__name__ in LENGTH_FROM_MODEL
+    if not (renamed or to_config or records or length_from_model):
         return None
-
-    signature = inspect.signature(original)
 
     @functools.wraps(original)
     def __init__(self, *args, **kwargs):
@@ -57,20 +64,49 @@ def _translating(cls: type):
                 _say_once(cls.__name__, old, new)
                 kwargs[new] = kwargs.pop(old)
         moved = {new: kwargs.pop(old) for old, new in to_config.items() if old in kwargs}
-        if moved:
+        if moved or length_from_model:
             bound = signature.bind_partial(self, *args, **kwargs)
             config = bound.arguments.get("args")
-            if config is None:
+            if moved and config is None:
                 raise TypeError(f"{cls.__name__}({', '.join(moved)}=...): the installed TRL takes these in its "
                                 f"config: pass args=SFTConfig(output_dir=..., {', '.join(f'{k}=...' for k in moved)})")
             for old, new in to_config.items():
                 if new in moved:
                     _say_once(cls.__name__, old, f"args.{new}")
-            bound.arguments["args"] = _config_with(sys.modules[cls.__module__], config, moved)
-            args, kwargs = bound.args[1:], bound.kwargs
+            module = sys.modules[cls.__module__]
+            model = bound.arguments.get("model")
+            if length_from_model and "max_length" not in moved:
+                length = _model_length(module, cls.__name__, model, config)
+                if length is not None:
+                    moved["max_length"] = length
+                    if config is None:  # TRL's default config, named as TRL names it
+                        name = (getattr(model.config, "_name_or_path", "") or "").split("/")[-1]
+                        config = getattr(module, LENGTH_FROM_MODEL[cls.__name__])(output_dir=f"{name}-SFT")
+            if moved:
+                bound.arguments["args"] = _config_with(module, config, moved)
+                args, kwargs = bound.args[1:], bound.kwargs
         original(self, *args, **kwargs)
+        if records:
+            setattr(self, GIVEN, frozenset(signature.bind_partial(self, *args, **kwargs).arguments) - {"self"})
 
     return __init__
+
+
+def _model_length(trainer_module, trainer: str, model, config) -> int | None:
+    """The length the model was loaded for (model.max_seq_length, set by FastLanguageModel.from_pretrained;
+    a PEFT model passes it on) where the user set no max_length and it differs from TRL's default
+    (said so); else None. A length is the user's when passed to the config (by either name), or when
+    it is not the field's default (set by assignment, or on a config made before this layer was on)."""
+    length = getattr(model, "max_seq_length", None)
+    config_cls = getattr(trainer_module, LENGTH_FROM_MODEL[trainer])
+    default = {f.name: f.default for f in dataclasses.fields(config_cls)}.get("max_length")
+    if not isinstance(length, int) or length == default:
+        return None
+    if isinstance(config, config_cls) and ("max_length" in getattr(config, GIVEN, ()) or config.max_length != default):
+        return None
+    print(f"fusetune: {trainer}: max_length={length}, the max_seq_length the model was loaded with (TRL's default, "
+          f"{default}, would cut longer examples); SFTConfig(max_length=...) sets another")
+    return length
 
 
 def _config_with(trainer_module, config, values: dict):
@@ -88,7 +124,7 @@ def _config_with(trainer_module, config, values: dict):
 
 
 def _patch_module(module) -> None:
-    for name in RENAMED.keys() | TO_CONFIG.keys():
+    for name in RENAMED.keys() | TO_CONFIG.keys() | LENGTH_FROM_MODEL.keys() | set(LENGTH_FROM_MODEL.values()):
         cls = module.__dict__.get(name)
         if isinstance(cls, type) and cls.__module__ == module.__name__ and cls not in _wrapped:
             wrapper = _translating(cls)
