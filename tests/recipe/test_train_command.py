@@ -812,3 +812,18 @@ training: {{max_steps: 3, effective_batch_size: 4, learning_rate: 1.0e-2, embedd
     assert evaluated.returncode == 0, evaluated.stderr
     report = json.loads((tmp_path / "fusetune-output" / "eval.json").read_text())
     assert report["eval"]["loss"] == pytest.approx(summary["eval"][-1]["loss"], rel=1e-5)
+
+
+def test_settings_the_run_does_not_read_leave_its_checkpoints_resumable():
+    """epochs beside max_steps, and stage keys of other kinds (dpo's beta in an sft run), change
+    nothing computed: a change there resumes; where the run reads them it is refused."""
+    from fusetune.recipe.checkpoints import differences
+
+    sft = {"training.max_steps": 10, "training.epochs": 1.0, "stage.kind": "sft", "stage.beta": 0.1,
+           "stage.temperature": 1.0, "training.seed": 1}
+    assert differences({**sft, "training.epochs": 3.0, "stage.beta": 0.5, "stage.temperature": 0.7}, sft) == []
+    by_epochs = {**sft, "training.max_steps": None}
+    assert differences({**by_epochs, "training.epochs": 3.0}, by_epochs) == ["training.epochs 3.0 then, 1.0 now"]
+    dpo = {**sft, "stage.kind": "dpo"}
+    assert differences({**dpo, "stage.beta": 0.5}, dpo) == ["stage.beta 0.5 then, 0.1 now"]
+    assert differences({**dpo, "stage.kind": "sft"}, dpo) == ["stage.kind 'sft' then, 'dpo' now"]

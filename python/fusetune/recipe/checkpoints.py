@@ -41,6 +41,8 @@ NOT_IN_FINGERPRINT = {"model.trust_remote_code", "data.path", "data.eval_prompts
                       "data.choices_path", "data.generation_path",
                       # how the processes share the work, not what is computed: a checkpoint resumes across them
                       "training.fsdp", "training.context_parallel"}
+# stage keys that only some kinds read, by kind (the others ignore them: a change there resumes)
+STAGE_KEYS = {"dpo": {"beta"}, "orpo": {"beta"}, "grpo": {"reward", "generations", "temperature", "max_completion_length"}}
 # what a finished or interrupted run wrote into its output folder (a recipe's stages.json, TensorBoard's
 # runs/); a new run sets them aside
 RESULTS = ("adapter", "model", "merged", "gguf", "loss.png", "summary.json", "eval.json", "stages.json", "runs")
@@ -128,11 +130,20 @@ def _default(key: str):
     return object()
 
 
+def _unread(now: dict) -> set[str]:
+    """Keys of fingerprint `now` that its run does not read: epochs where max_steps is set, and the
+    stage keys of other kinds (STAGE_KEYS). A change there changes nothing computed."""
+    unread = {"training.epochs"} if now.get("training.max_steps") is not None else set()
+    kind = now.get("stage.kind", "sft")
+    return unread | {f"stage.{key}" for key in set().union(*STAGE_KEYS.values()) - STAGE_KEYS.get(kind, set())}
+
+
 def differences(saved: dict, now: dict) -> list[str]:
-    """The keys whose values differ; a key an older fusetune did not record matches its default."""
+    """The keys whose values differ, except those this run does not read (_unread); a key an older
+    fusetune did not record matches its default."""
     missing = object()
     out = []
-    for key in sorted(set(saved) | set(now)):
+    for key in sorted((set(saved) | set(now)) - _unread(now)):
         then, current = saved.get(key, missing), now.get(key, missing)
         if then is missing and current == _default(key):
             continue
