@@ -29,14 +29,14 @@ def _forward_and_recompute(inputs, scale):
     recompute (with grad) takes it; returns (out, dout, grads of the (B, S, H, D) inputs)."""
     views = [t.transpose(1, 2) for t in inputs]
     with torch.no_grad(), keeping_attention(KeptAttention()) as store:
-        first = sdpa(*views, scale=scale)
-    kept = KeptAttention(store.tensors)
+        sdpa(*views, scale=scale)
+    assert len(store.tensors) == 2
+    kept = KeptAttention(store.tensors, store.kinds)
     with keeping_attention(kept):
         out = sdpa(*views, scale=scale)
     kept.check_all_taken()
-    dout = torch.randn_like(out)
+    dout = torch.randn(out.shape, dtype=out.dtype, device=out.device)  # (B, H, S, D) memory: unlike out's
     out.backward(dout)
-    assert torch.equal(out, first)
     return out, dout.double(), [t.grad for t in inputs]
 
 
@@ -71,13 +71,26 @@ def test_head_dims_its_ops_do_not_take_run_plain_sdpa():
     assert store.tensors == []
 
 
-def test_the_same_kernel_is_chosen_without_grad_and_with_it():
-    """The forward runs without grad, the recompute with it: the choice must not depend on it
-    (the recompute's backward reads the forward's log-sum-exp)."""
-    q, k, v = (t.transpose(1, 2) for t in _inputs(1, 4, 2, 16, 16, torch.float32, "cpu"))
-    with torch.no_grad():
-        without = sdpa_backend(q.detach(), k.detach(), v.detach(), True, None)
-    assert without == sdpa_backend(q, k, v, True, None) == "cpu"
+def test_the_recompute_runs_the_kernel_its_forward_ran():
+    """SDPA's choice depends on settings (an sdpa_kernel context around the forward only, a backend
+    switched off): the recompute runs the kernel whose output its forward kept, not a new choice."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    inputs = _inputs(1, 4, 2, 16, 16, torch.float64, "cpu")
+    views = [t.transpose(1, 2) for t in inputs]
+    with torch.no_grad(), keeping_attention(KeptAttention()) as store:
+        sdpa(*views)
+    kept = KeptAttention(store.tensors, store.kinds)
+    with keeping_attention(kept), sdpa_kernel(SDPBackend.MATH):  # SDPA alone would run MATH, keeping nothing
+        out = sdpa(*views)
+    kept.check_all_taken()
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    _check((out, dout, [t.grad for t in inputs]), inputs, torch.float64, None)
+    # and a call that kept nothing in its forward runs SDPA again in the recompute, whatever it would keep now
+    with torch.no_grad(), keeping_attention(KeptAttention()) as store, sdpa_kernel(SDPBackend.MATH):
+        sdpa(*views)
+    assert store.kinds == [None] and store.tensors == []
 
 
 @pytest.mark.gpu

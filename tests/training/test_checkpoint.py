@@ -116,19 +116,26 @@ def test_attention_outputs_past_the_host_budget_are_recomputed(attention, monkey
 
 
 def test_recompute_of_other_attention_calls_is_refused():
-    """A recompute that calls attention more or less often than its forward is a broken layer: an error."""
+    """A recompute that calls attention more or less often than its forward, or through another
+    kernel, is a broken layer (or settings changed between forward and backward): an error."""
     from fusetune.ops.attention import KeptAttention
 
-    kept = KeptAttention([torch.zeros(1, 3, 2, 4), torch.zeros(1, 2, 3)])
+    pair = [torch.zeros(1, 3, 2, 4), torch.zeros(1, 2, 3)]
+    kept = KeptAttention(pair, ["fusetune"])
     with pytest.raises(RuntimeError, match="less often"):
         kept.check_all_taken()
     with pytest.raises(RuntimeError, match=r"attention of q \(1, 2, 5, 4\)"):
-        kept.take(torch.zeros(1, 2, 5, 4))
-    kept = KeptAttention([torch.zeros(1, 3, 2, 4), torch.zeros(1, 2, 3)])
-    out, lse = kept.take(torch.zeros(1, 2, 3, 4))
+        kept.take(torch.zeros(1, 2, 5, 4), "fusetune")
+    kept = KeptAttention(pair, ["cudnn", None])
+    with pytest.raises(RuntimeError, match="recompute ran flash attention where its forward ran cudnn"):
+        kept.take(torch.zeros(1, 2, 3, 4), "flash")
+    kept = KeptAttention(pair, ["cudnn", None])
+    out, lse = kept.take(torch.zeros(1, 2, 3, 4), "cudnn")
     assert out.shape == (1, 2, 3, 4)
+    assert kept.take(torch.zeros(1, 2, 3, 4), None) is None  # a call that kept nothing runs again
+    kept.check_all_taken()
     with pytest.raises(RuntimeError, match="more often"):
-        kept.take(torch.zeros(1, 2, 3, 4))
+        kept.take(torch.zeros(1, 2, 3, 4), None)
 
 
 def test_other_arguments_must_not_require_grad():

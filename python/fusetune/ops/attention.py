@@ -84,19 +84,41 @@ _kept = threading.local()  # .store: the KeptAttention of the checkpointed layer
 
 
 class KeptAttention:
-    """The (output, log-sum-exp) pairs of one layer's attention calls, in call order: filled by the
-    forward (tensors=None), or handed back to the recompute (the tensors the forward kept). The
-    outputs are kept in their memory layout, (B, Sq, Hq, D) contiguous."""
+    """One layer's attention calls, in call order: the kernel each ran (`kinds`: "fusetune" for the
+    Triton kernel, an SDPA backend of ops.sdpa, or None where the call kept nothing) and the
+    (output, log-sum-exp) pairs of those that kept them. Filled by the forward (tensors=None), or
+    handed back to the recompute, which must run the same calls: each takes its pair, or learns that
+    it kept none, in turn. The outputs are kept in the memory layout their kernel wrote, (B, Sq, Hq, D)."""
 
-    def __init__(self, tensors=None):
+    def __init__(self, tensors=None, kinds=None):
         self.replaying = tensors is not None
         self.tensors = list(tensors or ())
-        self.taken = 0
+        self.kinds = list(kinds or ())
+        self.calls = self.taken = 0
 
-    def take(self, q: torch.Tensor):
-        if self.taken + 2 > len(self.tensors):
+    def next_kind(self) -> str | None:
+        """In the recompute: the kernel the next call's forward ran (None: it kept nothing)."""
+        if self.calls >= len(self.kinds):
             raise RuntimeError("attention: a checkpointed layer's recompute called attention more often than its "
                                "forward; the layer must run the same calls both times")
+        return self.kinds[self.calls]
+
+    def record(self, kind: str | None, out: torch.Tensor | None = None, lse: torch.Tensor | None = None):
+        """In the forward: a call of `kind` and what it keeps (out (B, Hq, Sq, D), lse), if anything."""
+        self.kinds.append(kind)
+        if kind is not None:
+            self.tensors += [out.transpose(1, 2), lse]
+
+    def take(self, q: torch.Tensor, kind: str | None):
+        """In the recompute: the next call's kept (out, lse), checked against this call's kernel and q."""
+        then = self.next_kind()
+        self.calls += 1
+        if then != kind:
+            raise RuntimeError(f"attention: a checkpointed layer's recompute ran {kind or 'uncached'} attention where "
+                               f"its forward ran {then or 'uncached'}; keep the settings that choose it (sdpa_kernel, "
+                               f"fusetune.use_backend) the same over the forward and the backward")
+        if kind is None:
+            return None
         out, lse = self.tensors[self.taken:self.taken + 2]
         self.taken += 2
         batch, heads, seq, head_dim = q.shape
@@ -106,7 +128,7 @@ class KeptAttention:
         return out.transpose(1, 2), lse
 
     def check_all_taken(self):
-        if self.taken != len(self.tensors):
+        if self.calls != len(self.kinds):
             raise RuntimeError("attention: a checkpointed layer's recompute called attention less often than its "
                                "forward; the layer must run the same calls both times")
 
@@ -174,23 +196,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
             from fusetune.triton_kernels.attention import attention_fwd
 
             return attention_fwd(_unit_last(q), _unit_last(k), _unit_last(v), *options)
-        return keeping(q, forward, lambda kept: AttentionFunction.apply(q, k, v, *options, kept))
+        return keeping(q, "fusetune", forward, lambda kept: AttentionFunction.apply(q, k, v, *options, kept))
     out, _ = attention_reference(q, k, v, causal, scale, softcap, window, segment_ids)
     return out
 
 
-def checkpointed_layer() -> bool:
-    """Whether a checkpointed layer's forward or recompute is running (keeping_attention)."""
-    return getattr(_kept, "store", None) is not None
+def current_store() -> KeptAttention | None:
+    """The KeptAttention of the checkpointed layer whose forward or recompute runs now (keeping_attention)."""
+    return getattr(_kept, "store", None)
 
 
-def keeping(q: torch.Tensor, forward, apply) -> torch.Tensor:
-    """One attention call under the checkpointed layer running now, if any: its forward (no grad)
-    runs `forward()` -> (out, lse) and keeps the pair; its recompute passes the kept pair to
-    `apply(kept)`, the autograd Function; outside a checkpointed layer apply(None) runs it whole."""
-    store = getattr(_kept, "store", None)
+def keeping(q: torch.Tensor, kind: str, forward, apply) -> torch.Tensor:
+    """One attention call of kernel `kind` under the checkpointed layer running now, if any: its
+    forward (no grad) runs `forward()` -> (out, lse) and keeps the pair; its recompute passes the
+    kept pair to `apply(kept)`, the autograd Function; outside a checkpointed layer apply(None) runs
+    it whole."""
+    store = current_store()
     if store is not None and not store.replaying and not torch.is_grad_enabled():
         out, lse = forward()
-        store.tensors += [out.transpose(1, 2), lse]
+        store.record(kind, out, lse)
         return out
-    return apply(store.take(q) if store is not None and store.replaying else None)
+    return apply(store.take(q, kind) if store is not None and store.replaying else None)

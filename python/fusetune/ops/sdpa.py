@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
-from fusetune.ops.attention import checkpointed_layer, keeping
+from fusetune.ops.attention import current_store, keeping
 
 aten = torch.ops.aten
+BACKENDS = ("cudnn", "flash", "cpu")  # sdpa_backend's answers
 
 
 def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None) -> str | None:
@@ -26,7 +27,7 @@ def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
     in training (sdpa_kernel contexts included), where fusetune can call it with the log-sum-exp;
     else None. Asked as for tensors that need grad, so a layer's forward (no grad) and its
     recompute pick the same kernel, whose log-sum-exp the other's backward can read."""
-    if q.shape[-1] % 8:
+    if q.shape[-1] % 8 or v.shape[-1] != q.shape[-1]:  # (padded by SDPA for its kernels; kept outputs have q's shape)
         return None
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     try:
@@ -91,10 +92,21 @@ class SdpaFunction(torch.autograd.Function):
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None):
     """F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=...) for q
     (B, Hq, S, D), k and v (B, Hk, S, D). Within a checkpointed layer, where SDPA's backend allows
-    (sdpa_backend), its forward keeps the output and log-sum-exp and its recompute reuses them.
-    Returns (B, Hq, S, D)."""
-    backend = sdpa_backend(q, k, v, causal, scale) if checkpointed_layer() else None
+    (sdpa_backend), its forward keeps the output and log-sum-exp and its recompute reuses them,
+    through the kernel the forward ran (the choice is not asked again: settings such as an
+    sdpa_kernel context may differ in backward). Returns (B, Hq, S, D)."""
+    store = current_store()
+    if store is None:
+        backend = None
+    elif store.replaying:
+        backend = store.next_kind()
+        if backend not in (None, *BACKENDS):
+            store.take(q, "torch SDPA")  # (raises: the forward ran another kernel here)
+    else:
+        backend = sdpa_backend(q, k, v, causal, scale)
     if backend is None:
+        if store is not None:  # kept nothing: the recompute runs it again, as torch's SDPA
+            store.take(q, None) if store.replaying else store.record(None)
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    return keeping(q, lambda: _forward(backend, q, k, v, causal, scale),
+    return keeping(q, backend, lambda: _forward(backend, q, k, v, causal, scale),
                    lambda kept: SdpaFunction.apply(q, k, v, backend, causal, scale, kept))

@@ -225,13 +225,14 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         del casts
         # the attention outputs spare the recompute its attention forward, where the host budget takes them
         ctx.slot.add(attention.tensors, required=False)
+        ctx.attention_kinds = attention.kinds
         return outputs
 
     @staticmethod
     def backward(ctx, *grads):
         hidden, *kept = ctx.slot.take()
         hidden = hidden.requires_grad_()
-        attention = KeptAttention(kept) if kept else None
+        attention = KeptAttention(kept, ctx.attention_kinds) if kept else None
         casts = cast_together(ctx.cast, hidden.dtype, hidden.device)
         with ctx.state.replay(), shared_casts(casts), keeping_attention(attention):
             outputs = ctx.function(hidden, *ctx.args)
