@@ -303,7 +303,7 @@ def main(argv=None):
     payload = {"environment": environment(), "matmul_flops_per_s": rate, "warmup": WARMUP,
                "timed": TIMED, "search_start": SEARCH_START, "search_steps": list(probe_steps),
                "search_step": args.search_step, "memory_cap_gb": args.memory_cap_gb,
-               "max_seq_cap": args.max_seq_cap, "rows": rows}
+               "max_seq_cap": args.max_seq_cap, "seqs": args.seqs, "rows": rows}
     path = write_results("e2e-" + "-".join(workloads), payload)
     table = [r for r in rows if not r.get("search")]
     base = {(r["workload"], r["repeat"]): r for r in table if r["stack"] == "hf" and "error" not in r}

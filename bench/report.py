@@ -137,14 +137,15 @@ def search_lines(data) -> list[str]:
     steps = data.get("search_steps", [1, 2])
     bisect = f", then bisected to {data['search_step']:,} tokens" if data.get("search_step") else ""
     cap = f"; GPU memory capped at {data['memory_cap_gb']:g} GB" if data.get("memory_cap_gb") else ""
-    lines = ["", f"Longest sequence that trains (sequence doubled from {data.get('search_start', 4096)} up to "
-             f"{data.get('max_seq_cap', '?')}{bisect}{cap}; each probe {steps[0]} warm-up + {steps[1]} timed "
+    how = (f"the lengths {data['seqs']} (--seqs, no search)" if data.get("seqs") else
+           f"sequence doubled from {data.get('search_start', 4096)} up to {data.get('max_seq_cap', '?')}{bisect}")
+    lines = ["", f"Longest sequence that trains ({how}{cap}; each probe {steps[0]} warm-up + {steps[1]} timed "
              f"steps):", "",
              "| workload | stack | longest seq | step s | tokens/s | peak GB | MFU | stopped by |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for workload, stack, b, first_bad in search_summary(data["rows"]):
         stop = (f"seq {first_bad.get('seq')}: {first_bad['error'].splitlines()[0][:60]}" if first_bad
-                else "the cap")
+                else "the last length given" if data.get("seqs") else "the cap")
         if b:
             base = "QLoRA NF4" if b.get("qlora", True) else "LoRA, bf16 base"
             lines.append(f"| {workload} ({b['model']}, {base}) | {stack} | {b['seq']:,} | {b['step_s']:.2f} | "

@@ -2,7 +2,7 @@
 
 A checkpointed layer (fusetune.training.checkpoint) runs its forward twice: without grad, then
 again in backward to build the graph. Within `keeping_attention(KeptAttention())` the first run
-keeps each attention call's output and log-sum-exp; within `keeping_attention(KeptAttention(kept))`
+keeps each attention call's output and log-sum-exp; within `keeping_attention(KeptAttention(kept, kinds))`
 the recompute takes them in the same order instead of running the attention forward again (its
 backward needs exactly those, and the kernel is deterministic, so the gradients are the same).
 """
