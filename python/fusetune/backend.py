@@ -85,13 +85,20 @@ def get_backend() -> str:
 
 
 def set_backend(name: str | None) -> None:
-    """Request a backend for this thread; None returns to FUSETUNE_BACKEND / auto."""
+    """Request a backend for this thread; None returns to FUSETUNE_BACKEND / auto. A checkpointed
+    layer's recompute runs under the request its forward ran under (ops.tiling.ForwardState), on
+    whichever thread autograd runs the backward."""
     _state.name = None if name is None else _check_name(name)
 
 
+def requested_backend() -> str | None:
+    """This thread's set_backend / use_backend request (None: none, FUSETUNE_BACKEND or auto rules)."""
+    return getattr(_state, "name", None)
+
+
 @contextlib.contextmanager
-def use_backend(name: str):
-    """Context manager: `with use_backend("torch"): ...`."""
+def use_backend(name: str | None):
+    """Context manager: `with use_backend("torch"): ...` (None: no request, as outside any)."""
     previous = getattr(_state, "name", None)
     set_backend(name)
     try:

@@ -256,6 +256,32 @@ def test_recompute_runs_under_the_forwards_autocast(device):
         assert_close(g, results[1][name], torch.float32, name, 10.0)
 
 
+def test_recompute_runs_under_the_forwards_backend_on_any_thread(device, monkeypatch):
+    """use_backend is per thread and autograd runs a CUDA backward on a thread of its own (here: the
+    backward called from another thread): the recompute still runs the backend its forward asked for."""
+    import importlib
+    import threading
+
+    from fusetune.backend import get_backend
+
+    rms_norm = importlib.import_module("fusetune.ops.rms_norm")  # (fusetune.ops.rms_norm is also the function)
+
+    model = _lora_model("llama", device, dropout=0.0)
+    fusetune.patch_model(model)
+    enable_offloaded_checkpointing(model)
+    seen, real = [], rms_norm.resolve
+    monkeypatch.setattr(rms_norm, "resolve", lambda *args: seen.append(get_backend()) or real(*args))
+    ids, labels = random_batch(device=device)
+    with fusetune.use_backend("torch"):
+        loss = model(input_ids=ids, labels=labels).loss
+    forward = len(seen)
+    backward = threading.Thread(target=loss.backward)
+    backward.start()
+    backward.join()
+    assert forward and len(seen) > forward and set(seen) == {"torch"}, seen
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_no_offload_without_grad(device, monkeypatch):
     import fusetune.training.checkpoint as checkpoint
 

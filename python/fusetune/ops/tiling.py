@@ -22,17 +22,22 @@ import contextlib
 import torch
 from torch.autograd.function import once_differentiable
 
+from fusetune.backend import requested_backend, use_backend
+
 _ROW_VALUES = 4  # intermediate-width values per token the block holds at once (gate, up, product, a gradient)
 _MIN_ROWS = 1024  # below this a chunk's GEMMs lose efficiency
 
 
 class ForwardState:
-    """The RNG and autocast state a forward ran under, taken when it starts, so that a recompute
-    in backward replays it exactly: the same dropout masks, the same casts (autocast as it was in
-    the forward, not as it is in backward), with grad on. The caller's RNG state is left as it was."""
+    """The RNG, autocast and backend state a forward ran under, taken when it starts, so that a
+    recompute in backward replays it exactly: the same dropout masks, the same casts (autocast as it
+    was in the forward, not as it is in backward), the same kernels (a use_backend request is per
+    thread, and autograd runs a CUDA backward on a thread of its own), with grad on. The caller's
+    RNG state is left as it was."""
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.backend = requested_backend()
         self.autocast = [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
                          for kind in dict.fromkeys((device.type, "cpu"))]
         self.cpu_rng = torch.get_rng_state()
@@ -47,6 +52,7 @@ class ForwardState:
                 torch.cuda.set_rng_state(self.cuda_rng, self.device)
             for kind, enabled, dtype in self.autocast:
                 stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
+            stack.enter_context(use_backend(self.backend))
             stack.enter_context(torch.enable_grad())
             yield
 
