@@ -206,14 +206,22 @@ def current_store() -> KeptAttention | None:
     return getattr(_kept, "store", None)
 
 
-def keeping(q: torch.Tensor, kind: str, forward, apply) -> torch.Tensor:
+def keeping(q: torch.Tensor, kind: str | None, forward, apply) -> torch.Tensor:
     """One attention call of kernel `kind` under the checkpointed layer running now, if any: its
     forward (no grad) runs `forward()` -> (out, lse) and keeps the pair; its recompute passes the
     kept pair to `apply(kept)`, the autograd Function; outside a checkpointed layer apply(None) runs
-    it whole."""
+    it whole. kind None: a call that keeps nothing (the recompute runs it again), recorded all the
+    same, so that each later call takes its own pair."""
     store = current_store()
-    if store is not None and not store.replaying and not torch.is_grad_enabled():
-        out, lse = forward()
-        store.record(kind, out, lse)
-        return out
-    return apply(store.take(q, kind) if store is not None and store.replaying else None)
+    if store is None:
+        return apply(None)
+    if store.replaying:
+        return apply(store.take(q, kind))
+    if torch.is_grad_enabled():
+        return apply(None)
+    if kind is None:
+        store.record(None)
+        return apply(None)
+    out, lse = forward()
+    store.record(kind, out, lse)
+    return out

@@ -25,8 +25,8 @@ BACKENDS = ("cudnn", "flash", "cpu")  # sdpa_backend's answers
 def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None) -> str | None:
     """"cudnn", "flash" (CUDA) or "cpu" (the CPU flash kernel): what SDPA would run for these tensors
     in training (sdpa_kernel contexts included), where fusetune can call it with the log-sum-exp;
-    else None. Asked as for tensors that need grad, so a layer's forward (no grad) and its
-    recompute pick the same kernel, whose log-sum-exp the other's backward can read."""
+    else None. Asked as for tensors that need grad: a layer's forward runs without grad, and its
+    recompute's backward reads what that forward kept."""
     if q.shape[-1] % 8 or v.shape[-1] != q.shape[-1]:  # (padded by SDPA for its kernels; kept outputs have q's shape)
         return None
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
@@ -96,17 +96,12 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
     through the kernel the forward ran (the choice is not asked again: settings such as an
     sdpa_kernel context may differ in backward). Returns (B, Hq, S, D)."""
     store = current_store()
-    if store is None:
-        backend = None
-    elif store.replaying:
-        backend = store.next_kind()
-        if backend not in (None, *BACKENDS):
-            store.take(q, "torch SDPA")  # (raises: the forward ran another kernel here)
-    else:
-        backend = sdpa_backend(q, k, v, causal, scale)
-    if backend is None:
-        if store is not None:  # kept nothing: the recompute runs it again, as torch's SDPA
-            store.take(q, None) if store.replaying else store.record(None)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    backend = None
+    if store is not None:
+        backend = store.next_kind() if store.replaying else sdpa_backend(q, k, v, causal, scale)
+    if backend not in BACKENDS:  # kept nothing (a replayed call another kernel ran: take() names the mismatch)
+        gqa = q.shape[1] != k.shape[1]
+        return keeping(q, None, None, lambda kept: F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                                                  scale=scale, enable_gqa=gqa))
     return keeping(q, backend, lambda: _forward(backend, q, k, v, causal, scale),
                    lambda kept: SdpaFunction.apply(q, k, v, backend, causal, scale, kept))

@@ -43,6 +43,7 @@ NOT_IN_FINGERPRINT = {"model.trust_remote_code", "data.path", "data.eval_prompts
                       "training.fsdp", "training.context_parallel"}
 # stage keys that only some kinds read, by kind (the others ignore them: a change there resumes)
 STAGE_KEYS = {"dpo": {"beta"}, "orpo": {"beta"}, "grpo": {"reward", "generations", "temperature", "max_completion_length"}}
+STAGE_ONLY = set().union(*STAGE_KEYS.values())
 # what a finished or interrupted run wrote into its output folder (a recipe's stages.json, TensorBoard's
 # runs/); a new run sets them aside
 RESULTS = ("adapter", "model", "merged", "gguf", "loss.png", "summary.json", "eval.json", "stages.json", "runs")
@@ -135,7 +136,7 @@ def _unread(now: dict) -> set[str]:
     stage keys of other kinds (STAGE_KEYS). A change there changes nothing computed."""
     unread = {"training.epochs"} if now.get("training.max_steps") is not None else set()
     kind = now.get("stage.kind", "sft")
-    return unread | {f"stage.{key}" for key in set().union(*STAGE_KEYS.values()) - STAGE_KEYS.get(kind, set())}
+    return unread | {f"stage.{key}" for key in STAGE_ONLY - STAGE_KEYS.get(kind, set())}
 
 
 def differences(saved: dict, now: dict) -> list[str]:
