@@ -139,15 +139,17 @@ def _block_scales(x: torch.Tensor, blocksize: int):
 
 def _quantize_absmax(absmax: torch.Tensor):
     """absmax - mean(absmax) -> uint8 codes into the dynamic map, as bitsandbytes' CPU library
-    does: the value in [-1, 1] picks one of 65536 evenly spaced buckets, trunc((v+1)/2*65535+0.5),
-    whose centre is rounded to the nearest code (ties to the lower one)."""
+    does: each value times 1/absmax of its block of 256 (a product, not a quotient: the two differ
+    by an ulp that moves a code about once per million values) lies in [-1, 1] and picks one of
+    65536 evenly spaced buckets, trunc((v+1)/2*65535+0.5), whose centre is rounded to the nearest
+    code (ties to the lower one)."""
     offset = absmax.mean()
     centred = absmax - offset
     n = centred.numel()
     pad = -n % NESTED_BLOCKSIZE
     blocks = torch.nn.functional.pad(centred, (0, pad)).view(-1, NESTED_BLOCKSIZE)
     nested_absmax = blocks.abs().amax(1)
-    normed = (blocks / nested_absmax[:, None]).reshape(-1)[:n].clamp(-1, 1)
+    normed = (blocks * (1.0 / nested_absmax[:, None])).reshape(-1)[:n].clamp(-1, 1)
     bucket = (((normed + 1) * 0.5) * 65535 + 0.5).to(torch.int64)
     code = _dynamic_map().to(absmax.device)
     centre = bucket.double() / 65535 * 2 - 1
