@@ -154,6 +154,32 @@ def _cmd_eval(args) -> int:
     return _run("eval", args, job)
 
 
+def _cmd_plan(args) -> int:
+    def job():
+        import torch
+
+        from fusetune.recipe.config import load_config
+        from fusetune.recipe.plan import run_plan
+
+        try:
+            run_plan(load_config(args.config, args.set), gpu_gb=args.gpu_memory, probe_lengths=args.probe,
+                     verify=not args.no_check)
+        except torch.cuda.OutOfMemoryError as err:  # a probe's: the message says what to change
+            raise ValueError(str(err)) from None
+
+    return _run("plan", args, job)
+
+
+def _probe_lengths(text: str) -> tuple[int, int]:
+    try:
+        short, long = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: two lengths in tokens, e.g. 4096,8192") from None
+    if not 0 < short < long:
+        raise argparse.ArgumentTypeError(f"{text!r}: two lengths, the shorter first, e.g. 4096,8192")
+    return short, long
+
+
 def _cmd_chat(args) -> int:
     def job():
         from fusetune.recipe.chat import run_chat
@@ -303,6 +329,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--print-reference", action="store_true", help="print every config key with its default and "
                                                                       "meaning (docs/CONFIG.md) and exit")
     train.set_defaults(func=_cmd_train)
+    plan = sub.add_parser("plan", help="the longest row a config's model trains on this GPU at batch 1: two short "
+                                       "steps measure GPU (and pinned host) memory per token, one step at the "
+                                       "projected length checks it")
+    plan.add_argument("config", nargs="?", default=None, help="the YAML config to train (none: the embedded default)")
+    plan.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="override one key, e.g. --set model.load_in_4bit=true (repeatable)")
+    plan.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
+                      help="plan for this much GPU memory (the allocator is capped there), e.g. 80 on a larger GPU")
+    plan.add_argument("--probe", type=_probe_lengths, default=(4096, 8192), metavar="SHORT,LONG",
+                      help="the two measured lengths in tokens (default 4096,8192)")
+    plan.add_argument("--no-check", action="store_true", help="report the projection without running a step at it")
+    plan.set_defaults(func=_cmd_plan)
     evaluate = sub.add_parser("eval", help="evaluate the adapter a config trained (or its base model): eval loss "
                                            "and perplexity on the held-out rows, multiple-choice accuracy, ROUGE "
                                            "of answers to data.generation_path")
@@ -353,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("which", choices=sorted(BENCHMARKS))
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script, e.g. --workloads W1,W2")
     bench.set_defaults(func=_cmd_bench)
-    for command in (train, evaluate, chat, export, tokens, data):  # `fusetune train --verbose` as well as `fusetune --verbose train`
+    for command in (train, plan, evaluate, chat, export, tokens, data):  # `fusetune train --verbose` as well as `fusetune --verbose train`
         command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="keep the libraries' own warnings, info lines and progress bars")
     return parser

@@ -24,6 +24,7 @@ from fusetune.recipe.memory import peak_bytes
 from fusetune.recipe.reporting import Reporters
 from fusetune.training import distributed
 from fusetune.training.distributed import Ranks
+from fusetune.training.plan import optimizer_state_bytes
 
 
 def total_steps(cfg: TrainingConfig, n_examples: int) -> int:
@@ -74,9 +75,7 @@ def pick_micro_batch(model, examples: list[dict], objective, cfg: TrainingConfig
         return 1
     longest = sorted(examples, key=objective.length, reverse=True)[:upper]
     # the trials run no optimizer step: hold back what AdamW's two moments will take (a byte each in 8 bits)
-    moments = sum(2 * p.numel() * (1 if cfg.optim.endswith("8bit") else p.element_size())
-                  for p in trainable_parameters(model).values())
-    reserve = torch.empty(moments, dtype=torch.uint8, device=device)
+    reserve = torch.empty(optimizer_state_bytes(model, cfg.optim.endswith("8bit")), dtype=torch.uint8, device=device)
 
     def trial(rows: list[dict]):
         """One forward and backward of rows as one micro-batch, its gradients dropped."""

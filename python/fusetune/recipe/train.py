@@ -113,6 +113,32 @@ def check_data_parallel(config, ranks: distributed.Ranks, recipe_stage: bool) ->
                           f"needs at least one example per step; raise it or lower --nproc")
 
 
+def load_model(m, source: str, dtype: torch.dtype, tokenizer=None, gguf_file: str | None = None):
+    """The model section's model (from `source`: its name, or an earlier stage's result), patched."""
+    return FastLanguageModel.from_pretrained(source, max_seq_length=m.max_seq_length, dtype=dtype,
+                                             load_in_4bit=m.load_in_4bit, load_in_8bit=m.load_in_8bit,
+                                             full_finetuning=m.full_finetuning, gguf_file=gguf_file,
+                                             trust_remote_code=m.trust_remote_code, tokenizer=tokenizer)
+
+
+def prepare_for_training(model, config, *, continued: bool = False, modules_to_save: list[str] | None = None):
+    """New LoRA adapters (the lora section), an earlier stage's adapter trained on (continued), or
+    every weight (model.full_finetuning); the lora section's checkpointing in each case. Returns
+    (model, what trains)."""
+    lora = config.lora
+    if config.model.full_finetuning or continued:
+        if lora.gradient_checkpointing in ("fusetune", "unsloth"):
+            enable_offloaded_checkpointing(model)
+        elif lora.gradient_checkpointing:
+            enable_checkpointing(model)
+        return model, "full fine-tuning" if config.model.full_finetuning else f"LoRA r={lora.r}, continued"
+    model = FastLanguageModel.get_peft_model(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                             target_modules=lora.target_modules, use_rslora=lora.use_rslora,
+                                             use_gradient_checkpointing=lora.gradient_checkpointing,
+                                             random_state=config.training.seed, modules_to_save=modules_to_save)
+    return model, f"LoRA r={lora.r}"
+
+
 def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None, keep_finished: bool = False) -> dict:
     """The whole job. Everything a user can get wrong (the config, the data, the output folder, a
     checkpoint of other settings) is checked before the model loads. The results are written
@@ -200,12 +226,7 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
             return finished
         reads = tuple(str(p) for p in (source, d.path, d.eval_path, d.choices_path, d.generation_path) if p)
         resume_from = distributed.from_main(ranks, resume_point(out, t.resume, run, log, reads) if ranks.main else None)
-        model, tokenizer = FastLanguageModel.from_pretrained(source, max_seq_length=m.max_seq_length, dtype=dtype,
-                                                             load_in_4bit=m.load_in_4bit, load_in_8bit=m.load_in_8bit,
-                                                             full_finetuning=m.full_finetuning,
-                                                             gguf_file=None if start_from else m.gguf_file,
-                                                             trust_remote_code=m.trust_remote_code,
-                                                             tokenizer=tokenizer)
+        model, tokenizer = load_model(m, source, dtype, tokenizer, gguf_file=None if start_from else m.gguf_file)
         grew = len(tokenizer) > base_vocab  # a chat template's or model.new_tokens' tokens
         if grew:  # their rows start at the mean of the others
             fit_embeddings(model, tokenizer, base_vocab)
@@ -215,28 +236,8 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
             log("tokenizer: the output layer was tied to the input embeddings; it trains apart now (both saved)")
         if config.output.save_gguf:
             check_exportable(model, tokenizer)
-        lora = config.lora
-        if m.full_finetuning:  # every weight trains; the lora section's checkpointing still applies
-            if lora.gradient_checkpointing in ("fusetune", "unsloth"):
-                enable_offloaded_checkpointing(model)
-            elif lora.gradient_checkpointing:
-                enable_checkpointing(model)
-            what = "full fine-tuning"
-        elif start_from:  # the earlier stage's adapter, attached trainable by from_pretrained, trains on
-            if lora.gradient_checkpointing in ("fusetune", "unsloth"):
-                enable_offloaded_checkpointing(model)
-            elif lora.gradient_checkpointing:
-                enable_checkpointing(model)
-            what = f"LoRA r={lora.r}, continued"
-        else:
-            model = FastLanguageModel.get_peft_model(model, r=lora.r, lora_alpha=lora.alpha,
-                                                     lora_dropout=lora.dropout, target_modules=lora.target_modules,
-                                                     use_rslora=lora.use_rslora,
-                                                     use_gradient_checkpointing=lora.gradient_checkpointing,
-                                                     random_state=t.seed,
-                                                     modules_to_save=["embed_tokens", "lm_head"] if train_embeddings
-                                                     else None)
-            what = f"LoRA r={lora.r}"
+        model, what = prepare_for_training(model, config, continued=bool(start_from),
+                                           modules_to_save=["embed_tokens", "lm_head"] if train_embeddings else None)
         if ranks.world > 1:  # the same weights on every process, then each its own dropout masks
             torch.manual_seed(t.seed + ranks.rank)
         if t.fsdp and ranks.world > 1:
