@@ -827,3 +827,63 @@ def test_settings_the_run_does_not_read_leave_its_checkpoints_resumable():
     dpo = {**sft, "stage.kind": "dpo"}
     assert differences({**dpo, "stage.beta": 0.5}, dpo) == ["stage.beta 0.5 then, 0.1 now"]
     assert differences({**dpo, "stage.kind": "sft"}, dpo) == ["stage.kind 'sft' then, 'dpo' now"]
+
+
+def test_the_weights_digest_follows_the_bytes_not_the_folder(tmp_path):
+    import shutil
+
+    from fusetune.recipe.checkpoints import SAMPLED, differences, weights_digest
+
+    base = tmp_path / "base"
+    base.mkdir()
+    payload = bytearray(os.urandom(3 * SAMPLED + 17))
+    (base / "model.safetensors").write_bytes(payload)
+    (base / "config.json").write_text("{}")
+    digest = weights_digest(str(base))
+    shutil.copytree(base, tmp_path / "copy")  # another folder, new times: the same weights
+    assert weights_digest(str(tmp_path / "copy")) == digest and digest.startswith("1 file, sha256 ")
+    for where in (5, len(payload) - 5):  # a byte at either end of the file
+        changed = bytearray(payload)
+        changed[where] ^= 1
+        (tmp_path / "copy" / "model.safetensors").write_bytes(changed)
+        assert weights_digest(str(tmp_path / "copy")) != digest
+    (tmp_path / "copy" / "model.safetensors").write_bytes(payload)
+    (tmp_path / "copy" / "model-extra.safetensors").write_bytes(b"x")
+    assert weights_digest(str(tmp_path / "copy")) != digest
+    assert weights_digest("meta-llama/Llama-3.1-8B") is None  # a Hub name: nothing here to read
+    # a checkpoint of an older fusetune recorded no digest: it resumes; one that did is held to it
+    assert differences({}, {"model.weights": digest}) == []
+    assert differences({"model.weights": digest}, {"model.weights": "2 files"}) == \
+        [f"model.weights {digest!r} then, '2 files' now"]
+
+
+def test_other_weights_under_the_same_model_name_are_not_resumed_onto(tmp_path, monkeypatch):
+    from fusetune.recipe import loop
+    from fusetune.recipe.train import run_train
+
+    tokenizer = byte_level_tokenizer()
+    for folder in ("base", "other"):
+        tiny_model("llama", vocab_size=len(tokenizer), seed=folder == "other").save_pretrained(tmp_path / folder)
+        tokenizer.save_pretrained(tmp_path / folder)
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in CONVERSATIONS * 2))
+    monkeypatch.chdir(tmp_path)
+    config = lambda: build_config({"model": {"name": "base", "max_seq_length": 64}, "data": {"path": "data.jsonl"},  # noqa: E731
+                                   "lora": {"r": 4, "target_modules": ["q_proj"]},
+                                   "training": {"max_steps": 3, "effective_batch_size": 2, "save_steps": 1},
+                                   "output": {"dir": "out"}})
+    accumulate, calls = loop.accumulate, []
+
+    def stop_in_step_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return accumulate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "accumulate", stop_in_step_two)
+    with use_backend("torch"), pytest.raises(KeyboardInterrupt):
+        run_train(config(), log=lambda line: None)
+    assert (tmp_path / "out" / "checkpoint-1").is_dir()
+    (tmp_path / "base").rename(tmp_path / "first")
+    (tmp_path / "other").rename(tmp_path / "base")  # the name now holds a model of other weights
+    with use_backend("torch"), pytest.raises(ConfigError, match=r"other settings: model.weights '1 file, sha256 \w+' then, '1 file, sha256 \w+' now\. Restore"):
+        run_train(config(), log=lambda line: None)

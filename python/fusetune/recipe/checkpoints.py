@@ -102,6 +102,32 @@ def fingerprint(config: TrainConfig, examples: list[dict], dtype: str, device: s
     return {k: v for k, v in flat.items() if k not in NOT_IN_FINGERPRINT}
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "*.pth")
+SAMPLED = 1 << 20  # bytes digested at each end of a weight file
+
+
+def weights_digest(source: str) -> str | None:
+    """A digest of the base model's weight files in the local folder (or file) `source` names:
+    each file's name, size and first and last MiB, so that other weights put under the same name
+    are not resumed onto (a whole 16 GB read would cost more than the check is worth; a tensor
+    header or a final shard differs wherever the weights do). None where `source` is no local path
+    (a Hub name: its files are not here to read)."""
+    path = Path(source)
+    files = sorted(f for pattern in WEIGHT_FILES for f in path.glob(pattern)) if path.is_dir() else \
+        [path] if path.is_file() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name} {size}".encode())
+        with open(file, "rb") as f:
+            digest.update(f.read(SAMPLED))
+            f.seek(max(SAMPLED, size - SAMPLED))
+            digest.update(f.read(SAMPLED))
+    return f"{len(files)} file{'s' if len(files) > 1 else ''}, sha256 {digest.hexdigest()[:16]}"
+
+
 def read_summary(output_dir: Path) -> dict | None:
     """The summary.json a finished run wrote in output_dir (None: none that reads as one)."""
     try:
@@ -141,12 +167,12 @@ def _unread(now: dict) -> set[str]:
 
 def differences(saved: dict, now: dict) -> list[str]:
     """The keys whose values differ, except those this run does not read (_unread); a key an older
-    fusetune did not record matches its default."""
+    fusetune did not record matches its default (model.weights: any)."""
     missing = object()
     out = []
     for key in sorted((set(saved) | set(now)) - _unread(now)):
         then, current = saved.get(key, missing), now.get(key, missing)
-        if then is missing and current == _default(key):
+        if then is missing and (current == _default(key) or key == "model.weights"):
             continue
         if then != current:
             out.append(f"{key} {'(unset)' if then is missing else repr(then)} then, "

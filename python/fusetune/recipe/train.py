@@ -12,13 +12,13 @@ import torch
 
 from fusetune.api import FastLanguageModel, get_chat_template, save_merged
 from fusetune.api.gguf import check_exportable, check_method, save_gguf
-from fusetune.api.loading import load_tokenizer, resolve_dtype
+from fusetune.api.loading import load_tokenizer, resolve_dtype, resolve_model_name
 from fusetune.api.tokens import fit_embeddings, untie_embeddings
 from fusetune.atomic import atomic_write
 from fusetune.patching.context_parallel import check_heads
 from fusetune.recipe.chat import reply
 from fusetune.recipe.checkpoints import (claimed_output_dir, differences, fingerprint, read_state, read_summary,
-                                        resume_point)
+                                        resume_point, weights_digest)
 from fusetune.recipe.config import ConfigError, TrainConfig
 from fusetune.recipe.data import read_new_tokens, stage_examples
 from fusetune.recipe.evaluation import (generation_rouge, multiple_choice_accuracy, read_generations, read_run_data,
@@ -216,6 +216,10 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
         run = fingerprint(config, examples, str(dtype).removeprefix("torch."), device.type)
         if new_tokens:
             run["model.new_tokens"] = new_tokens  # the tokens, not the file naming them
+        folder, gguf = resolve_model_name(m.name, m.gguf_file)
+        weights = weights_digest(str(Path(folder) / gguf) if gguf else folder)
+        if weights:  # what the name holds now: other weights under it are not resumed onto
+            run["model.weights"] = weights
         if start_from:
             run["stage.from"] = start_from["digest"]
         if kind == "grpo":
