@@ -134,3 +134,17 @@ def test_batch_size_finder_backs_off_on_real_out_of_memory(tmp_path):
     assert torch.cuda.memory_allocated() - base < 2**30  # the trials' memory is released
     accumulate(LanguageModeling(tokenizer.pad_token_id), model, [examples[0]] * size, size, torch.device("cuda"))  # and it fits
     model.zero_grad(set_to_none=True)
+
+
+def test_a_micro_batch_size_that_does_not_fit_is_refused_before_training():
+    from fusetune.recipe.batch_size import OutOfMemory
+
+    model, tokenizer = FastLanguageModel.from_pretrained(MODEL, max_seq_length=4096)
+    model = FastLanguageModel.get_peft_model(model, r=16, use_gradient_checkpointing=False)
+    examples = tokenize_rows([{"text": "fusetune " * 5000}] * 4, tokenizer, 4096)
+    cfg = TrainingConfig(effective_batch_size=1024, micro_batch_size=1024)
+    with pytest.raises(OutOfMemory, match=r"training.micro_batch_size 1024: 1024 of the longest rows \(4096 tokens\) "
+                                          r"run out of GPU memory, (\d+) fit: set it to \1") as caught:
+        pick_micro_batch(model, examples, LanguageModeling(tokenizer.pad_token_id), cfg, torch.device("cuda"), print)
+    fit = int(str(caught.value).split(" fit:")[0].split()[-1])
+    assert 1 <= fit < 1024

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fusetune.backend import use_backend
-from fusetune.recipe.batch_size import OutOfMemory, find_longest, find_micro_batch
+from fusetune.recipe.batch_size import OutOfMemory, find_longest, find_micro_batch, size_micro_batch
 from fusetune.recipe.loop import too_long_message
 from fusetune.recipe.config import ConfigError, TrainingConfig, build_config, load_config
 from fusetune.recipe.data import IGNORE_INDEX, read_rows, to_messages, tokenize_rows
@@ -563,6 +563,22 @@ def test_batch_size_finder_backs_off_and_bisects():
 
     with pytest.raises(OutOfMemory, match="micro-batch of 1: lower model.max_seq_length"):
         find_micro_batch(never, 4, log=lambda _: None)
+
+
+def test_a_micro_batch_size_that_is_set_is_checked_once_and_refused_with_the_size_that_fits():
+    tried = []
+
+    def fits(size):
+        tried.append(size)
+        if size > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    assert size_micro_batch(fits, 2, 16, log=lambda _: None) == 2 and tried == [2]  # one trial, at the set size
+    tried.clear()
+    assert size_micro_batch(fits, 8, 16, log=lambda _: None) == 3 and tried == [8, 7, 3, 5, 4]
+    assert size_micro_batch(fits, None, 16, log=lambda _: None) == 3  # auto: the finder up to the batch
+    with pytest.raises(OutOfMemory, match="micro-batch of 1: lower model.max_seq_length"):
+        size_micro_batch(lambda size: fits(size + 3), 1, 16, log=lambda _: None)
 
 
 @pytest.mark.parametrize(("limit", "expected", "tried"), [

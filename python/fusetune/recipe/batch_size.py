@@ -12,6 +12,10 @@ class OutOfMemory(RuntimeError):
     """Even the smallest setting does not fit; the message says what to change."""
 
 
+NOT_EVEN_ONE = ("out of GPU memory with a micro-batch of 1: lower model.max_seq_length, set model.load_in_4bit: true, "
+                "or turn on lora.gradient_checkpointing: fusetune")
+
+
 def _release():
     gc.collect()
     if torch.cuda.is_available():
@@ -42,9 +46,25 @@ def find_micro_batch(fits: Callable[[int], None], upper: int, log=print) -> int:
     first, halved on out-of-memory until one fits, then bisected."""
     size = _largest_that_fits(fits, upper, upper + 1, 1, "batch-size finder: micro-batch {n} {result}", log)
     if size == 0:
-        raise OutOfMemory("out of GPU memory with a micro-batch of 1: lower model.max_seq_length, set "
-                          "model.load_in_4bit: true, or turn on lora.gradient_checkpointing: fusetune")
+        raise OutOfMemory(NOT_EVEN_ONE)
     return size
+
+
+def size_micro_batch(fits: Callable[[int], None], chosen: int | None, upper: int, log=print) -> int:
+    """The finder's size up to `upper` (chosen None), or the largest up to `chosen`: chosen itself
+    when fits(chosen) returns, else the finder's below it (a size that is set is checked once on
+    the longest rows, so that it fails now rather than at the step that draws them)."""
+    if chosen is None:
+        return find_micro_batch(fits, upper, log)
+    try:
+        fits(chosen)
+        return chosen
+    except torch.cuda.OutOfMemoryError:
+        log(f"batch-size check: micro-batch {chosen} is out of memory")
+    _release()
+    if chosen == 1:
+        raise OutOfMemory(NOT_EVEN_ONE)
+    return find_micro_batch(fits, chosen - 1, log)
 
 
 def find_longest(fits: Callable[[int], None], length: int, step: int = 256, log=print) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fusetune.api.tokens import embedding_param_groups
-from fusetune.recipe.batch_size import OutOfMemory, find_longest, find_micro_batch
+from fusetune.recipe.batch_size import OutOfMemory, find_longest, size_micro_batch
 from fusetune.recipe.checkpoints import checkpoints, load_checkpoint, rows_digest, save_checkpoint, trainable_parameters
 from fusetune.recipe.config import ConfigError, TrainingConfig
 from fusetune.recipe.memory import peak_bytes
@@ -59,20 +59,20 @@ def accumulate(objective, model, examples: list[dict], micro_batch: int, device,
 
 def pick_micro_batch(model, examples: list[dict], objective, cfg: TrainingConfig, device, log) -> int:
     """training.micro_batch_size, or ("auto") the batch-size finder on the longest examples (GPU);
-    on the CPU auto is the whole effective batch."""
+    on the CPU auto is the whole effective batch. On a GPU a size that is set is tried first on
+    the longest examples: one that does not fit is refused now, naming the size that does, rather
+    than at the step that draws them."""
     upper = cfg.effective_batch_size
-    if cfg.micro_batch_size != "auto":
-        size = min(cfg.micro_batch_size, upper)
-        log(f"micro-batch: {size} (training.micro_batch_size); {math.ceil(upper / size)} micro-batches per step")
+    size = upper if cfg.micro_batch_size == "auto" else min(cfg.micro_batch_size, upper)
+    what = ("training.micro_batch_size" if cfg.micro_batch_size != "auto" else
+            "auto on the CPU: no finder, the whole effective batch" if device.type != "cuda" else "")
+    unsized = getattr(objective, "context_parallel", False) or distributed.is_sharded(model)
+    if unsized and device.type == "cuda":  # the finder's out-of-memory trials would leave the processes out of step
+        size = 1 if cfg.micro_batch_size == "auto" else size
+        what = what or f"auto under {'fsdp' if distributed.is_sharded(model) else 'context parallel'}: no finder"
+    if device.type != "cuda" or unsized:
+        log(f"micro-batch: {size} ({what}); {math.ceil(upper / size)} micro-batches per step")
         return size
-    if device.type != "cuda":
-        log(f"micro-batch: {upper} (auto on the CPU: no finder, the whole effective batch)")
-        return upper
-    if getattr(objective, "context_parallel", False) or distributed.is_sharded(model):
-        # the finder's out-of-memory trials would leave the processes out of step
-        log(f"micro-batch: 1 (auto under {'fsdp' if distributed.is_sharded(model) else 'context parallel'}: no "
-            f"finder)")
-        return 1
     longest = sorted(examples, key=objective.length, reverse=True)[:upper]
     # the trials run no optimizer step: hold back what AdamW's two moments will take (a byte each in 8 bits)
     reserve = torch.empty(optimizer_state_bytes(model, cfg.optim.endswith("8bit")), dtype=torch.uint8, device=device)
@@ -85,8 +85,9 @@ def pick_micro_batch(model, examples: list[dict], objective, cfg: TrainingConfig
         finally:
             model.zero_grad(set_to_none=True)
 
+    chosen = None if cfg.micro_batch_size == "auto" else size
     try:
-        size = find_micro_batch(lambda size: trial((longest * size)[:size]), upper, log)
+        size = size_micro_batch(lambda m: trial((longest * m)[:m]), chosen, upper, log)
     except OutOfMemory as err:
         if objective.sizing_cut is None:
             raise
@@ -95,7 +96,11 @@ def pick_micro_batch(model, examples: list[dict], objective, cfg: TrainingConfig
         raise OutOfMemory(too_long_message(length, best)) from err
     finally:
         del reserve
-    log(f"micro-batch: {size} (batch-size finder, longest rows of {objective.length(longest[0])} tokens); "
+    if chosen is not None and size < chosen:
+        raise OutOfMemory(f"training.micro_batch_size {chosen}: {chosen} of the longest rows "
+                          f"({objective.length(longest[0])} tokens) run out of GPU memory, {size} fit: set it to "
+                          f"{size}, or to auto (the batch-size finder)")
+    log(f"micro-batch: {size} ({what or 'batch-size finder'}, longest rows of {objective.length(longest[0])} tokens); "
         f"{math.ceil(upper / size)} micro-batches per step")
     return size
 
