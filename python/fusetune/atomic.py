@@ -194,6 +194,17 @@ def atomic_write(target: str | os.PathLike, data: bytes | str) -> Path:
     return target
 
 
+def add_to_save(directory: Path, name: str) -> None:
+    """List `name`, a file written into `directory` beside a save (a GGUF export), in the save's
+    manifest: a later save there keeps it rather than refusing the folder as holding others' files."""
+    try:
+        listed = set(json.loads((directory / MANIFEST).read_text()))
+    except (OSError, ValueError):
+        return  # no save of ours there: nothing to list it in
+    if name not in listed:
+        atomic_write(directory / MANIFEST, json.dumps(sorted(listed | {name})))
+
+
 def remove_directory(path: Path) -> None:
     """Delete a directory so that no half-deleted copy is left under its name: it is renamed out of
     the way first (one atomic step), then removed."""

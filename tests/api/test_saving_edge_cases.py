@@ -74,6 +74,10 @@ def test_a_merged_save_keeps_the_gguf_exports_in_its_folder(tmp_path, monkeypatc
         save_merged(model, folder, tokenizer, save_method=method)
         assert {weights, gguf.name} <= {p.name for p in folder.iterdir()}
         assert gguf.read_bytes() == data
+    # an export into a folder that already holds a merged save joins that save's list of files
+    second = save_gguf(model, folder, tokenizer, "q8_0")
+    save_merged(model, folder, tokenizer)
+    assert {gguf.name, second.name, "model.safetensors"} <= {p.name for p in folder.iterdir()}
 
     def fail(directory):
         raise OSError(28, "No space left on device")

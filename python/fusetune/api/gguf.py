@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from fusetune.api.saving import merged_state_dict
-from fusetune.atomic import TMP, recover_interrupted_saves, save_error
+from fusetune.atomic import TMP, add_to_save, recover_interrupted_saves, save_error
 from fusetune.patching import hf_model
 
 logger = logging.getLogger("fusetune")
@@ -307,6 +307,7 @@ def save_gguf(model, save_directory: str | os.PathLike, tokenizer, quantization_
         with open(partial[0], "rb+") as f:
             os.fsync(f.fileno())
         os.replace(partial[0], target)
+        add_to_save(directory, target.name)  # beside a merged save: the next one keeps it
     except OSError as err:
         raise (save_error(target, err) or err) from err
     finally:
