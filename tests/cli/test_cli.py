@@ -22,10 +22,11 @@ def test_bench_runs_the_checkout_scripts():
     assert proc.returncode == 0 and "--workloads" in proc.stdout, proc.stderr
     import torch
 
-    if not torch.cuda.is_available():  # on a GPU this would run the whole kernel benchmark
-        proc = subprocess.run([sys.executable, "-m", "fusetune.cli", "bench", "kernels"], capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 1 and "needs a CUDA GPU" in proc.stderr
+    if not torch.cuda.is_available():  # on a GPU these would run the benchmarks
+        for which in ("kernels", "plan"):
+            proc = subprocess.run([sys.executable, "-m", "fusetune.cli", "bench", which], capture_output=True,
+                                  text=True, timeout=300)
+            assert proc.returncode == 1 and "needs a CUDA GPU" in proc.stderr, which
 
 
 def test_version_and_help_answer_without_importing_torch():

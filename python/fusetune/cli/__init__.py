@@ -282,7 +282,7 @@ def _cmd_export(args) -> int:
 
 
 BENCHMARKS = {"kernels": "kernels.py", "e2e": "e2e.py", "qlora-dequant": "nf4_dequant.py", "gemv": "nf4_gemv.py",
-              "report": "report.py"}
+              "plan": "plan.py", "report": "report.py"}
 
 
 def _cmd_bench(args) -> int:
@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "llama-quantize)")
     export.set_defaults(func=_cmd_export)
     bench = sub.add_parser("bench", help="run a benchmark of the source checkout (GPU): kernels, e2e, qlora-dequant, "
-                                         "gemv, or report (bench/REPORT.md and plots from bench/results)")
+                                         "gemv, plan, or report (bench/REPORT.md and plots from bench/results)")
     bench.add_argument("which", choices=sorted(BENCHMARKS))
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script, e.g. --workloads W1,W2")
     bench.set_defaults(func=_cmd_bench)
