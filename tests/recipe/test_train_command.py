@@ -845,32 +845,44 @@ def test_settings_the_run_does_not_read_leave_its_checkpoints_resumable():
     assert differences({**dpo, "stage.kind": "sft"}, dpo) == ["stage.kind 'sft' then, 'dpo' now"]
 
 
-def test_the_weights_digest_follows_the_bytes_not_the_folder(tmp_path):
+def test_the_weights_digest_sees_any_tensor_change_not_the_folder(tmp_path):
     import shutil
 
-    from fusetune.recipe.checkpoints import SAMPLED, differences, weights_digest
+    from safetensors.torch import load_file, save_file
+
+    from fusetune.recipe.checkpoints import differences, weights_digest
 
     base = tmp_path / "base"
     base.mkdir()
-    payload = bytearray(os.urandom(3 * SAMPLED + 17))
-    (base / "model.safetensors").write_bytes(payload)
+    weights = {f"layers.{i}.weight": torch.randn(300, 700) for i in range(12)}  # 0.8 MB tensors, 10 MB in all
+    save_file(weights, base / "model.safetensors")
     (base / "config.json").write_text("{}")
+    (base / "training_args.bin").write_bytes(b"not weights")
     digest = weights_digest(str(base))
     shutil.copytree(base, tmp_path / "copy")  # another folder, new times: the same weights
     assert weights_digest(str(tmp_path / "copy")) == digest and digest.startswith("1 file, sha256 ")
-    for where in (5, len(payload) - 5):  # a byte at either end of the file
-        changed = bytearray(payload)
-        changed[where] ^= 1
-        (tmp_path / "copy" / "model.safetensors").write_bytes(changed)
-        assert weights_digest(str(tmp_path / "copy")) != digest
-    (tmp_path / "copy" / "model.safetensors").write_bytes(payload)
+    (tmp_path / "copy" / "training_args.bin").write_bytes(b"other")  # not a weight file
+    assert weights_digest(str(tmp_path / "copy")) == digest
+    for name in weights:  # a tensor changed (a merged adapter or another fine-tune changes all its values)
+        changed = {**weights, name: weights[name] + 1e-3 * torch.randn_like(weights[name])}
+        save_file(changed, tmp_path / "copy" / "model.safetensors")
+        assert weights_digest(str(tmp_path / "copy")) != digest, name
+    save_file(load_file(base / "model.safetensors"), tmp_path / "copy" / "model.safetensors")
+    assert weights_digest(str(tmp_path / "copy")) == digest
     (tmp_path / "copy" / "model-extra.safetensors").write_bytes(b"x")
-    assert weights_digest(str(tmp_path / "copy")) != digest
+    assert weights_digest(str(tmp_path / "copy")).startswith("2 files")
+    gguf = tmp_path / "model.gguf"  # other formats: evenly spaced samples
+    payload = bytearray(os.urandom(1 << 20))
+    gguf.write_bytes(payload)
+    before = weights_digest(str(gguf))
+    payload[len(payload) // 3:len(payload) // 3 + 8192] = os.urandom(8192)
+    gguf.write_bytes(payload)
+    assert weights_digest(str(gguf)) != before
     assert weights_digest("meta-llama/Llama-3.1-8B") is None  # a Hub name: nothing here to read
     # a checkpoint of an older fusetune recorded no digest: it resumes; one that did is held to it
     assert differences({}, {"model.weights": digest}) == []
     assert differences({"model.weights": digest}, {"model.weights": "2 files"}) == \
-        [f"model.weights {digest!r} then, '2 files' now"]
+        [f"the weights under model.name changed ({digest} then, 2 files now): put the earlier ones back"]
 
 
 def test_other_weights_under_the_same_model_name_are_not_resumed_onto(tmp_path, monkeypatch):
@@ -901,5 +913,6 @@ def test_other_weights_under_the_same_model_name_are_not_resumed_onto(tmp_path, 
     assert (tmp_path / "out" / "checkpoint-1").is_dir()
     (tmp_path / "base").rename(tmp_path / "first")
     (tmp_path / "other").rename(tmp_path / "base")  # the name now holds a model of other weights
-    with use_backend("torch"), pytest.raises(ConfigError, match=r"other settings: model.weights '1 file, sha256 \w+' then, '1 file, sha256 \w+' now\. Restore"):
+    with use_backend("torch"), pytest.raises(ConfigError, match=r"other settings: the weights under model.name changed \(1 file, sha256 \w+ then, 1 file, "
+                                                       r"sha256 \w+ now\): put the earlier ones back"):
         run_train(config(), log=lambda line: None)

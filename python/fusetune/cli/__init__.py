@@ -162,7 +162,7 @@ def _cmd_plan(args) -> int:
         from fusetune.recipe.plan import run_plan
 
         try:
-            run_plan(load_config(args.config, args.set), gpu_gb=args.gpu_memory, probe_lengths=args.probe,
+            run_plan(load_config(args.config, args.set), gpu_gib=args.gpu_memory, probe_lengths=args.probe,
                      verify=not args.no_check)
         except torch.cuda.OutOfMemoryError as err:  # a probe's: the message says what to change
             raise ValueError(str(err)) from None
@@ -335,8 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("config", nargs="?", default=None, help="the YAML config to train (none: the embedded default)")
     plan.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                       help="override one key, e.g. --set model.load_in_4bit=true (repeatable)")
-    plan.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
-                      help="plan for this much GPU memory (the allocator is capped there), e.g. 80 on a larger GPU")
+    plan.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                      help="plan for this much GPU memory in GiB (the allocator is capped there while planning), "
+                           "e.g. 80 on a larger GPU")
     plan.add_argument("--probe", type=_probe_lengths, default=(4096, 8192), metavar="SHORT,LONG",
                       help="the two measured lengths in tokens (default 4096,8192)")
     plan.add_argument("--no-check", action="store_true", help="report the projection without running a step at it")

@@ -102,16 +102,41 @@ def fingerprint(config: TrainConfig, examples: list[dict], dtype: str, device: s
     return {k: v for k, v in flat.items() if k not in NOT_IN_FINGERPRINT}
 
 
-WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "*.pth")
-SAMPLED = 1 << 20  # bytes digested at each end of a weight file
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
+SAMPLE = 4096  # bytes digested from the middle of each tensor (or at each of WINDOWS places in another file)
+WINDOWS = 256
+
+
+def _sampled(f, size: int) -> bytes:
+    """What a weight file's digest reads: of a safetensors file its header (names, dtypes, shapes,
+    offsets) and SAMPLE bytes from the middle of every tensor, so that a change to any tensor's
+    values shows (fine-tuning or merging an adapter changes all of a tensor); of other files
+    SAMPLE bytes at WINDOWS evenly spaced places."""
+    head = f.read(8)
+    try:  # safetensors: a little-endian header length, the JSON header, then the tensors' bytes
+        header_size = int.from_bytes(head, "little")
+        header = json.loads(f.read(header_size)) if 8 + header_size <= size else None
+    except ValueError:
+        header = None
+    if isinstance(header, dict):
+        parts = [json.dumps(header, sort_keys=True).encode()]
+        for name in sorted(k for k in header if k != "__metadata__"):
+            begin, end = header[name].get("data_offsets", (0, 0))
+            f.seek(8 + header_size + max(begin, (begin + end - SAMPLE) // 2))
+            parts.append(f.read(min(SAMPLE, end - begin)))
+        return b"".join(parts)
+    parts = [head]
+    for k in range(WINDOWS):
+        f.seek(size * k // WINDOWS)
+        parts.append(f.read(SAMPLE))
+    return b"".join(parts)
 
 
 def weights_digest(source: str) -> str | None:
-    """A digest of the base model's weight files in the local folder (or file) `source` names:
-    each file's name, size and first and last MiB, so that other weights put under the same name
-    are not resumed onto (a whole 16 GB read would cost more than the check is worth; a tensor
-    header or a final shard differs wherever the weights do). None where `source` is no local path
-    (a Hub name: its files are not here to read)."""
+    """A digest of the base model's weight files in the local folder (or file) `source` names (each
+    file's name, size and _sampled bytes), so that other weights put under the same name are not
+    resumed onto, without reading gigabytes. None where `source` is no local path (a Hub name:
+    its files are not here to read)."""
     path = Path(source)
     files = sorted(f for pattern in WEIGHT_FILES for f in path.glob(pattern)) if path.is_dir() else \
         [path] if path.is_file() else []
@@ -122,9 +147,7 @@ def weights_digest(source: str) -> str | None:
         size = file.stat().st_size
         digest.update(f"{file.name} {size}".encode())
         with open(file, "rb") as f:
-            digest.update(f.read(SAMPLED))
-            f.seek(max(SAMPLED, size - SAMPLED))
-            digest.update(f.read(SAMPLED))
+            digest.update(_sampled(f, size))
     return f"{len(files)} file{'s' if len(files) > 1 else ''}, sha256 {digest.hexdigest()[:16]}"
 
 
@@ -174,7 +197,10 @@ def differences(saved: dict, now: dict) -> list[str]:
         then, current = saved.get(key, missing), now.get(key, missing)
         if then is missing and (current == _default(key) or key == "model.weights"):
             continue
-        if then != current:
+        if key == "model.weights" and then != current:
+            out.append(f"the weights under model.name changed ({then} then, "
+                       f"{'none found' if current is missing else current} now): put the earlier ones back")
+        elif then != current:
             out.append(f"{key} {'(unset)' if then is missing else repr(then)} then, "
                        f"{'(unset)' if current is missing else repr(current)} now")
     return out

@@ -2,14 +2,14 @@
 (`fusetune plan`, or plan_longest_sequence() on a model of one's own).
 
 A training step's peak GPU memory is a fixed part (weights, gradients of the trainable ones,
-workspaces) plus a part that grows linearly with the tokens of the row (the layer inputs the
-checkpoints keep, one layer's activations in its recompute, the loss's chunks): two steps at short
-lengths measure both, and the fixed part plus the optimizer states still to come, subtracted from
-what the GPU can hold, over the cost per token, is the longest row that should fit. The offloaded
-checkpoints' layer inputs go to pinned host memory instead, under its budget (training/checkpoint.py
-HostBudget): their bytes per token bound the length too, as past the budget they stay on the GPU.
-A step at the projected length checks it; where it runs out of memory the length steps down by
-STEP_DOWN until one fits.
+workspaces, the optimizer states, held allocated while planning) plus a part that grows linearly
+with the tokens of the row (the layer inputs the checkpoints keep, one layer's activations in its
+recompute, the loss's chunks): two steps at short lengths measure both, and what the GPU holds
+beyond the longer one, over the cost per token, gives the longest row that should fit. The
+offloaded checkpoints' layer inputs go to pinned host memory instead, under its budget
+(training/checkpoint.py HostBudget), in power-of-two blocks: they bound the length too, as past
+the budget they stay on the GPU. A step at the projected length checks it; where it runs out of
+memory the planner bisects down to within STEP_DOWN of the longest that runs.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 from fusetune.training.checkpoint import HOST_BUDGET
 
 HEADROOM = 0.02  # of the GPU's capacity, left to the allocator's fragmentation
-STEP_DOWN = 0.05  # a verification that runs out of memory retries this much shorter
+STEP_DOWN = 0.05  # the check stops bisecting when the longest that ran is this close to the shortest that did not
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Probe:
 class SequencePlan:
     probes: list[Probe]
     gpu_capacity: int  # bytes this process may allocate
-    reserved: int  # bytes held back for the optimizer states a step will add
+    reserved: int  # bytes held allocated through every step for the optimizer states
     host_budget: int | None  # pinned host bytes the offloaded checkpoints may hold (None: no offloading)
     gpu_per_token: float
     host_per_token: float
@@ -48,7 +48,7 @@ class SequencePlan:
     longest: int  # the longest that ran (verified), else the projection
     verified: bool
     tried: list[Probe] = field(default_factory=list)  # the verification's steps, out-of-memory ones as gpu_peak -1
-    native_context: int | None = None  # the model's max_position_embeddings
+    native_context: int | None = None  # the model's max_position_embeddings as loaded
 
     def report(self) -> str:
         gb = 1e9
@@ -58,8 +58,9 @@ class SequencePlan:
                  f"GPU: {self.gpu_per_token * 1000 / gb:.4f} GB per 1k tokens; {self.gpu_capacity / gb:.1f} GB usable, "
                  f"{self.reserved / gb:.2f} GB held back for the optimizer states"]
         if self.host_budget is not None:
-            lines.append(f"host: {self.host_per_token * 1000 / gb:.4f} GB of offloaded layer inputs per 1k tokens; "
-                         f"pinned budget {self.host_budget / gb:.1f} GB")
+            lines.append(f"host: {self.host_per_token * 1000 / gb:.4f} GB of offloaded layer inputs per 1k tokens "
+                         f"(in power-of-two pinned blocks); pinned budget {self.host_budget / gb:.1f} GB, this "
+                         f"process's share")
         lines.append(f"projected: {self.projected} tokens (bound by {self.bound})")
         for p in self.tried:
             lines.append(f"checked: {p.tokens} tokens " + (
@@ -68,8 +69,8 @@ class SequencePlan:
         lines.append(f"longest: {self.longest} tokens at batch 1 " + ("(ran)" if self.verified else "(projected, not run)")
                      + f": set model.max_seq_length to at most {self.longest}")
         if self.native_context and self.longest > self.native_context:
-            lines.append(f"(past the model's native context of {self.native_context} tokens: a longer "
-                         f"model.max_seq_length scales RoPE, which the model has not been trained for)")
+            lines.append(f"(past the model's context as loaded, {self.native_context} tokens: a longer "
+                         f"model.max_seq_length scales RoPE further than the model was trained for)")
         return "\n".join(lines)
 
 
@@ -80,20 +81,20 @@ def _release():
 
 
 class CudaMeter:
-    """Peak allocated bytes of a CUDA device, and what this process may allocate there (`cap`
-    bytes if given: the allocator is capped there, as torch.cuda.set_per_process_memory_fraction)."""
+    """Peak allocated bytes of a CUDA device, and what this process may allocate there: what is
+    free plus what torch's allocator holds, or `cap` bytes below that (the allocator is capped
+    there, as torch.cuda.set_per_process_memory_fraction does)."""
 
-    def __init__(self, device: torch.device, cap: int | None = None):
+    def __init__(self, device: torch.device, cap: int | None = None, log=print):
         self.device = device
-        total = torch.cuda.get_device_properties(device).total_memory
+        free, total = torch.cuda.mem_get_info(device)
+        self.capacity = free + torch.cuda.memory_reserved(device)
         if cap is not None:
-            if cap > total:
-                raise ValueError(f"a cap of {cap / 1e9:.1f} GB is more than the GPU's {total / 1e9:.1f} GB")
-            torch.cuda.set_per_process_memory_fraction(cap / total, device)
-            self.capacity = cap
-        else:  # what is free, plus what torch's allocator already holds
-            free, _ = torch.cuda.mem_get_info(device)
-            self.capacity = free + torch.cuda.memory_reserved(device)
+            if cap > self.capacity:
+                log(f"plan: {cap / 2**30:.1f} GiB asked for, {self.capacity / 2**30:.1f} GiB free for this process: "
+                    f"planning for what is free")
+            self.capacity = min(cap, self.capacity)
+            torch.cuda.set_per_process_memory_fraction(self.capacity / total, device)
 
     def reset(self) -> None:
         torch.cuda.synchronize(self.device)
@@ -105,77 +106,90 @@ class CudaMeter:
 
 
 def _measure(step: Callable[[int], None], meter, tokens: int) -> Probe:
-    """One step of `tokens`: its GPU peak and the layer inputs its offloaded checkpoints held."""
-    before = HOST_BUDGET.required_step
-    HOST_BUDGET.required_step = None  # the most this step's inputs held, recorded as it ends
+    """One step of `tokens`: its GPU peak and the most pinned host memory the offloaded layer
+    inputs held in a step so far (the budget's record: this step's where lengths only grow)."""
     meter.reset()
     started = time.perf_counter()
+    step(tokens)
+    peak = meter.peak()
+    return Probe(tokens, peak, HOST_BUDGET.required_step or 0, time.perf_counter() - started)
+
+
+def _fits(step, meter, tokens: int, log) -> Probe | None:
+    """_measure, or None where the step runs out of GPU memory (its memory released after)."""
     try:
-        step(tokens)
-        peak = meter.peak()
-    finally:
-        held = HOST_BUDGET.required_step or 0
-        HOST_BUDGET.required_step = max(before or 0, held) or None
-    return Probe(tokens, peak, held, time.perf_counter() - started)
+        probe = _measure(step, meter, tokens)
+    except torch.cuda.OutOfMemoryError:
+        probe = None
+    _release()  # (outside the except: its frames, which hold the failed step's tensors, are gone)
+    log(f"plan: {tokens} tokens " + ("ran out of GPU memory" if probe is None else
+                                     f"fit ({probe.gpu_peak / 1e9:.2f} GB GPU peak)"))
+    return probe
 
 
-def plan_from_steps(step: Callable[[int], None], meter, *, probe_lengths=(4096, 8192), reserved: int = 0,
-                    multiple: int = 1024, verify: bool = True, native_context: int | None = None,
-                    log=print) -> SequencePlan:
+def _host_bound(probe: Probe, budget: int, layers: int | None) -> float:
+    """The longest row whose offloaded layer inputs fit the pinned budget. Each layer's input takes a
+    power-of-two block of pinned memory (training/checkpoint.py), so with `layers` known the bound
+    is the largest block size whose `layers` blocks fit, over the bytes per token of one input."""
+    if layers is None:
+        return budget * probe.tokens / probe.host_inputs
+    block = 1 << int(math.log2(budget / layers))
+    return block / (probe.host_inputs / layers / probe.tokens)
+
+
+def plan_from_steps(step: Callable[[int], None], meter, *, probe_lengths=(4096, 8192), held: int = 0,
+                    layers: int | None = None, multiple: int = 1024, verify: bool = True,
+                    native_context: int | None = None, log=print) -> SequencePlan:
     """The planner on any step: step(n) runs one training step of a row of n tokens (raising
-    torch.cuda.OutOfMemoryError where it does not fit); meter has reset(), peak() and capacity."""
+    torch.cuda.OutOfMemoryError where it does not fit); meter has reset(), peak() and capacity.
+    `held`: bytes the caller keeps allocated through every step, standing for the optimizer states
+    a training step adds (so every peak, and the check, count them). `layers`: how many layer
+    inputs the offloaded checkpoints keep in pinned memory (None: treat their bytes as linear).
+    The check runs the projection, then bisects between the longest that ran and the shortest that
+    did not until they are STEP_DOWN (or `multiple` tokens) apart."""
     short, long = sorted(probe_lengths)
     if not 0 < short < long:
         raise ValueError(f"probe lengths {probe_lengths}: two different positive lengths")
     measured = []
     for tokens in (short, short, long):  # the first unmeasured: one-time allocations (workspaces, compiles)
-        try:
-            measured.append(_measure(step, meter, tokens))
-        except torch.cuda.OutOfMemoryError:
-            _release()
+        probe = _fits(step, meter, tokens, lambda *_: None)
+        if probe is None:
             raise torch.cuda.OutOfMemoryError(
-                f"out of GPU memory in a step of {tokens} tokens, a probe: the model alone nearly "
-                f"fills the GPU; load it in 4 bits (model.load_in_4bit: true), turn on "
-                f"lora.gradient_checkpointing: fusetune, or probe shorter rows (--probe)") from None
-        _release()
+                f"out of GPU memory in a step of {tokens} tokens, a probe (with {held / 1e9:.2f} GB held for the "
+                f"optimizer states): probe shorter rows (--probe), or save memory: model.load_in_4bit: true, "
+                f"lora.gradient_checkpointing: fusetune, LoRA instead of full fine-tuning")
+        measured.append(probe)
     probes = measured[1:]
     for p in probes:
         log(f"plan: {p.tokens} tokens: {p.gpu_peak / 1e9:.2f} GB GPU peak")
     a, b = probes
     gpu_per_token = max(0.0, (b.gpu_peak - a.gpu_peak) / (b.tokens - a.tokens))
-    host_per_token = max(0.0, (b.host_inputs - a.host_inputs) / (b.tokens - a.tokens))
-    room = meter.capacity * (1 - HEADROOM) - reserved - b.gpu_peak
-    by_gpu = b.tokens + room / gpu_per_token if gpu_per_token else math.inf
-    budget = HOST_BUDGET.limit if host_per_token else None
-    by_host = b.tokens + (budget - b.host_inputs) / host_per_token if budget is not None else math.inf
-    bound = "GPU memory" if by_gpu <= by_host else "host memory"
+    host_per_token = b.host_inputs / b.tokens
+    by_gpu = b.tokens + (meter.capacity * (1 - HEADROOM) - b.gpu_peak) / gpu_per_token if gpu_per_token else math.inf
+    budget = HOST_BUDGET.limit if b.host_inputs else None
+    by_host = _host_bound(b, budget, layers) if budget is not None else math.inf
     best = min(by_gpu, by_host)
     if math.isinf(best):
         raise ValueError("the probes' memory did not grow with their length: probe longer rows (--probe) to "
                          "measure a cost per token")
     projected = max(0, int(best) // multiple * multiple)
-    plan = SequencePlan(probes, meter.capacity, reserved, budget, gpu_per_token, host_per_token, projected, bound,
-                        longest=projected, verified=False, native_context=native_context)
+    plan = SequencePlan(probes, meter.capacity, held, budget, gpu_per_token, host_per_token, projected,
+                        "GPU memory" if by_gpu <= by_host else "host memory", longest=projected, verified=False,
+                        native_context=native_context)
     if not verify:
         return plan
-    if projected <= b.tokens:  # the probes are the longest that ran
-        plan.longest, plan.verified = b.tokens, True
-        return plan
-    tokens = projected
-    while tokens > b.tokens:
-        try:
-            plan.tried.append(_measure(step, meter, tokens))
-        except torch.cuda.OutOfMemoryError:
-            plan.tried.append(Probe(tokens, -1, 0))
-            log(f"plan: {tokens} tokens ran out of GPU memory")
-            _release()
-            tokens = min(tokens - multiple, int(tokens * (1 - STEP_DOWN)) // multiple * multiple)
-            continue
-        _release()
-        log(f"plan: {tokens} tokens fit ({plan.tried[-1].gpu_peak / 1e9:.2f} GB GPU peak)")
-        plan.longest, plan.verified = tokens, True
-        return plan
-    plan.longest, plan.verified = b.tokens, True
+    fit, fail, tokens = b.tokens, None, projected  # the long probe ran, the optimizer states held
+    while tokens > fit:
+        probe = _fits(step, meter, tokens, log)
+        plan.tried.append(probe or Probe(tokens, -1, 0))
+        if probe is not None:
+            fit = tokens
+        else:
+            fail = tokens
+        if fail is None or fail - fit <= max(multiple, STEP_DOWN * fail):
+            break
+        tokens = (fit + fail) // 2 // multiple * multiple
+    plan.longest, plan.verified = fit, True
     return plan
 
 
@@ -206,11 +220,23 @@ def optimizer_state_bytes(model, eight_bit: bool = False) -> int:
 def plan_longest_sequence(model, *, gpu_bytes: int | None = None, probe_lengths=(4096, 8192), multiple: int = 1024,
                           verify: bool = True, eight_bit_optimizer: bool = False, log=print) -> SequencePlan:
     """The longest row of one (batch 1) that `model` (as prepared for training: patched, with its
-    adapters and checkpointing) trains on its CUDA GPU, capped at gpu_bytes if given."""
+    adapters and checkpointing) trains on its CUDA GPU beside its AdamW states, within gpu_bytes if
+    given (the allocator is capped there while planning, and uncapped after)."""
     device = next(model.parameters()).device
     if device.type != "cuda":
         raise ValueError(f"planning measures GPU memory: the model is on {device}; load it on a CUDA GPU")
-    native = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    return plan_from_steps(training_step(model), CudaMeter(device, gpu_bytes), probe_lengths=probe_lengths,
-                           reserved=optimizer_state_bytes(model, eight_bit_optimizer), multiple=multiple,
-                           verify=verify, native_context=native, log=log)
+    text = model.config.get_text_config()
+    meter = CudaMeter(device, gpu_bytes, log)
+    held = optimizer_state_bytes(model, eight_bit_optimizer)
+    try:
+        states = torch.empty(held, dtype=torch.uint8, device=device)  # what AdamW's moments will take
+        try:
+            return plan_from_steps(training_step(model), meter, probe_lengths=probe_lengths, held=held,
+                                   layers=getattr(text, "num_hidden_layers", None), multiple=multiple,
+                                   verify=verify, native_context=getattr(text, "max_position_embeddings", None),
+                                   log=log)
+        finally:
+            del states
+    finally:
+        if gpu_bytes is not None:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
