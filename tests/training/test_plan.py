@@ -175,3 +175,29 @@ def test_a_plan_on_the_gpu_runs_its_longest_within_the_cap_and_lifts_the_cap_aft
     ran = [p for p in plan.tried if p.tokens == plan.longest]
     assert ran and ran[0].gpu_peak <= cap
     torch.empty(cap + 2**30, dtype=torch.uint8, device="cuda")  # the cap is lifted
+
+
+def test_the_command_plans_the_model_train_would_train(monkeypatch):
+    """run_plan prepares the config's model as run_train does (a recipe: its first stage; a cpt stage
+    trains embed_tokens and lm_head beside LoRA) and names a preference stage's several rows."""
+    import fusetune.recipe.plan as plan_job
+    from fusetune.recipe.config import build_config
+
+    planned, log = [], []
+    answers = iter([True])  # a GPU for run_plan's check; none for PEFT and the others after it
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: next(answers, False))
+    monkeypatch.setattr(plan_job, "describe_hardware", lambda device, dtype: "a GPU")
+    monkeypatch.setattr(plan_job, "load_model", lambda m, source, dtype, gguf_file=None: (tiny_model("llama"), None))
+    monkeypatch.setattr(plan_job, "plan_longest_sequence", lambda model, **kw: planned.append((model, kw)) or
+                        type("Plan", (), {"report": lambda self: "the report"})())
+    recipe = build_config({"model": {"name": "base", "dtype": "float32"}, "lora": {"r": 4, "target_modules": ["q_proj"]},
+                           "stages": [{"name": "cpt", "kind": "cpt", "data": {"path": "corpus.jsonl"}},
+                                      {"name": "pairs", "kind": "dpo", "data": {"path": "pairs.jsonl"}}]})
+    plan_job.run_plan(recipe, gpu_gib=40, probe_lengths=(1024, 2048), log=log.append)
+    model, kw = planned[0]
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trained) and any("embed_tokens" in n for n in trained)
+    assert kw["gpu_bytes"] == 40 * 2**30 and kw["probe_lengths"] == (1024, 2048)
+    assert log[0] == "plan: the recipe's first stage, cpt" and any("a dpo stage's step runs several rows" in line
+                                                                    for line in log)
+    assert log[-1] == "the report"
