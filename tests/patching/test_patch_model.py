@@ -111,9 +111,11 @@ def test_lora_loss_and_grads_bf16_within_band(family, device):
                         _loss_and_grads(ref, ids, labels)[::2], _loss_and_grads(truth, ids, labels)[::2])
 
 
-# LoRA in every family; full fine-tuning (the same kernels, trainable base weights) in one SwiGLU and
-# one GeGLU + softcap family
-BF16_CURVES = [(family, True) for family in FAMILIES] + [("llama", False), ("gemma2", False)]
+# LoRA in every family; full fine-tuning (the same kernels, trainable base weights: every family's
+# weight gradients are checked in one step by test_loss_logits_and_grads_match_fp32) in one SwiGLU
+# and one GeGLU + softcap family
+FULL_CURVE_FAMILIES = ["llama", "gemma2"]
+BF16_CURVES = [(family, True) for family in FAMILIES] + [(family, False) for family in FULL_CURVE_FAMILIES]
 
 
 @pytest.mark.slow
@@ -146,7 +148,7 @@ def _assert_curves(curve, ref_curve):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FULL_CURVE_FAMILIES)
 def test_training_curve_fp32(family, device):
     ids, labels = random_batch(*CURVE_BATCH, device=device)
     ref_curve = _curve(tiny_model(family).to(device), ids, labels)
@@ -167,7 +169,8 @@ def test_training_curve_lora_fp32(family, device):
     _assert_curves(_curve(model, ids, labels, "triton"), ref_curve)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# both orders in a plain, a softcapped and a fused-qkv family (the LoRA curves alternate the order in all)
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
 def test_peft_before_and_after_patching(family, device):
     ids, labels = random_batch(device=device)
     ref = add_lora(tiny_model(family).to(device), family)
