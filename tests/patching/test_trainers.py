@@ -7,6 +7,7 @@ import torch
 
 import fusetune
 from fusetune import use_backend
+from fusetune.training.checkpoint import enable_offloaded_checkpointing, offloaded_checkpoint
 from tests.helpers import word_tokenizer
 from tests.numerics import assert_close
 from tests.tiny_models import add_lora, random_batch, tiny_model
@@ -30,13 +31,13 @@ def _words(g, n):
     return " ".join(f"w{int(i)}" for i in torch.randint(2, 40, (n,), generator=g))
 
 
-def _train(trainer_cls, config_cls, rows, tmp_path, tokenizer=None, trainer_args=None, **config):
-    """Train a patched LoRA tiny Llama with a TRL trainer on `rows`; returns the logged losses. The
-    torch backend runs the ops (the trainers' use of a patched model is under test; the interpreter
-    would run every kernel of every step, and the kernels have their own tests)."""
+def _train(trainer_cls, config_cls, rows, tmp_path, tokenizer=None, trainer_args=None, model=None, **config):
+    """Train `model` (default: a patched LoRA tiny Llama) with a TRL trainer on `rows`; returns the
+    logged losses. The torch backend runs the ops (the trainers' use of a patched model is under
+    test; the interpreter would run every kernel of every step, and the kernels have their own tests)."""
     from datasets import Dataset
 
-    model = fusetune.patch_model(add_lora(tiny_model("llama"), "llama"))
+    model = model or fusetune.patch_model(add_lora(tiny_model("llama"), "llama"))
     args = config_cls(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1,
                       save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
                       dataloader_num_workers=0, **config)
@@ -56,7 +57,12 @@ def test_sft_trainer_trains_a_patched_model_and_says_which_loss_runs(tmp_path, m
     monkeypatch.setattr(modules, "linear_cross_entropy", lambda *a, **k: fused_losses.append(1) or real(*a, **k))
     g = torch.Generator().manual_seed(0)
     rows = [{"text": _words(g, 24)} for _ in range(16)]
-    losses = _train(trl.SFTTrainer, trl.SFTConfig, rows, tmp_path, max_steps=4, max_length=24)
+    model = fusetune.patch_model(add_lora(tiny_model("llama"), "llama"))
+    enable_offloaded_checkpointing(model)
+    # (TRL's configs turn gradient checkpointing on by default: the offloaded one stays)
+    losses = _train(trl.SFTTrainer, trl.SFTConfig, rows, tmp_path, model=model, max_steps=4, max_length=24)
+    assert {layer._gradient_checkpointing_func for layer in model.get_base_model().model.layers} == \
+        {offloaded_checkpoint}
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
     # TRL's SFTTrainer computes the loss with its own fused LM head: fusetune's does not run, and says so

@@ -2,6 +2,7 @@
 LoRA with dropout: the replay draws the same masks), patched and unpatched, and on the GPU the
 layer inputs leave GPU memory."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -404,3 +405,33 @@ def test_what_a_layer_casts_ahead_follows_what_its_forward_used():
     assert cast() == adapter("default")
     model.set_adapter("other")
     assert cast() == adapter("other")
+
+
+def test_a_trainer_turning_checkpointing_on_again_keeps_the_offloaded_one():
+    """transformers' Trainer and TRL's (gradient_checkpointing=True by default in TRL's configs) call
+    gradient_checkpointing_enable / activation_checkpointing_enable: offloaded checkpointing stays;
+    turned off, the model's own checkpointing answers again; a deep copy keeps its own."""
+    model = _lora_model("llama", "cpu")
+    base = model.get_base_model()
+
+    def functions(m):
+        return {getattr(layer, "_gradient_checkpointing_func", None) for layer in m.get_base_model().model.layers}
+
+    enable_offloaded_checkpointing(model)
+    for name, kwargs in (("gradient_checkpointing_enable", {"gradient_checkpointing_kwargs": {"use_reentrant": False}}),
+                         ("activation_checkpointing_enable", {})):
+        if hasattr(base, name):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecated name
+                getattr(model, name)(**kwargs)
+            assert functions(model) == {offloaded_checkpoint}, name
+    twin = copy.deepcopy(model)
+    assert twin.get_base_model()._set_gradient_checkpointing.__self__ is twin.get_base_model()
+    enable_checkpointing(twin)  # fusetune's own choice of plain checkpointing wins
+    assert offloaded_checkpoint not in functions(twin) and functions(model) == {offloaded_checkpoint}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        base.gradient_checkpointing_disable()
+        assert not any(layer.gradient_checkpointing for layer in base.model.layers)
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert offloaded_checkpoint not in functions(model)  # off, then on: the model's own

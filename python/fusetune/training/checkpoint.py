@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import types
 import weakref
 
 import torch
@@ -275,7 +276,10 @@ def offloaded_checkpoint(function, hidden, *args, **kwargs):
 def enable_checkpointing(model) -> None:
     """Hugging Face's (non-reentrant) gradient checkpointing for a transformers model, under the
     installed release's name: activation_checkpointing_enable where it exists (newer releases
-    deprecate gradient_checkpointing_enable), gradient_checkpointing_enable before."""
+    deprecate gradient_checkpointing_enable), gradient_checkpointing_enable before. It replaces
+    offloaded checkpointing where that was on."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    vars(base).pop("_set_gradient_checkpointing", None)  # offloaded checkpointing's, if it was on
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -289,4 +293,21 @@ def enable_offloaded_checkpointing(model) -> None:
     base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(base).__name__} does not support gradient checkpointing")
-    base._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=offloaded_checkpoint)
+    # (bound to the model: a deep copy's is bound to the copy)
+    base._set_gradient_checkpointing = types.MethodType(_offloaded_stays, base)
+    base._set_gradient_checkpointing(enable=True)
+
+
+def _offloaded_stays(self, enable: bool = True, **kwargs) -> None:
+    """A model's _set_gradient_checkpointing once offloaded checkpointing is on. Trainers turn
+    checkpointing on again with torch's checkpoint (transformers' Trainer, TRL's, whose configs
+    default to gradient_checkpointing=True): the layers keep offloaded_checkpoint instead, until
+    checkpointing is turned off (after which the model's own method answers again)."""
+    if enable:
+        if kwargs.get("gradient_checkpointing_func", offloaded_checkpoint) is not offloaded_checkpoint:
+            logger.info("fusetune: checkpointing turned on again (e.g. by a trainer's gradient_checkpointing): the "
+                        "layers keep fusetune's offloaded checkpointing")
+        kwargs["gradient_checkpointing_func"] = offloaded_checkpoint
+    else:
+        del self._set_gradient_checkpointing
+    type(self)._set_gradient_checkpointing(self, enable=enable, **kwargs)
