@@ -255,3 +255,28 @@ def test_an_adapter_folder_loads_its_base_and_the_adapter(model_dir, tmp_path, c
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/gone/base"}))
     with pytest.raises(OSError, match=r"is a LoRA adapter of '/gone/base', which cannot be loaded: .*no such folder"):
         FastLanguageModel.from_pretrained(str(adapter))
+
+
+def test_for_inference_turns_the_cache_on_for_generate_and_for_training_puts_it_back():
+    """A model saved with use_cache off (common for fine-tuned checkpoints): generate() reads the
+    generation config's setting, so for_inference sets both; for_training restores both (a cache in
+    a training forward drops transformers' packed-row mask)."""
+    from transformers import GenerationConfig
+
+    model = tiny_model("llama")
+    model.config.use_cache = False
+    model.generation_config = GenerationConfig(use_cache=False, pad_token_id=0)
+    seen = []
+    model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["hidden_states"].shape[1]), with_kwargs=True)
+    for _ in range(2):  # twice: the settings of before the first call are the ones put back
+        FastLanguageModel.for_inference(model)
+    assert model.config.use_cache and model.generation_config.use_cache and not model.training
+    prompt = random_batch(batch=1, seq=6)[0]
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=4, do_sample=False)
+    assert seen == [6, 1, 1, 1]  # the prompt, then one new token a step: the cache is used
+    FastLanguageModel.for_training(model)
+    assert model.config.use_cache is False and model.generation_config.use_cache is False and model.training
+    FastLanguageModel.for_training(model)  # without for_inference before it: nothing to put back
+    assert model.config.use_cache is False

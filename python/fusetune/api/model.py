@@ -236,6 +236,10 @@ def _adapt_targets(model, target_modules):
     return [n for n in names if n in present] or "all-linear"
 
 
+SAVED_CACHE_SETTINGS = "_fusetune_cache_settings"  # (config, use_cache) before for_inference
+UNSET = object()
+
+
 class FastLanguageModel:
     """Namespace of class and static methods (the facade has no state of its own)."""
 
@@ -374,14 +378,28 @@ class FastLanguageModel:
 
     @staticmethod
     def for_inference(model):
-        """Evaluation mode with the KV cache on (generation); LoRA dropout is off."""
+        """Evaluation mode with the KV cache on for generate() (the config's and the generation
+        config's: transformers reads the latter); LoRA dropout is off. for_training undoes it."""
         model.eval()
-        hf_model(model).config.use_cache = True
+        hf = hf_model(model)
+        settings = [hf.config] + ([hf.generation_config] if getattr(hf, "generation_config", None) else [])
+        if not hasattr(hf, SAVED_CACHE_SETTINGS):  # the settings before the first of several calls
+            setattr(hf, SAVED_CACHE_SETTINGS, [(s, vars(s).get("use_cache", UNSET)) for s in settings])
+        for setting in settings:
+            setting.use_cache = True
         return model
 
     @staticmethod
     def for_training(model):
+        """Training mode, with the cache settings for_inference changed put back (a cache in a training
+        forward is wasted work, and on transformers' own attention it drops the packed rows' mask)."""
         model.train()
+        hf = hf_model(model)
+        for setting, use_cache in vars(hf).pop(SAVED_CACHE_SETTINGS, []):
+            if use_cache is UNSET:
+                vars(setting).pop("use_cache", None)
+            else:
+                setting.use_cache = use_cache
         return model
 
     save_pretrained_merged = staticmethod(save_merged)
