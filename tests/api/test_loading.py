@@ -124,13 +124,17 @@ def test_max_seq_length_past_the_native_context_scales_rope(tmp_path, capsys):
     assert "max_seq_length 512 is past " in capsys.readouterr().out
     # the adapter remembers: loading it (default max_seq_length) scales its base the same way
     lora = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False, init_lora_weights=False)
-    adapter = lora.save_pretrained_merged(tmp_path / "adapter", tokenizer, save_method="lora")
-    again, _ = FastLanguageModel.from_pretrained(str(adapter), dtype=torch.float32)
-    assert again.config.rope_parameters["factor"] == 4.0
-    ids, _ = random_batch(device=lora.device)
-    lora.eval(), again.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(again(input_ids=ids).logits, lora(input_ids=ids).logits)
+    # (saved by fusetune, or by PEFT's own save_pretrained, as the other libraries' guides do)
+    lora.save_pretrained(tmp_path / "peft-saved")
+    tokenizer.save_pretrained(tmp_path / "peft-saved")
+    for adapter in (lora.save_pretrained_merged(tmp_path / "adapter", tokenizer, save_method="lora"),
+                    tmp_path / "peft-saved"):
+        again, _ = FastLanguageModel.from_pretrained(str(adapter), dtype=torch.float32)
+        assert again.config.rope_parameters["factor"] == 4.0
+        ids, _ = random_batch(device=lora.device)
+        lora.eval(), again.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(again(input_ids=ids).logits, lora(input_ids=ids).logits)
     llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
               "original_max_position_embeddings": 64, "rope_theta": 10000.0}
     path = save_model_dir(tiny_model("llama", max_position_embeddings=128, rope_parameters=llama3), tmp_path / "l3")

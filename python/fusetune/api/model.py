@@ -20,7 +20,7 @@ import torch
 from fusetune.api.gguf import save_gguf
 from fusetune.api.loading import (SOURCE_KEYWORDS, default_dtype, drop_unsloth_only, local_subfolder,
                                   model_source_errors, quantization_config, resolve_model_name, set_pad_token)
-from fusetune.api.saving import read_load_settings, save_merged, write_plain_model
+from fusetune.api.saving import read_load_settings, save_merged, write_load_settings, write_plain_model
 from fusetune.api.tokens import untie_embeddings
 from fusetune.patching import hf_model, patch_model
 from fusetune.patching.core import UnsupportedModelError, family_spec
@@ -33,10 +33,22 @@ CHECKPOINTING = (True, False, "fusetune", "unsloth")
 
 def _attach_saving(model):
     """model.save_pretrained_merged(dir, tokenizer, ...) and model.save_pretrained_gguf(dir, tokenizer, ...),
-    as users of the fast fine-tuning libraries call them."""
+    as users of the fast fine-tuning libraries call them; a PEFT model's own save_pretrained also
+    writes the load settings beside the adapter, as save_pretrained_merged's lora save does."""
     model.save_pretrained_merged = types.MethodType(save_merged, model)
     model.save_pretrained_gguf = types.MethodType(save_gguf, model)
+    if hasattr(model, "peft_config"):
+        model.save_pretrained = types.MethodType(_save_adapter, model)
     return model
+
+
+def _save_adapter(self, save_directory, *args, **kwargs):
+    """PEFT's save_pretrained, then fusetune.json beside the adapter: the max_seq_length and RoPE it
+    was trained with (from_pretrained of the folder would otherwise scale RoPE for its default
+    max_seq_length, another model where the base's context is shorter)."""
+    type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    if kwargs.get("is_main_process", True):
+        write_load_settings(self, Path(save_directory))
 
 
 def _quantized_from_gguf(auto, model_name, config, dtype, device_map, quantization, common: dict, kwargs: dict):
