@@ -1,6 +1,7 @@
 """Merged saves: PEFT's trainable tokens merged as PEFT merges them, the GGUF exports in the folder
 kept, the chat template's end of turn in the saved generation config."""
 import copy
+import importlib.util
 import json
 
 import pytest
@@ -102,3 +103,48 @@ def test_the_saved_generation_config_stops_at_the_chat_templates_end_of_turn(tmp
     assert GenerationConfig.from_pretrained(out).eos_token_id == [tokenizer.convert_tokens_to_ids("<|endoftext|>"),
                                                                   end]
     assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"
+
+
+@pytest.mark.parametrize("how", ["facade", "peft"])
+def test_a_head_trained_apart_from_its_tied_embedding_is_saved_and_exported_apart(how, tmp_path):
+    """A tied model whose lm_head trains (modules_to_save, as for added tokens): the facade's
+    get_peft_model unties it; PEFT's own get_peft_model leaves the config tied, and the merged save
+    sees the trained head differ. Either way the merged config is untied and the GGUF has its head."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from fusetune import FastLanguageModel
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                                      tie_word_embeddings=True)
+    base = transformers.LlamaForCausalLM(config)
+    if how == "facade":
+        model = FastLanguageModel.get_peft_model(base, r=4, target_modules=["q_proj"], use_gradient_checkpointing=False,
+                                                 modules_to_save=["embed_tokens", "lm_head"])
+        assert not model.config.tie_word_embeddings
+    else:
+        model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name and "lm_head" in name:
+                p.add_(torch.randn_like(p))  # as training moves it
+    save_merged(model, tmp_path / "merged", save_method="merged_16bit", dtype=torch.float32)
+    saved = json.loads((tmp_path / "merged" / "config.json").read_text())
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "merged" / "model.safetensors")
+    assert saved["tie_word_embeddings"] is False
+    assert not torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"])
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+    if importlib.util.find_spec("gguf") is not None:
+        import gguf
+
+        from fusetune.api.gguf import save_gguf
+
+        path = save_gguf(model, tmp_path / "gguf", byte_level_tokenizer(), "f16")
+        assert "output.weight" in {t.name for t in gguf.GGUFReader(path).tensors}

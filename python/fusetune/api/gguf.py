@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fusetune.api.saving import merged_state_dict
+from fusetune.api.saving import head_is_tied, merged_state_dict
 from fusetune.atomic import TMP, add_to_save, recover_interrupted_saves, save_error
 from fusetune.patching import hf_model
 
@@ -234,7 +234,7 @@ def write_gguf(model, tokenizer, path: Path, method: str, arch: str) -> Path:
     factors = llama3_rope_factors(config)
     if factors is not None:
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors)
-    tied = getattr(config, "tie_word_embeddings", False)
+    tied = head_is_tied(config, state)
     for hf_name, tensor in state.items():
         if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
             continue

@@ -373,9 +373,14 @@ class FastLanguageModel:
         if loftq_config:
             _check_loftq(hf, kwargs)
             kwargs["init_lora_weights"] = "loftq"  # PEFT ignores loftq_config without it
+        targets = _adapt_targets(hf, target_modules)
+        trained = list(modules_to_save or []) + ([targets] if isinstance(targets, str) else list(targets or []))
+        if any("lm_head" in name or "embed_tokens" in name for name in trained) and untie_embeddings(hf):
+            # trained apart (a modules_to_save copy or adapters of one of the two): saved, merged, exported apart
+            logger.info("fusetune: get_peft_model: lm_head was tied to embed_tokens; it trains apart now (both saved)")
         task_type = "SEQ_2_SEQ_LM" if getattr(hf.config, "is_encoder_decoder", False) else "CAUSAL_LM"
         config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
-                            target_modules=_adapt_targets(hf, target_modules), use_rslora=use_rslora,
+                            target_modules=targets, use_rslora=use_rslora,
                             loftq_config=loftq_config or {}, modules_to_save=modules_to_save,
                             task_type=task_type, **kwargs)
         if use_gradient_checkpointing in ("fusetune", "unsloth"):

@@ -150,14 +150,28 @@ def _without_tied_duplicates(state: dict[str, torch.Tensor]) -> dict[str, torch.
     return result
 
 
+def head_is_tied(config, state: dict[str, torch.Tensor]) -> bool:
+    """Whether the merged weights' output layer is the input embedding: the config says tied and no
+    lm_head differing from embed_tokens was merged (one trained apart, e.g. by PEFT directly)."""
+    if not getattr(config.get_text_config(), "tie_word_embeddings", False):
+        return False
+    head = state.get("lm_head.weight")
+    embed = next((t for name, t in state.items() if name.endswith("embed_tokens.weight")), None)
+    return head is None or embed is None or torch.equal(head, embed)
+
+
 def write_plain_model(model, directory: Path, dtype: torch.dtype | None = None):
     """model.safetensors + config of the merged model, in transformers' plain layout."""
     from safetensors.torch import save_file
 
     hf = hf_model(model)
-    state = _without_tied_duplicates(merged_state_dict(model, dtype, device="cpu"))
+    merged = merged_state_dict(model, dtype, device="cpu")
+    tied = head_is_tied(hf.config, merged)
+    state = _without_tied_duplicates(merged)
     save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
     config = hf.config.__class__.from_dict(hf.config.to_dict())
+    if not tied and getattr(config.get_text_config(), "tie_word_embeddings", False):
+        config.tie_word_embeddings = config.get_text_config().tie_word_embeddings = False
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.architectures = [type(hf).__name__]
