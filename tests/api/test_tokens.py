@@ -74,3 +74,29 @@ def test_a_reloaded_adapter_keeps_its_trained_head_apart_from_a_tied_embedding(t
     merged, _ = FastLanguageModel.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
     torch.testing.assert_close(merged.lm_head.weight, head.bfloat16().float())  # merged_16bit: bf16
     assert not torch.equal(merged.lm_head.weight, merged.model.embed_tokens.weight)
+
+
+@pytest.mark.parametrize("trained_rows", ["lora", "trainable_tokens"])
+def test_tokens_added_to_a_padded_vocabulary_reload_with_their_adapter(tmp_path, trained_rows):
+    """Qwen- and Phi-3-style embeddings have more rows than the tokenizer: added tokens take rows the
+    model has (set to the mean row), which PEFT need not save. Reloading the adapter sets those rows
+    as add_new_tokens did, so the reloaded model is the trained one."""
+    from fusetune import use_backend
+    from fusetune.api import FastLanguageModel
+    from tests.helpers import save_model_dir
+
+    base = save_model_dir(tiny_model("llama", vocab_size=VOCAB + 16), tmp_path / "base")  # 16 padding rows
+    with use_backend("torch"):
+        model, tokenizer = FastLanguageModel.from_pretrained(str(base), dtype=torch.float32)
+        assert add_new_tokens(model, tokenizer, ["안녕하세요", "fusetune"]) == 2
+        new = [len(tokenizer) - 2, len(tokenizer) - 1]
+        assert model.get_input_embeddings().weight.shape[0] == VOCAB + 16  # no resize: padding rows taken
+        extra = {"trainable_token_indices": new} if trained_rows == "trainable_tokens" else {}
+        model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False,
+                                                 init_lora_weights=False, **extra)
+        model.save_pretrained_merged(str(tmp_path / "adapter"), tokenizer, save_method="lora")
+        again, _ = FastLanguageModel.from_pretrained(str(tmp_path / "adapter"), dtype=torch.float32)
+        ids = torch.tensor([[5, new[0], 7, new[1], new[0]]])
+        model.eval(), again.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits)

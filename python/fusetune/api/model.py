@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 from fusetune.api.gguf import save_gguf
-from fusetune.api.loading import (SOURCE_KEYWORDS, default_dtype, drop_unsloth_only, local_subfolder,
-                                  model_source_errors, quantization_config, resolve_model_name, set_pad_token)
+from fusetune.api.loading import (SOURCE_KEYWORDS, default_dtype, drop_unsloth_only, load_tokenizer,
+                                  local_subfolder, model_source_errors, quantization_config, resolve_model_name,
+                                  set_pad_token)
 from fusetune.api.saving import read_load_settings, save_merged, write_load_settings, write_plain_model
-from fusetune.api.tokens import untie_embeddings
+from fusetune.api.tokens import fit_embeddings, untie_embeddings
 from fusetune.patching import hf_model, patch_model
 from fusetune.patching.core import UnsupportedModelError, family_spec
 
@@ -207,15 +208,28 @@ def _from_adapter(folder: Path, options: dict, loader):
     except OSError as err:
         raise OSError(f"{folder} is a LoRA adapter of {base!r}, which cannot be loaded: {err}. Give the base's "
                       f"folder as base_model_name_or_path in {folder / 'adapter_config.json'}") from err
-    size = len(_text_tokenizer(tokenizer))
-    if size > model.get_input_embeddings().weight.shape[0]:  # the adapter's tokenizer has added tokens
-        model.resize_token_embeddings(size)  # (their trained rows come with the adapter)
+    # tokens the adapter's tokenizer added: their rows as add_new_tokens set them (a padded vocabulary
+    # has rows for them already, which the adapter need not save), then the adapter's own where it saved them
+    size, first_new = len(_text_tokenizer(tokenizer)), _base_vocabulary(base, options)
+    if first_new is not None and size > first_new:
+        fit_embeddings(model, tokenizer, first_new)
+    elif size > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(size, mean_resizing=False)
     if "lm_head" in (adapter.get("modules_to_save") or ()):  # trained apart from a tied input embedding: keep
         untie_embeddings(model)  # it apart, or a merged save would tie the trained head back to embed_tokens
     with model_source_errors(str(folder)):
         model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
     print(f"fusetune: {folder} is a LoRA adapter of {base}: loaded the base and attached it (trainable)")
     return _attach_saving(patch_model(model, strict=False)), tokenizer
+
+
+def _base_vocabulary(base: str, options: dict) -> int | None:
+    """How many tokens the base's own tokenizer has (None where it cannot be read)."""
+    try:
+        return len(_text_tokenizer(load_tokenizer(base, options.get("gguf_file"),
+                                                  trust_remote_code=options.get("trust_remote_code", False))))
+    except (OSError, ValueError, ImportError):
+        return None
 
 
 def _adapt_targets(model, target_modules):
