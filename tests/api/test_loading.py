@@ -4,7 +4,9 @@ unpatched, train through PEFT and say so)."""
 import pytest
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
+import fusetune
 from fusetune import FastLanguageModel
 from tests.helpers import load_model, save_model_dir, train_steps
 from tests.tiny_models import VOCAB, random_batch, tiny_model
@@ -143,6 +145,14 @@ def test_max_seq_length_past_the_native_context_scales_rope(tmp_path, capsys):
     with pytest.raises(ValueError, match="max_seq_length=1024 is past the 512 the model was loaded for"):
         FastLanguageModel.get_peft_model(model, max_seq_length=1024)
     assert FastLanguageModel.get_peft_model(model, r=4, max_seq_length=512, use_gradient_checkpointing=False)
+    # dynamic NTK scales past max_position_embeddings: the model as transformers runs it, whatever max_seq_length
+    dynamic = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    path = save_model_dir(tiny_model("llama", max_position_embeddings=16, rope_parameters=dynamic), tmp_path / "ntk")
+    model, _ = load_model(path, max_seq_length=64)
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.randint(0, VOCAB, (1, 40))
+    with torch.no_grad(), fusetune.use_backend("torch"):
+        torch.testing.assert_close(model.eval()(input_ids=ids).logits, plain(input_ids=ids).logits)
 
 
 def test_hub_keywords_reach_the_config_tokenizer_and_weights(tmp_path, monkeypatch):

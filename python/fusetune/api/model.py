@@ -159,14 +159,24 @@ def _scale_rope(config, rope_scaling: dict):
     config.rope_parameters = params
 
 
+# RoPE types whose scaling reads max_position_embeddings (dynamic NTK starts scaling past it, LongRoPE's
+# attention factor is computed from it): raising it to max_seq_length would change the model
+READS_MAX_POSITIONS = {"dynamic", "longrope"}
+
+
+def _rope_types(config) -> set[str]:
+    """The RoPE types of a (text) config, of each layer type where it has several."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if "full_attention" in params:
+        return {p.get("rope_type", "default") for p in params.values() if isinstance(p, dict)}
+    return {params.get("rope_type", "default")} if params else set()
+
+
 def _rope_scaling_for(config, max_seq_length: int, name: str) -> dict | None:
     """Linear RoPE scaling for a max_seq_length past the native context (None: within it, no RoPE,
     or the model already scales its own, e.g. Llama 3.1's or YaRN)."""
     native = getattr(config, "max_position_embeddings", None)
-    params = getattr(config, "rope_parameters", None) or {}
-    types = {p.get("rope_type", "default") for p in params.values() if isinstance(p, dict)} \
-        if "full_attention" in params else {params.get("rope_type", "default")}
-    if not native or max_seq_length <= native or not params or types != {"default"}:
+    if not native or max_seq_length <= native or _rope_types(config) != {"default"}:
         return None
     factor = max_seq_length / native
     print(f"fusetune: max_seq_length {max_seq_length} is past {name}'s native context of {native}: RoPE scaled "
@@ -330,7 +340,8 @@ class FastLanguageModel:
         rope_scaling = rope_scaling or _rope_scaling_for(text, max_seq_length, named)
         if rope_scaling is not None:
             _scale_rope(text, rope_scaling)
-        if hasattr(text, "max_position_embeddings"):  # not T5's: its relative positions have no such limit
+        # (not T5's: its relative positions have no such limit)
+        if hasattr(text, "max_position_embeddings") and not _rope_types(text) & READS_MAX_POSITIONS:
             text.max_position_embeddings = max(text.max_position_embeddings or 0, max_seq_length)
         quantization = quantization_config(load_in_4bit, load_in_8bit, dtype,
                                            given=kwargs.pop("quantization_config", None))
