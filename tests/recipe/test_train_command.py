@@ -287,6 +287,28 @@ def test_data_files(tmp_path):
         read_rows(str(tmp_path / "broken.jsonl"))
 
 
+def test_data_files_keep_what_their_fields_hold():
+    """A quoted CSV field's line breaks, characters str.splitlines breaks at (U+2028, form feed) inside
+    JSON strings and CSV fields: the text as written. A CSV row with more or fewer fields than its
+    header (an unquoted comma) is refused, naming the line."""
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp())
+    (folder / "multi.csv").write_bytes(b'instruction,output\r\nHow?,"Steps:\n1. Heat.\n2. Bake."\r\n'
+                                       b'Pages,"one\x0ctwo\xe2\x80\xa8three"\r\n')
+    assert read_rows(str(folder / "multi.csv")) == [{"instruction": "How?", "output": "Steps:\n1. Heat.\n2. Bake."},
+                                                    {"instruction": "Pages", "output": "one\x0ctwo\u2028three"}]
+    rows = [{"text": "Paragraph one.\u2028Paragraph two."}, {"text": "Page 1\x0cPage 2"}]
+    (folder / "odd.jsonl").write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    assert read_rows(str(folder / "odd.jsonl")) == rows
+    for body, fields in (("prompt,completion\nHi,Hello, nice to meet you!\n", 3), ("prompt,completion\nHi\n", 1)):
+        (folder / "bad.csv").write_text(body)
+        with pytest.raises(ConfigError, match=f"line 2 has {fields} fields where the header names 2: put a field "
+                                              f"that holds a comma or a line break in double quotes"):
+            read_rows(str(folder / "bad.csv"))
+
+
 # --- loop ---------------------------------------------------------------------------------------
 def _lora_model(tokenizer, r=4):
     from fusetune.api import FastLanguageModel

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import logging
 import os
@@ -50,7 +51,8 @@ def _parse(text: str, path: str, suffix: str, key: str) -> list:
     try:
         if suffix == ".jsonl":
             rows = []
-            for number, line in enumerate(text.splitlines(), 1):
+            # (lines end at \n alone: str.splitlines also breaks at U+2028, form feeds... which JSON strings hold)
+            for number, line in enumerate(text.split("\n"), 1):
                 if line.strip():
                     try:
                         rows.append(json.loads(line))
@@ -66,12 +68,21 @@ def _parse(text: str, path: str, suffix: str, key: str) -> list:
     except json.JSONDecodeError as err:
         raise ConfigError(f"{key} {path!r}: not valid JSON ({err})") from err
     if suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
+        # (newline="": the csv module reads the line breaks inside quoted fields as part of the text)
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = []
         try:
-            return list(reader)
+            for row in reader:
+                if None in row or None in row.values():  # more fields than the header names, or fewer
+                    count = len(reader.fieldnames) + len(row.get(None, [])) - list(row.values()).count(None)
+                    raise ConfigError(f"{key} {path!r}: line {reader.line_num} has {count} fields where the header "
+                                      f"names {len(reader.fieldnames)}: put a field that holds a comma or a line "
+                                      f"break in double quotes")
+                rows.append(row)
         except csv.Error as err:
             raise ConfigError(f"{key} {path!r}: line {reader.line_num} is not valid CSV ({err}); a text over "
                               f"{csv.field_size_limit()} characters in one field reads better from .jsonl") from err
+        return rows
     raise ConfigError(f"{key} {path!r}: unknown file type {suffix!r} (use .jsonl, .json, .csv or .parquet)")
 
 
