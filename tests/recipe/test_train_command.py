@@ -938,3 +938,21 @@ def test_other_weights_under_the_same_model_name_are_not_resumed_onto(tmp_path, 
     with use_backend("torch"), pytest.raises(ConfigError, match=r"other settings: the weights under model.name changed \(1 file, sha256 \w+ then, 1 file, "
                                                        r"sha256 \w+ now\): put the earlier ones back"):
         run_train(config(), log=lambda line: None)
+
+
+def test_unknown_roles_are_refused_and_empty_replies_named(caplog):
+    """A reply under a role the templates do not know would be rendered as prompt and never learned:
+    refused, naming it (bot, ai and chatbot are the assistant's aliases). An empty reply trains the
+    model to say nothing: a warning names the first such row."""
+    tokenizer = byte_level_tokenizer()
+    chat = lambda role, reply="Hello.": {"messages": [{"role": "user", "content": "Hi"},  # noqa: E731
+                                                       {"role": role, "content": reply}]}
+    with pytest.raises(ConfigError, match="data row 0: role 'asistant' is none of assistant, developer, function"):
+        tokenize_rows([chat("asistant")], tokenizer, 256)
+    with pytest.raises(ConfigError, match="data row 0 prompt: role 'narrator' is none of"):
+        to_messages({"prompt": [{"role": "narrator", "content": "Once"}], "completion": "upon"}, 0)
+    bot, assistant = tokenize_rows([chat("Bot"), chat("assistant")], tokenizer, 256)
+    assert bot == assistant
+    with caplog.at_level("WARNING", logger="fusetune"):
+        tokenize_rows([chat("assistant"), chat("assistant", "  "), chat("assistant", "")], tokenizer, 256)
+    assert "2 rows have an empty assistant reply (the first: row 1)" in caplog.text

@@ -34,7 +34,9 @@ IGNORE_INDEX = -100
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
 # other names of the roles in "messages" rows (Gemma's data says "model"); a role is read in any case
-ROLE_ALIASES = {**SHAREGPT_ROLES, "model": "assistant"}
+ROLE_ALIASES = {**SHAREGPT_ROLES, "model": "assistant", "bot": "assistant", "ai": "assistant", "chatbot": "assistant"}
+# the roles chat templates know; another would be rendered as a turn of its own name and never learned
+ROLES = {"user", "assistant", "system", "tool", "function", "developer", "ipython"}
 
 
 def _decode(raw: bytes, path: str, key: str) -> str:
@@ -153,12 +155,17 @@ def _read_datasets(p: Path, path: str, key: str) -> list[dict]:
     return list(ds)
 
 
-def _message(message: dict) -> dict:
+def _message(message: dict, where: str) -> dict:
     """A message for the chat template: every field as given (reasoning_content, tool_calls, name, ...)
     but those that are None (a parquet or Hub dataset gives every message every column; transformers
     5.17 hands them to the template as they are), the role with its aliases resolved."""
     fields = {k: v for k, v in message.items() if v is not None}
-    return {**fields, "role": ROLE_ALIASES.get(message["role"].lower(), message["role"].lower())}
+    role = ROLE_ALIASES.get(message["role"].lower(), message["role"].lower())
+    if role not in ROLES:
+        raise ConfigError(f"{where}: role {message['role']!r} is none of {', '.join(sorted(ROLES))} (nor an alias: "
+                          f"{', '.join(sorted(ROLE_ALIASES))}): rename it; a reply under another name would be "
+                          f"rendered as prompt and never learned")
+    return {**fields, "role": role}
 
 
 def row_tools(row: dict, index: int) -> list | None:
@@ -196,7 +203,7 @@ def _row_messages(row: dict, index: int) -> list[dict] | str:
                               f"tool_calls)")
         if not messages:
             raise ConfigError(f"data row {index}: no messages")
-        return [_message(m) for m in messages]
+        return [_message(m, f"data row {index}") for m in messages]
     if "conversations" in row:
         turns = row["conversations"]
         if not isinstance(turns, list) or not turns or not all(
@@ -235,7 +242,7 @@ def _chat(value, role: str, where: str) -> list[dict]:
         return [{"role": role, "content": value}]
     if isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("role"), str)
                                                  and isinstance(m.get("content"), str) for m in value):
-        return [_message(m) for m in value]
+        return [_message(m, where) for m in value]
     raise ConfigError(f"{where}: a text or a list of messages (each a role and a content), got {value!r:.60}")
 
 
@@ -334,7 +341,7 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_on
     """Each row -> {"input_ids", "labels"} (lists), cut to max_seq_length."""
     if tokenizer.chat_template is None and any("text" not in r for r in rows):
         raise ConfigError("the tokenizer has no chat template: set model.chat_template (e.g. chatml) or use text rows")
-    out, needed, no_reply, cut = [], [], [], 0
+    out, needed, no_reply, empty, cut = [], [], [], [], 0
 
     @functools.cache
     def turn_end() -> str:  # once for all the rows, and only for a template that needs it
@@ -355,6 +362,9 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_on
             if responses_only and not any(m["role"] == "assistant" for m in conversation):
                 no_reply.append(index)
                 continue
+            if any(m["role"] == "assistant" and not (m.get("content") or "").strip() and not m.get("tool_calls")
+                   for m in conversation):
+                empty.append(index)
             if responses_only:
                 text, spans = _assistant_spans(tokenizer, conversation, index, tools, turn_end)
                 enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -379,6 +389,9 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_on
         roles = sorted({m["role"] for i in no_reply[:100] for m in to_messages(rows[i], i)})
         logger.warning("fusetune data: %d rows have no assistant turn (the first: row %d, roles %s), so nothing to "
                        "learn; they are left out", len(no_reply), no_reply[0], ", ".join(roles))
+    if empty:
+        logger.warning("fusetune data: %d rows have an empty assistant reply (the first: row %d): the model learns to "
+                       "answer those turns with nothing; fill them in or drop them", len(empty), empty[0])
     if not out and needed:
         raise ConfigError(f"model.max_seq_length = {max_seq_length} cuts every row before its first answer token "
                           f"(the shortest row needs {min(needed)} tokens): raise model.max_seq_length to at least "
