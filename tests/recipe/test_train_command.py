@@ -163,7 +163,7 @@ def test_every_message_field_the_rows_tools_and_role_aliases_reach_the_template(
     assert to_messages(rows[3], 3)[1] == {"role": "assistant", "content": "Sunny."}  # transformers 5.17 keeps Nones
     for example in examples[1:]:
         assert tokenizer.decode(example["input_ids"]).startswith("<|im_start|>system\nTools: weather<|im_end|>")
-    assert "1 rows have no assistant turn (the first: row 2, roles user)" in caplog.text
+    assert "1 rows have no assistant turn to learn (the first: row 2, roles user;" in caplog.text
 
 
 @pytest.mark.parametrize("row, message", [
@@ -254,6 +254,9 @@ def test_a_text_row_that_starts_with_the_bos_gets_no_second_one():
     rendered, plain = tokenize_rows([{"text": "<|im_start|>user\nhi<|im_end|>\n"}, {"text": "The quick fox"}],
                                     tokenizer, 512, responses_only=False)
     assert rendered["input_ids"].count(bos) == 1 and plain["input_ids"][0] == bos
+    eos = tokenizer.eos_token_id  # nor a second EOS after the rendered chat's own (and its newline)
+    assert rendered["input_ids"].count(eos) == "<|im_start|>user\nhi<|im_end|>\n".count(tokenizer.eos_token) == 1
+    assert plain["input_ids"][-1] == eos
 
 
 def test_data_files(tmp_path):
@@ -956,3 +959,25 @@ def test_unknown_roles_are_refused_and_empty_replies_named(caplog):
     with caplog.at_level("WARNING", logger="fusetune"):
         tokenize_rows([chat("assistant"), chat("assistant", "  "), chat("assistant", "")], tokenizer, 256)
     assert "2 rows have an empty assistant reply (the first: row 1)" in caplog.text
+
+
+def test_context_replies_are_not_learned():
+    """OpenAI's "weight": 0 marks a reply as context; a prompt/completion row's prompt is context (as
+    TRL trains only the completion), its replies included: only the other replies carry labels."""
+    tokenizer = byte_level_tokenizer()
+
+    def learned(row):
+        (example,) = tokenize_rows([row], tokenizer, 512)
+        return tokenizer.decode([t for t in example["labels"] if t != IGNORE_INDEX])
+
+    weighted = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "OLD", "weight": 0},
+                             {"role": "user", "content": "Again"}, {"role": "assistant", "content": "NEW", "weight": 1}]}
+    prompted = {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "OLD"},
+                           {"role": "user", "content": "Again"}],
+                "completion": [{"role": "assistant", "content": "NEW"}]}
+    sharegpt = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "OLD", "weight": 0},
+                                  {"from": "human", "value": "Again"}, {"from": "gpt", "value": "NEW"}]}
+    for row in (weighted, prompted, sharegpt):
+        assert "NEW" in learned(row) and "OLD" not in learned(row), row
+    with pytest.raises(ConfigError, match="data row 0: a message's weight is 0 .* or 1, got 0.5"):
+        to_messages({"messages": [{"role": "user", "content": "Hi", "weight": 0.5}]}, 0)

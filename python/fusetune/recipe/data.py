@@ -155,12 +155,20 @@ def _read_datasets(p: Path, path: str, key: str) -> list[dict]:
     return list(ds)
 
 
+def trained(message: dict) -> bool:
+    """Whether a reply is learned: OpenAI's fine-tuning format marks context-only turns "weight": 0 (as
+    fusetune marks the assistant turns of a prompt/completion row's prompt)."""
+    return message.get("weight", 1) != 0
+
+
 def _message(message: dict, where: str) -> dict:
     """A message for the chat template: every field as given (reasoning_content, tool_calls, name, ...)
     but those that are None (a parquet or Hub dataset gives every message every column; transformers
     5.17 hands them to the template as they are), the role with its aliases resolved."""
     fields = {k: v for k, v in message.items() if v is not None}
     role = ROLE_ALIASES.get(message["role"].lower(), message["role"].lower())
+    if fields.get("weight", 1) not in (0, 1):
+        raise ConfigError(f"{where}: a message's weight is 0 (context, not learned) or 1, got {fields['weight']!r}")
     if role not in ROLES:
         raise ConfigError(f"{where}: role {message['role']!r} is none of {', '.join(sorted(ROLES))} (nor an alias: "
                           f"{', '.join(sorted(ROLE_ALIASES))}): rename it; a reply under another name would be "
@@ -211,7 +219,8 @@ def _row_messages(row: dict, index: int) -> list[dict] | str:
             raise ConfigError(f"data row {index}: conversations must be a list of turns, each a from and a value "
                               f"(text)")
         try:
-            return [{"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]} for m in turns]
+            return [_message({"role": SHAREGPT_ROLES[m["from"]], "content": m["value"], "weight": m.get("weight")},
+                             f"data row {index}") for m in turns]
         except KeyError as err:
             raise ConfigError(f"data row {index}: ShareGPT role {err} not known ({', '.join(SHAREGPT_ROLES)})") from err
     if "instruction" in row and "output" in row:
@@ -222,8 +231,10 @@ def _row_messages(row: dict, index: int) -> list[dict] | str:
         system = [{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str) else []
         return system + [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
     if "prompt" in row and "completion" in row:  # texts, or TRL's conversational layout (message lists)
-        return (_chat(row["prompt"], "user", f"data row {index} prompt")
-                + _chat(row["completion"], "assistant", f"data row {index} completion"))
+        # as TRL, the completion is learned, not the replies inside the prompt (its context)
+        prompt = [{**m, "weight": 0} if m["role"] == "assistant" else m
+                  for m in _chat(row["prompt"], "user", f"data row {index} prompt")]
+        return prompt + _chat(row["completion"], "assistant", f"data row {index} completion")
     if "text" in row:
         if not isinstance(row["text"], str):
             raise ConfigError(f"data row {index}: text must be a text, got {type(row['text']).__name__}")
@@ -299,8 +310,8 @@ def _unstable(index: int, why: str) -> ConfigError:
 
 def _assistant_spans(tokenizer, messages: list[dict], index: int, tools: list | None,
                      turn_end) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of each assistant turn (its reply and the
-    end-of-turn marker: the model must learn to stop).
+    """The rendered conversation and the character spans of each trained assistant turn (its reply
+    and the end-of-turn marker: the model must learn to stop).
 
     A turn starts where the render of the conversation before it, with the generation prompt, parts
     from the whole; it ends where the render up to it does, if that is a prefix of the whole. Templates
@@ -313,7 +324,7 @@ def _assistant_spans(tokenizer, messages: list[dict], index: int, tools: list | 
     text = _render(tokenizer, messages, index, tools)
     spans, done = [], 0
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or not trained(message):
             continue
         prompt = _render(tokenizer, messages[:i], index, tools, add_generation_prompt=True)
         upto = _render(tokenizer, messages[:i + 1], index, tools)
@@ -355,15 +366,17 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_on
             # a text that starts with the BOS (a chat rendered already) does not get a second one
             bos = tokenizer.bos_token
             ids = tokenizer(conversation, add_special_tokens=not (bos and conversation.startswith(bos)))["input_ids"]
-            if tokenizer.eos_token_id is not None and ids[-1:] != [tokenizer.eos_token_id]:
+            # (nor a second EOS: a rendered chat ends with its EOS and the template's newline after it)
+            ends = ids[-1:] == [tokenizer.eos_token_id] or conversation.rstrip().endswith(tokenizer.eos_token or "\0")
+            if tokenizer.eos_token_id is not None and not ends:
                 ids = ids + [tokenizer.eos_token_id]
             labels = list(ids)
         else:
-            if responses_only and not any(m["role"] == "assistant" for m in conversation):
+            if responses_only and not any(m["role"] == "assistant" and trained(m) for m in conversation):
                 no_reply.append(index)
                 continue
-            if any(m["role"] == "assistant" and not (m.get("content") or "").strip() and not m.get("tool_calls")
-                   for m in conversation):
+            if any(m["role"] == "assistant" and trained(m) and not (m.get("content") or "").strip()
+                   and not m.get("tool_calls") for m in conversation):
                 empty.append(index)
             if responses_only:
                 text, spans = _assistant_spans(tokenizer, conversation, index, tools, turn_end)
@@ -387,8 +400,9 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_on
                        "raise model.max_seq_length to keep it", cut, len(rows), max_seq_length)
     if no_reply:
         roles = sorted({m["role"] for i in no_reply[:100] for m in to_messages(rows[i], i)})
-        logger.warning("fusetune data: %d rows have no assistant turn (the first: row %d, roles %s), so nothing to "
-                       "learn; they are left out", len(no_reply), no_reply[0], ", ".join(roles))
+        logger.warning("fusetune data: %d rows have no assistant turn to learn (the first: row %d, roles %s; turns of "
+                       "weight 0 are context), so nothing to learn; they are left out", len(no_reply), no_reply[0],
+                       ", ".join(roles))
     if empty:
         logger.warning("fusetune data: %d rows have an empty assistant reply (the first: row %d): the model learns to "
                        "answer those turns with nothing; fill them in or drop them", len(empty), empty[0])
