@@ -981,3 +981,21 @@ def test_context_replies_are_not_learned():
         assert "NEW" in learned(row) and "OLD" not in learned(row), row
     with pytest.raises(ConfigError, match="data row 0: a message's weight is 0 .* or 1, got 0.5"):
         to_messages({"messages": [{"role": "user", "content": "Hi", "weight": 0.5}]}, 0)
+
+
+def test_rows_are_named_by_their_number_in_the_file_after_a_split(tmp_path, caplog):
+    from fusetune.recipe.data import split_rows
+
+    rows = [dict(r) for r in CONVERSATIONS * 4][:10]
+    rows[7] = {"messages": [{"role": "user", "content": "Hi"}]}  # nothing to learn
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    train, held_out = split_rows(read_rows(str(tmp_path / "d.jsonl")), 0.3, seed=0)
+    part = train if any(r.number == 7 for r in train) else held_out
+    assert part.index(rows[7]) != 7  # another position in its part
+    with caplog.at_level("WARNING", logger="fusetune"):
+        tokenize_rows(part, byte_level_tokenizer(), 256)
+    assert "(the first: row 7, roles user;" in caplog.text
+    bad = read_rows(str(tmp_path / "d.jsonl"))
+    bad[7]["messages"][0]["role"] = "narrator"
+    with pytest.raises(ConfigError, match="data row 7: role 'narrator'"):
+        tokenize_rows(split_rows(bad, 0.5, seed=1)[0] + split_rows(bad, 0.5, seed=1)[1], byte_level_tokenizer(), 256)

@@ -119,7 +119,21 @@ def read_rows(path: str, key: str = "data.path") -> list[dict]:
         if not isinstance(row, dict):
             raise ConfigError(f"{key} {path!r}: row {index} is {type(row).__name__} {str(row)[:40]!r}, not an "
                               f"object of fields (e.g. {{\"messages\": [...]}})")
-    return rows
+    return [Row(row, index) for index, row in enumerate(rows)]
+
+
+class Row(dict):
+    """A data file's row, which knows its number in the file: messages name it after eval_split has
+    split the rows."""
+
+    def __init__(self, fields: dict, number: int):
+        super().__init__(fields)
+        self.number = number
+
+
+def row_number(row: dict, position: int) -> int:
+    """The row's number in its file where it knows it (read_rows), else its position."""
+    return getattr(row, "number", position)
 
 
 HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+(:[\w.-]+)?")  # owner/name, or owner/name:split
@@ -359,7 +373,8 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_on
         token = end_of_turn(tokenizer)
         return "" if token is None else tokenizer.decode([token])
 
-    for index, row in enumerate(rows):
+    for position, row in enumerate(rows):
+        index = row_number(row, position)
         conversation = to_messages(row, index)
         tools = row_tools(row, index)
         if isinstance(conversation, str):
@@ -373,7 +388,7 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_on
             labels = list(ids)
         else:
             if responses_only and not any(m["role"] == "assistant" and trained(m) for m in conversation):
-                no_reply.append(index)
+                no_reply.append(position)
                 continue
             if any(m["role"] == "assistant" and trained(m) and not (m.get("content") or "").strip()
                    and not m.get("tool_calls") for m in conversation):
@@ -401,8 +416,8 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_on
     if no_reply:
         roles = sorted({m["role"] for i in no_reply[:100] for m in to_messages(rows[i], i)})
         logger.warning("fusetune data: %d rows have no assistant turn to learn (the first: row %d, roles %s; turns of "
-                       "weight 0 are context), so nothing to learn; they are left out", len(no_reply), no_reply[0],
-                       ", ".join(roles))
+                       "weight 0 are context), so nothing to learn; they are left out", len(no_reply),
+                       row_number(rows[no_reply[0]], no_reply[0]), ", ".join(roles))
     if empty:
         logger.warning("fusetune data: %d rows have an empty assistant reply (the first: row %d): the model learns to "
                        "answer those turns with nothing; fill them in or drop them", len(empty), empty[0])
@@ -449,7 +464,8 @@ def tokenize_pairs(rows: list[dict], tokenizer, max_seq_length: int) -> list[dic
     the labels on the reply only; a pair is dropped when either reply is cut away entirely."""
     _require_template(tokenizer)
     out = []
-    for index, row in enumerate(rows):
+    for position, row in enumerate(rows):
+        index = row_number(row, position)
         prompt = _chat(row["prompt"], "user", f"data row {index} prompt")
         pair = {side: _labelled_reply(tokenizer, prompt, _chat(row[side], "assistant", f"data row {index} {side}"),
                                       index, max_seq_length) for side in ("chosen", "rejected")}
@@ -465,7 +481,8 @@ def tokenize_prompts(rows: list[dict], tokenizer, max_prompt_length: int) -> lis
     function}; a prompt longer than max_prompt_length (max_seq_length less the completion) is dropped."""
     _require_template(tokenizer)
     out = []
-    for index, row in enumerate(rows):
+    for position, row in enumerate(rows):
+        index = row_number(row, position)
         text = _render(tokenizer, _chat(row["prompt"], "user", f"data row {index} prompt"), index,
                        add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
