@@ -999,3 +999,16 @@ def test_rows_are_named_by_their_number_in_the_file_after_a_split(tmp_path, capl
     bad[7]["messages"][0]["role"] = "narrator"
     with pytest.raises(ConfigError, match="data row 7: role 'narrator'"):
         tokenize_rows(split_rows(bad, 0.5, seed=1)[0] + split_rows(bad, 0.5, seed=1)[1], byte_level_tokenizer(), 256)
+
+
+def test_held_out_rows_without_an_answer_name_their_own_source():
+    from fusetune.recipe.data import stage_examples
+
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x", "weight": 0}]}]
+    for data, blamed in (({"eval_path": "held.jsonl"}, "data.eval_path"),
+                         ({"eval_split": 0.1}, "the rows data.eval_split holds out of data.path")):
+        config = build_config({"data": data})
+        with pytest.raises(ConfigError, match=f"no row has an answer to learn .*: check {blamed} and"):
+            stage_examples("sft", rows, byte_level_tokenizer(), config, held_out=True)
+    with pytest.raises(ConfigError, match="check data.path and"):
+        stage_examples("sft", rows, byte_level_tokenizer(), build_config({}))

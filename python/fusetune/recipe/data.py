@@ -362,8 +362,10 @@ def _assistant_spans(tokenizer, messages: list[dict], index: int, tools: list | 
     return text, spans
 
 
-def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_only: bool = True) -> list[dict]:
-    """Each row -> {"input_ids", "labels"} (lists), cut to max_seq_length."""
+def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_only: bool = True,
+                  source: str = "data.path") -> list[dict]:
+    """Each row -> {"input_ids", "labels"} (lists), cut to max_seq_length; `source` names the rows in
+    errors (the held-out rows are data.eval_path's, or eval_split's part of data.path)."""
     if tokenizer.chat_template is None and any("text" not in r for r in rows):
         raise ConfigError("the tokenizer has no chat template: set model.chat_template (e.g. chatml) or use text rows")
     out, needed, no_reply, empty, cut = [], [], [], [], 0
@@ -426,8 +428,8 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_on
                           f"(the shortest row needs {min(needed)} tokens): raise model.max_seq_length to at least "
                           f"{min(needed)}, better to the length of most rows")
     if not out:
-        raise ConfigError("no row has an answer to learn (every row's labels are masked): check data.path and "
-                          "data.train_on_responses_only")
+        raise ConfigError(f"no row has an answer to learn (every row's labels are masked): check {source} and "
+                          f"data.train_on_responses_only")
     return out
 
 
@@ -495,8 +497,8 @@ def tokenize_prompts(rows: list[dict], tokenizer, max_prompt_length: int) -> lis
     return out
 
 
-def stage_examples(kind: str, rows: list[dict], tokenizer, config) -> list[dict]:
-    """The rows tokenized as a stage of this kind trains on them."""
+def stage_examples(kind: str, rows: list[dict], tokenizer, config, held_out: bool = False) -> list[dict]:
+    """The rows tokenized as a stage of this kind trains on them (held_out: the eval rows)."""
     m, d, stage = config.model, config.data, config.stage
     if kind == "cpt":
         return pack_texts(rows, tokenizer, m.max_seq_length)
@@ -504,7 +506,9 @@ def stage_examples(kind: str, rows: list[dict], tokenizer, config) -> list[dict]
         return tokenize_pairs(rows, tokenizer, m.max_seq_length)
     if kind == "grpo":
         return tokenize_prompts(rows, tokenizer, m.max_seq_length - stage.max_completion_length)
-    return tokenize_rows(rows, tokenizer, m.max_seq_length, d.train_on_responses_only)
+    source = ("data.eval_path" if d.eval_path else "the rows data.eval_split holds out of data.path") if held_out \
+        else "data.path"
+    return tokenize_rows(rows, tokenizer, m.max_seq_length, d.train_on_responses_only, source)
 
 
 def read_new_tokens(value: list[str] | str) -> list[str]:

@@ -227,7 +227,8 @@ def run_eval(config, log=print) -> dict:
     report = {"model": source}
     if eval_rows:
         # as training measured its eval loss (cpt: blocks of packed text, sft: the replies)
-        examples = stage_examples("cpt" if config.stage.kind == "cpt" else "sft", eval_rows, tokenizer, config)
+        examples = stage_examples("cpt" if config.stage.kind == "cpt" else "sft", eval_rows, tokenizer, config,
+                                  held_out=True)
         measured = (read_summary(out) or {}).get("eval_rows")
         if measured and measured != rows_digest(examples):
             if not d.eval_path:  # eval_split draws from data.path as it is now: trained rows may be among them

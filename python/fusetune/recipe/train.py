@@ -197,7 +197,7 @@ def run_train(config: TrainConfig, log=print, *, start_from: dict | None = None,
                 f"({', '.join(new_tokens[:5])}{' ...' if len(new_tokens) > 5 else ''})" +
                 ("" if m.full_finetuning else f"; embed_tokens and lm_head train at {embedding_lr(t):g}"))
         examples = stage_examples(kind, rows, tokenizer, config)
-        eval_examples = stage_examples(kind, eval_rows, tokenizer, config) if eval_rows else []
+        eval_examples = stage_examples(kind, eval_rows, tokenizer, config, held_out=True) if eval_rows else []
         split_sequence = t.context_parallel and ranks.world > 1
         objective = objective_for(config.stage, tokenizer, m.max_seq_length if d.packing else None, split_sequence)
         lengths = [objective.length(e) for e in examples]
