@@ -164,6 +164,14 @@ def test_every_message_field_the_rows_tools_and_role_aliases_reach_the_template(
     for example in examples[1:]:
         assert tokenizer.decode(example["input_ids"]).startswith("<|im_start|>system\nTools: weather<|im_end|>")
     assert "1 rows have no assistant turn to learn (the first: row 2, roles user;" in caplog.text
+    assert "the chat template does not render" not in caplog.text
+    # a template that renders neither tool calls nor tools (SmolLM2's): said, naming the first row
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content or '' }}<|im_end|>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fusetune"):
+        tokenize_rows(rows, tokenizer, 512)
+    assert "2 rows have tool calls or tools the chat template does not render (the first: row 1)" in caplog.text
 
 
 @pytest.mark.parametrize("row, message", [

@@ -322,6 +322,14 @@ def _unstable(index: int, why: str) -> ConfigError:
                        f"renders turn by turn (chatml for Qwen, phi for Phi-3: fusetune get_chat_template's layouts)")
 
 
+def _tool_names(messages: list[dict], tools: list | None) -> list[str]:
+    """The function names of a conversation's tool calls and of its row's tools."""
+    calls = [call for m in messages for call in (m.get("tool_calls") or []) if isinstance(call, dict)]
+    named = [call.get("function", call) for call in calls] + [t.get("function", t) for t in tools or []
+                                                              if isinstance(t, dict)]
+    return [f["name"] for f in named if isinstance(f, dict) and isinstance(f.get("name"), str) and f["name"]]
+
+
 def _assistant_spans(tokenizer, messages: list[dict], index: int, tools: list | None,
                      turn_end) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of each trained assistant turn (its reply
@@ -368,7 +376,7 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_on
     errors (the held-out rows are data.eval_path's, or eval_split's part of data.path)."""
     if tokenizer.chat_template is None and any("text" not in r for r in rows):
         raise ConfigError("the tokenizer has no chat template: set model.chat_template (e.g. chatml) or use text rows")
-    out, needed, no_reply, empty, cut = [], [], [], [], 0
+    out, needed, no_reply, empty, unrendered, cut = [], [], [], [], [], 0
 
     @functools.cache
     def turn_end() -> str:  # once for all the rows, and only for a template that needs it
@@ -402,8 +410,11 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_on
                 labels = [t if any(b <= start < e for b, e in spans) else IGNORE_INDEX
                           for t, (start, _) in zip(ids, enc["offset_mapping"])]
             else:
-                ids = tokenizer(_render(tokenizer, conversation, index, tools), add_special_tokens=False)["input_ids"]
+                text = _render(tokenizer, conversation, index, tools)
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
                 labels = list(ids)
+            if any(name not in text for name in _tool_names(conversation, tools)):
+                unrendered.append(index)
         first = next((i for i, label in enumerate(labels) if i > 0 and label != IGNORE_INDEX), None)
         if first is None:
             continue  # nothing to learn in this row at any length
@@ -420,6 +431,11 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_length: int, responses_on
         logger.warning("fusetune data: %d rows have no assistant turn to learn (the first: row %d, roles %s; turns of "
                        "weight 0 are context), so nothing to learn; they are left out", len(no_reply),
                        row_number(rows[no_reply[0]], no_reply[0]), ", ".join(roles))
+    if unrendered:
+        logger.warning("fusetune data: %d rows have tool calls or tools the chat template does not render (the first: "
+                       "row %d): the model never sees them, and learns replies that stop short of their calls; use a "
+                       "model or model.chat_template whose template renders tool_calls and tools",
+                       len(unrendered), unrendered[0])
     if empty:
         logger.warning("fusetune data: %d rows have an empty assistant reply (the first: row %d): the model learns to "
                        "answer those turns with nothing; fill them in or drop them", len(empty), empty[0])
