@@ -111,11 +111,14 @@ def test_lora_loss_and_grads_bf16_within_band(family, device):
                         _loss_and_grads(ref, ids, labels)[::2], _loss_and_grads(truth, ids, labels)[::2])
 
 
-# LoRA in every family; full fine-tuning (the same kernels, trainable base weights: every family's
-# weight gradients are checked in one step by test_loss_logits_and_grads_match_fp32) in one SwiGLU
-# and one GeGLU + softcap family
+# full fine-tuning (the same kernels, trainable base weights: every family's weight gradients are
+# checked in one step by test_loss_logits_and_grads_match_fp32) in one SwiGLU and one GeGLU + softcap family
 FULL_CURVE_FAMILIES = ["llama", "gemma2"]
-BF16_CURVES = [(family, True) for family in FAMILIES] + [(family, False) for family in FULL_CURVE_FAMILIES]
+# bf16 LoRA curves where the kernels differ (SwiGLU, GeGLU + softcap, sliding windows + QK norm, fused
+# qkv, QK norm); the fp32 LoRA curves run in every family
+BF16_LORA_CURVE_FAMILIES = ["llama", "gemma2", "gemma3", "phi3", "qwen3"]
+BF16_CURVES = [(family, True) for family in BF16_LORA_CURVE_FAMILIES] + \
+    [(family, False) for family in FULL_CURVE_FAMILIES]
 
 
 @pytest.mark.slow
