@@ -376,7 +376,7 @@ class FastLanguageModel:
         RoPE scaling) is set by from_pretrained, so a larger one here is an error."""
         from peft import LoraConfig, get_peft_model
 
-        from fusetune.training.checkpoint import enable_checkpointing, enable_offloaded_checkpointing
+        from fusetune.training.checkpoint import set_checkpointing
 
         if use_gradient_checkpointing not in CHECKPOINTING:
             raise ValueError(f"use_gradient_checkpointing must be one of {CHECKPOINTING}, got "
@@ -408,10 +408,7 @@ class FastLanguageModel:
                             target_modules=targets, use_rslora=use_rslora,
                             loftq_config=loftq_config or {}, modules_to_save=modules_to_save,
                             task_type=task_type, **kwargs)
-        if use_gradient_checkpointing in ("fusetune", "unsloth"):
-            enable_offloaded_checkpointing(hf)
-        elif use_gradient_checkpointing:
-            enable_checkpointing(hf)
+        set_checkpointing(hf, use_gradient_checkpointing)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(random_state)
             peft_model = get_peft_model(model, config)

@@ -2,10 +2,11 @@
 when not even one row fits, the longest row that does (for the error message)."""
 from __future__ import annotations
 
-import gc
 from typing import Callable
 
 import torch
+
+from fusetune.training.plan import release_memory
 
 
 class OutOfMemory(RuntimeError):
@@ -14,12 +15,6 @@ class OutOfMemory(RuntimeError):
 
 NOT_EVEN_ONE = ("out of GPU memory with a micro-batch of 1: lower model.max_seq_length, set model.load_in_4bit: true, "
                 "or turn on lora.gradient_checkpointing: fusetune")
-
-
-def _release():
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _largest_that_fits(fits: Callable[[int], None], first: int, fail: int, step: int, says: str, log) -> int:
@@ -36,7 +31,7 @@ def _largest_that_fits(fits: Callable[[int], None], first: int, fail: int, step:
         except torch.cuda.OutOfMemoryError:
             fail = n
             log(says.format(n=n, result="is out of memory"))
-        _release()
+        release_memory()
         n = (fail // 2 if fit == 0 else (fit + fail) // 2) // step * step
     return fit
 
@@ -61,7 +56,7 @@ def size_micro_batch(fits: Callable[[int], None], chosen: int | None, upper: int
         return chosen
     except torch.cuda.OutOfMemoryError:
         log(f"batch-size check: micro-batch {chosen} is out of memory")
-    _release()
+    release_memory()
     if chosen == 1:
         raise OutOfMemory(NOT_EVEN_ONE)
     return find_micro_batch(fits, chosen - 1, log)

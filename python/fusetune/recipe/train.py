@@ -27,7 +27,7 @@ from fusetune.recipe.loop import embedding_lr, pick_micro_batch, train_loop
 from fusetune.recipe.objectives import objective_for, reward_code
 from fusetune.recipe.reporting import check_reporters
 from fusetune.training import distributed
-from fusetune.training.checkpoint import enable_checkpointing, enable_offloaded_checkpointing
+from fusetune.training.checkpoint import set_checkpointing
 from fusetune.training.env import backend_report, gpus
 
 
@@ -127,10 +127,7 @@ def prepare_for_training(model, config, *, continued: bool = False, modules_to_s
     (model, what trains)."""
     lora = config.lora
     if config.model.full_finetuning or continued:
-        if lora.gradient_checkpointing in ("fusetune", "unsloth"):
-            enable_offloaded_checkpointing(model)
-        elif lora.gradient_checkpointing:
-            enable_checkpointing(model)
+        set_checkpointing(model, lora.gradient_checkpointing)
         return model, "full fine-tuning" if config.model.full_finetuning else f"LoRA r={lora.r}, continued"
     model = FastLanguageModel.get_peft_model(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                              target_modules=lora.target_modules, use_rslora=lora.use_rslora,

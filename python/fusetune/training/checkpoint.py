@@ -273,13 +273,26 @@ def offloaded_checkpoint(function, hidden, *args, **kwargs):
     return OffloadedCheckpointFunction.apply(function, anchor, hidden, *args)
 
 
+def _base_model(model):
+    """The transformers model inside a PEFT model (or the model itself)."""
+    return model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+
+
+def set_checkpointing(model, choice) -> None:
+    """A checkpointing choice (lora.gradient_checkpointing, get_peft_model's use_gradient_checkpointing):
+    "fusetune" or its alias "unsloth" offloaded, another true value Hugging Face's, false none."""
+    if choice in ("fusetune", "unsloth"):
+        enable_offloaded_checkpointing(model)
+    elif choice:
+        enable_checkpointing(model)
+
+
 def enable_checkpointing(model) -> None:
     """Hugging Face's (non-reentrant) gradient checkpointing for a transformers model, under the
     installed release's name: activation_checkpointing_enable where it exists (newer releases
     deprecate gradient_checkpointing_enable), gradient_checkpointing_enable before. It replaces
     offloaded checkpointing where that was on."""
-    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-    vars(base).pop("_set_gradient_checkpointing", None)  # offloaded checkpointing's, if it was on
+    vars(_base_model(model)).pop("_set_gradient_checkpointing", None)  # offloaded checkpointing's, if it was on
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -290,7 +303,7 @@ def enable_checkpointing(model) -> None:
 def enable_offloaded_checkpointing(model) -> None:
     """Turn on Hugging Face gradient checkpointing for `model` (a transformers model, or a PEFT
     model around one) with offloaded_checkpoint as the checkpoint function of every layer."""
-    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    base = _base_model(model)
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(base).__name__} does not support gradient checkpointing")
     # (bound to the model: a deep copy's is bound to the copy)

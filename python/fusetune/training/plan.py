@@ -74,7 +74,9 @@ class SequencePlan:
         return "\n".join(lines)
 
 
-def _release():
+def release_memory() -> None:
+    """Free what a trial step left (its tensors, the allocator's cached blocks), as after each trial
+    here and in the recipe's batch-size finder."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -121,7 +123,7 @@ def _fits(step, meter, tokens: int, log) -> Probe | None:
         probe = _measure(step, meter, tokens)
     except torch.cuda.OutOfMemoryError:
         probe = None
-    _release()  # (outside the except: its frames, which hold the failed step's tensors, are gone)
+    release_memory()  # (outside the except: its frames, which hold the failed step's tensors, are gone)
     log(f"plan: {tokens} tokens " + ("ran out of GPU memory" if probe is None else
                                      f"fit ({probe.gpu_peak / 1e9:.2f} GB GPU peak)"))
     return probe
@@ -193,14 +195,14 @@ def plan_from_steps(step: Callable[[int], None], meter, *, probe_lengths=(4096, 
     return plan
 
 
-def training_step(model, vocab_size: int | None = None, seed: int = 0) -> Callable[[int], None]:
+def training_step(model) -> Callable[[int], None]:
     """step(n): forward and backward of one row of n random tokens (its own labels) through model,
     the gradients dropped after."""
     device = next(model.parameters()).device
-    vocab = vocab_size or model.config.get_text_config().vocab_size
+    vocab = model.config.get_text_config().vocab_size
 
     def step(tokens: int) -> None:
-        ids = torch.randint(vocab, (1, tokens), generator=torch.Generator().manual_seed(seed)).to(device)
+        ids = torch.randint(vocab, (1, tokens), generator=torch.Generator().manual_seed(0)).to(device)
         was_training = model.training
         model.train()
         try:
