@@ -16,10 +16,21 @@ STORY = ("서울의 봄은 짧지만 아름답다. 벚꽃이 피는 사월이면
 def test_normalize():
     assert normalize("ＡＢＣ　１２３") == "ABC 123"  # full-width letters and the ideographic space
     assert normalize("Fish &amp; chips<br/>are <b>good</b>") == "Fish & chips are good"
-    assert normalize("  one \t two  \n\n\n\n three  ") == "one two\n\nthree"
+    assert normalize("\n  one \t two  \n\n\n\n three  ") == "  one two\n\n three"  # indentation stays
     assert normalize("ㅋㅋㅋ 좋아요 ㅠㅠ") == "ㅋㅋㅋ 좋아요 ㅠㅠ"  # compatibility jamo stay as typed
     assert normalize("if x<5 and y>3 then") == "if x<5 and y>3 then"  # not a tag
     assert normalize("use &lt;br&gt; for breaks") == "use <br> for breaks"  # written markup stays text
+
+
+def test_code_is_kept_as_written():
+    block = "```python\ndef f(x):\n    return  x\n\n\nclass A:\n    pass\n```"
+    assert normalize(f"Here  it is:\n{block}\nDone.") == f"Here it is:\n{block}\nDone."
+    unclosed = "unclosed\n~~~\ncode  here\n\n\n  more  "  # a fence left open runs to the end
+    assert normalize(unclosed) == unclosed
+    assert normalize("Set `a  =  b` then") == "Set `a  =  b` then"
+    assert normalize("def f():\n    if x:\n        return 1") == "def f():\n    if x:\n        return 1"
+    assert normalize("List<String> and #include <vector>") == "List<String> and #include <vector>"  # not HTML
+    assert normalize("<div class='x'>hi</div>   there <P>") == "hi there"
 
 
 def test_measures():

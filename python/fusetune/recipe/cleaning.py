@@ -2,7 +2,8 @@
 
 - normalize(text): Unicode NFKC (full-width letters and digits; Hangul compatibility jamo such as
   ㅋㅋ are kept as typed), HTML tags dropped and entities decoded, spaces collapsed and runs of blank
-  lines cut to one.
+  lines cut to one. Code is left as written: fenced blocks and `inline code` untouched, each line's
+  indentation kept, and only HTML's own elements count as tags (List<String>, #include <vector> stay).
 - quality: too short, too little Hangul (for a Korean corpus), too repetitive (the share of
   repeated word 3-grams, as web-corpus filters measure it).
 - dedup: exact duplicates after normalisation, and near duplicates by MinHash over character
@@ -23,10 +24,19 @@ from dataclasses import dataclass
 
 from fusetune.recipe.config import ConfigError
 
-# an HTML tag: a name after < or </, attributes, > (not "x<5 and y>3")
-TAG = re.compile(r"</?[A-Za-z][\w-]*(\s[^<>]*)?/?>")
+# an HTML element's tag: a known name after < or </, attributes, > (not "x<5 and y>3", not List<String>)
+HTML_ELEMENTS = ("a|abbr|address|article|aside|b|big|blockquote|body|br|caption|center|cite|code|dd|del|div|dl|dt|"
+                 "em|figcaption|figure|font|footer|h[1-6]|head|header|hr|html|i|img|ins|kbd|li|main|mark|nav|ol|p|"
+                 "pre|q|s|section|small|span|strike|strong|sub|sup|table|tbody|td|tfoot|th|thead|title|tr|tt|u|ul")
+TAG = re.compile(rf"</?(?:{HTML_ELEMENTS})(?:\s[^<>]*)?/?>", re.IGNORECASE)
+# code that must reach training as written: ``` or ~~~ fenced blocks (to their closing fence or the
+# end of the text) and `inline` spans
+CODE = re.compile(r"(^[ \t]*(```|~~~).*?(?:^[ \t]*\2[^\n]*$|\Z)|`[^`\n]+`)", re.MULTILINE | re.DOTALL)
+HIDDEN = re.compile("\ue000([0-9]+)\ue001")
+INDENT = re.compile(r"^[ \t]*")
 SPACES = re.compile(r"[ \t\u00a0\u3000]+")
-BLANK_LINES = re.compile(r"\n\s*\n+")
+BLANK_LINES = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
+LEADING_BLANK_LINES = re.compile(r"\A(?:[ \t]*\n)+")
 HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
 # Hangul compatibility jamo (ㅋㅋ, ㅠㅠ) stay as typed: NFKC would turn them into conjoining jamo
 COMPATIBILITY_JAMO = re.compile(r"([\u3130-\u318f]+)")
@@ -38,11 +48,23 @@ def _nfkc(text: str) -> str:
 
 
 def normalize(text: str) -> str:
-    """Tags dropped (before entities are decoded, so "&lt;br&gt;" stays as the text "<br>"), entities
-    decoded, NFKC (but compatibility jamo), spaces collapsed, runs of blank lines cut to one."""
-    text = _nfkc(html.unescape(TAG.sub(" ", text)))
-    text = "\n".join(SPACES.sub(" ", line).strip() for line in text.split("\n"))
-    return BLANK_LINES.sub("\n\n", text).strip()
+    """Outside code: tags dropped (before entities are decoded, so "&lt;br&gt;" stays as the text
+    "<br>"), entities decoded, NFKC (but compatibility jamo), runs of spaces after a line's
+    indentation collapsed, trailing spaces and runs of blank lines cut. Code is kept as written."""
+    code = []
+
+    def hide(match: re.Match) -> str:  # a private-use mark, which nothing below changes
+        code.append(match.group())
+        return f"\ue000{len(code) - 1}\ue001"
+
+    # a dropped tag leaves a space between words, none where it began a line
+    text = _nfkc(html.unescape(TAG.sub("\ue002", CODE.sub(hide, text))))
+    lines = []
+    for line in text.split("\n"):
+        indent = INDENT.match(line).group()  # kept: indented code and nested lists mean something
+        lines.append(indent + SPACES.sub(" ", line[len(indent):].replace("\ue002", " ")).strip())
+    text = LEADING_BLANK_LINES.sub("", BLANK_LINES.sub("\n\n", "\n".join(lines))).rstrip()
+    return HIDDEN.sub(lambda match: code[int(match.group(1))], text)
 
 
 def hangul_ratio(text: str) -> float:
