@@ -193,11 +193,15 @@ def test_the_command_plans_the_model_train_would_train(monkeypatch):
     recipe = build_config({"model": {"name": "base", "dtype": "float32"}, "lora": {"r": 4, "target_modules": ["q_proj"]},
                            "stages": [{"name": "cpt", "kind": "cpt", "data": {"path": "corpus.jsonl"}},
                                       {"name": "pairs", "kind": "dpo", "data": {"path": "pairs.jsonl"}}]})
-    plan_job.run_plan(recipe, gpu_gib=40, probe_lengths=(1024, 2048), log=log.append)
+    from fusetune.training.checkpoint import HOST_BUDGET, host_share
+    monkeypatch.setattr(HOST_BUDGET, "limit", HOST_BUDGET.limit)  # restored after the test
+    plan_job.run_plan(recipe, gpu_gib=40, probe_lengths=(1024, 2048), processes=4, log=log.append)
+    assert abs(HOST_BUDGET.limit - host_share(1) / 4) < 2**30  # one process's share of a 4-process launch
     model, kw = planned[0]
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trained) and any("embed_tokens" in n for n in trained)
     assert kw["gpu_bytes"] == 40 * 2**30 and kw["probe_lengths"] == (1024, 2048)
+    assert any(line.startswith("plan: one of 4 processes on this host") for line in log)
     assert log[0] == "plan: the recipe's first stage, cpt" and any("a dpo stage's step runs several rows" in line
                                                                     for line in log)
     assert log[-1] == "the report"

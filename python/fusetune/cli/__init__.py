@@ -163,7 +163,7 @@ def _cmd_plan(args) -> int:
 
         try:
             run_plan(load_config(args.config, args.set), gpu_gib=args.gpu_memory, probe_lengths=args.probe,
-                     verify=not args.no_check)
+                     verify=not args.no_check, processes=args.nproc)
         except torch.cuda.OutOfMemoryError as err:  # a probe's: the message says what to change
             raise ValueError(str(err)) from None
 
@@ -341,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--probe", type=_probe_lengths, default=(4096, 8192), metavar="SHORT,LONG",
                       help="the two measured lengths in tokens (default 4096,8192)")
     plan.add_argument("--no-check", action="store_true", help="report the projection without running a step at it")
+    plan.add_argument("--nproc", type=_count, default=1, metavar="N", help="plan for `fusetune train --nproc N`: each "
+                      "of the N processes offloads into 1/N of this host's memory")
     plan.set_defaults(func=_cmd_plan)
     evaluate = sub.add_parser("eval", help="evaluate the adapter a config trained (or its base model): eval loss "
                                            "and perplexity on the held-out rows, multiple-choice accuracy, ROUGE "

@@ -8,11 +8,14 @@ import torch
 from fusetune.api.loading import resolve_dtype
 from fusetune.recipe.config import ConfigError, Recipe
 from fusetune.recipe.train import describe_hardware, load_model, prepare_for_training
+from fusetune.training.checkpoint import HOST_BUDGET, host_share
 from fusetune.training.plan import SequencePlan, plan_longest_sequence
 
 
 def run_plan(config, *, gpu_gib: float | None = None, probe_lengths=(4096, 8192), verify: bool = True,
-             log=print) -> SequencePlan:
+             processes: int = 1, log=print) -> SequencePlan:
+    """`processes`: plan one GPU of a `fusetune train --nproc N` launch, whose N processes share this
+    host's memory (each offloads into its share)."""
     kinds = {config.stage.kind} if not isinstance(config, Recipe) else {c.stage.kind for _, _, c in config.stages}
     if isinstance(config, Recipe):  # every stage trains the same model: the first one's settings
         name, _, config = config.stages[0]
@@ -34,6 +37,10 @@ def run_plan(config, *, gpu_gib: float | None = None, probe_lengths=(4096, 8192)
     model, what = prepare_for_training(model, config, modules_to_save=["embed_tokens", "lm_head"] if embeddings
                                        else None)
     cap = None if gpu_gib is None else int(gpu_gib * 2**30)
+    if processes > 1:
+        HOST_BUDGET.set_limit(host_share(processes))
+        log(f"plan: one of {processes} processes on this host: pinned host memory for offloaded checkpoints "
+            f"{HOST_BUDGET.limit / 1e9:.1f} GB (its share)")
     log(f"plan: {m.name}, {what}{', embed_tokens and lm_head trained' if embeddings else ''}, "
         f"lora.gradient_checkpointing: {config.lora.gradient_checkpointing}"
         + (f", GPU memory capped at {gpu_gib:g} GiB" if cap else ""))

@@ -45,9 +45,8 @@ class HostBudget:
     layer) instead of driving the host into swap, and the first time a warning says so. Optional
     ones (kept attention outputs) are taken only while they leave room for the inputs a step
     needs, as the last completed step measured (none before one has), so they never push an
-    input onto the GPU. The budget is taken once, at the first offload: HOST_SHARE of
-    MemAvailable, divided among the processes of a launch on this host (LOCAL_WORLD_SIZE);
-    set_limit replaces it."""
+    input onto the GPU. The budget is taken once, at the first offload (host_share); set_limit
+    replaces it."""
 
     def __init__(self):
         self.limit, self.held, self.warned = None, 0, False
@@ -60,7 +59,7 @@ class HostBudget:
 
     def reserve(self, nbytes: int, required: bool = True) -> bool:
         if self.limit is None:
-            self.limit = _available_host_bytes() * HOST_SHARE // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            self.limit = host_share()
         if not required:
             if self.required_step is None:
                 return False
@@ -87,6 +86,13 @@ class HostBudget:
         if required_bytes and self.required_held == 0:  # a step's backward has taken every input back
             self.required_step = max(self.required_step or 0, self._required_peak)
             self._required_peak = 0
+
+
+def host_share(processes: int | None = None) -> int:
+    """The pinned bytes one process's offloaded checkpoints may hold: HOST_SHARE of MemAvailable,
+    divided among `processes` (default: the launch's LOCAL_WORLD_SIZE) on this host."""
+    processes = processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return _available_host_bytes() * HOST_SHARE // processes
 
 
 def _available_host_bytes() -> int:
