@@ -160,7 +160,8 @@ def test_host_budget_refuses_past_its_limit_and_warns_once(caplog, monkeypatch):
 
 def test_host_budget_keeps_room_for_the_inputs_of_a_step():
     """Optional tensors (kept attention outputs) never take room a step's layer inputs need: none
-    before a step has shown what its inputs take, then only what leaves room for the rest of them."""
+    before a step has shown how many inputs it offloads, then only what leaves room for the rest of
+    them, each the size of this step's (longer than before: more than the last step took)."""
     from fusetune.training.checkpoint import HostBudget
 
     budget = HostBudget()
@@ -175,6 +176,18 @@ def test_host_budget_keeps_room_for_the_inputs_of_a_step():
     assert not budget.reserve(30, required=False)  # 40 + 30 + 40 > 100
     assert budget.reserve(20) and budget.reserve(20)  # the inputs still fit
     assert not budget.warned
+    budget.release(80, 60)  # the inputs and the optional 20
+    assert budget.last_step_inputs == 60 and budget.held == 0
+    # a longer step than any before: its three inputs of 30 need 90, more than the 60 a step took
+    assert budget.reserve(30)
+    assert not budget.reserve(20, required=False)  # 30 + 20 + 60 to come > 100
+    assert budget.reserve(10, required=False)  # 30 + 10 + 60 <= 100
+    assert budget.reserve(30) and budget.reserve(30) and not budget.warned
+    budget.release(100, 90)
+    assert budget.last_step_inputs == 90 == budget.required_step
+    budget.reserve(10)
+    budget.release(10, 10)  # a shorter step: its own record, the most kept
+    assert budget.last_step_inputs == 10 and budget.required_step == 90
 
 
 def test_available_host_memory_is_read():

@@ -52,7 +52,7 @@ class FakeGpu:
 @pytest.fixture
 def host_budget():
     saved = dict(vars(HOST_BUDGET))
-    HOST_BUDGET.required_step = None
+    HOST_BUDGET.__init__()  # no step of an earlier test counts
     yield HOST_BUDGET
     vars(HOST_BUDGET).update(saved)
 
@@ -111,9 +111,11 @@ def test_without_the_check_the_projection_is_reported_as_such(host_budget):
 def test_offloaded_layer_inputs_bound_the_length_by_the_host_budget_in_power_of_two_blocks(host_budget, budget_gb):
     host_budget.set_limit(budget_gb * GB)
     gpu = FakeGpu(capacity=80 * GB, fixed=5 * GB, per_token=0.05 * GB / 1000, host_per_token=32 * 8192, layers=32)
+    gpu.step(16384)  # a longer step than the probes before the plan (earlier training): not theirs to count
     plan = plan_from_steps(gpu.step, gpu, probe_lengths=(4096, 8192), layers=32, verify=False, log=_quiet)
     longest = max(n for n in range(8192, 400_000, 1024) if 32 * gpu.block(n) <= budget_gb * GB)
     assert plan.bound == "host memory" and plan.host_budget == budget_gb * GB
+    assert plan.host_per_token == 8192 * 32
     assert plan.projected == longest  # 262,144 tokens both times: 11 GB holds no larger blocks than 8 GB
     assert "pinned budget" in plan.report()
 
@@ -163,17 +165,16 @@ def test_the_command_on_a_machine_without_a_gpu_says_so(capsys):
 
 
 @pytest.mark.gpu
-def test_a_plan_on_the_gpu_runs_its_longest_within_the_cap_and_lifts_the_cap_after():
+def test_a_plan_on_the_gpu_runs_its_longest_within_the_cap_and_lifts_the_cap_after(host_budget):
     model = fusetune.patch_model(add_lora(tiny_model("llama", hidden_size=256, intermediate_size=512,
                                                      vocab_size=32000), "llama")).cuda()
     enable_offloaded_checkpointing(model)
     torch.cuda.empty_cache()
     cap = torch.cuda.memory_allocated() + 2 * 2**30
     plan = plan_longest_sequence(model, gpu_bytes=cap, probe_lengths=(2048, 4096), multiple=256, log=print)
-    print(plan.report())
-    assert plan.verified and plan.longest >= 8192 and math.isfinite(plan.gpu_per_token)
+    assert plan.verified and plan.longest >= 8192 and math.isfinite(plan.gpu_per_token), plan.report()
     ran = [p for p in plan.tried if p.tokens == plan.longest]
-    assert ran and ran[0].gpu_peak <= cap
+    assert ran and ran[0].gpu_peak <= cap, plan.report()
     torch.empty(cap + 2**30, dtype=torch.uint8, device="cuda")  # the cap is lifted
 
 

@@ -43,16 +43,19 @@ class HostBudget:
     """Pinned host memory the offloaded tensors may hold at once. Required ones (layer inputs) are
     refused only past the budget: such an input stays on the GPU (plain checkpointing for that
     layer) instead of driving the host into swap, and the first time a warning says so. Optional
-    ones (kept attention outputs) are taken only while they leave room for the inputs a step
-    needs, as the last completed step measured (none before one has), so they never push an
-    input onto the GPU. The budget is taken once, at the first offload (host_share); set_limit
-    replaces it."""
+    ones (kept attention outputs) are taken only while they leave room for the inputs still to come
+    in this step: as many as the last completed step offloaded, each the size of this step's last
+    (a step longer than any before needs more than the last one held), and none before a step has
+    completed, so they never push an input onto the GPU. The budget is taken once, at the first
+    offload (host_share); set_limit replaces it."""
 
     def __init__(self):
         self.limit, self.held, self.warned = None, 0, False
         self.required_held = 0  # the inputs' part of held
         self.required_step = None  # the most input bytes a completed step held at once
-        self._required_peak = 0  # the same for the step running now
+        self.last_step_inputs = 0  # the input bytes the last completed step held at once
+        self._inputs_per_step = None  # how many inputs the last completed step offloaded (or tried to)
+        self._required_peak = self._inputs_this_step = self._last_input = 0
 
     def set_limit(self, limit_bytes: int | None) -> None:
         self.limit, self.warned = limit_bytes, False
@@ -61,13 +64,16 @@ class HostBudget:
         if self.limit is None:
             self.limit = host_share()
         if not required:
-            if self.required_step is None:
+            if self._inputs_per_step is None:
                 return False
-            inputs_to_come = max(0, self.required_step - self.required_held)
-            if self.held + nbytes + inputs_to_come > self.limit:
+            to_come = max(self.required_step - self.required_held,
+                          self._last_input * (self._inputs_per_step - self._inputs_this_step))
+            if self.held + nbytes + max(0, to_come) > self.limit:
                 return False
             self.held += nbytes
             return True
+        self._inputs_this_step += 1
+        self._last_input = nbytes
         if self.held + nbytes > self.limit:
             if not self.warned:
                 self.warned = True
@@ -85,7 +91,8 @@ class HostBudget:
         self.required_held -= required_bytes
         if required_bytes and self.required_held == 0:  # a step's backward has taken every input back
             self.required_step = max(self.required_step or 0, self._required_peak)
-            self._required_peak = 0
+            self.last_step_inputs, self._inputs_per_step = self._required_peak, self._inputs_this_step
+            self._required_peak = self._inputs_this_step = 0
 
 
 def host_share(processes: int | None = None) -> int:

@@ -108,13 +108,14 @@ class CudaMeter:
 
 
 def _measure(step: Callable[[int], None], meter, tokens: int) -> Probe:
-    """One step of `tokens`: its GPU peak and the most pinned host memory the offloaded layer
-    inputs held in a step so far (the budget's record: this step's where lengths only grow)."""
+    """One step of `tokens`: its GPU peak and the most pinned host memory its offloaded layer
+    inputs held at once."""
     meter.reset()
+    HOST_BUDGET.last_step_inputs = 0
     started = time.perf_counter()
     step(tokens)
     peak = meter.peak()
-    return Probe(tokens, peak, HOST_BUDGET.required_step or 0, time.perf_counter() - started)
+    return Probe(tokens, peak, HOST_BUDGET.last_step_inputs, time.perf_counter() - started)
 
 
 def _fits(step, meter, tokens: int, log) -> Probe | None:
