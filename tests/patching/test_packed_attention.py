@@ -102,6 +102,22 @@ def test_generation_through_the_cache_matches_transformers(family, device):
     assert torch.equal(patched.generate(ids, **kwargs), reference.generate(ids, **kwargs))
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_a_4d_mask_the_caller_built_matches_transformers(family, device):
+    """A (B, 1, S, S) mask given to the model (a block-diagonal packing collator's), additive float or
+    boolean, as transformers' own attention takes it (Gemma-2's softcap route included)."""
+    reference = tiny_model(family).to(device)
+    patched = fusetune.patch_model(copy.deepcopy(reference))
+    ids = torch.randint(2, 257, (2, 16), device=device)
+    doc = torch.tensor([0] * 6 + [1] * 10, device=device)
+    allowed = (doc[:, None] == doc[None, :]) & torch.ones(16, 16, dtype=torch.bool, device=device).tril()
+    additive = torch.zeros(2, 1, 16, 16, device=device).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    expected = reference(input_ids=ids, attention_mask=additive, labels=ids).loss
+    for mask in (additive, allowed.expand(2, 1, 16, 16)):
+        assert_close(patched(input_ids=ids, attention_mask=mask, labels=ids).loss, expected, torch.float32,
+                     f"loss with a {mask.dtype} 4-D mask")
+
+
 def test_static_cache_generation_matches_transformers(device):
     """A static cache holds empty slots past the filled ones: transformers' SDPA mask keeps them out."""
     reference = tiny_model("llama").to(device).eval()

@@ -157,7 +157,8 @@ def _dense(query, key, value, attention_mask, dropout, scaling, window, softcap,
 
 
 def _sdpa(query, key, value, mask, dropout, scaling, softcap):
-    """SDPA with a boolean (B, 1, Sq, Sk) mask or None, or the plain formula where a softcap applies."""
+    """SDPA with a (B, 1, Sq, Sk) mask (boolean, or additive float) or None, or the plain formula
+    where a softcap applies."""
     group = query.shape[1] // key.shape[1]
     if softcap is None and mask is None:
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, enable_gqa=group > 1)
@@ -170,8 +171,10 @@ def _sdpa(query, key, value, mask, dropout, scaling, softcap):
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale
     scores = softcap * torch.tanh(scores / softcap)
-    if mask is not None:
+    if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
+    elif mask is not None:  # an additive float mask (a 4-D one the caller built), as SDPA takes it
+        scores = scores + mask
     probs = torch.softmax(scores, dim=-1).to(value.dtype)
     probs = F.dropout(probs, p=dropout, training=dropout > 0)
     return torch.matmul(probs, value).transpose(1, 2)
