@@ -121,6 +121,9 @@ def test_max_seq_length_past_the_native_context_scales_rope(tmp_path, capsys):
     path = save_model_dir(tiny_model("llama", max_position_embeddings=128), tmp_path / "llama")
     model, _ = load_model(path, max_seq_length=128)
     assert model.config.rope_parameters["rope_type"] == "default" and "RoPE scaled" not in capsys.readouterr().out
+    model, _ = load_model(path)  # the default length (2048) was not asked for: the native 128, RoPE as trained
+    assert model.config.rope_parameters["rope_type"] == "default" and model.max_seq_length == 128
+    assert "RoPE scaled" not in capsys.readouterr().out
     model, tokenizer = load_model(path, max_seq_length=512)
     assert model.config.rope_parameters["rope_type"] == "linear" and model.config.rope_parameters["factor"] == 4.0
     assert "max_seq_length 512 is past " in capsys.readouterr().out

@@ -164,6 +164,9 @@ def _scale_rope(config, rope_scaling: dict):
 READS_MAX_POSITIONS = {"dynamic", "longrope"}
 
 
+DEFAULT_MAX_SEQ_LENGTH = 2048
+
+
 def _rope_types(config) -> set[str]:
     """The RoPE types of a (text) config, of each layer type where it has several."""
     params = getattr(config, "rope_parameters", None) or {}
@@ -212,7 +215,7 @@ def _from_adapter(folder: Path, options: dict, loader):
     if options["rope_scaling"] is None and trained.get("rope_parameters"):
         rope = trained["rope_parameters"]
         options["rope_scaling"] = rope.get("full_attention", rope)  # per layer type: the scaled full attention
-    options["max_seq_length"] = max(options["max_seq_length"], trained.get("max_seq_length") or 0)
+    options["max_seq_length"] = max(options["max_seq_length"] or 0, trained.get("max_seq_length") or 0) or None
     try:
         model, tokenizer = loader.from_pretrained(base, **options)
     except OSError as err:
@@ -282,7 +285,7 @@ class FastLanguageModel:
     _any_model = False  # FastModel: image-text-to-text and encoder-decoder models too
 
     @classmethod
-    def from_pretrained(cls, model_name: str, max_seq_length: int = 2048, dtype: torch.dtype | None = None,
+    def from_pretrained(cls, model_name: str, max_seq_length: int | None = None, dtype: torch.dtype | None = None,
                         load_in_4bit: bool = False, load_in_8bit: bool = False, full_finetuning: bool = False,
                         rope_scaling: dict | None = None, device_map=None, trust_remote_code: bool = False,
                         token: str | None = None, gguf_file: str | None = None, tokenizer=None, **kwargs):
@@ -298,8 +301,9 @@ class FastLanguageModel:
         full_finetuning: every weight trains (no quantisation). tokenizer: one already loaded
         (load_tokenizer) instead of loading it again. The model is in training mode.
 
-        max_seq_length past the model's native context applies linear RoPE scaling (said so) unless
-        rope_scaling is given or the model scales its own; it is kept as model.max_seq_length (TRL's
+        max_seq_length None: 2048, or the model's native context where that is shorter. A length past
+        the native context applies linear RoPE scaling (said so) unless rope_scaling is given or the
+        model scales its own; it is kept as model.max_seq_length (TRL's
         SFTTrainer truncates there unless told otherwise: api/trl_compat). A folder holding a saved
         LoRA adapter (adapter_config.json) loads the base it names and attaches the adapter, trainable.
 
@@ -337,6 +341,9 @@ class FastLanguageModel:
             image_text = auto.__name__ == "AutoModelForImageTextToText"
             tokenizer = _load_tokenizer(model_name, common, processor=image_text)
         text = config.get_text_config(decoder=True)  # positions and RoPE: the language model's (image-text)
+        if max_seq_length is None:  # not asked for: no RoPE change for a model whose native context is shorter
+            max_seq_length = min(DEFAULT_MAX_SEQ_LENGTH, getattr(text, "max_position_embeddings", None)
+                                 or DEFAULT_MAX_SEQ_LENGTH)
         rope_scaling = rope_scaling or _rope_scaling_for(text, max_seq_length, named)
         if rope_scaling is not None:
             _scale_rope(text, rope_scaling)
