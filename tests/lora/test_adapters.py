@@ -209,6 +209,10 @@ def test_adapters_that_do_not_fuse_run_peft_and_say_why(device, capsys):
     model = fusetune.patch_model(copy.deepcopy(biased))
     assert "a base bias trains" in capsys.readouterr().out
     _assert_same_training(model, biased, device, tol=1e-4)
+    dense = get_peft_model(tiny_model("qwen2"), LoraConfig(r=8, target_modules=LORA_TARGETS["qwen2"], bias="all"))
+    fusetune.patch_model(dense)  # (the 16-bit base: the bias trains, not the weight)
+    out = capsys.readouterr().out
+    assert "a base bias trains" in out and "full fine-tuning" not in out
 
 
 def test_a_hooked_lm_head_is_called_not_read(device):

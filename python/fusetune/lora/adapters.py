@@ -31,14 +31,15 @@ def _lora_layer_type():
 
 def _base_weight(base: nn.Module):
     """The frozen weight of a base layer (dense or NF4Weight), or why there is none."""
+    bias_trains = "a base bias trains (LoRA bias='all' or 'lora_only')"
     if type(base) is nn.Linear:
-        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        if base.weight.requires_grad:
             return "a base weight trains (full fine-tuning)"
-        return base.weight
+        return bias_trains if base.bias is not None and base.bias.requires_grad else base.weight
     bnb = sys.modules.get("bitsandbytes")
     if bnb is not None and isinstance(base, bnb.nn.Linear4bit):
         if base.bias is not None and base.bias.requires_grad:
-            return "a base bias trains (LoRA bias='all' or 'lora_only')"
+            return bias_trains
         state = getattr(base.weight, "quant_state", None)
         if state is None or state.quant_type != "nf4":
             return f"4-bit quant_type {getattr(state, 'quant_type', None)!r} (only nf4 is fused)"
