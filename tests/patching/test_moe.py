@@ -53,6 +53,15 @@ def test_moe_families_patched_match_unpatched_fp32(family, lora, device, capsys)
     assert type(fused.get_base_model() if lora else fused) is type(ref.get_base_model() if lora else ref)
 
 
+def test_the_summary_names_the_mlps_left_to_transformers(capsys):
+    model = tiny_model("qwen3_moe", mlp_only_layers=[0])
+    model.config._experts_implementation = "eager"
+    patch_model(model)
+    summary = capsys.readouterr().out
+    assert "the experts' eager implementation computes act(gate) * up itself" in summary, summary
+    assert "the dense layers [0] (mlp_only_layers) keep transformers' MLP" in summary, summary
+
+
 def test_router_logits_keep_their_auxiliary_loss(device):
     """Asked for its router logits, a MoE model runs Hugging Face's forward (which adds the
     load-balancing loss) with the fused loss function inside it."""

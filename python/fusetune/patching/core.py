@@ -125,6 +125,17 @@ def _attention_options(spec, hf_model, lora, attention):
 ATTENTION_MODES = (True, False, "always")
 
 
+def _experts_left_alone(config) -> list[str]:
+    """What of a MoE model's MLPs FusedExperts does not reach."""
+    left = []
+    if getattr(config, "_experts_implementation", None) == "eager":
+        left.append("mlp: the experts' eager implementation computes act(gate) * up itself (experts_implementation="
+                    "'grouped_mm', transformers' default, runs it fused)")
+    if getattr(config, "mlp_only_layers", None):
+        left.append(f"mlp: the dense layers {list(config.mlp_only_layers)} (mlp_only_layers) keep transformers' MLP")
+    return left
+
+
 def _use_fused_attention(hf_model, spec, modeling, mode):
     """Make fusetune's attention (patching/attention.py) the implementation of every config the
     model's attention modules read, each module told the mode (True / "always"); returns (configs
@@ -309,6 +320,8 @@ def patch_model(model, *, rms_norm: bool = True, rope: bool = True, attention: b
             done.append(f"{kind}{count}" + (f" ({', '.join(detail)})" if detail else ""))
         for reason, count in reasons.items():
             left.append(f"{kind}: {reason}" + (f" ({count} modules)" if count > 1 else ""))
+        if kind == "mlp" and spec.mlp_kind == "experts":
+            left += _experts_left_alone(hf.config)
         if not (new or already or reasons):
             left.append(f"{kind}: no {what} in the model")
 
