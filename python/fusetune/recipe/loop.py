@@ -63,16 +63,19 @@ def pick_micro_batch(model, examples: list[dict], objective, cfg: TrainingConfig
     the longest examples: one that does not fit is refused now, naming the size that does, rather
     than at the step that draws them."""
     upper = cfg.effective_batch_size
-    size = upper if cfg.micro_batch_size == "auto" else min(cfg.micro_batch_size, upper)
-    what = ("training.micro_batch_size" if cfg.micro_batch_size != "auto" else
-            "auto on the CPU: no finder, the whole effective batch" if device.type != "cuda" else "")
-    unsized = getattr(objective, "context_parallel", False) or distributed.is_sharded(model)
-    if unsized and device.type == "cuda":  # the finder's out-of-memory trials would leave the processes out of step
-        size = 1 if cfg.micro_batch_size == "auto" else size
-        what = what or f"auto under {'fsdp' if distributed.is_sharded(model) else 'context parallel'}: no finder"
-    if device.type != "cuda" or unsized:
-        log(f"micro-batch: {size} ({what}); {math.ceil(upper / size)} micro-batches per step")
+    chosen = None if cfg.micro_batch_size == "auto" else min(cfg.micro_batch_size, upper)
+
+    def untried(size: int, why: str) -> int:
+        log(f"micro-batch: {size} ({'training.micro_batch_size' if chosen else why}); "
+            f"{math.ceil(upper / size)} micro-batches per step")
         return size
+
+    if device.type != "cuda":
+        return untried(chosen or upper, "auto on the CPU: no finder, the whole effective batch")
+    if distributed.is_sharded(model) or getattr(objective, "context_parallel", False):
+        # the finder's out-of-memory trials would leave the processes out of step
+        return untried(chosen or 1, f"auto under {'fsdp' if distributed.is_sharded(model) else 'context parallel'}: "
+                                    f"no finder")
     longest = sorted(examples, key=objective.length, reverse=True)[:upper]
     # the trials run no optimizer step: hold back what AdamW's two moments will take (a byte each in 8 bits)
     reserve = torch.empty(optimizer_state_bytes(model, cfg.optim.endswith("8bit")), dtype=torch.uint8, device=device)
@@ -85,7 +88,6 @@ def pick_micro_batch(model, examples: list[dict], objective, cfg: TrainingConfig
         finally:
             model.zero_grad(set_to_none=True)
 
-    chosen = None if cfg.micro_batch_size == "auto" else size
     try:
         size = size_micro_batch(lambda m: trial((longest * m)[:m]), chosen, upper, log)
     except OutOfMemory as err:
@@ -100,8 +102,8 @@ def pick_micro_batch(model, examples: list[dict], objective, cfg: TrainingConfig
         raise OutOfMemory(f"training.micro_batch_size {chosen}: {chosen} of the longest rows "
                           f"({objective.length(longest[0])} tokens) run out of GPU memory, {size} fit: set it to "
                           f"{size}, or to auto (the batch-size finder)")
-    log(f"micro-batch: {size} ({what or 'batch-size finder'}, longest rows of {objective.length(longest[0])} tokens); "
-        f"{math.ceil(upper / size)} micro-batches per step")
+    log(f"micro-batch: {size} ({'training.micro_batch_size' if chosen else 'batch-size finder'}, longest rows of "
+        f"{objective.length(longest[0])} tokens); {math.ceil(upper / size)} micro-batches per step")
     return size
 
 
