@@ -422,8 +422,9 @@ def test_what_a_layer_casts_ahead_follows_what_its_forward_used():
 
 def test_a_trainer_turning_checkpointing_on_again_keeps_the_offloaded_one():
     """transformers' Trainer and TRL's (gradient_checkpointing=True by default in TRL's configs) call
-    gradient_checkpointing_enable / activation_checkpointing_enable: offloaded checkpointing stays;
-    turned off, the model's own checkpointing answers again; a deep copy keeps its own."""
+    gradient_checkpointing_enable / activation_checkpointing_enable, and TRL's DPO/GRPO/KTO turn it
+    off and on around each no-grad forward: offloaded checkpointing stays through both, until
+    fusetune's enable_checkpointing picks Hugging Face's; a deep copy keeps its own."""
     model = _lora_model("llama", "cpu")
     base = model.get_base_model()
 
@@ -438,13 +439,14 @@ def test_a_trainer_turning_checkpointing_on_again_keeps_the_offloaded_one():
                 warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecated name
                 getattr(model, name)(**kwargs)
             assert functions(model) == {offloaded_checkpoint}, name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        base.gradient_checkpointing_disable()  # as trl.models.utils.disable_gradient_checkpointing does
+        assert not any(layer.gradient_checkpointing for layer in base.model.layers)
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert functions(model) == {offloaded_checkpoint}  # off, then on: still offloaded
+    assert all(layer.gradient_checkpointing for layer in base.model.layers)
     twin = copy.deepcopy(model)
     assert twin.get_base_model()._set_gradient_checkpointing.__self__ is twin.get_base_model()
     enable_checkpointing(twin)  # fusetune's own choice of plain checkpointing wins
     assert offloaded_checkpoint not in functions(twin) and functions(model) == {offloaded_checkpoint}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        base.gradient_checkpointing_disable()
-        assert not any(layer.gradient_checkpointing for layer in base.model.layers)
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert offloaded_checkpoint not in functions(model)  # off, then on: the model's own

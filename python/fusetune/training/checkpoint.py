@@ -327,13 +327,12 @@ def enable_offloaded_checkpointing(model) -> None:
 def _offloaded_stays(self, enable: bool = True, **kwargs) -> None:
     """A model's _set_gradient_checkpointing once offloaded checkpointing is on. Trainers turn
     checkpointing on again with torch's checkpoint (transformers' Trainer, TRL's, whose configs
-    default to gradient_checkpointing=True): the layers keep offloaded_checkpoint instead, until
-    checkpointing is turned off (after which the model's own method answers again)."""
+    default to gradient_checkpointing=True), and TRL's DPO, GRPO, KTO and RLOO turn it off and on
+    around every no-grad forward: the layers keep offloaded_checkpoint through all of it, until
+    fusetune's enable_checkpointing chooses Hugging Face's."""
     if enable:
         if kwargs.get("gradient_checkpointing_func", offloaded_checkpoint) is not offloaded_checkpoint:
             logger.info("fusetune: checkpointing turned on again (e.g. by a trainer's gradient_checkpointing): the "
                         "layers keep fusetune's offloaded checkpointing")
         kwargs["gradient_checkpointing_func"] = offloaded_checkpoint
-    else:
-        del self._set_gradient_checkpointing
     type(self)._set_gradient_checkpointing(self, enable=enable, **kwargs)
