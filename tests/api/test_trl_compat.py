@@ -140,3 +140,34 @@ def test_sft_trainer_truncates_at_the_max_seq_length_the_model_was_loaded_with(t
     assert built(max_seq_length=2000) == (2000, 1501)
     assert built(on_trainer={"max_seq_length": 1200}) == (1200, 1200)
     assert "SFTTrainer: max_length=" not in capsys.readouterr().out
+
+
+def test_a_trainer_that_adds_lora_itself_saves_the_load_settings(tmp_path):
+    """SFTTrainer(peft_config=...) on a model loaded past its native context (RoPE scaled): the
+    adapter it saves reloads as the model that trained (fusetune.json beside it), not the base's
+    unscaled RoPE."""
+    datasets = pytest.importorskip("datasets")
+    import torch
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from fusetune import FastLanguageModel
+    from fusetune.api import trl_compat
+    from tests.helpers import load_model, save_model_dir
+    from tests.tiny_models import tiny_model
+
+    trl_compat.enable()
+    model, tokenizer = load_model(save_model_dir(tiny_model("llama", max_position_embeddings=64), tmp_path / "base"),
+                                  max_seq_length=128)
+    assert model.config.rope_parameters["rope_type"] == "linear"
+    rows = datasets.Dataset.from_list([{"text": " ".join(f"w{2 + i}" for i in range(20))}] * 2)
+    config = SFTConfig(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, max_steps=1, save_strategy="no",
+                       per_device_train_batch_size=2, bf16=False)
+    trainer = SFTTrainer(model, config, processing_class=tokenizer, train_dataset=rows,
+                         peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    trainer.save_model(str(tmp_path / "adapter"))
+    again, _ = FastLanguageModel.from_pretrained(str(tmp_path / "adapter"), dtype=torch.float32)
+    assert again.config.rope_parameters == trainer.model.config.rope_parameters and again.max_seq_length == 128
+    ids = torch.randint(2, 200, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(input_ids=ids).logits, trainer.model.eval()(input_ids=ids).logits)

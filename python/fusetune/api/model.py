@@ -32,7 +32,7 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 CHECKPOINTING = (True, False, "fusetune", "unsloth")
 
 
-def _attach_saving(model):
+def attach_saving(model):
     """model.save_pretrained_merged(dir, tokenizer, ...) and model.save_pretrained_gguf(dir, tokenizer, ...),
     as users of the fast fine-tuning libraries call them; a PEFT model's own save_pretrained also
     writes the load settings beside the adapter, as save_pretrained_merged's lora save does."""
@@ -233,7 +233,7 @@ def _from_adapter(folder: Path, options: dict, loader):
     with model_source_errors(str(folder)):
         model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
     print(f"fusetune: {folder} is a LoRA adapter of {base}: loaded the base and attached it (trainable)")
-    return _attach_saving(patch_model(model, strict=False)), tokenizer
+    return attach_saving(patch_model(model, strict=False)), tokenizer
 
 
 def _base_vocabulary(base: str, options: dict) -> int | None:
@@ -368,7 +368,7 @@ class FastLanguageModel:
             model.requires_grad_(False)
         set_pad_token(_text_tokenizer(tokenizer))  # a processor's own tokenizer
         patch_model(model, strict=False)  # other families load and train through PEFT, unfused (said so)
-        return _attach_saving(model.train()), tokenizer
+        return attach_saving(model.train()), tokenizer
 
     @staticmethod
     def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: int = 16, lora_dropout: float = 0.0,
@@ -420,7 +420,7 @@ class FastLanguageModel:
             torch.manual_seed(random_state)
             peft_model = get_peft_model(model, config)
         # patch_model reports the adapters it fuses (and patches what is not yet)
-        return _attach_saving(patch_model(peft_model, strict=False))
+        return attach_saving(patch_model(peft_model, strict=False))
 
     @staticmethod
     def for_inference(model):

@@ -7,7 +7,8 @@ config. While this layer is on, those calls are translated (one line says so, on
 and everything else reaches TRL unchanged; an argument the installed TRL still accepts is left
 alone. An SFTTrainer of a model loaded by FastLanguageModel.from_pretrained truncates at the
 model's max_seq_length where the user set no length (not at TRL's default max_length, 1024, which
-cuts longer examples silently); a length the user gave wins. It rewrites no source: it wraps the
+cuts longer examples silently); a length the user gave wins. A trainer that puts LoRA on such a
+model itself (peft_config=...) saves fusetune.json beside the adapter, as get_peft_model's does. It rewrites no source: it wraps the
 classes' __init__ when TRL's modules load (an import hook, so fusetune never imports TRL itself)
 and `disable()` restores them.
 
@@ -54,7 +55,7 @@ def _translating(cls: type):
     to_config = {old: new for old, new in TO_CONFIG.get(cls.__name__, {}).items() if old not in accepted}
     records = cls.__name__ in LENGTH_FROM_MODEL.values()
     length_from_model = cls.__name__ in LENGTH_FROM_MODEL
-    if not (renamed or to_config or records or length_from_model):
+    if not (renamed or to_config or records or length_from_model or cls.__name__ in TRAINERS):
         return None
 
     @functools.wraps(original)
@@ -86,10 +87,23 @@ def _translating(cls: type):
                 bound.arguments["args"] = _config_with(module, config, moved)
                 args, kwargs = bound.args[1:], bound.kwargs
         original(self, *args, **kwargs)
+        _keep_load_settings(getattr(self, "model", None))
         if records:
             setattr(self, GIVEN, frozenset(signature.bind_partial(self, *args, **kwargs).arguments) - {"self"})
 
     return __init__
+
+
+def _keep_load_settings(model) -> None:
+    """A trainer that put LoRA on a FastLanguageModel model itself (peft_config=...): its saves write
+    the load settings (max_seq_length, RoPE) beside the adapter, as get_peft_model's model's do, so
+    from_pretrained(adapter folder) rebuilds the model that trained."""
+    if model is None or not hasattr(model, "peft_config") or "save_pretrained" in vars(model):
+        return
+    if isinstance(getattr(model, "max_seq_length", None), int):  # loaded by FastLanguageModel
+        from fusetune.api.model import attach_saving
+
+        attach_saving(model)
 
 
 def _model_length(trainer_module, trainer: str, model, config) -> int | None:
