@@ -50,6 +50,12 @@ def read_back(path, config) -> dict[str, np.ndarray]:
     return out
 
 
+def gguf_names(state_dict: dict, arch: str, layers: int = 2) -> dict:
+    """A transformers state dict under GGUF's tensor names."""
+    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), layers)
+    return {f"{names.get_name(k.rsplit('.', 1)[0])}.{k.rsplit('.', 1)[1]}": v for k, v in state_dict.items()}
+
+
 def test_interleave_rotary_halves_pairs_each_heads_halves():
     w = torch.arange(8.0).reshape(8, 1)  # one head of 8 rows: halves 0..3 and 4..7
     assert interleave_rotary_halves(w, 1).flatten().tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
@@ -85,8 +91,7 @@ def test_gguf_round_trip(family, method, tmp_path):
     assert reader.fields["tokenizer.ggml.bos_token_id"].contents() == tokenizer.bos_token_id
     assert reader.fields["tokenizer.ggml.add_bos_token"].contents() is False  # this tokenizer adds none
     tensors = read_back(path, config)
-    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), 2)
-    expected = {f"{names.get_name(k.rsplit('.', 1)[0])}.{k.rsplit('.', 1)[1]}": v for k, v in merged.items()}
+    expected = gguf_names(merged, arch)
     assert set(tensors) == set(expected)
     for name, want in expected.items():
         got, want = torch.from_numpy(np.ascontiguousarray(tensors[name])).float(), want.float()
@@ -221,3 +226,37 @@ def test_every_method_names_its_file_type():
     types = {method: _file_type(method) for method in PYTHON_METHODS}
     assert types["f32"] == gguf.LlamaFileType.ALL_F32 and types["q8_0"] == gguf.LlamaFileType.MOSTLY_Q8_0
     assert len(set(types.values())) == len(PYTHON_METHODS)
+
+
+def test_the_export_command_rebuilds_the_model_that_trained(tmp_path):
+    """`fusetune export ADAPTER OUT --gguf f32` loads the adapter as from_pretrained(adapter) does: the
+    tokens it added, its trained embeddings and head, the length it trained past the base's context
+    (RoPE scaled, GGUF context_length); merged in float32, so every tensor is the adapter model's."""
+    from transformers import AutoModelForCausalLM
+
+    from fusetune.api.tokens import add_new_tokens
+    from fusetune.cli import main
+
+    tokenizer = byte_level_tokenizer()
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tokenizer), max_position_embeddings=32))
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    model, tokenizer = FastLanguageModel.from_pretrained(str(tmp_path / "base"), dtype=torch.float32, max_seq_length=64)
+    add_new_tokens(model, tokenizer, ["fusetune", "안녕하세요"])
+    model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False,
+                                             modules_to_save=["embed_tokens", "lm_head"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.05)  # as training moves them
+    adapter = model.save_pretrained_merged(tmp_path / "adapter", tokenizer, save_method="lora")
+    assert main(["export", str(adapter), str(tmp_path / "gguf"), "--gguf", "f32"]) == 0
+    path = tmp_path / "gguf" / "model.F32.gguf"
+    fields = gguf.GGUFReader(path).fields
+    assert fields["llama.context_length"].contents() == 64 and fields["llama.rope.scaling.factor"].contents() == 2.0
+    tensors = read_back(path, model.get_base_model().config)
+    expected = gguf_names(merged_state_dict(model, torch.float32), "llama")
+    assert set(tensors) == set(expected) and tensors["token_embd.weight"].shape[0] == len(tokenizer)
+    for name, want in expected.items():
+        torch.testing.assert_close(torch.from_numpy(np.ascontiguousarray(tensors[name])), want.float(), msg=name)

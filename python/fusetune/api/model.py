@@ -194,17 +194,17 @@ def _adapter_folder(model_name: str) -> Path | None:
     return None
 
 
-def _from_adapter(folder: Path, options: dict, loader):
-    """A saved LoRA adapter folder: its base (as the adapter names it) loaded by `loader`
-    (FastLanguageModel or FastModel) and patched, the adapter attached trainable, the adapter's
-    tokenizer (or processor) if it saved one."""
+def load_adapter(folder: Path, options: dict, loader, base: str | None = None):
+    """A saved LoRA adapter folder: its base (`base`, else as the adapter names it) loaded by `loader`
+    (FastLanguageModel or FastModel) with from_pretrained's `options` and patched, the adapter
+    attached trainable, the adapter's tokenizer (or processor) if it saved one."""
     import json
 
     from peft import PeftModel
     from transformers import AutoProcessor, AutoTokenizer
 
     adapter = json.loads((folder / "adapter_config.json").read_text())
-    base = adapter.get("base_model_name_or_path")
+    base = base or adapter.get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{folder} holds a LoRA adapter that does not name its base model: load the base with "
                          f"from_pretrained(BASE), then peft.PeftModel.from_pretrained(model, {str(folder)!r})")
@@ -322,7 +322,7 @@ class FastLanguageModel:
                              "load_in_4bit=False and load_in_8bit=False")
         adapter = _adapter_folder(model_name)
         if adapter is not None:
-            return _from_adapter(adapter, dict(
+            return load_adapter(adapter, dict(
                 max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
                 rope_scaling=rope_scaling, device_map=device_map, trust_remote_code=trust_remote_code, token=token,
                 tokenizer=tokenizer, **kwargs), cls)

@@ -218,8 +218,7 @@ def _cmd_export(args) -> int:
     import torch
 
     from fusetune.api.gguf import check_method, save_gguf
-    from fusetune.api.loading import model_source_errors, resolve_model_name
-    from fusetune.api.saving import read_load_settings, save_merged
+    from fusetune.api.saving import save_merged
 
     adapter = Path(args.adapter)
     config_file = adapter / "adapter_config.json"
@@ -235,40 +234,23 @@ def _cmd_export(args) -> int:
         print(f"fusetune export: the output {args.out} is the folder of the base model or the adapter it reads; "
               f"writing there would replace them: choose another output folder", file=sys.stderr)
         return 2
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from fusetune.api.model import FastModel, load_adapter
 
     dtype = getattr(torch, args.dtype)
     try:
         if args.gguf:
             check_method(args.gguf)
-        base, gguf_file = resolve_model_name(base, None)
-        extra = {"gguf_file": gguf_file} if gguf_file else {}
-        trained = read_load_settings(adapter).get("rope_parameters")
-        with model_source_errors(base):
-            config = AutoConfig.from_pretrained(base, **extra)
-            if trained:  # the RoPE scaling the adapter was trained with
-                config.rope_parameters = trained
-            model = AutoModelForCausalLM.from_pretrained(base, config=config, dtype=dtype, **extra)
+        # as from_pretrained(adapter folder) loads it (its length, RoPE, added tokens, trained head), on the
+        # CPU; a GGUF is merged in float32 and rounded once, to its own method
+        model, tokenizer = load_adapter(adapter, dict(
+            tokenizer=None, rope_scaling=None, max_seq_length=None, device_map={"": "cpu"},
+            dtype=torch.float32 if args.gguf else dtype), FastModel, base=args.base)
     except (OSError, ImportError) as err:
-        print(f"fusetune export: the base model (pass --base to name another): {err}", file=sys.stderr)
+        print(f"fusetune export: {err} (pass --base to name the base model's folder)", file=sys.stderr)
         return 2
     except ValueError as err:
         print(f"fusetune export: {err}", file=sys.stderr)
         return 2
-    try:
-        with model_source_errors(str(adapter)):
-            model = PeftModel.from_pretrained(model, str(adapter))
-    except (OSError, ValueError) as err:
-        print(f"fusetune export: the adapter {adapter}: {err}", file=sys.stderr)
-        return 2
-    tokenizer = None
-    for source, kwargs in ((adapter, {}), (base, extra)):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            break
-        except (OSError, ValueError):
-            continue
     try:
         if args.gguf:
             out = save_gguf(model, args.out, tokenizer, args.gguf)
@@ -277,7 +259,7 @@ def _cmd_export(args) -> int:
     except (OSError, ValueError, ImportError, NotImplementedError, RuntimeError) as err:
         print(f"fusetune export: {err}", file=sys.stderr)
         return 2
-    print(f"fusetune export: wrote {out}" + ("" if tokenizer else " (no tokenizer found)"))
+    print(f"fusetune export: wrote {out}")
     return 0
 
 
@@ -383,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("adapter", help="directory of a saved LoRA adapter")
     export.add_argument("out", help="directory to write the merged model to (replaced atomically)")
     export.add_argument("--base", default=None, help="base model (default: the one the adapter names)")
-    export.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    export.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                        help="the merged safetensors' dtype (a GGUF is merged in float32 and rounded to its METHOD)")
     export.add_argument("--save-method", default="merged_16bit", choices=["merged_16bit", "merged_4bit"])
     export.add_argument("--gguf", default=None, metavar="METHOD",
                         help="write OUT/model.METHOD.gguf instead (f16, bf16, q8_0, q4_0, ...; k-quants need "
