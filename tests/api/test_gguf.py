@@ -142,6 +142,29 @@ def test_gguf_bad_inputs(tmp_path, monkeypatch):
     assert not (tmp_path / "x").exists()  # nothing half-written
 
 
+TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+                r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")
+
+
+@pytest.mark.parametrize("split, name", [(None, "gpt-2"), (QWEN_SPLIT, "qwen2"),
+                                         (QWEN_SPLIT.replace(r"\p{N}|", r"\p{N}{1,3}|"), "llama-bpe"),
+                                         (TEKKEN_SPLIT, None), (QWEN_SPLIT + "|x", None)])
+def test_the_text_splitting_rule_is_recognised_exactly_or_refused(split, name, tmp_path):
+    """llama.cpp splits text by the rule GGUF names: a rule it is not (Mistral Nemo's Tekken, a
+    near miss) is refused before anything is written, never written under a similar name."""
+    from fusetune.api.gguf import _byte_level_backend, _pre_tokenizer_name
+
+    backend = _byte_level_backend(byte_level_tokenizer(split))
+    if name is not None:
+        assert _pre_tokenizer_name(backend) == name
+        return
+    model = lora_model("mistral", byte_level_tokenizer(split))
+    with pytest.raises(NotImplementedError, match="splits text otherwise .*convert_hf_to_gguf.py"):
+        save_gguf(model, tmp_path / "gguf", byte_level_tokenizer(split), "f16")
+    assert not (tmp_path / "gguf").exists()
+
+
 def test_llama_quantize_is_run_on_an_f16_file(tmp_path, monkeypatch):
     """k-quants go through llama.cpp's quantiser: a stand-in records its arguments."""
     script = tmp_path / "llama-quantize"

@@ -112,16 +112,36 @@ def _write_hparams(writer, config, arch: str):
         writer.add_rope_scaling_factor(scaling["factor"])
 
 
+# the text-splitting rules of byte-level BPE tokenizers that llama.cpp implements under these names, as
+# the tokenizers library writes them: a Split regex before a ByteLevel step that applies none of its own
+SPLIT_RULES = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+": "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+": "qwen2",
+}
+
+
 def _pre_tokenizer_name(backend: dict) -> str:
-    """llama.cpp's name of the text-splitting rule of a byte-level BPE tokenizer."""
-    text = str(backend.get("pre_tokenizer"))
-    if "Digits" in text:
+    """llama.cpp's name of the text-splitting rule of a byte-level BPE tokenizer, recognised exactly:
+    a near miss written under another name would split text as the model never saw it, silently."""
+    pre = backend.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [step.get("type") for step in steps]
+    last = steps[-1] if steps else {}
+    plain = last.get("type") == "ByteLevel" and not last.get("add_prefix_space", False)
+    if plain and kinds == ["ByteLevel"] and last.get("use_regex", True):
+        return "gpt-2"
+    if plain and kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and last.get("use_regex", True):
         return "smollm"
-    if r"\p{N}{1,3}" in text:
-        return "llama-bpe"
-    if r"\p{N}" in text and "Split" in text:
-        return "qwen2"
-    return "gpt-2"
+    if plain and kinds == ["Split", "ByteLevel"] and not last.get("use_regex", True):
+        name = SPLIT_RULES.get(steps[0].get("pattern", {}).get("Regex"))
+        if name is not None and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert"):
+            return name
+    raise NotImplementedError(f"GGUF export writes the text-splitting rules of GPT-2, Llama-3, Qwen2 and SmolLM; this "
+                              f"tokenizer splits text otherwise ({json.dumps(pre)[:300]}), and llama.cpp would split "
+                              f"it another way than training did: save merged_16bit and run llama.cpp's "
+                              f"convert_hf_to_gguf.py on it")
 
 
 def _byte_level_backend(tokenizer) -> dict:
@@ -131,8 +151,8 @@ def _byte_level_backend(tokenizer) -> dict:
     data = json.loads(backend.to_str()) if backend is not None else {}
     byte_level = "ByteLevel" in json.dumps([data.get("pre_tokenizer"), data.get("decoder")])
     if data.get("model", {}).get("type") != "BPE" or not byte_level:
-        raise NotImplementedError("GGUF export supports byte-level BPE tokenizers (Llama-3, Qwen, SmolLM, Mistral "
-                                  "Nemo); for SentencePiece ones (Llama-2, Gemma, Phi-3) save merged_16bit and run "
+        raise NotImplementedError("GGUF export supports byte-level BPE tokenizers (Llama-3, Qwen, SmolLM, GPT-2 "
+                                  "splitting); for SentencePiece ones (Llama-2, Gemma, Phi-3) save merged_16bit and run "
                                   "llama.cpp's convert_hf_to_gguf.py on it")
     return data
 
@@ -207,7 +227,7 @@ def check_exportable(model, tokenizer) -> str:
                                   f"{config.model_type!r}: save merged_16bit and run llama.cpp's convert_hf_to_gguf.py")
     if tokenizer is None:
         raise ValueError("save_pretrained_gguf needs the tokenizer: the GGUF file carries the vocabulary")
-    _byte_level_backend(tokenizer)
+    _pre_tokenizer_name(_byte_level_backend(tokenizer))
     llama3_rope_factors(config)
     return arch
 
