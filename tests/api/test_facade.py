@@ -280,3 +280,28 @@ def test_for_inference_turns_the_cache_on_for_generate_and_for_training_puts_it_
     assert model.config.use_cache is False and model.generation_config.use_cache is False and model.training
     FastLanguageModel.for_training(model)  # without for_inference before it: nothing to put back
     assert model.config.use_cache is False
+
+
+def test_a_qlora_adapter_reloads_and_exports_on_the_4bit_base_it_trained_on(tmp_path, capsys):
+    """An adapter trained on a 4-bit base comes back on a 4-bit base (fusetune.json records it), so
+    from_pretrained(adapter) and `fusetune export` give the model that trained, not the 16-bit base
+    plus an adapter fitted to the quantised weights; asking for 16 bits is done and said."""
+    pytest.importorskip("bitsandbytes")
+    from fusetune.cli import main
+
+    # intermediate 128: bitsandbytes' CPU dequantisation needs rows in whole blocks of 64
+    base = save_model_dir(tiny_model("llama", intermediate_size=128), tmp_path / "base")
+    model, tokenizer = load_model(base, load_in_4bit=True)
+    model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False, init_lora_weights=False)
+    ids, _ = random_batch(batch=1)
+    want = _logits(model, ids)
+    adapter = model.save_pretrained_merged(tmp_path / "adapter", tokenizer, save_method="lora")
+    again, _ = FastLanguageModel.from_pretrained(str(adapter), dtype=torch.float32)
+    assert "trained on a 4-bit base: its base loads in 4 bits again" in capsys.readouterr().out
+    assert_close(_logits(again, ids), want, torch.float32, "4-bit base reloaded")
+    assert main(["export", str(adapter), str(tmp_path / "merged"), "--dtype", "float32"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert_close(_logits(merged, ids), want, torch.float32, "merged from the 4-bit base")
+    sixteen, _ = FastLanguageModel.from_pretrained(str(adapter), dtype=torch.float32, load_in_4bit=False)
+    assert "trained on a 4-bit base, loaded in 16 bits as asked" in capsys.readouterr().out
+    assert ((_logits(sixteen, ids) - want).norm() / want.norm()) > 1e-3  # the quantisation's error

@@ -216,6 +216,17 @@ def load_adapter(folder: Path, options: dict, loader, base: str | None = None):
         rope = trained["rope_parameters"]
         options["rope_scaling"] = rope.get("full_attention", rope)  # per layer type: the scaled full attention
     options["max_seq_length"] = max(options["max_seq_length"] or 0, trained.get("max_seq_length") or 0) or None
+    bits = trained.get("base_bits")
+    asked = 4 if options.get("load_in_4bit") else 8 if options.get("load_in_8bit") else None
+    if options.get("load_in_4bit") is None and options.get("load_in_8bit") is None:
+        options["load_in_4bit"], options["load_in_8bit"], asked = bits == 4, bits == 8, bits
+        if bits:
+            print(f"fusetune: {folder} trained on a {bits}-bit base: its base loads in {bits} bits again "
+                  f"(load_in_{bits}bit=False merges it into the 16-bit weights, another model than trained)")
+    elif asked != bits:
+        print(f"fusetune: {folder} trained on a {f'{bits}-bit' if bits else '16-bit'} base, loaded "
+              f"{f'in {asked} bits' if asked else 'in 16 bits'} as asked: its outputs differ from training's by the "
+              f"quantisation's error")
     try:
         model, tokenizer = loader.from_pretrained(base, **options)
     except OSError as err:
@@ -286,7 +297,8 @@ class FastLanguageModel:
 
     @classmethod
     def from_pretrained(cls, model_name: str, max_seq_length: int | None = None, dtype: torch.dtype | None = None,
-                        load_in_4bit: bool = False, load_in_8bit: bool = False, full_finetuning: bool = False,
+                        load_in_4bit: bool | None = None, load_in_8bit: bool | None = None,
+                        full_finetuning: bool = False,
                         rope_scaling: dict | None = None, device_map=None, trust_remote_code: bool = False,
                         token: str | None = None, gguf_file: str | None = None, tokenizer=None, **kwargs):
         """(model, tokenizer) from a local directory, a hub name or a built-in name
@@ -296,7 +308,8 @@ class FastLanguageModel:
         loads, else the tokenizer) and encoder-decoder LMs (T5).
 
         dtype None: bf16 where supported (fp16 on older GPUs, fp32 on CPU). load_in_4bit: NF4 with
-        double quantisation through bitsandbytes (compute dtype = dtype). rope_scaling: written into
+        double quantisation through bitsandbytes (compute dtype = dtype); None (the default): no
+        quantisation, or for an adapter folder, the base's as the adapter trained on it. rope_scaling: written into
         the config (e.g. {"rope_type": "linear", "factor": 2.0}) for contexts past the trained length.
         full_finetuning: every weight trains (no quantisation). tokenizer: one already loaded
         (load_tokenizer) instead of loading it again. The model is in training mode.

@@ -202,13 +202,21 @@ LOAD_SETTINGS = "fusetune.json"  # beside a saved adapter: how its base was load
 
 
 def write_load_settings(model, directory: Path) -> None:
-    """The max_seq_length and RoPE parameters the adapter was trained with (RoPE scaling changes every
-    position, so loading its base otherwise would run another model)."""
+    """The max_seq_length, RoPE parameters and base quantisation the adapter was trained with (RoPE
+    scaling changes every position, a 4-bit base every weight: loading its base otherwise would run
+    another model)."""
     import json
 
     hf = hf_model(model)
+    quantized = getattr(hf.config, "quantization_config", None)
+    if isinstance(quantized, dict):
+        bits = 4 if quantized.get("load_in_4bit") else 8 if quantized.get("load_in_8bit") else None
+    else:
+        bits = 4 if getattr(quantized, "load_in_4bit", False) else 8 if getattr(quantized, "load_in_8bit", False) \
+            else None
     settings = {"max_seq_length": getattr(hf, "max_seq_length", None),
-                "rope_parameters": getattr(hf.config, "rope_parameters", None)}
+                "rope_parameters": getattr(hf.config, "rope_parameters", None),
+                "base_bits": bits}  # bitsandbytes' 4 or 8 bits the base trained in (None: as stored)
     (directory / LOAD_SETTINGS).write_text(json.dumps(settings, indent=1))
 
 
