@@ -75,6 +75,11 @@ def test_a_merged_save_keeps_the_gguf_exports_in_its_folder(tmp_path, monkeypatc
         save_merged(model, folder, tokenizer, save_method=method)
         assert {weights, gguf.name} <= {p.name for p in folder.iterdir()}
         assert gguf.read_bytes() == data
+    # what a killed export left (its temporary file) is cleared by the next save, not taken for a stranger's
+    leftover = folder / ".model.Q8_0.gguf.tmp-0123abcd"
+    leftover.write_bytes(b"GGUF, half written")
+    save_merged(model, folder, tokenizer)
+    assert not leftover.exists() and gguf.read_bytes() == data
     # an export into a folder that already holds a merged save joins that save's list of files
     second = save_gguf(model, folder, tokenizer, "q8_0")
     save_merged(model, folder, tokenizer)

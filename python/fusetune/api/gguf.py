@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fusetune.api.saving import head_is_tied, merged_state_dict
+from fusetune.api.saving import GGUF_NAMES, head_is_tied, merged_state_dict
 from fusetune.atomic import TMP, add_to_save, recover_interrupted_saves, save_error
 from fusetune.patching import hf_model
 
@@ -297,9 +297,6 @@ def model_name(config) -> str:
     rather than the path into someone's disk."""
     name = getattr(config, "_name_or_path", "") or ""
     return Path(name).name if name and Path(name).expanduser().exists() else name
-
-
-GGUF_NAMES = r"model\.\w+\.gguf"  # the files save_gguf writes
 
 
 def save_gguf(model, save_directory: str | os.PathLike, tokenizer, quantization_method: str = "f16") -> Path:

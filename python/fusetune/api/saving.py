@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fusetune.api.loading import quantization_config
-from fusetune.atomic import atomic_directory
+from fusetune.atomic import atomic_directory, recover_interrupted_saves
 from fusetune.patching import hf_model
 from fusetune.quant.nf4 import NF4State, NF4Weight
 
@@ -289,6 +289,9 @@ def _keep_ggufs(directory: Path, tmp: Path) -> None:
                 shutil.copy2(gguf, tmp / gguf.name)
 
 
+GGUF_NAMES = r"model\.\w+\.gguf"  # the files save_gguf writes beside a merged save
+
+
 def save_merged(model, save_directory: str | os.PathLike, tokenizer=None, save_method: str = "merged_16bit",
                 dtype: torch.dtype | None = None) -> Path:
     """Save `model` (a PEFT model, or a plain one) to save_directory, atomically.
@@ -315,6 +318,8 @@ def save_merged(model, save_directory: str | os.PathLike, tokenizer=None, save_m
     if save_method == "merged_16bit" and dtype is None:
         base = hf_model(model).get_input_embeddings().weight.dtype
         dtype = base if base in (torch.bfloat16, torch.float16) else torch.bfloat16
+    if Path(save_directory).is_dir():  # what a killed GGUF export left there would count as a stranger's file
+        recover_interrupted_saves(Path(save_directory), GGUF_NAMES)
     with atomic_directory(save_directory) as tmp:
         if save_method == "lora":
             state = _gathered_adapter_state(model) if _is_fsdp(model) else None
