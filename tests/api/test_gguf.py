@@ -89,6 +89,7 @@ def test_gguf_round_trip(family, method, tmp_path):
     assert reader.fields["tokenizer.ggml.tokens"].contents()[:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     assert reader.fields["tokenizer.ggml.token_type"].contents()[:4] == [3, 3, 3, 1]  # special tokens are control
     assert reader.fields["tokenizer.ggml.bos_token_id"].contents() == tokenizer.bos_token_id
+    assert reader.fields["tokenizer.ggml.eot_token_id"].contents() == tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert reader.fields["tokenizer.ggml.add_bos_token"].contents() is False  # this tokenizer adds none
     tensors = read_back(path, config)
     expected = gguf_names(merged, arch)

@@ -62,7 +62,7 @@ def llama3_rope_factors(config) -> np.ndarray | None:
         return None
     if kind != "llama3":
         raise NotImplementedError(f"GGUF export of rope_scaling type {kind!r} is not supported (default, linear "
-                                  f"and llama3 are)")
+                                  f"and llama3 are): save merged_16bit and run llama.cpp's convert_hf_to_gguf.py")
     theta = _rope_theta(config)
     dim = _head_dim(config)
     factor, low, high = scaling["factor"], scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
@@ -191,6 +191,8 @@ def _write_tokenizer(writer, tokenizer, vocab_size: int):
         template = template.get("default")
     if template:
         writer.add_chat_template(template)
+        if tokenizer.eos_token and tokenizer.eos_token in template:  # the EOS ends a turn (get_chat_template's)
+            writer.add_eot_token_id(tokenizer.eos_token_id)  # (llama.cpp would guess another by its name)
 
 
 def _encode(array: np.ndarray, method: str):
