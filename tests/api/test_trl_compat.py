@@ -171,3 +171,32 @@ def test_a_trainer_that_adds_lora_itself_saves_the_load_settings(tmp_path):
     ids = torch.randint(2, 200, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(input_ids=ids).logits, trainer.model.eval()(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("trainer", ["DPO", "KTO"])
+def test_preference_trainers_truncate_at_the_loaded_max_seq_length(trainer, tmp_path, capsys):
+    """As SFTTrainer: TRL's default max_length (1024) gives way to the length the model was loaded with,
+    and a length the user gave wins."""
+    datasets = pytest.importorskip("datasets")
+    import trl
+
+    from fusetune import FastLanguageModel
+    from fusetune.api import trl_compat
+    from tests.helpers import load_model, save_model_dir
+    from tests.tiny_models import tiny_model
+
+    trl_compat.enable()
+    folder = save_model_dir(tiny_model("llama"), tmp_path / "llama")
+    rows = [{"prompt": "w2 w3", "chosen": " w4", "rejected": " w5"}] * 2
+    if trainer == "KTO":
+        rows = [{"prompt": "w2 w3", "completion": " w4", "label": True}, {"prompt": "w2", "completion": " w5",
+                                                                            "label": False}]
+    config_cls, trainer_cls = getattr(trl, f"{trainer}Config"), getattr(trl, f"{trainer}Trainer")
+    for given, expected in (({}, 4096), ({"max_length": 1024}, 1024)):
+        model, tokenizer = load_model(folder, max_seq_length=4096)
+        model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
+        config = config_cls(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, bf16=False, **given)
+        built = trainer_cls(model=model, args=config, processing_class=tokenizer,
+                            train_dataset=datasets.Dataset.from_list(rows))
+        assert built.args.max_length == expected
+    assert f"{trainer}Trainer: max_length=4096, the max_seq_length the model was loaded with" in capsys.readouterr().out

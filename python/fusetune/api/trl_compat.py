@@ -5,8 +5,8 @@ TRL 1.x renamed or moved arguments that guides still pass: `SFTTrainer(tokenizer
 dataset_text_field=..., max_seq_length=..., packing=..., dataset_num_proc=...)` belong to its
 config. While this layer is on, those calls are translated (one line says so, once per argument)
 and everything else reaches TRL unchanged; an argument the installed TRL still accepts is left
-alone. An SFTTrainer of a model loaded by FastLanguageModel.from_pretrained truncates at the
-model's max_seq_length where the user set no length (not at TRL's default max_length, 1024, which
+alone. An SFT, DPO, KTO, ORPO or reward trainer of a model loaded by FastLanguageModel.from_pretrained
+truncates at the model's max_seq_length where the user set no length (not at TRL's default max_length, 1024, which
 cuts longer examples silently); a length the user gave wins. A trainer that puts LoRA on such a
 model itself (peft_config=...) saves fusetune.json beside the adapter, as get_peft_model's does. It rewrites no source: it wraps the
 classes' __init__ when TRL's modules load (an import hook, so fusetune never imports TRL itself)
@@ -34,7 +34,8 @@ TO_CONFIG = {"SFTTrainer": {"dataset_text_field": "dataset_text_field", "max_seq
                             "packing": "packing", "dataset_num_proc": "dataset_num_proc",
                             "dataset_kwargs": "dataset_kwargs"}}
 # trainer -> its config class, whose max_length defaults to the max_seq_length the model was loaded with
-LENGTH_FROM_MODEL = {"SFTTrainer": "SFTConfig"}
+LENGTH_FROM_MODEL = {"SFTTrainer": "SFTConfig", "DPOTrainer": "DPOConfig", "KTOTrainer": "KTOConfig",
+                     "ORPOTrainer": "ORPOConfig", "RewardTrainer": "RewardConfig"}
 GIVEN = "_fusetune_given"  # a config's attribute: the arguments its caller passed (from the defaults)
 _said: set[tuple[str, str]] = set()
 _wrapped: dict[type, object] = {}  # class -> its own __init__
@@ -82,9 +83,10 @@ def _translating(cls: type):
                     moved["max_length"] = length
                     if config is None:  # TRL's default config, named as TRL names it
                         name = (getattr(model.config, "_name_or_path", "") or "").split("/")[-1]
-                        config = getattr(module, LENGTH_FROM_MODEL[cls.__name__])(output_dir=f"{name}-SFT")
+                        kind = cls.__name__.removesuffix("Trainer")
+                        config = getattr(module, LENGTH_FROM_MODEL[cls.__name__])(output_dir=f"{name}-{kind}")
             if moved:
-                bound.arguments["args"] = _config_with(module, config, moved)
+                bound.arguments["args"] = _config_with(getattr(module, LENGTH_FROM_MODEL[cls.__name__]), config, moved)
                 args, kwargs = bound.args[1:], bound.kwargs
         original(self, *args, **kwargs)
         _keep_load_settings(getattr(self, "model", None))
@@ -119,15 +121,14 @@ def _model_length(trainer_module, trainer: str, model, config) -> int | None:
     if isinstance(config, config_cls) and ("max_length" in getattr(config, GIVEN, ()) or config.max_length != default):
         return None
     print(f"fusetune: {trainer}: max_length={length}, the max_seq_length the model was loaded with (TRL's default, "
-          f"{default}, would cut longer examples); SFTConfig(max_length=...) sets another")
+          f"{default}, would cut longer examples); {config_cls.__name__}(max_length=...) sets another")
     return length
 
 
-def _config_with(trainer_module, config, values: dict):
+def _config_with(config_cls, config, values: dict):
     """A copy of the trainer's config with `values` set; a plain TrainingArguments (which TRL would
     turn into its config, dropping anything set on it by hand) becomes that config first. The
     caller's object is left as it was."""
-    config_cls = getattr(trainer_module, "SFTConfig", type(config))
     if isinstance(config, config_cls):
         return dataclasses.replace(config, **values)
     fields = config.to_dict()
