@@ -191,7 +191,7 @@ def _patch_loss(hf_model, fused_linear: bool):
     from transformers.loss.loss_utils import LOSS_MAPPING
 
     if is_trl_fused_head(hf_model.__dict__.get("forward")):
-        return 0, 0, "TRL's fused LM head computes the loss (its SFTTrainer installed it)"
+        return 0, 0, "TRL's fused LM head computes the loss (its trainer installed it)"
     current = hf_model.__dict__.get("_loss_function")
     if isinstance(current, FusedCausalLMLoss):
         return 0, 1, None

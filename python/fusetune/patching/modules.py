@@ -351,9 +351,10 @@ class FusedCausalLM(_OriginalSignature):
 
     def __setattr__(self, name, value):
         if name == "forward" and is_trl_fused_head(value):
-            print(f"fusetune: TRL's fused LM head now computes the loss of {type(self).__name__} (its SFTTrainer "
-                  f"installs it for per-token log-probabilities, entropy and accuracy), not fusetune's fused linear "
-                  f"cross-entropy; fusetune's kernels still run in the decoder and its LoRA layers")
+            print(f"fusetune: TRL's fused LM head now computes the loss of {type(self).__name__} (TRL's SFT, DPO, "
+                  f"GRPO, KTO and RLOO trainers install it for per-token log-probabilities, entropy and accuracy), "
+                  f"not fusetune's fused linear cross-entropy; fusetune's kernels still run in the decoder and its "
+                  f"LoRA layers")
         super().__setattr__(name, value)
 
 
@@ -395,7 +396,7 @@ def _forward_signature(original: type) -> inspect.Signature:
 
 def is_trl_fused_head(forward) -> bool:
     """Is `forward` TRL's fused LM head (trl.trainer.utils.add_fused_lm_head, TRL >= 1.15), which
-    its SFTTrainer sets as the model's forward, computing the loss itself?"""
+    its trainers set as the model's forward, computing the loss themselves?"""
     code = getattr(getattr(forward, "__func__", forward), "__code__", None)  # functools.wraps hides its name
     return code is not None and code.co_name == "_fused_forward" and "trl" in Path(code.co_filename).parts
 
