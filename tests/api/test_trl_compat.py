@@ -200,3 +200,28 @@ def test_preference_trainers_truncate_at_the_loaded_max_seq_length(trainer, tmp_
                             train_dataset=datasets.Dataset.from_list(rows))
         assert built.args.max_length == expected
     assert f"{trainer}Trainer: max_length=4096, the max_seq_length the model was loaded with" in capsys.readouterr().out
+
+
+def test_a_model_prepared_without_checkpointing_trains_without_it_under_trl(tmp_path, capsys):
+    """TRL's configs default to gradient_checkpointing=True: a model get_peft_model prepared with
+    use_gradient_checkpointing=False keeps it off unless the config asks for it."""
+    datasets = pytest.importorskip("datasets")
+    from trl import SFTConfig, SFTTrainer
+
+    from fusetune import FastLanguageModel
+    from fusetune.api import trl_compat
+    from tests.helpers import load_model, save_model_dir
+    from tests.tiny_models import tiny_model
+
+    trl_compat.enable()
+    folder = save_model_dir(tiny_model("llama"), tmp_path / "llama")
+    rows = datasets.Dataset.from_list([{"text": "w2 w3 w4"}] * 2)
+    for choice, given, expected in ((False, {}, False), (False, {"gradient_checkpointing": True}, True),
+                                    (True, {}, True)):
+        model, tokenizer = load_model(folder)
+        model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=choice)
+        config = SFTConfig(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, **given)
+        trainer = SFTTrainer(model, config, processing_class=tokenizer, train_dataset=rows)
+        assert trainer.args.gradient_checkpointing is expected, (choice, given)
+        said = "SFTTrainer: gradient_checkpointing=False, as get_peft_model" in capsys.readouterr().out
+        assert said is (choice is False and not given)

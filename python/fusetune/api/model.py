@@ -429,6 +429,7 @@ class FastLanguageModel:
                             loftq_config=loftq_config or {}, modules_to_save=modules_to_save,
                             task_type=task_type, **kwargs)
         set_checkpointing(hf, use_gradient_checkpointing)
+        hf._fusetune_checkpointing = use_gradient_checkpointing  # (a TRL config's default gives way to False)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(random_state)
             peft_model = get_peft_model(model, config)

@@ -7,7 +7,9 @@ config. While this layer is on, those calls are translated (one line says so, on
 and everything else reaches TRL unchanged; an argument the installed TRL still accepts is left
 alone. An SFT, DPO, KTO, ORPO or reward trainer of a model loaded by FastLanguageModel.from_pretrained
 truncates at the model's max_seq_length where the user set no length (not at TRL's default max_length, 1024, which
-cuts longer examples silently); a length the user gave wins. A trainer that puts LoRA on such a
+cuts longer examples silently); a length the user gave wins. Likewise a model get_peft_model prepared
+with use_gradient_checkpointing=False trains without checkpointing (TRL's configs default to it)
+unless the config asks for it. A trainer that puts LoRA on such a
 model itself (peft_config=...) saves fusetune.json beside the adapter, as get_peft_model's does. It rewrites no source: it wraps the
 classes' __init__ when TRL's modules load (an import hook, so fusetune never imports TRL itself)
 and `disable()` restores them.
@@ -33,9 +35,12 @@ RENAMED = {"SFTConfig": {"max_seq_length": "max_length"},
 TO_CONFIG = {"SFTTrainer": {"dataset_text_field": "dataset_text_field", "max_seq_length": "max_length",
                             "packing": "packing", "dataset_num_proc": "dataset_num_proc",
                             "dataset_kwargs": "dataset_kwargs"}}
-# trainer -> its config class, whose max_length defaults to the max_seq_length the model was loaded with
-LENGTH_FROM_MODEL = {"SFTTrainer": "SFTConfig", "DPOTrainer": "DPOConfig", "KTOTrainer": "KTOConfig",
-                     "ORPOTrainer": "ORPOConfig", "RewardTrainer": "RewardConfig"}
+# trainer -> its config class, whose defaults give way to the model's settings where the user set none:
+# gradient_checkpointing to get_peft_model's use_gradient_checkpointing=False, and (LENGTH_FROM_MODEL)
+# max_length to the max_seq_length the model was loaded with
+CONFIGS = {"SFTTrainer": "SFTConfig", "DPOTrainer": "DPOConfig", "KTOTrainer": "KTOConfig", "GRPOTrainer": "GRPOConfig",
+           "ORPOTrainer": "ORPOConfig", "RewardTrainer": "RewardConfig", "RLOOTrainer": "RLOOConfig"}
+LENGTH_FROM_MODEL = ("SFTTrainer", "DPOTrainer", "KTOTrainer", "ORPOTrainer", "RewardTrainer")
 GIVEN = "_fusetune_given"  # a config's attribute: the arguments its caller passed (from the defaults)
 _said: set[tuple[str, str]] = set()
 _wrapped: dict[type, object] = {}  # class -> its own __init__
@@ -54,9 +59,9 @@ def _translating(cls: type):
     accepted = set(signature.parameters)
     renamed = {old: new for old, new in RENAMED.get(cls.__name__, {}).items() if old not in accepted}
     to_config = {old: new for old, new in TO_CONFIG.get(cls.__name__, {}).items() if old not in accepted}
-    records = cls.__name__ in LENGTH_FROM_MODEL.values()
-    length_from_model = cls.__name__ in LENGTH_FROM_MODEL
-    if not (renamed or to_config or records or length_from_model or cls.__name__ in TRAINERS):
+    records = cls.__name__ in CONFIGS.values()
+    config_name = CONFIGS.get(cls.__name__)
+    if not (renamed or to_config or records or cls.__name__ in TRAINERS):
         return None
 
     @functools.wraps(original)
@@ -66,7 +71,7 @@ def _translating(cls: type):
                 _say_once(cls.__name__, old, new)
                 kwargs[new] = kwargs.pop(old)
         moved = {new: kwargs.pop(old) for old, new in to_config.items() if old in kwargs}
-        if moved or length_from_model:
+        if moved or config_name:
             bound = signature.bind_partial(self, *args, **kwargs)
             config = bound.arguments.get("args")
             if moved and config is None:
@@ -77,16 +82,15 @@ def _translating(cls: type):
                     _say_once(cls.__name__, old, f"args.{new}")
             module = sys.modules[cls.__module__]
             model = bound.arguments.get("model")
-            if length_from_model and "max_length" not in moved:
-                length = _model_length(module, cls.__name__, model, config)
-                if length is not None:
-                    moved["max_length"] = length
-                    if config is None:  # TRL's default config, named as TRL names it
-                        name = (getattr(model.config, "_name_or_path", "") or "").split("/")[-1]
-                        kind = cls.__name__.removesuffix("Trainer")
-                        config = getattr(module, LENGTH_FROM_MODEL[cls.__name__])(output_dir=f"{name}-{kind}")
+            config_cls = getattr(module, config_name) if config_name else None
+            from_model = _from_model(cls.__name__, config_cls, model, config, "max_length" in moved) \
+                if config_cls is not None else {}
+            if from_model and config is None:  # TRL's default config, named as TRL names it
+                name = (getattr(model.config, "_name_or_path", "") or "").split("/")[-1]
+                config = config_cls(output_dir=f"{name}-{cls.__name__.removesuffix('Trainer')}")
+            moved.update(from_model)
             if moved:
-                bound.arguments["args"] = _config_with(getattr(module, LENGTH_FROM_MODEL[cls.__name__]), config, moved)
+                bound.arguments["args"] = _config_with(config_cls, config, moved)
                 args, kwargs = bound.args[1:], bound.kwargs
         original(self, *args, **kwargs)
         _keep_load_settings(getattr(self, "model", None))
@@ -108,21 +112,44 @@ def _keep_load_settings(model) -> None:
         attach_saving(model)
 
 
-def _model_length(trainer_module, trainer: str, model, config) -> int | None:
-    """The length the model was loaded for (model.max_seq_length, set by FastLanguageModel.from_pretrained;
-    a PEFT model passes it on) where the user set no max_length and it differs from TRL's default
-    (said so); else None. A length is the user's when passed to the config (by either name), or when
-    it is not the field's default (set by assignment, or on a config made before this layer was on)."""
+def _from_model(trainer: str, config_cls, model, config, length_given: bool) -> dict:
+    """The config values the model's settings give where the user set none (each said once):
+    max_length = the max_seq_length FastLanguageModel.from_pretrained loaded it for (a PEFT model
+    passes it on) where TRL's default would cut longer rows; gradient_checkpointing = False where
+    get_peft_model was told use_gradient_checkpointing=False (TRL's configs default to True)."""
+    values = {}
     length = getattr(model, "max_seq_length", None)
-    config_cls = getattr(trainer_module, LENGTH_FROM_MODEL[trainer])
-    default = {f.name: f.default for f in dataclasses.fields(config_cls)}.get("max_length")
-    if not isinstance(length, int) or length == default:
-        return None
-    if isinstance(config, config_cls) and ("max_length" in getattr(config, GIVEN, ()) or config.max_length != default):
-        return None
-    print(f"fusetune: {trainer}: max_length={length}, the max_seq_length the model was loaded with (TRL's default, "
-          f"{default}, would cut longer examples); {config_cls.__name__}(max_length=...) sets another")
-    return length
+    if trainer in LENGTH_FROM_MODEL and not length_given and isinstance(length, int) \
+            and not _user_set(config_cls, config, "max_length", length):
+        values["max_length"] = length
+        print(f"fusetune: {trainer}: max_length={length}, the max_seq_length the model was loaded with (TRL's "
+              f"default, {_default(config_cls, 'max_length')}, would cut longer examples); "
+              f"{config_cls.__name__}(max_length=...) sets another")
+    # (transformers >= 5.24 names it activation_checkpointing, default None: the old name's value)
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    newer = "activation_checkpointing" in fields
+    if getattr(model, "_fusetune_checkpointing", None) is False \
+            and not _user_set(config_cls, config, "gradient_checkpointing", False) \
+            and not (newer and "activation_checkpointing" in getattr(config, GIVEN, ())):
+        values.update(dict.fromkeys(["gradient_checkpointing"] + ["activation_checkpointing"] * newer, False))
+        print(f"fusetune: {trainer}: gradient_checkpointing=False, as get_peft_model(use_gradient_checkpointing=False) "
+              f"chose (TRL's default, True, would recompute every layer); {config_cls.__name__}("
+              f"gradient_checkpointing=True) sets it")
+    return values
+
+
+def _default(config_cls, field: str):
+    """The field's default (None where the config has no such field)."""
+    return {f.name: f.default for f in dataclasses.fields(config_cls)}.get(field)
+
+
+def _user_set(config_cls, config, field: str, model_value) -> bool:
+    """Whether `field` is the user's (passed to the config, or not its default: set by assignment, or
+    on a config made before this layer was on), or the model's value is the default anyway."""
+    default = _default(config_cls, field)
+    if model_value == default:
+        return True
+    return isinstance(config, config_cls) and (field in getattr(config, GIVEN, ()) or getattr(config, field) != default)
 
 
 def _config_with(config_cls, config, values: dict):
@@ -139,7 +166,7 @@ def _config_with(config_cls, config, values: dict):
 
 
 def _patch_module(module) -> None:
-    for name in RENAMED.keys() | TO_CONFIG.keys() | LENGTH_FROM_MODEL.keys() | set(LENGTH_FROM_MODEL.values()):
+    for name in RENAMED.keys() | TO_CONFIG.keys() | CONFIGS.keys() | set(CONFIGS.values()):
         cls = module.__dict__.get(name)
         if isinstance(cls, type) and cls.__module__ == module.__name__ and cls not in _wrapped:
             wrapper = _translating(cls)
