@@ -5,14 +5,14 @@ TRL 1.x renamed or moved arguments that guides still pass: `SFTTrainer(tokenizer
 dataset_text_field=..., max_seq_length=..., packing=..., dataset_num_proc=...)` belong to its
 config. While this layer is on, those calls are translated (one line says so, once per argument)
 and everything else reaches TRL unchanged; an argument the installed TRL still accepts is left
-alone. An SFT, DPO, KTO, ORPO or reward trainer of a model loaded by FastLanguageModel.from_pretrained
-truncates at the model's max_seq_length where the user set no length (not at TRL's default max_length, 1024, which
-cuts longer examples silently); a length the user gave wins. Likewise a model get_peft_model prepared
-with use_gradient_checkpointing=False trains without checkpointing (TRL's configs default to it)
-unless the config asks for it. A trainer that puts LoRA on such a
-model itself (peft_config=...) saves fusetune.json beside the adapter, as get_peft_model's does. It rewrites no source: it wraps the
-classes' __init__ when TRL's modules load (an import hook, so fusetune never imports TRL itself)
-and `disable()` restores them.
+alone. An SFT, DPO, KTO, ORPO or reward trainer of a model loaded by
+FastLanguageModel.from_pretrained truncates at the model's max_seq_length where the user set no
+length (not at TRL's default max_length, 1024, which cuts longer examples silently); a length the
+user gave wins. Likewise a model get_peft_model prepared with use_gradient_checkpointing=False
+trains without checkpointing (TRL's configs default to it) unless the config asks for it. A trainer
+that puts LoRA on such a model itself (peft_config=...) saves fusetune.json beside the adapter, as
+get_peft_model's does. It rewrites no source: it wraps the classes' __init__ when TRL's modules
+load (an import hook, so fusetune never imports TRL itself) and `disable()` restores them.
 
 On from the moment fusetune's facade is imported (`from fusetune import FastLanguageModel`, as guides
 start); FUSETUNE_TRL_COMPAT=0 keeps it off.
