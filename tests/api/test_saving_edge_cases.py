@@ -60,7 +60,7 @@ def _gguf_model(tokenizer):
     return lora_model("llama", tokenizer)
 
 
-def test_a_merged_save_keeps_the_gguf_exports_in_its_folder(tmp_path, monkeypatch):
+def test_a_merged_save_keeps_the_gguf_exports_in_its_folder(tmp_path, monkeypatch, capsys):
     """save_pretrained_gguf's file is another kind of save: a merged save into its folder (then another,
     and one that fails before its folder is in place) leaves it where it was, the same file."""
     pytest.importorskip("gguf")
@@ -75,6 +75,7 @@ def test_a_merged_save_keeps_the_gguf_exports_in_its_folder(tmp_path, monkeypatc
         save_merged(model, folder, tokenizer, save_method=method)
         assert {weights, gguf.name} <= {p.name for p in folder.iterdir()}
         assert gguf.read_bytes() == data
+        assert f"kept {gguf.name} in {folder}, exported before this save" in capsys.readouterr().out
     # what a killed export left (its temporary file) is cleared by the next save, not taken for a stranger's
     leftover = folder / ".model.Q8_0.gguf.tmp-0123abcd"
     leftover.write_bytes(b"GGUF, half written")

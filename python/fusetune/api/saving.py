@@ -281,12 +281,17 @@ def _keep_ggufs(directory: Path, tmp: Path) -> None:
     this save replaces an earlier model save, not the exports beside it. Hard links (no copy of
     gigabytes; the old folder keeps its own until the new one is in place), copies on a file system
     without them."""
+    kept = []
     for gguf in sorted(directory.glob("*.gguf")) if directory.is_dir() else []:
         if gguf.is_file():
             try:
                 os.link(gguf, tmp / gguf.name)
             except OSError:
                 shutil.copy2(gguf, tmp / gguf.name)
+            kept.append(gguf.name)
+    if kept:  # exports of the model as it was then, not of this save's weights
+        print(f"fusetune: kept {', '.join(kept)} in {directory}, exported before this save: export again "
+              f"(save_pretrained_gguf) for a GGUF of these weights")
 
 
 GGUF_NAMES = r"model\.\w+\.gguf"  # the files save_gguf writes beside a merged save
