@@ -213,6 +213,13 @@ def load_tokenizer(model_name: str, gguf_file: str | None = None, trust_remote_c
     return tokenizer
 
 
+def bitsandbytes_bits(quantization) -> int | None:
+    """4 or 8 for a bitsandbytes quantisation config (the object, or the dict a saved config holds),
+    else None."""
+    get = quantization.get if isinstance(quantization, dict) else lambda key: getattr(quantization, key, False)
+    return 4 if get("load_in_4bit") else 8 if get("load_in_8bit") else None
+
+
 def quantization_config(load_in_4bit: bool, load_in_8bit: bool, dtype: torch.dtype,
                         caller: str = "from_pretrained(load_in_4bit/load_in_8bit=True)", given=None):
     """bitsandbytes' config: the caller's own (`given`, e.g. with modules kept in 16 bits), else NF4
@@ -220,7 +227,7 @@ def quantization_config(load_in_4bit: bool, load_in_8bit: bool, dtype: torch.dty
     if load_in_4bit and load_in_8bit:
         raise ValueError("from_pretrained: choose one of load_in_4bit and load_in_8bit")
     if given is not None:
-        bits = 4 if getattr(given, "load_in_4bit", False) else 8 if getattr(given, "load_in_8bit", False) else None
+        bits = bitsandbytes_bits(given)
         if (load_in_4bit and bits != 4) or (load_in_8bit and bits != 8):
             asked = 4 if load_in_4bit else 8
             raise ValueError(f"from_pretrained: load_in_{asked}bit=True but quantization_config loads "

@@ -219,7 +219,7 @@ def load_adapter(folder: Path, options: dict, loader, base: str | None = None):
     bits = trained.get("base_bits")
     asked = 4 if options.get("load_in_4bit") else 8 if options.get("load_in_8bit") else None
     if options.get("load_in_4bit") is None and options.get("load_in_8bit") is None:
-        options["load_in_4bit"], options["load_in_8bit"], asked = bits == 4, bits == 8, bits
+        options["load_in_4bit"], options["load_in_8bit"] = bits == 4, bits == 8
         if bits:
             print(f"fusetune: {folder} trained on a {bits}-bit base: its base loads in {bits} bits again "
                   f"(load_in_{bits}bit=False merges it into the 16-bit weights, another model than trained)")

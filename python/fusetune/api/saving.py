@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fusetune.api.loading import quantization_config
+from fusetune.api.loading import bitsandbytes_bits, quantization_config
 from fusetune.atomic import atomic_directory, recover_interrupted_saves
 from fusetune.patching import hf_model
 from fusetune.quant.nf4 import NF4State, NF4Weight
@@ -208,15 +208,9 @@ def write_load_settings(model, directory: Path) -> None:
     import json
 
     hf = hf_model(model)
-    quantized = getattr(hf.config, "quantization_config", None)
-    if isinstance(quantized, dict):
-        bits = 4 if quantized.get("load_in_4bit") else 8 if quantized.get("load_in_8bit") else None
-    else:
-        bits = 4 if getattr(quantized, "load_in_4bit", False) else 8 if getattr(quantized, "load_in_8bit", False) \
-            else None
     settings = {"max_seq_length": getattr(hf, "max_seq_length", None),
                 "rope_parameters": getattr(hf.config, "rope_parameters", None),
-                "base_bits": bits}  # bitsandbytes' 4 or 8 bits the base trained in (None: as stored)
+                "base_bits": bitsandbytes_bits(getattr(hf.config, "quantization_config", None) or {})}  # bitsandbytes' 4 or 8 bits the base trained in (None: as stored)
     (directory / LOAD_SETTINGS).write_text(json.dumps(settings, indent=1))
 
 
